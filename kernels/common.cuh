@@ -1,0 +1,104 @@
+// moe_raw/kernels/common.cuh: helpers shared by the moe_raw kernels.
+//
+// * Scalars (probs, their gradients) travel with a run-time dtype code, so one kernel instance serves
+//   fp32/fp16/bf16/fp64 probs for any token dtype; they are a few loads per token, so the switch costs nothing.
+// * Row data moves in packs of VB bytes (16 where the row allows it); the pack, not the dtype, sets the vector width.
+// * Every element offset is 64-bit: row * row_len passes 2^31 at DeepSeek-V3 sizes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace moe_raw {
+
+// Run-time dtype codes of scalar tensors; must match moe_raw/_launch.py SCALAR_CODE.
+enum ScalarCode : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+// Accumulator type: fp32 for every 16/32-bit dtype, fp64 for fp64 (gradcheck runs in fp64).
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T x) { return static_cast<typename Acc<T>::type>(x); }
+template <> __device__ __forceinline__ float to_acc<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A x) { return static_cast<T>(x); }
+template <> __device__ __forceinline__ __half from_acc<__half, float>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename A>
+__device__ __forceinline__ A load_scalar(const void* p, int code, int64_t i) {
+  switch (code) {
+    case kF32: return static_cast<A>(static_cast<const float*>(p)[i]);
+    case kF16: return static_cast<A>(__half2float(static_cast<const __half*>(p)[i]));
+    case kBF16: return static_cast<A>(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]));
+    default: return static_cast<A>(static_cast<const double*>(p)[i]);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ void store_scalar(void* p, int code, int64_t i, A v) {
+  switch (code) {
+    case kF32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+    case kF16: static_cast<__half*>(p)[i] = __float2half_rn(static_cast<float>(v)); break;
+    case kBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); break;
+    default: static_cast<double*>(p)[i] = static_cast<double>(v); break;
+  }
+}
+
+// A routing-map entry is "routed" when nonzero; the map may be bool/uint8/int8 (1 byte), int16, int32 or int64.
+__device__ __forceinline__ bool map_entry(const void* m, int bytes, int64_t off) {
+  switch (bytes) {
+    case 1: return static_cast<const uint8_t*>(m)[off] != 0;
+    case 2: return static_cast<const uint16_t*>(m)[off] != 0;
+    case 4: return static_cast<const uint32_t*>(m)[off] != 0;
+    default: return static_cast<const uint64_t*>(m)[off] != 0;
+  }
+}
+
+// Row data moves in VB-byte vectors (LDG.128 / STG.128 for VB = 16); Pack views one as VB / sizeof(T) elements.
+template <int VB> struct Vec;
+template <> struct Vec<16> { using type = uint4; };
+template <> struct Vec<8> { using type = uint2; };
+template <> struct Vec<4> { using type = uint32_t; };
+template <> struct Vec<2> { using type = uint16_t; };
+template <> struct Vec<1> { using type = uint8_t; };
+
+template <typename T, int VB>
+union Pack {
+  static constexpr int N = VB / static_cast<int>(sizeof(T));
+  typename Vec<VB>::type raw;
+  T v[N];
+};
+
+// Block-wide exclusive scan of one int per thread (blockDim.x a multiple of 32, <= 1024). Returns the
+// thread's exclusive prefix; *total gets the block sum. Contains __syncthreads: call from every thread.
+__device__ __forceinline__ int block_exclusive_scan(int x, int* total) {
+  __shared__ int warp_sums[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  int inc = x;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inc, d);
+    if (lane >= d) inc += y;
+  }
+  if (lane == 31) warp_sums[warp] = inc;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nwarps ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, w, d);
+      if (lane >= d) w += y;
+    }
+    warp_sums[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const int warp_base = warp == 0 ? 0 : warp_sums[warp - 1];
+  *total = warp_sums[nwarps - 1];
+  __syncthreads();  // warp_sums may be reused by the next call
+  return warp_base + inc - x;
+}
+
+}  // namespace moe_raw

@@ -1,0 +1,456 @@
+// moe_raw/kernels/permute.cu: MoE token permute / unpermute and their backward passes.
+//
+// What it computes (T tokens, H hidden, E experts, N permuted rows; row order is expert-major, token-ascending):
+//   routing_pack + routing_scan  routing_map [T, E] -> per-expert bit columns and their prefix sums (the "tables"),
+//                                from which any (token, expert) pair's permuted row follows in O(1).
+//   permute_scatter              one block per token: finds the token's rows from the tables, writes its row-map
+//                                line, sorted_indices / permuted_probs entries, and copies the token to each row.
+//   gather_reduce                one block per token: out[t] = sum over its rows of w * row (fp32 accumulation in
+//                                ascending expert order: bitwise deterministic, no atomics). Unpermute forward and
+//                                permute backward (optionally also the permuted-probs gradient).
+//   unpermute_bwd                one block per token: d_row = g[t] * w for each of its rows, and
+//                                dprobs[t, e] = dot(g[t], row) (fixed-order block reduction) for routed pairs.
+//
+// The row map (int32 [T + 1, E]) is moe_raw's own index format (moe_raw/reference.py documents it):
+//   r >= 0 routed to row r; -1 not routed or dropped; -2 - r padding copy in row r (drop_and_pad);
+//   row_map[T, 0] = rows holding routed or padding tokens ("kept"); rows after it are spare zero rows.
+//
+// Workspace (int32, one allocation, W = ceil(T / 32) bit words, NB = ceil(T / 256) tiles per expert):
+//   words [E, W] (uint32 bit columns) | word_prefix [E, W] (exclusive popcount prefix inside a tile) |
+//   tile_sums [E, NB] | tile_base [E, NB] (exclusive scan over all tiles in expert-major order) |
+//   expert_start [E + 1] (expert_start[E] = routed pairs in the map).
+// The permuted row of routed pair (t, e) is tile_base[e, t/256] + word_prefix[e, t/32] + popc(bits of
+// words[e, t/32] below t): a flat exclusive scan of the bit matrix in expert-major order. Two launches build the
+// tables with no host sync (one when T <= 256); TE's mask path needs three and a dense int32 [T, E] scan.
+//
+// Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
+//   routing_scan: grid = 1, block = 1024. Row kernels: grid = T (+ tail blocks that zero spare rows),
+//   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list.
+// Preconditions (checked in moe_raw/permutation.py): rows contiguous in their last dim, VB divides the row bytes,
+//   the row stride and both base addresses; T * E < 2^31; E <= 4096; N < 2^31 - 2.
+// Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
+//   unpermute backward with probs grad T*H*s + 2*N*H*s; map build ~T*E bytes of routing map + O(E*T/8).
+
+#include "common.cuh"
+
+namespace moe_raw {
+
+constexpr int kTileTokens = 256;  // routing_pack block: 8 warps x 32 tokens
+constexpr int kRowThreads = 128;  // row kernels
+constexpr int kTailRows = 32;     // spare rows zeroed per tail block
+
+struct Tables {
+  const uint32_t* words;
+  const int* word_prefix;
+  const int* tile_sums;
+  const int* tile_base;
+  const int* expert_start;
+  int64_t n_words;
+  int64_t n_tiles;
+  __device__ Tables(const int* ws, int64_t num_tokens, int num_experts) {
+    n_words = (num_tokens + 31) / 32;
+    n_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
+    const int64_t ew = n_words * num_experts, et = n_tiles * num_experts;
+    words = reinterpret_cast<const uint32_t*>(ws);
+    word_prefix = ws + ew;
+    tile_sums = ws + 2 * ew;
+    tile_base = ws + 2 * ew + et;
+    expert_start = ws + 2 * ew + 2 * et;
+  }
+  // Routed pairs that precede (t, e) in expert-major order, counting every expert before e.
+  __device__ __forceinline__ int flat_prefix(int e, int64_t t) const {
+    const int64_t w = t >> 5;
+    const uint32_t below = (1u << (t & 31)) - 1u;
+    return tile_base[e * n_tiles + (t >> 8)] + word_prefix[e * n_words + w] + __popc(words[e * n_words + w] & below);
+  }
+};
+
+// Exclusive scan of tile_sums in flat order -> tile_base, expert_start. Run by one whole block.
+__device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
+  const int64_t n_words = (num_tokens + 31) / 32, n_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
+  const int64_t ew = n_words * num_experts, m = n_tiles * num_experts;
+  const int* tile_sums = ws + 2 * ew;
+  int* tile_base = ws + 2 * ew + m;
+  int* expert_start = ws + 2 * ew + 2 * m;
+  const int64_t per = (m + blockDim.x - 1) / blockDim.x;
+  const int64_t beg = min(m, static_cast<int64_t>(threadIdx.x) * per), end = min(m, beg + per);
+  int local = 0;
+  for (int64_t i = beg; i < end; ++i) local += tile_sums[i];
+  int total;
+  int run = block_exclusive_scan(local, &total);
+  for (int64_t i = beg; i < end; ++i) {
+    if (i % n_tiles == 0) expert_start[i / n_tiles] = run;
+    tile_base[i] = run;
+    run += tile_sums[i];
+  }
+  if (threadIdx.x == 0) expert_start[num_experts] = total;
+}
+
+// One block per tile of 256 tokens: bit columns, in-tile word prefixes and tile sums for every expert.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict__ routing_map, int map_bytes,
+                                                         int64_t map_st, int64_t map_se, int64_t num_tokens,
+                                                         int num_experts, int* __restrict__ ws) {
+  static_assert(kThreads == kTileTokens, "one thread per token of the tile");
+  __shared__ int warp_count[kThreads / 32][32];
+  const int64_t n_words = (num_tokens + 31) / 32, n_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
+  uint32_t* words = reinterpret_cast<uint32_t*>(ws);
+  int* word_prefix = ws + n_words * num_experts;
+  int* tile_sums = ws + 2 * n_words * num_experts;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t tile = blockIdx.x;
+  const int64_t t = tile * kTileTokens + threadIdx.x;
+  const int64_t w = tile * (kTileTokens / 32) + warp;
+  const bool have_token = t < num_tokens;
+  for (int e0 = 0; e0 < num_experts; e0 += 32) {
+    const int ne = min(32, num_experts - e0);
+    uint32_t my_word = 0;  // lane j keeps the word of expert e0 + j
+    for (int j = 0; j < ne; ++j) {
+      const bool bit = have_token && map_entry(routing_map, map_bytes, t * map_st + (e0 + j) * map_se);
+      const uint32_t word = __ballot_sync(0xffffffffu, bit);
+      if (lane == j) my_word = word;
+    }
+    if (lane < ne && w < n_words) words[(e0 + lane) * n_words + w] = my_word;
+    warp_count[warp][lane] = __popc(my_word);
+    __syncthreads();
+    if (threadIdx.x < ne) {
+      const int e = e0 + threadIdx.x;
+      int run = 0;
+      for (int k = 0; k < kThreads / 32; ++k) {
+        const int64_t ww = tile * (kTileTokens / 32) + k;
+        if (ww < n_words) word_prefix[e * n_words + ww] = run;
+        run += warp_count[k][threadIdx.x];
+      }
+      tile_sums[e * n_tiles + tile] = run;
+    }
+    __syncthreads();
+  }
+  if (gridDim.x == 1) scan_tiles(ws, num_tokens, num_experts);  // small maps: one launch builds everything
+}
+
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) routing_scan(int* __restrict__ ws, int64_t num_tokens, int num_experts) {
+  scan_tiles(ws, num_tokens, num_experts);
+}
+
+// Zero spare rows [kept, n_rows) of a [n_rows, row_bytes] tensor; tail block `i` takes rows [32 i, 32 i + 32).
+template <int VB>
+__device__ void zero_tail_rows(uint8_t* dst, int64_t row_bytes, int64_t kept, int64_t n_rows, int64_t tail_block,
+                               int64_t* sorted_indices, void* permuted_probs, int probs_code) {
+  using V = typename Vec<VB>::type;
+  const int64_t r0 = max(kept, tail_block * kTailRows), r1 = min(n_rows, (tail_block + 1) * kTailRows);
+  if (r0 >= r1) return;
+  if (threadIdx.x < r1 - r0) {
+    if (sorted_indices) sorted_indices[r0 + threadIdx.x] = 0;
+    if (permuted_probs) store_scalar<float>(permuted_probs, probs_code, r0 + threadIdx.x, 0.f);
+  }
+  if (!dst) return;
+  const int64_t nvec = row_bytes / VB;
+  const V zero{};
+  for (int64_t r = r0; r < r1; ++r) {
+    V* d = reinterpret_cast<V*>(dst + r * row_bytes);
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) d[v] = zero;
+  }
+}
+
+// Permute forward (pure byte move). Block t < T: token t. Blocks t >= T: zero spare rows (num_out_tokens above
+// the routed count). With src == nullptr it only writes the row map (unpermute(fused=False) rebuilding it).
+template <int VB>
+__global__ void __launch_bounds__(kRowThreads)
+    permute_scatter(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
+                    int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+                    const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                    const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
+                    const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                    void* __restrict__ permuted_probs) {
+  using V = typename Vec<VB>::type;
+  extern __shared__ int dest_rows[];  // [num_experts]: this token's rows, ascending expert
+  const Tables tab(ws, num_tokens, num_experts);
+  const int64_t total = tab.expert_start[num_experts];
+  const int64_t kept = drop_and_pad ? n_rows : min(total, n_rows);
+  const int64_t t = blockIdx.x;
+  if (t >= num_tokens) {
+    zero_tail_rows<VB>(dst, row_bytes, kept, n_rows, t - num_tokens, sorted_indices, permuted_probs, probs_code);
+    return;
+  }
+  if (t == 0 && row_map) {
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) row_map[num_tokens * num_experts + e] = e == 0 ? kept : 0;
+  }
+  int n = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += blockDim.x) {
+    const int e = e0 + threadIdx.x;
+    int row = -1;      // this pair's permuted row, -1 if none
+    bool routed = false;
+    if (e < num_experts) {
+      routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
+      const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), all experts < e included
+      if (!drop_and_pad) {
+        if (routed && before < n_rows) row = before;
+      } else {
+        const int start = tab.expert_start[e];
+        const int rank = before - start;  // routed tokens of expert e before t
+        if (routed) {
+          if (rank < capacity) row = static_cast<int>(e * capacity + rank);
+        } else {
+          // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad the expert.
+          const int64_t slot = static_cast<int64_t>(tab.expert_start[e + 1] - start) + (t - rank);
+          if (slot < capacity) row = static_cast<int>(e * capacity + slot);
+        }
+      }
+      if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
+      if (row >= 0) {
+        if (sorted_indices) sorted_indices[row] = t;
+        if (permuted_probs) {
+          // probs is read only where the map routes: an off-route NaN never reaches the output. A double carries
+          // every probs dtype exactly.
+          const double p = routed ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
+          store_scalar<double>(permuted_probs, probs_code, row, p);
+        }
+      }
+    }
+    int count;
+    const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
+    if (row >= 0) dest_rows[n + pos] = row;
+    n += count;
+  }
+  if (!src) return;
+  __syncthreads();
+  const int64_t nvec = row_bytes / VB;
+  const V* s = reinterpret_cast<const V*>(src + t * src_stride);
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    const V x = s[v];
+    for (int j = 0; j < n; ++j) reinterpret_cast<V*>(dst + static_cast<int64_t>(dest_rows[j]) * row_bytes)[v] = x;
+  }
+}
+
+// out[t] = sum_j w_j * rows[row_j] over token t's rows (fp32 / fp64 accumulation, ascending expert order).
+// Row list from the row map (routed rows weighted by probs if given, else routed and padding rows with weight 1),
+// or from a CSR list (csr_ptr [T + 1], csr_rows) of an arbitrary sorted_indices (weight 1).
+// With g_pprobs: also dprobs[t, e] = g_pprobs[row] for routed pairs, 0 elsewhere (permute's probs gradient).
+template <typename T, int VB>
+__global__ void __launch_bounds__(kRowThreads)
+    gather_reduce(const T* __restrict__ rows, int64_t rows_stride, int64_t n_rows, T* __restrict__ out, int64_t out_stride, int64_t hidden,
+                  int64_t num_tokens, int num_experts, const int* __restrict__ row_map,
+                  const int64_t* __restrict__ csr_ptr, const int64_t* __restrict__ csr_rows,
+                  const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                  const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs, int dprobs_code) {
+  using A = typename Acc<T>::type;
+  using P = Pack<T, VB>;
+  using V = typename Vec<VB>::type;
+  extern __shared__ int smem[];
+  int* list_rows = smem;                                        // [num_experts]
+  A* list_w = reinterpret_cast<A*>(smem + ((num_experts + 1) & ~1));  // [num_experts], 8-byte aligned
+  const int64_t t = blockIdx.x;
+  int n = 0;
+  int64_t csr_beg = 0;
+  if (row_map) {
+    for (int e0 = 0; e0 < num_experts; e0 += blockDim.x) {
+      const int e = e0 + threadIdx.x;
+      int row = -1;
+      A w = A(1);
+      if (e < num_experts) {
+        const int code = row_map[t * num_experts + e];
+        const bool routed = code >= 0 && code < n_rows;
+        if (routed) {
+          row = code;
+          if (probs) w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
+        } else if (code <= -2 && !probs && -2 - static_cast<int64_t>(code) < n_rows) {
+          row = -2 - code;  // padding rows count only in an unweighted sum (the seed's scatter_add)
+        }
+        if (dprobs) {
+          const A g = routed ? load_scalar<A>(g_pprobs, g_code, code) : A(0);
+          store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, g);
+        }
+      }
+      int count;
+      const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
+      if (row >= 0) {
+        list_rows[n + pos] = row;
+        list_w[n + pos] = w;
+      }
+      n += count;
+    }
+    __syncthreads();
+  } else {
+    csr_beg = csr_ptr[t];
+    n = static_cast<int>(csr_ptr[t + 1] - csr_beg);
+  }
+  const int64_t nvec = hidden / P::N;
+  V* o = reinterpret_cast<V*>(out + t * out_stride);
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    A acc[P::N];
+#pragma unroll
+    for (int i = 0; i < P::N; ++i) acc[i] = A(0);
+    int j = 0;
+    // Four rows in flight per step; the sum order stays ascending j.
+    for (; j + 4 <= n; j += 4) {
+      P x[4];
+      A w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int64_t r = row_map ? list_rows[j + k] : csr_rows[csr_beg + j + k];
+        w[k] = row_map ? list_w[j + k] : A(1);
+        x[k].raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int i = 0; i < P::N; ++i) acc[i] += w[k] * to_acc(x[k].v[i]);
+    }
+    for (; j < n; ++j) {
+      const int64_t r = row_map ? list_rows[j] : csr_rows[csr_beg + j];
+      const A w = row_map ? list_w[j] : A(1);
+      P x;
+      x.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
+#pragma unroll
+      for (int i = 0; i < P::N; ++i) acc[i] += w * to_acc(x.v[i]);
+    }
+    P y;
+#pragma unroll
+    for (int i = 0; i < P::N; ++i) y.v[i] = from_acc<T, A>(acc[i]);
+    o[v] = y.raw;
+  }
+}
+
+// Unpermute backward, one block per token t (blocks >= T zero spare rows):
+//   d_rows[row] = g[t] * w  (w = probs[t, e] for routed rows, or 1 without probs; padding rows get g[t] without
+//   probs and 0 with them), and with dprobs: dprobs[t, e] = dot(g[t], rows[row]) for routed pairs, 0 elsewhere.
+template <typename T, int VB>
+__global__ void __launch_bounds__(kRowThreads)
+    unpermute_bwd(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ rows, int64_t rows_stride,
+                  T* __restrict__ d_rows,
+                  int64_t n_rows, int64_t hidden, int64_t num_tokens, int num_experts, const int* __restrict__ row_map,
+                  const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                  void* __restrict__ dprobs, int dprobs_code) {
+  using A = typename Acc<T>::type;
+  using P = Pack<T, VB>;
+  using V = typename Vec<VB>::type;
+  constexpr int kGroup = 8;  // dot products reduced per pass
+  extern __shared__ int smem[];
+  int* list_rows = smem;
+  int* list_e = smem + num_experts;
+  A* list_w = reinterpret_cast<A*>(smem + 2 * ((num_experts + 1) & ~1));
+  __shared__ A red[kRowThreads / 32][kGroup];
+  const int64_t t = blockIdx.x;
+  if (t >= num_tokens) {
+    const int64_t kept = row_map[num_tokens * num_experts];
+    zero_tail_rows<VB>(reinterpret_cast<uint8_t*>(d_rows), hidden * static_cast<int64_t>(sizeof(T)), kept, n_rows,
+                       t - num_tokens, nullptr, nullptr, 0);
+    return;
+  }
+  int n = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += blockDim.x) {
+    const int e = e0 + threadIdx.x;
+    int row = -1;
+    bool routed = false;
+    A w = A(1);
+    if (e < num_experts) {
+      const int code = row_map[t * num_experts + e];
+      if (code >= 0 && code < n_rows) {
+        row = code;
+        routed = true;
+        if (probs) w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
+      } else if (code <= -2 && -2 - static_cast<int64_t>(code) < n_rows) {
+        row = -2 - code;
+        w = probs ? A(0) : A(1);  // a padding row adds nothing to a weighted sum, so its gradient is 0
+      }
+      if (dprobs) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, A(0));  // routed pairs overwrite below
+    }
+    int count;
+    const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
+    if (row >= 0) {
+      list_rows[n + pos] = row;
+      list_w[n + pos] = w;
+      list_e[n + pos] = routed ? e : -1;  // only routed rows get a probs gradient
+    }
+    n += count;
+  }
+  __syncthreads();
+  const int64_t nvec = hidden / P::N;
+  const V* gv = reinterpret_cast<const V*>(g + t * g_stride);
+  for (int j0 = 0; j0 < n; j0 += kGroup) {
+    const int m = min(kGroup, n - j0);
+    A dot[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) dot[k] = A(0);
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      P x;
+      x.raw = gv[v];
+      A gx[P::N];
+#pragma unroll
+      for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        if (k < m) {
+          const int64_t r = list_rows[j0 + k];
+          const A w = list_w[j0 + k];
+          if (dprobs && list_e[j0 + k] >= 0) {
+            P y;
+            y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
+#pragma unroll
+            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
+          }
+          P d;
+#pragma unroll
+          for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
+          reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
+        }
+      }
+    }
+    if (dprobs) {
+      // Fixed-order block reduction: warp butterfly, then warp 0 sums the warps in order.
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        A s = dot[k];
+#pragma unroll
+        for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+        if (lane == 0) red[warp][k] = s;
+      }
+      __syncthreads();
+      if (threadIdx.x < m) {
+        const int k = threadIdx.x;
+        A s = A(0);
+        for (int wi = 0; wi < kRowThreads / 32; ++wi) s += red[wi][k];
+        const int e = list_e[j0 + k];
+        if (e >= 0) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, s);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+}  // namespace moe_raw
+
+#ifdef MOE_RAW_NVCC_CHECK
+// CI compiles this file with nvcc (warnings as errors); NVRTC instantiates through name_expressions at run time.
+namespace moe_raw {
+template __global__ void routing_pack<kTileTokens>(const void*, int, int64_t, int64_t, int64_t, int, int*);
+template __global__ void routing_scan<1024>(int*, int64_t, int);
+#define MOE_RAW_ROW_KERNELS(T, VB)                                                                              \
+  template __global__ void gather_reduce<T, VB>(const T*, int64_t, int64_t, T*, int64_t, int64_t, int64_t, int,\
+                                                const int*, const int64_t*, const int64_t*, const void*, int,  \
+                                                int64_t, int64_t, const void*, int, void*, int);               \
+  template __global__ void unpermute_bwd<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t,    \
+                                                int64_t, int, const int*, const void*, int, int64_t, int64_t,  \
+                                                void*, int);
+MOE_RAW_ROW_KERNELS(float, 16)
+MOE_RAW_ROW_KERNELS(float, 4)
+MOE_RAW_ROW_KERNELS(__half, 16)
+MOE_RAW_ROW_KERNELS(__half, 2)
+MOE_RAW_ROW_KERNELS(__nv_bfloat16, 16)
+MOE_RAW_ROW_KERNELS(__nv_bfloat16, 2)
+MOE_RAW_ROW_KERNELS(double, 16)
+MOE_RAW_ROW_KERNELS(double, 8)
+#define MOE_RAW_SCATTER(VB)                                                                                     \
+  template __global__ void permute_scatter<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int,       \
+                                               int64_t, int, int64_t, const void*, int, int64_t, int64_t,      \
+                                               const int*, int*, int64_t*, const void*, int, int64_t, int64_t, \
+                                               void*);
+MOE_RAW_SCATTER(16)
+MOE_RAW_SCATTER(8)
+MOE_RAW_SCATTER(4)
+MOE_RAW_SCATTER(2)
+MOE_RAW_SCATTER(1)
+}  // namespace moe_raw
+#endif

@@ -1,0 +1,29 @@
+"""moe_raw: no-compile GPU kernels for Mixture-of-Experts token dispatch.
+
+A drop-in for the permute / unpermute / SwiGLU functions of Megatron-style ``moe_utils``. CUDA tensors run moe_raw's
+kernels (compiled at first use by NVRTC through CuPy, launched on torch's current stream); CPU tensors run the
+pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs neither a GPU nor CuPy.
+"""
+
+__version__ = "0.1.0"
+
+from moe_raw.permutation import permute, unpermute
+from moe_raw.swiglu import (
+    WeightedSwiGLUFunction,
+    swiglu,
+    swiglu_back,
+    weighted_bias_swiglu_impl,
+    weighted_swiglu,
+    weighted_swiglu_back,
+)
+
+__all__ = [
+    "permute",
+    "unpermute",
+    "swiglu",
+    "weighted_swiglu",
+    "swiglu_back",
+    "weighted_swiglu_back",
+    "WeightedSwiGLUFunction",
+    "weighted_bias_swiglu_impl",
+]

@@ -1,0 +1,381 @@
+"""permute / unpermute: the seed's API on moe_raw's CUDA kernels (kernels/permute.cu), with autograd.
+
+Layering: kernel -> ``_launch.launch`` -> ``_permute_cuda`` / ``_gather_cuda`` / ``_unpermute_bwd_cuda`` (size and
+allocate, never validate) -> ``_PermuteFn`` / ``_UnpermuteFn`` -> ``permute`` / ``unpermute`` (validate, dispatch:
+CUDA tensors to the kernels, anything else to ``moe_raw.reference``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from moe_raw import _validate as V
+from moe_raw import reference
+from moe_raw._launch import CTYPES, SCALAR_CODE, launch, ptr
+
+I32, I64 = np.int32, np.int64
+_TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
+_ROW_THREADS = 128  # kRowThreads
+_TAIL_ROWS = 32  # kTailRows
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _vec_bytes(elem: int, *byte_quantities: int) -> int:
+    """Widest vector (16, 8, 4, 2 or 1 bytes, at least one element) dividing every row size, stride and address."""
+    for vb in (16, 8, 4, 2, 1):
+        if vb >= elem and all(q % vb == 0 for q in byte_quantities):
+            return vb
+    return elem
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows the kernels can read: last dim contiguous (any row stride, even 0), else a contiguous copy."""
+    return x if x.stride(-1) == 1 and x.stride(0) >= 0 else x.contiguous()
+
+
+def _scalar_args(p: torch.Tensor | None):
+    if p is None:
+        return (ptr(None), I32(0), I64(0), I64(0))
+    return (ptr(p), I32(SCALAR_CODE[p.dtype]), I64(p.stride(0)), I64(p.stride(1)))
+
+
+def _tables(routing_map: torch.Tensor) -> torch.Tensor:
+    """Launch routing_pack (+ routing_scan): the int32 workspace of kernels/permute.cu. No host sync."""
+    num_tokens, num_experts = routing_map.shape
+    n_words, n_tiles = _cdiv(num_tokens, 32), _cdiv(num_tokens, _TILE_TOKENS)
+    ws = torch.empty(2 * num_experts * (n_words + n_tiles) + num_experts + 1, dtype=torch.int32, device=routing_map.device)
+    launch(
+        "permute", "moe_raw::routing_pack<256>", routing_map.device, n_tiles, _TILE_TOKENS,
+        (ptr(routing_map), I32(routing_map.element_size()), I64(routing_map.stride(0)), I64(routing_map.stride(1)),
+         I64(num_tokens), I32(num_experts), ptr(ws)),
+    )  # fmt: skip
+    if n_tiles > 1:
+        launch("permute", "moe_raw::routing_scan<1024>", routing_map.device, 1, 1024, (ptr(ws), I64(num_tokens), I32(num_experts)))
+    return ws
+
+
+def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_rows=True, want_indices=True):
+    """Returns (permuted [N, H] | None, permuted_probs [N] | None, row_map [T+1, E] int32, sorted_indices [N] | None)."""
+    num_tokens, hidden = tokens.shape
+    num_experts = routing_map.shape[1]
+    dev = tokens.device
+    ws = _tables(routing_map)
+    n_rows = num_out_tokens
+    if n_rows is None:
+        n_rows = int(ws[-1].item())  # the routed count: the one device-to-host read, only without num_out_tokens
+        if n_rows > V.MAX_ROWS:
+            raise ValueError(f"moe_raw.permute: {n_rows} routed pairs exceed the {V.MAX_ROWS} rows supported")
+    capacity = 0
+    if drop_and_pad:
+        capacity = min(n_rows // num_experts, num_tokens)  # the seed slices argsort(...)[:, :capacity]
+        n_rows = num_experts * capacity
+    tail_blocks = _cdiv(n_rows, _TAIL_ROWS) if (num_out_tokens is not None and not drop_and_pad) else 0
+    row_map = torch.empty((num_tokens + 1, num_experts), dtype=torch.int32, device=dev)
+    out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev) if want_rows else None
+    indices = torch.empty(n_rows, dtype=torch.int64, device=dev) if want_indices else None
+    pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
+    src, row_bytes, vb = None, 0, 16
+    if want_rows:
+        src = _rows(tokens)
+        esize = tokens.element_size()
+        row_bytes = hidden * esize
+        vb = _vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr())
+    launch(
+        "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + tail_blocks, _ROW_THREADS,
+        (ptr(src), I64(src.stride(0) * src.element_size() if src is not None else 0), ptr(out), I64(row_bytes),
+         I64(num_tokens), I32(num_experts), I64(n_rows), I32(drop_and_pad), I64(capacity),
+         ptr(routing_map), I32(routing_map.element_size()), I64(routing_map.stride(0)), I64(routing_map.stride(1)),
+         ptr(ws), ptr(row_map), ptr(indices), *_scalar_args(probs), ptr(pprobs)),
+        shared_mem=4 * num_experts,
+    )  # fmt: skip
+    return out, pprobs, row_map, indices
+
+
+def _permute_empty(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
+    """T = 0: nothing is routed; num_out_tokens rows of zeros (none with drop_and_pad: capacity is min(C, T) = 0)."""
+    n_rows = 0 if (drop_and_pad or num_out_tokens is None) else num_out_tokens
+    dev = tokens.device
+    row_map = torch.zeros((1, routing_map.shape[1]), dtype=torch.int32, device=dev)
+    out = torch.zeros((n_rows, tokens.shape[1]), dtype=tokens.dtype, device=dev)
+    pprobs = torch.zeros(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
+    return out, pprobs, row_map, torch.zeros(n_rows, dtype=torch.int64, device=dev)
+
+
+def _acc_size(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float64 else 4
+
+
+def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None, dprobs_dtype=None, out_dtype=None):
+    """out[t] = sum of token t's rows (weighted by probs where given). Returns (out [T, H], dprobs [T, E] | None).
+
+    rows None (no row gradient) computes dprobs only. dprobs[t, e] = g_pprobs[row] at routed pairs, else 0.
+    """
+    dev = row_map.device if row_map is not None else csr[0].device
+    num_experts = row_map.shape[1] if row_map is not None else 0
+    dprobs = None
+    if g_pprobs is not None:
+        dprobs = torch.empty((num_tokens, num_experts), dtype=dprobs_dtype, device=dev)
+    if rows is None:
+        if dprobs is None:
+            return None, None
+        dtype = out_dtype if out_dtype in CTYPES else torch.float32
+        hidden, n_rows, out, rows_stride, vb = 0, 0, None, 0, 16
+    else:
+        rows = _rows(rows)
+        dtype = rows.dtype
+        if dtype not in CTYPES:
+            raise TypeError(f"moe_raw: summing rows needs a float dtype ({', '.join(map(str, CTYPES))}), got {dtype}")
+        n_rows, hidden = rows.shape
+        esize = rows.element_size()
+        out = torch.empty((num_tokens, hidden), dtype=dtype, device=dev)
+        rows_stride = rows.stride(0)
+        vb = _vec_bytes(esize, hidden * esize, rows_stride * esize, rows.data_ptr(), out.data_ptr())
+    smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
+    launch(
+        "permute", f"moe_raw::gather_reduce<{CTYPES[dtype]}, {vb}>", dev, num_tokens, _ROW_THREADS,
+        (ptr(rows), I64(rows_stride), I64(n_rows), ptr(out), I64(hidden), I64(hidden), I64(num_tokens),
+         I32(num_experts), ptr(row_map), ptr(csr[0] if csr else None), ptr(csr[1] if csr else None),
+         *_scalar_args(probs), ptr(g_pprobs), I32(SCALAR_CODE[g_pprobs.dtype] if g_pprobs is not None else 0),
+         ptr(dprobs), I32(SCALAR_CODE[dprobs_dtype] if dprobs is not None else 0)),
+        shared_mem=smem,
+    )  # fmt: skip
+    return out, dprobs
+
+
+def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, need_drows=True):
+    """Returns (d_rows [N, H], dprobs [T, E] | None); spare rows of d_rows are zero."""
+    num_tokens, hidden = grad_out.shape
+    num_experts = row_map.shape[1]
+    dev = grad_out.device
+    g = _rows(grad_out)
+    dtype = g.dtype
+    esize = g.element_size()
+    d_rows = torch.empty((n_rows, hidden), dtype=dtype, device=dev)
+    rows = _rows(rows) if need_dprobs else None
+    dprobs = torch.empty((num_tokens, num_experts), dtype=probs.dtype, device=dev) if need_dprobs else None
+    quantities = [hidden * esize, g.stride(0) * esize, g.data_ptr(), d_rows.data_ptr()]
+    if rows is not None:
+        quantities += [rows.stride(0) * esize, rows.data_ptr()]
+    vb = _vec_bytes(esize, *quantities)
+    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
+    launch(
+        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev, num_tokens + _cdiv(n_rows, _TAIL_ROWS),
+        _ROW_THREADS,
+        (ptr(g), I64(g.stride(0)), ptr(rows), I64(rows.stride(0) if rows is not None else 0), ptr(d_rows),
+         I64(n_rows), I64(hidden), I64(num_tokens), I32(num_experts), ptr(row_map), *_scalar_args(probs),
+         ptr(dprobs), I32(SCALAR_CODE[probs.dtype] if need_dprobs else 0)),
+        shared_mem=smem,
+    )  # fmt: skip
+    return d_rows, dprobs
+
+
+class _PermuteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused):
+        if tokens.shape[0] == 0:
+            out, pprobs, row_map, indices = _permute_empty(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
+        else:
+            out, pprobs, row_map, indices = _permute_cuda(
+                tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_indices=not fused
+            )
+        index = row_map if fused else indices
+        ctx.mark_non_differentiable(index)
+        ctx.save_for_backward(row_map)
+        ctx.tokens_dtype = tokens.dtype
+        ctx.probs_dtype = probs.dtype if probs is not None else None
+        return out, pprobs, index
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_permuted, grad_pprobs, _grad_index):
+        (row_map,) = ctx.saved_tensors
+        num_tokens = row_map.shape[0] - 1
+        need_tokens, need_probs = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_tokens and ctx.tokens_dtype not in CTYPES:
+            raise TypeError(f"moe_raw.permute: no gradient for {ctx.tokens_dtype} tokens (a pure byte move)")
+        if num_tokens == 0:
+            dtok = grad_permuted.new_zeros((0, grad_permuted.shape[1])) if need_tokens else None
+            dprobs = torch.zeros((0, row_map.shape[1]), dtype=ctx.probs_dtype, device=row_map.device) if need_probs else None
+            return dtok, dprobs, None, None, None, None
+        rows = grad_permuted if need_tokens else None
+        dtok, dprobs = _gather_cuda(
+            rows, row_map, num_tokens,
+            g_pprobs=grad_pprobs.contiguous() if (need_probs and grad_pprobs is not None) else None,
+            dprobs_dtype=ctx.probs_dtype,
+        )  # fmt: skip
+        if need_probs and dprobs is None:
+            dprobs = torch.zeros((num_tokens, row_map.shape[1]), dtype=ctx.probs_dtype, device=row_map.device)
+        if need_tokens and dtok is None:
+            dtok = torch.zeros((num_tokens, grad_permuted.shape[1]), dtype=ctx.tokens_dtype, device=row_map.device)
+        return dtok, dprobs, None, None, None, None
+
+
+class _UnpermuteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, permuted, probs, row_map, sorted_indices, num_tokens):
+        """row_map given: the row-map path; else the CSR path over sorted_indices (no probs)."""
+        hidden = permuted.shape[1]
+        ctx.num_tokens = num_tokens
+        ctx.n_rows = permuted.shape[0]
+        ctx.probs_needs_grad = probs is not None and ctx.needs_input_grad[1]
+        if num_tokens == 0:
+            ctx.save_for_backward(row_map, sorted_indices, None, None)
+            return permuted.new_zeros((0, hidden))
+        if row_map is not None:
+            out, _ = _gather_cuda(permuted, row_map, num_tokens, probs=probs)
+        else:
+            # Generic seed semantics: rows grouped by token through a stable sort (deterministic, no host sync).
+            tok_sorted, perm = torch.sort(sorted_indices, stable=True)
+            bounds = torch.arange(num_tokens + 1, device=permuted.device, dtype=sorted_indices.dtype)
+            csr_ptr = torch.searchsorted(tok_sorted, bounds)
+            out, _ = _gather_cuda(permuted, None, num_tokens, csr=(csr_ptr, perm))
+        ctx.save_for_backward(row_map, sorted_indices, probs, permuted if ctx.probs_needs_grad else None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        row_map, sorted_indices, probs, permuted = ctx.saved_tensors
+        need_rows = ctx.needs_input_grad[0]
+        if ctx.num_tokens == 0:
+            d_rows = grad_out.new_zeros((ctx.n_rows, grad_out.shape[1])) if need_rows else None
+            dprobs = torch.zeros_like(probs) if (probs is not None and ctx.needs_input_grad[1]) else None
+            return d_rows, dprobs, None, None, None
+        if row_map is None:  # CSR path: every row takes its token's gradient
+            return grad_out.index_select(0, sorted_indices) if need_rows else None, None, None, None, None
+        d_rows, dprobs = _unpermute_bwd_cuda(grad_out, permuted, row_map, ctx.n_rows, probs, ctx.probs_needs_grad)
+        return (d_rows if need_rows else None), dprobs, None, None, None
+
+
+def permute(
+    tokens: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: torch.Tensor | None = None,
+    num_out_tokens: int | None = None,
+    fused: bool = False,
+    drop_and_pad: bool = False,
+):
+    """Group tokens by expert: rows in expert-major, token-ascending order (what grouped GEMM slices).
+
+    Args:
+        tokens: [T, H] float32 | float16 | bfloat16 | float64, or a 1-byte dtype (float8_*, uint8, int8: a pure
+            byte move, not differentiable). Rows may be strided; the last dim is read contiguously (else copied).
+        routing_map: [T, E] bool or integer multi-hot (nonzero = routed), any strides.
+        probs: optional [T, E] float router probabilities (dense, zero off-route); read only where routed.
+        num_out_tokens: output rows N. None: N = routing_map.sum(), which costs one device-to-host read (a host
+            sync). Given: no host sync at all (CUDA-graph capturable); routed pairs past N (expert-major tail) are
+            dropped, and rows past the routed count are zero with prob 0 and index 0.
+        fused: False returns the seed's int64 ``sorted_indices``; True returns moe_raw's row map (int32 [T+1, E],
+            format in ``moe_raw.reference``), which ``unpermute(fused=True)`` reads. Both run the same kernels.
+        drop_and_pad: with num_out_tokens, capacity C = min(num_out_tokens // E, T) rows per expert, N = E * C:
+            the first C routed tokens of each expert (ascending), then the lowest unrouted token ids as padding
+            (copies of those tokens with prob 0), as the seed's stable argsort lays them out.
+
+    Returns:
+        permuted [N, H] (tokens.dtype), permuted_probs [N] (probs.dtype) or None, and sorted_indices [N] int64
+        (the token id of each row, bit-identical to the seed) or, with fused=True, the row map [T+1, E] int32.
+        Differentiable w.r.t. tokens and probs.
+    """
+    op = "moe_raw.permute"
+    V.tensor(tokens, "tokens", op, 2, V.FLOAT_DTYPES + V.BYTE_DTYPES)
+    num_tokens = tokens.shape[0]
+    V.routing(op, routing_map, num_tokens)
+    num_experts = routing_map.shape[1]
+    if probs is not None:
+        V.probs(op, probs, num_tokens, num_experts)
+    n_out = V.size_arg(num_out_tokens, "num_out_tokens", op)
+    if drop_and_pad and n_out is None:
+        raise ValueError(f"{op}: drop_and_pad=True needs num_out_tokens (the capacity is num_out_tokens // E)")
+    V.same_device(op, tokens=tokens, routing_map=routing_map, probs=probs)
+    if not tokens.is_cuda:
+        return reference.permute(tokens, routing_map, probs, n_out, fused, drop_and_pad)
+    if num_tokens * num_experts > 2**31 - 1:
+        raise ValueError(f"{op}: T * E = {num_tokens * num_experts} routing-map entries exceed 2^31 - 1")
+    if n_out is not None and n_out > V.MAX_ROWS:
+        raise ValueError(f"{op}: num_out_tokens = {n_out} exceeds the {V.MAX_ROWS} rows supported")
+    return _PermuteFn.apply(tokens, probs, routing_map, n_out, bool(drop_and_pad), bool(fused))
+
+
+def _row_map_from_routing(routing_map: torch.Tensor, n_rows: int, drop_and_pad: bool) -> torch.Tensor:
+    """The row map that permute(routing_map, num_out_tokens=n_rows, drop_and_pad) produced, rebuilt without data."""
+    num_tokens, num_experts = routing_map.shape
+    if num_tokens == 0:
+        return torch.zeros((1, num_experts), dtype=torch.int32, device=routing_map.device)
+    if drop_and_pad:
+        n_rows = num_experts * (n_rows // num_experts)
+    _, _, row_map, _ = _permute_cuda(
+        routing_map.new_empty((num_tokens, 0), dtype=torch.uint8), routing_map, None, n_rows, drop_and_pad,
+        want_rows=False, want_indices=False,
+    )  # fmt: skip
+    return row_map
+
+
+def unpermute(
+    permuted_tokens: torch.Tensor,
+    sorted_indices: torch.Tensor,
+    restore_shape,
+    probs: torch.Tensor | None = None,
+    routing_map: torch.Tensor | None = None,
+    fused: bool = False,
+    drop_and_pad: bool = False,
+):
+    """Sum every permuted row back into its token, each multiplied by its prob when ``probs`` is given.
+
+    Args:
+        permuted_tokens: [N, H] float32 | float16 | bfloat16 | float64 (permute's output, or the experts' output).
+        sorted_indices: fused=False: [N] int64 / int32 token id of each row (permute's third output).
+            fused=True: permute(fused=True)'s row map, int32 [T+1, E].
+        restore_shape: (T, H) of the output.
+        probs: optional [T, E] float; read only at routed pairs (a NaN off-route never reaches the output; its
+            gradient there is exactly 0). With fused=False, routing_map is then required, as in the seed.
+        routing_map: [T, E], the map given to permute (fused=False only; fused maps already know each row).
+        drop_and_pad: as given to permute (capacity = N // E).
+
+    Returns:
+        [T, H] in permuted_tokens.dtype, accumulated in fp32 (fp64 for fp64) in ascending expert order:
+        bitwise deterministic, no atomics, no fp32 copy of the rows. Differentiable w.r.t. permuted_tokens and probs.
+        fused=False without routing_map groups rows by token with a stable device sort of sorted_indices.
+    """
+    op = "moe_raw.unpermute"
+    V.tensor(permuted_tokens, "permuted_tokens", op, 2, V.FLOAT_DTYPES)
+    n_rows, hidden = permuted_tokens.shape
+    num_tokens, _ = V.restore_shape(op, restore_shape, hidden)
+    if fused:
+        V.tensor(sorted_indices, "sorted_indices", op, 2, (torch.int32,))
+        if sorted_indices.shape[0] != num_tokens + 1:
+            raise ValueError(
+                f"{op}: with fused=True sorted_indices must be permute(fused=True)'s row map [T+1, E] with "
+                f"T = restore_shape[0] = {num_tokens}, got shape {tuple(sorted_indices.shape)}"
+            )
+        num_experts = sorted_indices.shape[1]
+    else:
+        V.tensor(sorted_indices, "sorted_indices", op, 1, (torch.int64, torch.int32))
+        if sorted_indices.shape[0] != n_rows:
+            raise ValueError(
+                f"{op}: sorted_indices has {sorted_indices.shape[0]} entries but permuted_tokens has {n_rows} rows"
+            )
+        num_experts = routing_map.shape[1] if isinstance(routing_map, torch.Tensor) and routing_map.dim() == 2 else None
+    if routing_map is not None:
+        V.routing(op, routing_map, num_tokens, num_experts)
+        num_experts = routing_map.shape[1]
+    if probs is not None:
+        if num_experts is None:
+            raise ValueError(f"{op}: routing_map is required when probs is given with fused=False (as in the seed)")
+        V.probs(op, probs, num_tokens, num_experts)
+    V.same_device(op, permuted_tokens=permuted_tokens, sorted_indices=sorted_indices, probs=probs, routing_map=routing_map)
+    if not permuted_tokens.is_cuda:
+        return reference.unpermute(
+            permuted_tokens, sorted_indices, (num_tokens, hidden), probs, routing_map, fused, drop_and_pad
+        )
+    if fused:
+        row_map, index = sorted_indices, None
+    elif routing_map is not None:
+        row_map, index = _row_map_from_routing(routing_map, n_rows, drop_and_pad), sorted_indices
+    else:
+        row_map, index = None, sorted_indices
+    return _UnpermuteFn.apply(permuted_tokens, probs, row_map, index, num_tokens)

@@ -1,0 +1,250 @@
+"""Pure-torch reference of every moe_raw op: the seed's (Megatron / NeMo Automodel ``moe_utils``) semantics.
+
+Used three ways: as the implementation for CPU tensors, as the oracle of the tests (called on ``.double()``
+inputs for an fp64 reference) and as the "seed" provider of the benchmark. It runs on any device.
+
+Where the seed is silent or differs from moe_raw's contract, this module follows the contract (design.md):
+
+* ``num_out_tokens`` without ``drop_and_pad``: the seed's unfused path ignores it. Here the output has exactly
+  ``num_out_tokens`` rows: surplus routed pairs at the tail (expert-major order) are dropped, spare rows are zero
+  with prob 0 and index 0. When ``num_out_tokens`` equals the routed count, the results are the seed's, bit for bit.
+* ``drop_and_pad`` permute: padding rows (an expert with fewer than ``capacity`` routed tokens is padded with the
+  lowest unrouted token ids, as the seed's stable argsort does) copy the padding token, as the seed does, but their
+  permuted prob is 0 (``probs`` is read only at routed positions).
+* ``unpermute`` with probs reads ``probs`` only at routed positions; padding rows are multiplied by 0 and skipped,
+  so a NaN or inf anywhere off-route never reaches the output.
+* ``fused=True`` returns moe_raw's row map (below) instead of Transformer Engine's; ``unpermute(fused=True)`` reads it.
+
+The row map (``fused=True`` index format), int32, shape ``[T + 1, E]``:
+
+* ``row_map[t, e] = r >= 0``: token ``t`` routed to expert ``e`` sits in permuted row ``r``;
+* ``row_map[t, e] = -1``: not routed, or routed but dropped (over ``num_out_tokens`` or over capacity);
+* ``row_map[t, e] = -2 - r``: token ``t`` is a padding copy in row ``r`` of expert ``e`` (``drop_and_pad`` only);
+* ``row_map[T, 0]``: the number of leading permuted rows that hold a routed or padding token; rows after it are
+  spare (zero) rows. ``row_map[T, 1:]`` is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "permute",
+    "unpermute",
+    "build_row_map",
+    "swiglu",
+    "weighted_swiglu",
+    "swiglu_back",
+    "weighted_swiglu_back",
+    "WeightedSwiGLUFunction",
+    "weighted_bias_swiglu_impl",
+]
+
+
+def _capacity(num_out_tokens: int, num_tokens: int, num_experts: int) -> int:
+    # The seed slices argsort(...)[:, :capacity]; a slice past the end keeps num_tokens columns.
+    return min(num_out_tokens // num_experts, num_tokens)
+
+
+def _routed_order(routing_map: torch.Tensor):
+    """Token ids and expert ids of the routed pairs in expert-major, token-ascending order (the seed's order)."""
+    num_tokens, num_experts = routing_map.shape
+    mask_t = routing_map.bool().T.contiguous()
+    tokens = torch.arange(num_tokens, device=routing_map.device).unsqueeze(0).expand(num_experts, -1)
+    experts = torch.arange(num_experts, device=routing_map.device).unsqueeze(1).expand(-1, num_tokens)
+    return tokens.masked_select(mask_t), experts.masked_select(mask_t)
+
+
+def _padded_order(routing_map: torch.Tensor, capacity: int):
+    """Token ids [E * capacity] of the seed's drop_and_pad layout and whether each row is a routed pair."""
+    num_tokens, num_experts = routing_map.shape
+    mask_t = routing_map.bool().T.contiguous().to(torch.int8)
+    token_ids = mask_t.argsort(dim=-1, descending=True, stable=True)[:, :capacity].contiguous()
+    routed = torch.gather(mask_t, 1, token_ids).bool()
+    return token_ids.reshape(-1), routed.reshape(-1)
+
+
+def build_row_map(routing_map: torch.Tensor, num_out_tokens: int | None = None, drop_and_pad: bool = False):
+    """The row map (module docstring) of ``routing_map [T, E]``. Returns ``(row_map [T+1, E] int32, n_rows)``."""
+    num_tokens, num_experts = routing_map.shape
+    dev = routing_map.device
+    row_map = torch.full((num_tokens + 1, num_experts), -1, dtype=torch.int32, device=dev)
+    row_map[num_tokens] = 0
+    if drop_and_pad:
+        if num_out_tokens is None:
+            raise ValueError("drop_and_pad=True needs num_out_tokens")
+        capacity = _capacity(num_out_tokens, num_tokens, num_experts)
+        token_ids, routed = _padded_order(routing_map, capacity)
+        rows = torch.arange(token_ids.numel(), device=dev, dtype=torch.int32)
+        experts = torch.arange(num_experts, device=dev).repeat_interleave(capacity)
+        row_map[token_ids, experts] = torch.where(routed, rows, -2 - rows)
+        n_rows = num_experts * capacity
+        row_map[num_tokens, 0] = n_rows
+        return row_map, n_rows
+    tokens, experts = _routed_order(routing_map)
+    n_rows = tokens.numel() if num_out_tokens is None else num_out_tokens
+    kept = min(tokens.numel(), n_rows)
+    rows = torch.arange(kept, device=dev, dtype=torch.int32)
+    row_map[tokens[:kept], experts[:kept]] = rows
+    row_map[num_tokens, 0] = kept
+    return row_map, n_rows
+
+
+def _sorted_indices_from_row_map(row_map: torch.Tensor, n_rows: int) -> torch.Tensor:
+    num_tokens = row_map.shape[0] - 1
+    body = row_map[:num_tokens].long()
+    rows = torch.where(body >= 0, body, -2 - body)  # padding rows decoded; -1 entries become -1
+    token = torch.arange(num_tokens, device=row_map.device).unsqueeze(1).expand_as(rows)
+    valid = body != -1
+    sorted_indices = torch.zeros(n_rows, dtype=torch.int64, device=row_map.device)
+    sorted_indices[rows[valid]] = token[valid]
+    return sorted_indices
+
+
+def permute(
+    tokens: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: torch.Tensor | None = None,
+    num_out_tokens: int | None = None,
+    fused: bool = False,
+    drop_and_pad: bool = False,
+):
+    """Reference permute; see ``moe_raw.permute`` for the contract. Returns (permuted, permuted_probs, indices)."""
+    num_tokens, hidden = tokens.shape
+    num_experts = routing_map.shape[1]
+    dev = tokens.device
+    if drop_and_pad and num_out_tokens is not None:
+        capacity = _capacity(num_out_tokens, num_tokens, num_experts)
+        sorted_indices, routed = _padded_order(routing_map, capacity)
+        permuted = tokens.index_select(0, sorted_indices)
+        permuted_probs = None
+        if probs is not None:
+            experts = torch.arange(num_experts, device=dev).repeat_interleave(capacity)
+            picked = probs[sorted_indices, experts]
+            permuted_probs = torch.where(routed, picked, torch.zeros_like(picked))
+        n_rows = num_experts * capacity
+    else:
+        tok_ids, exp_ids = _routed_order(routing_map)
+        n_rows = tok_ids.numel() if num_out_tokens is None else num_out_tokens
+        kept = min(tok_ids.numel(), n_rows)
+        sorted_indices = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+        sorted_indices[:kept] = tok_ids[:kept]
+        permuted = tokens.index_select(0, sorted_indices)
+        if kept < n_rows:
+            permuted[kept:] = 0
+        permuted_probs = None
+        if probs is not None:
+            permuted_probs = torch.zeros(n_rows, dtype=probs.dtype, device=dev)
+            permuted_probs[:kept] = probs[tok_ids[:kept], exp_ids[:kept]]
+    if fused:
+        row_map, _ = build_row_map(routing_map, num_out_tokens, drop_and_pad and num_out_tokens is not None)
+        return permuted, permuted_probs, row_map
+    return permuted, permuted_probs, sorted_indices
+
+
+def _unpermute_row_map(permuted_tokens, row_map, restore_shape, probs):
+    num_tokens, hidden = restore_shape
+    body = row_map[:num_tokens].long()
+    out = torch.zeros((num_tokens, hidden), dtype=torch.float64 if permuted_tokens.dtype == torch.float64
+                      else torch.float32, device=permuted_tokens.device)
+    num_experts = body.shape[1]
+    # Fixed order (ascending expert), fp32 accumulation: what the kernel does.
+    for e in range(num_experts):
+        col = body[:, e]
+        routed = col >= 0
+        padded = col <= -2
+        take = routed if probs is not None else (routed | padded)
+        rows = torch.where(routed, col, -2 - col).clamp(min=0)
+        contrib = permuted_tokens.index_select(0, rows.clamp(max=max(permuted_tokens.shape[0] - 1, 0))).to(out.dtype)
+        if probs is not None:
+            w = torch.where(routed, probs[:, e].to(out.dtype), torch.zeros((), dtype=out.dtype, device=out.device))
+            contrib = contrib * w.unsqueeze(1)
+        out += torch.where(take.unsqueeze(1), contrib, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.to(permuted_tokens.dtype)
+
+
+def unpermute(
+    permuted_tokens: torch.Tensor,
+    sorted_indices: torch.Tensor,
+    restore_shape,
+    probs: torch.Tensor | None = None,
+    routing_map: torch.Tensor | None = None,
+    fused: bool = False,
+    drop_and_pad: bool = False,
+):
+    """Reference unpermute; see ``moe_raw.unpermute``. Sums every permuted row back into its token."""
+    num_tokens, hidden = restore_shape
+    if fused:
+        return _unpermute_row_map(permuted_tokens, sorted_indices, restore_shape, probs)
+    input_dtype = permuted_tokens.dtype
+    if probs is not None:
+        if routing_map is None:
+            raise ValueError("unpermute: routing_map is required when probs is given with fused=False")
+        num_experts = routing_map.shape[1]
+        n_rows = sorted_indices.numel()
+        row_map, _ = build_row_map(
+            routing_map, num_experts * (n_rows // num_experts) if drop_and_pad else n_rows, drop_and_pad
+        )
+        return _unpermute_row_map(permuted_tokens, row_map, restore_shape, probs)
+    # The seed: scatter-add every row into its token (padding rows included), in the tokens' dtype.
+    out = torch.zeros((num_tokens, hidden), dtype=permuted_tokens.dtype, device=permuted_tokens.device)
+    out.scatter_add_(0, sorted_indices.unsqueeze(1).expand(-1, hidden), permuted_tokens)
+    return out.to(input_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SwiGLU family: the seed's functions, eager (the seed wraps them in torch.compile; the benchmark does too).
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    y_1, y_2 = torch.chunk(y, 2, -1)
+    return F.silu(y_1) * y_2
+
+
+def weighted_swiglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    dtype = y.dtype
+    res = swiglu(y) * weights
+    return res.to(dtype)
+
+
+def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    y_1, y_2 = torch.chunk(y, 2, -1)
+    return torch.cat(
+        (g * torch.sigmoid(y_1) * (1 + y_1 * (1 - torch.sigmoid(y_1))) * y_2, g * F.silu(y_1)),
+        -1,
+    )
+
+
+def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
+    input_dtype = y.dtype
+    w_dtype = weights.dtype
+    input_grad = swiglu_back(g * weights, y)
+    weights_grad = swiglu(y) * g.to(w_dtype)
+    weights_grad = torch.sum(weights_grad, dim=-1, keepdim=True)
+    return input_grad.to(input_dtype), weights_grad.to(w_dtype)
+
+
+class WeightedSwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weights, fp8_input_store):
+        input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+        ctx.save_for_backward(input_for_backward, weights)
+        ctx.ori_input_dtype = input.dtype
+        ctx.fp8_input_store = fp8_input_store
+        return weighted_swiglu(input, weights)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weights = ctx.saved_tensors
+        input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
+        tmp, wgrad = weighted_swiglu_back(grad_output, input, weights)
+        return tmp, wgrad, None
+
+
+def weighted_bias_swiglu_impl(input, weights, fp8_input_store=False):
+    ori_shape = input.shape
+    assert len(ori_shape) in [2, 3]
+    input = input.view(-1, ori_shape[-1])
+    output = WeightedSwiGLUFunction.apply(input, weights, fp8_input_store)
+    return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], -1)
