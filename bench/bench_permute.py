@@ -1,0 +1,162 @@
+"""permute / unpermute benchmark: moe_raw vs the seed's torch path, same run, same card.
+
+python -m bench.bench_permute [--quick] [--out bench/results/permute.json]
+
+Byte models (minimum traffic, s = bytes per token element, N = routed rows, bool routing map):
+  map build         read routing map T*E bytes (tables are O(T*E/8) and stay in L2)
+  permute fwd       read T*H*s + write N*H*s + read map T*E + probs (read N, write N) + write row map 4*T*E
+  unpermute fwd     read N*H*s + write T*H*s + read row map 4*T*E + read N probs
+  permute bwd       read N*H*s + write T*H*s + read row map 4*T*E (+ N probs-grad reads, T*E dprobs writes)
+  unpermute bwd     read T*H*s + write N*H*s + read N*H*s (dprobs needs the rows) + row map + probs
+Percentages are of the device copy bandwidth measured in the same run (bytes read + written by dst.copy_(src)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import moe_raw
+from bench import common, seed
+from moe_raw import permutation
+
+SHAPES = {  # name: (T, E, H, K)
+    "DeepSeek-V3": (4096, 256, 7168, 8),
+    "T16k-E128-H4096-K6": (16384, 128, 4096, 6),
+    "T16k-E4-H7168-K1": (16384, 4, 7168, 1),
+    "Mixtral-8x7B": (16384, 8, 4096, 2),
+    "Qwen3-30B-A3B": (16384, 128, 2048, 8),
+}
+
+
+def make_inputs(T, E, H, K, dtype=torch.bfloat16):
+    scores = torch.randn(T, E, device="cuda")
+    idx = scores.topk(K, dim=1).indices
+    rm = torch.zeros(T, E, dtype=torch.bool, device="cuda").scatter_(1, idx, True)
+    probs = torch.softmax(scores, dim=1) * rm
+    x = torch.randn(T, H, device="cuda", dtype=dtype)
+    return x, rm, probs
+
+
+def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
+    x, rm, probs = make_inputs(T, E, H, K, dtype)
+    N = T * K
+    s = x.element_size()
+    rows = []
+
+    def row(op, provider, ms, nbytes, note=""):
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        rows.append({"shape": name, "op": op, "provider": provider, "ms": ms, "GB/s": gbs,
+                     "pct_copy": 100 * gbs / copy_gbs, "note": note})
+
+    map_bytes = T * E
+    # map build (tables) alone
+    ms_map = common.do_bench(lambda: permutation._tables(rm))
+    row("map build", "moe_raw", ms_map, map_bytes)
+
+    # permute forward with probs, num_out_tokens given (no sync), fused index
+    f_perm = lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)  # noqa: E731
+    ms = common.do_bench(f_perm)
+    row("permute fwd", "moe_raw", ms, T * H * s + N * H * s + map_bytes + 2 * N * 4 + 4 * T * E)
+    ms_seed = common.do_bench(lambda: seed.permute(x, rm, probs))
+    row("permute fwd", "seed", ms_seed, T * H * s + N * H * s + map_bytes + 2 * N * 4 + 8 * N)
+    rows[-3]["note"] = f"{100 * ms_map / ms:.1f}% of permute fwd"
+
+    out, pprobs, row_map = moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)
+    _, _, sidx = seed.permute(x, rm, probs)
+    unp_bytes = N * H * s + T * H * s + 4 * T * E + N * 4
+    ms = common.do_bench(lambda: moe_raw.unpermute(out, row_map, (T, H), probs, fused=True))
+    row("unpermute fwd", "moe_raw", ms, unp_bytes)
+    ms = common.do_bench(lambda: seed.unpermute(out, sidx, (T, H), probs, rm))
+    row("unpermute fwd", "seed", ms, unp_bytes)
+
+    g_perm = torch.randn_like(out)
+    g_pp = torch.randn_like(pprobs)
+    ms = common.do_bench(lambda: permutation._gather_cuda(g_perm, row_map, T, g_pprobs=g_pp, dprobs_dtype=probs.dtype))
+    row("permute bwd", "moe_raw", ms, N * H * s + T * H * s + 4 * T * E + N * 4 + T * E * 4)
+    g_out = torch.randn_like(x)
+    ms = common.do_bench(lambda: permutation._unpermute_bwd_cuda(g_out, out, row_map, N, probs, True))
+    row("unpermute bwd", "moe_raw", ms, T * H * s + 2 * N * H * s + 4 * T * E + N * 4 + T * E * 4)
+
+    # autograd round trip: permute -> unpermute with probs, forward + backward
+    def round_trip(mod, **kw):
+        xi = x.detach().requires_grad_(True)
+        pi = probs.detach().requires_grad_(True)
+
+        def fn():
+            o, pp, idx = mod.permute(xi, rm, pi, **kw)
+            y = mod.unpermute(o, idx, (T, H), pi, rm)
+            y.backward(g_out)
+
+        return fn
+
+    ms_ours = common.do_bench(round_trip(moe_raw, num_out_tokens=N))
+    ms_seed = common.do_bench(round_trip(seed))
+    row("round trip fwd+bwd", "moe_raw", ms_ours, 0, f"{ms_seed / ms_ours:.1f}x faster than seed")
+    row("round trip fwd+bwd", "seed", ms_seed, 0)
+    for r in rows[-2:]:
+        r["GB/s"] = r["pct_copy"] = float("nan")
+    del x, rm, probs, out, pprobs, row_map, g_perm, g_out
+    torch.cuda.empty_cache()
+    return rows
+
+
+def host_time_rows():
+    rows = []
+    for T in (16, 128):
+        E, H, K = 8, 1024, 2
+        x, rm, probs = make_inputs(T, E, H, K)
+        N = T * K
+
+        def ours():
+            o, pp, m = moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)
+            moe_raw.unpermute(o, m, (T, H), probs, fused=True)
+
+        def ours_unfused():
+            o, pp, idx = moe_raw.permute(x, rm, probs, num_out_tokens=N)
+            moe_raw.unpermute(o, idx, (T, H), probs, rm)
+
+        def theirs():
+            o, pp, idx = seed.permute(x, rm, probs)
+            seed.unpermute(o, idx, (T, H), probs, rm)
+
+        for provider, fn in (("moe_raw fused", ours), ("moe_raw unfused", ours_unfused), ("seed", theirs)):
+            rows.append({"shape": f"T={T} E={E} H={H} K={K}", "op": "permute+unpermute host time",
+                         "provider": provider, "us": common.host_us(fn)})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one shape")
+    ap.add_argument("--out", default=None, help="write a JSON record here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device found: nothing to benchmark")
+        return 0
+    env = common.environment()
+    copy_gbs = common.copy_bandwidth_gbs()
+    print(f"# {env['gpu']}  torch {env['torch']}  cupy {env['cupy']}  sha {env['git_sha']}")
+    print(f"# measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+    shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
+    rows = []
+    for name, (T, E, H, K) in shapes.items():
+        print(f"... {name}", file=sys.stderr, flush=True)
+        rows += bench_shape(name, T, E, H, K, copy_gbs)
+    hrows = host_time_rows()
+    print("\n| shape | op | provider | ms | GB/s | % of copy | note |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
+              f"{r['pct_copy']:.0f}% | {r['note']} |")
+    print("\n| shape | op | provider | host us / call |\n|---|---|---|---|")
+    for r in hrows:
+        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['us']:.1f} |")
+    if args.out:
+        common.write_json(args.out, {"env": env, "copy_GBps": copy_gbs, "rows": rows, "host_rows": hrows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

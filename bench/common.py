@@ -1,0 +1,69 @@
+"""Shared benchmark helpers: timing, the measured copy bandwidth (the roofline), environment record."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import time
+
+import torch
+
+
+def do_bench(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of fn() on the GPU (CUDA events; triton.testing.do_bench flushes L2 between reps)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Measured device copy bandwidth in GB/s, counting bytes read plus bytes written (dst.copy_(src))."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def host_us(fn, iters: int = 300) -> float:
+    """Host microseconds per call of fn() (launch-bound regime: the GPU work is tiny). Syncs only at the end."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters * 1e6
+
+
+def environment() -> dict:
+    import numpy
+
+    env = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for mod in ("cupy", "numba", "numba_cuda", "triton"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is recorded, not fatal
+            env[mod] = None
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        env["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                        check=False).stdout.strip() or os.environ.get("MOE_RAW_GIT_SHA", "unknown")
+    except OSError:
+        env["git_sha"] = os.environ.get("MOE_RAW_GIT_SHA", "unknown")
+    return env
+
+
+def write_json(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)

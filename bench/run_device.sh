@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run on a CUDA machine (how moe_raw's GPU evidence is produced): install moe_raw, then the steps named on the
+# command line, each logged under $OUT (default bench/results/latest):
+#   smoke   python -m bench.smoke            quick self-check vs the fp64 reference
+#   tests   pytest -m "gpu and not slow"     the GPU test suite
+#   slow    pytest -m slow                   large shapes (64-bit offsets)
+#   bench   python -m bench.bench_permute    the side-by-side benchmark table
+# Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench
+set -uo pipefail
+OUT=${OUT:-bench/results/latest}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, cupy, numpy; print('torch', torch.__version__, 'cupy', cupy.__version__, 'numpy', numpy.__version__)"
+  echo "git sha: ${MOE_RAW_GIT_SHA:-unknown}"
+} 2>&1 | tee "$OUT/env.txt"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+for step in "$@"; do
+  echo "=== $step"
+  case $step in
+    smoke) python3 -m bench.smoke 2>&1 | tee "$OUT/smoke.log" || status=1 ;;
+    tests) python3 -m pytest -q -m "gpu and not slow" tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
+    slow) python3 -m pytest -q -m slow tests 2>&1 | tee "$OUT/gpu_slow_tests.log" || status=1 ;;
+    bench) python3 -m bench.bench_permute --out "$OUT/bench_permute.json" 2>&1 | tee "$OUT/bench_permute.md" || status=1 ;;
+    *) echo "unknown step $step"; status=1 ;;
+  esac
+done
+exit $status
