@@ -130,9 +130,8 @@ def permute(
         kept = min(tok_ids.numel(), n_rows)
         sorted_indices = torch.zeros(n_rows, dtype=torch.int64, device=dev)
         sorted_indices[:kept] = tok_ids[:kept]
-        permuted = tokens.index_select(0, sorted_indices)
-        if kept < n_rows:
-            permuted[kept:] = 0
+        permuted = tokens.new_zeros((n_rows, hidden))
+        permuted[:kept] = tokens.index_select(0, sorted_indices[:kept])
         permuted_probs = None
         if probs is not None:
             permuted_probs = torch.zeros(n_rows, dtype=probs.dtype, device=dev)
@@ -156,7 +155,9 @@ def _unpermute_row_map(permuted_tokens, row_map, restore_shape, probs):
         padded = col <= -2
         take = routed if probs is not None else (routed | padded)
         rows = torch.where(routed, col, -2 - col).clamp(min=0)
-        contrib = permuted_tokens.index_select(0, rows.clamp(max=max(permuted_tokens.shape[0] - 1, 0))).to(out.dtype)
+        if permuted_tokens.shape[0] == 0:  # nothing to gather: every entry is -1
+            continue
+        contrib = permuted_tokens.index_select(0, rows.clamp(max=permuted_tokens.shape[0] - 1)).to(out.dtype)
         if probs is not None:
             w = torch.where(routed, probs[:, e].to(out.dtype), torch.zeros((), dtype=out.dtype, device=out.device))
             contrib = contrib * w.unsqueeze(1)

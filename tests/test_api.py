@@ -1,0 +1,102 @@
+"""Public API (CPU, runs in CI): moe_raw is a drop-in for the seed's ``moe_utils`` functions, so every public
+function keeps the seed's parameter names, order, kinds and defaults (/work/shared/seed/moe_utils_api.txt,
+design.md section 1), and documents its shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import re
+
+import pytest
+import torch
+
+import moe_raw
+import moe_raw.reference
+
+_ = inspect.Parameter.empty
+
+# name -> [(parameter, default)], all positional-or-keyword as in the seed.
+SEED_SIGNATURES = {
+    "permute": [
+        ("tokens", _),
+        ("routing_map", _),
+        ("probs", None),
+        ("num_out_tokens", None),
+        ("fused", False),
+        ("drop_and_pad", False),
+    ],
+    "unpermute": [
+        ("permuted_tokens", _),
+        ("sorted_indices", _),
+        ("restore_shape", _),
+        ("probs", None),
+        ("routing_map", None),
+        ("fused", False),
+        ("drop_and_pad", False),
+    ],
+    "swiglu": [("y", _)],
+    "weighted_swiglu": [("y", _), ("weights", _)],
+    "swiglu_back": [("g", _), ("y", _)],
+    "weighted_swiglu_back": [("g", _), ("y", _), ("weights", _)],
+    "weighted_bias_swiglu_impl": [("input", _), ("weights", _), ("fp8_input_store", False)],
+}
+PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction"}
+
+# A bracketed shape naming a dimension letter: "[T, H]", "[N, 1]", "[..., 2F]", "[T + 1, E]".
+SHAPE = re.compile(r"\[[^\]\n]*[TNHEKF][^\]\n]*\]")
+
+
+def _params(fn) -> list[tuple]:
+    # repr() keeps False apart from 0 and None apart from a missing default.
+    return [(p.name, repr(p.default), p.kind) for p in inspect.signature(fn).parameters.values()]
+
+
+def _seed(name: str) -> list[tuple]:
+    return [(n, repr(d), inspect.Parameter.POSITIONAL_OR_KEYWORD) for n, d in SEED_SIGNATURES[name]]
+
+
+def test_all_is_exactly_the_public_api():
+    assert len(moe_raw.__all__) == len(set(moe_raw.__all__)), "duplicates in moe_raw.__all__"
+    assert set(moe_raw.__all__) == PUBLIC
+
+
+def test_star_import_resolves_every_name():
+    namespace: dict = {}
+    exec("from moe_raw import *", namespace)
+    assert PUBLIC <= namespace.keys()
+
+
+def test_version():
+    assert isinstance(moe_raw.__version__, str) and moe_raw.__version__
+    try:
+        installed = importlib.metadata.version("moe_raw")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("moe_raw is not installed (pip install -e .)")
+    assert installed == moe_raw.__version__, "installed metadata is stale: reinstall with pip install -e ."
+
+
+@pytest.mark.parametrize("name", sorted(SEED_SIGNATURES))
+def test_signature_matches_seed(name):
+    assert _params(getattr(moe_raw, name)) == _seed(name)
+
+
+@pytest.mark.parametrize("name", sorted(SEED_SIGNATURES))
+def test_reference_signature_matches_seed(name):
+    # The reference is the tests' oracle and the benchmark's seed provider: it takes the same arguments.
+    assert _params(getattr(moe_raw.reference, name)) == _seed(name)
+
+
+def test_weighted_swiglu_function_is_the_seeds():
+    fn = moe_raw.WeightedSwiGLUFunction
+    assert inspect.isclass(fn) and issubclass(fn, torch.autograd.Function)
+    assert list(inspect.signature(fn.forward).parameters) == ["ctx", "input", "weights", "fp8_input_store"]
+    assert inspect.getdoc(fn), "WeightedSwiGLUFunction has no docstring"
+
+
+@pytest.mark.parametrize("name", sorted(SEED_SIGNATURES))
+def test_docstring_states_shapes(name):
+    doc = inspect.getdoc(getattr(moe_raw, name))
+    assert doc, f"moe_raw.{name} has no docstring"
+    assert SHAPE.search(doc), f"moe_raw.{name}'s docstring states no shape such as [T, H] or [N, 2F]"
