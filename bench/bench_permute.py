@@ -48,8 +48,17 @@ def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
 
     def row(op, provider, ms, nbytes, note=""):
         gbs = nbytes / (ms * 1e-3) / 1e9
-        rows.append({"shape": name, "op": op, "provider": provider, "ms": ms, "GB/s": gbs,
-                     "pct_copy": 100 * gbs / copy_gbs, "note": note})
+        rows.append(
+            {
+                "shape": name,
+                "op": op,
+                "provider": provider,
+                "ms": ms,
+                "GB/s": gbs,
+                "pct_copy": 100 * gbs / copy_gbs,
+                "note": note,
+            }
+        )
 
     map_bytes = T * E
     # map build (tables) alone
@@ -85,46 +94,60 @@ def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
         xi = x.detach().requires_grad_(True)
         pi = probs.detach().requires_grad_(True)
 
+        fused = kw.get("fused", False)
+
         def fn():
             o, pp, idx = mod.permute(xi, rm, pi, **kw)
-            y = mod.unpermute(o, idx, (T, H), pi, rm)
+            y = mod.unpermute(o, idx, (T, H), pi, None if fused else rm, fused=fused)
             y.backward(g_out)
 
         return fn
 
     ms_ours = common.do_bench(round_trip(moe_raw, num_out_tokens=N))
+    ms_fused = common.do_bench(round_trip(moe_raw, num_out_tokens=N, fused=True))
     ms_seed = common.do_bench(round_trip(seed))
     row("round trip fwd+bwd", "moe_raw", ms_ours, 0, f"{ms_seed / ms_ours:.1f}x faster than seed")
+    row("round trip fwd+bwd", "moe_raw fused", ms_fused, 0, f"{ms_seed / ms_fused:.1f}x faster than seed")
     row("round trip fwd+bwd", "seed", ms_seed, 0)
-    for r in rows[-2:]:
+    for r in rows[-3:]:
         r["GB/s"] = r["pct_copy"] = float("nan")
-    del x, rm, probs, out, pprobs, row_map, g_perm, g_out
-    torch.cuda.empty_cache()
     return rows
+
+
+def _host_fns(T, E, H, K):
+    x, rm, probs = make_inputs(T, E, H, K)
+    N = T * K
+
+    def ours():
+        o, pp, m = moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)
+        moe_raw.unpermute(o, m, (T, H), probs, fused=True)
+
+    def ours_unfused():
+        o, pp, idx = moe_raw.permute(x, rm, probs, num_out_tokens=N)
+        moe_raw.unpermute(o, idx, (T, H), probs, rm)
+
+    def theirs():
+        o, pp, idx = seed.permute(x, rm, probs)
+        seed.unpermute(o, idx, (T, H), probs, rm)
+
+    return (("moe_raw fused", ours), ("moe_raw unfused", ours_unfused), ("seed", theirs))
 
 
 def host_time_rows():
     rows = []
+    E, H, K = 8, 1024, 2
     for T in (16, 128):
-        E, H, K = 8, 1024, 2
-        x, rm, probs = make_inputs(T, E, H, K)
-        N = T * K
-
-        def ours():
-            o, pp, m = moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)
-            moe_raw.unpermute(o, m, (T, H), probs, fused=True)
-
-        def ours_unfused():
-            o, pp, idx = moe_raw.permute(x, rm, probs, num_out_tokens=N)
-            moe_raw.unpermute(o, idx, (T, H), probs, rm)
-
-        def theirs():
-            o, pp, idx = seed.permute(x, rm, probs)
-            seed.unpermute(o, idx, (T, H), probs, rm)
-
-        for provider, fn in (("moe_raw fused", ours), ("moe_raw unfused", ours_unfused), ("seed", theirs)):
-            rows.append({"shape": f"T={T} E={E} H={H} K={K}", "op": "permute+unpermute host time",
-                         "provider": provider, "us": common.host_us(fn)})
+        for provider, fn in _host_fns(T, E, H, K):
+            host, gpu = common.host_us(fn)
+            rows.append(
+                {
+                    "shape": f"T={T} E={E} H={H} K={K}",
+                    "op": "permute+unpermute (fwd, no grad)",
+                    "provider": provider,
+                    "us": host,
+                    "gpu_us": gpu,
+                }
+            )
     return rows
 
 
@@ -145,14 +168,17 @@ def main(argv=None):
     for name, (T, E, H, K) in shapes.items():
         print(f"... {name}", file=sys.stderr, flush=True)
         rows += bench_shape(name, T, E, H, K, copy_gbs)
+        torch.cuda.empty_cache()
     hrows = host_time_rows()
     print("\n| shape | op | provider | ms | GB/s | % of copy | note |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
-              f"{r['pct_copy']:.0f}% | {r['note']} |")
-    print("\n| shape | op | provider | host us / call |\n|---|---|---|---|")
+        print(
+            f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
+            f"{r['pct_copy']:.0f}% | {r['note']} |"
+        )
+    print("\n| shape | op | provider | host us / call | GPU us / call |\n|---|---|---|---|---|")
     for r in hrows:
-        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['us']:.1f} |")
+        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['us']:.1f} | {r['gpu_us']:.1f} |")
     if args.out:
         common.write_json(args.out, {"env": env, "copy_GBps": copy_gbs, "rows": rows, "host_rows": hrows})
     return 0

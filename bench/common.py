@@ -23,21 +23,24 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src))
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def host_us(fn, iters: int = 300) -> float:
-    """Host microseconds per call of fn() (launch-bound regime: the GPU work is tiny). Syncs only at the end."""
+def host_us(fn, iters: int = 300) -> tuple[float, float]:
+    """(host us per call, GPU us per call) of fn() in a loop that syncs only at the end. When the host figure is the
+    larger one, the loop is launch-bound and the host figure is the call's host cost."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
     t1 = time.perf_counter()
+    end.record()
     torch.cuda.synchronize()
-    return (t1 - t0) / iters * 1e6
+    return (t1 - t0) / iters * 1e6, start.elapsed_time(end) / iters * 1e3
 
 
 def environment() -> dict:
@@ -56,8 +59,9 @@ def environment() -> dict:
             env[mod] = None
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        env["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                        check=False).stdout.strip() or os.environ.get("MOE_RAW_GIT_SHA", "unknown")
+        env["git_sha"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=False
+        ).stdout.strip() or os.environ.get("MOE_RAW_GIT_SHA", "unknown")
     except OSError:
         env["git_sha"] = os.environ.get("MOE_RAW_GIT_SHA", "unknown")
     return env

@@ -32,8 +32,9 @@ def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, d
     return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
 
 
-def unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False,
-              drop_and_pad=False):
+def unpermute(
+    permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False, drop_and_pad=False
+):
     _, hidden = restore_shape
     input_dtype = permuted_tokens.dtype
     if probs is not None:

@@ -29,7 +29,9 @@ def check(T, E, K, H, dtype, num_out=None, drop_and_pad=False, fused=False, devi
     xr = x.detach().cpu().double().requires_grad_(True)
     pr = probs.detach().cpu().double().requires_grad_(True)
     out_r, pp_r, idx_r = reference.permute(xr, rm.cpu(), pr, num_out, fused, drop_and_pad)
-    ok = torch.equal(out.detach().cpu().double(), out_r.detach()) and torch.equal(pp.detach().cpu().double(), pp_r.detach())
+    ok = torch.equal(out.detach().cpu().double(), out_r.detach()) and torch.equal(
+        pp.detach().cpu().double(), pp_r.detach()
+    )
     ok = ok and torch.equal(idx.cpu(), idx_r.cpu())
     y = moe_raw.unpermute(out, idx, (T, H), p, rm, fused=fused, drop_and_pad=drop_and_pad)
     y_r = reference.unpermute(out_r, idx_r, (T, H), pr, rm.cpu(), fused=fused, drop_and_pad=drop_and_pad)
@@ -45,8 +47,11 @@ def check(T, E, K, H, dtype, num_out=None, drop_and_pad=False, fused=False, devi
     ok_y, ok_gx, ok_gp = close(y, y_r), close(x.grad, xr.grad), close(p.grad, pr.grad)
     ok_zero = bool((p.grad.detach()[~rm] == 0).all())
     status = "PASS" if (ok and ok_y and ok_gx and ok_gp and ok_zero) else "FAIL"
-    print(f"{status} T={T} E={E} K={K} H={H} {str(dtype)[6:]} num_out={num_out} dap={drop_and_pad} fused={fused}: "
-          f"permute_exact={ok} unpermute={ok_y} dx={ok_gx} dprobs={ok_gp} dprobs_offroute_zero={ok_zero}", flush=True)
+    print(
+        f"{status} T={T} E={E} K={K} H={H} {str(dtype)[6:]} num_out={num_out} dap={drop_and_pad} fused={fused}: "
+        f"permute_exact={ok} unpermute={ok_y} dx={ok_gx} dprobs={ok_gp} dprobs_offroute_zero={ok_zero}",
+        flush=True,
+    )
     return status == "PASS"
 
 

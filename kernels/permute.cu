@@ -86,7 +86,20 @@ __device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
   if (threadIdx.x == 0) expert_start[num_experts] = total;
 }
 
-// One block per tile of 256 tokens: bit columns, in-tile word prefixes and tile sums for every expert.
+// Bit j of the result: byte j of the 16 bytes is nonzero.
+__device__ __forceinline__ uint32_t nonzero_byte_mask(uint4 v) {
+  uint32_t m = 0;
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t b = __vcmpne4(w[k], 0u);  // 0xff in each nonzero byte
+    m |= (((b >> 7) & 1u) | ((b >> 14) & 2u) | ((b >> 21) & 4u) | ((b >> 28) & 8u)) << (4 * k);
+  }
+  return m;
+}
+
+// Block (tile, group): 256 tokens x 32-expert groups (grid.y strides over groups). Writes the bit columns, the
+// in-tile word prefixes and the tile sums. A single-block grid (T <= 256) also runs the scan: one launch in all.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict__ routing_map, int map_bytes,
                                                          int64_t map_st, int64_t map_se, int64_t num_tokens,
@@ -102,12 +115,24 @@ __global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict_
   const int64_t t = tile * kTileTokens + threadIdx.x;
   const int64_t w = tile * (kTileTokens / 32) + warp;
   const bool have_token = t < num_tokens;
-  for (int e0 = 0; e0 < num_experts; e0 += 32) {
+  // A byte map with unit expert stride and 16-byte aligned rows is read 32 experts in two 16-byte loads.
+  const bool vector_rows = map_bytes == 1 && map_se == 1 && map_st % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(routing_map) % 16 == 0;
+  for (int e0 = blockIdx.y * 32; e0 < num_experts; e0 += gridDim.y * 32) {
     const int ne = min(32, num_experts - e0);
+    uint32_t bits = 0;  // bit j: token t routes to expert e0 + j
+    if (have_token) {
+      if (vector_rows && ne == 32) {
+        const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(routing_map) + t * map_st + e0);
+        bits = nonzero_byte_mask(p[0]) | (nonzero_byte_mask(p[1]) << 16);
+      } else {
+        for (int j = 0; j < ne; ++j)
+          bits |= static_cast<uint32_t>(map_entry(routing_map, map_bytes, t * map_st + (e0 + j) * map_se)) << j;
+      }
+    }
     uint32_t my_word = 0;  // lane j keeps the word of expert e0 + j
     for (int j = 0; j < ne; ++j) {
-      const bool bit = have_token && map_entry(routing_map, map_bytes, t * map_st + (e0 + j) * map_se);
-      const uint32_t word = __ballot_sync(0xffffffffu, bit);
+      const uint32_t word = __ballot_sync(0xffffffffu, (bits >> j) & 1u);
       if (lane == j) my_word = word;
     }
     if (lane < ne && w < n_words) words[(e0 + lane) * n_words + w] = my_word;
@@ -125,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict_
     }
     __syncthreads();
   }
-  if (gridDim.x == 1) scan_tiles(ws, num_tokens, num_experts);  // small maps: one launch builds everything
+  if (gridDim.x == 1 && gridDim.y == 1) scan_tiles(ws, num_tokens, num_experts);
 }
 
 template <int kThreads>
@@ -183,18 +208,22 @@ __global__ void __launch_bounds__(kRowThreads)
     bool routed = false;
     if (e < num_experts) {
       routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
-      const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), all experts < e included
       if (!drop_and_pad) {
-        if (routed && before < n_rows) row = before;
-      } else {
-        const int start = tab.expert_start[e];
-        const int rank = before - start;  // routed tokens of expert e before t
         if (routed) {
-          if (rank < capacity) row = static_cast<int>(e * capacity + rank);
-        } else {
-          // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad the expert.
-          const int64_t slot = static_cast<int64_t>(tab.expert_start[e + 1] - start) + (t - rank);
-          if (slot < capacity) row = static_cast<int>(e * capacity + slot);
+          const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
+          if (before < n_rows) row = before;
+        }
+      } else {
+        const int start = tab.expert_start[e], count = tab.expert_start[e + 1] - start;
+        if (routed || count < capacity) {  // an unrouted token matters only if the expert has padding slots
+          const int rank = tab.flat_prefix(e, t) - start;  // routed tokens of expert e before t
+          if (routed) {
+            if (rank < capacity) row = static_cast<int>(e * capacity + rank);
+          } else {
+            // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad.
+            const int64_t slot = static_cast<int64_t>(count) + (t - rank);
+            if (slot < capacity) row = static_cast<int>(e * capacity + slot);
+          }
         }
       }
       if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
@@ -217,9 +246,21 @@ __global__ void __launch_bounds__(kRowThreads)
   __syncthreads();
   const int64_t nvec = row_bytes / VB;
   const V* s = reinterpret_cast<const V*>(src + t * src_stride);
-  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+  constexpr int kUnroll = 4;  // loads in flight per thread before the K stores
+  int64_t v = threadIdx.x;
+  for (; v + (kUnroll - 1) * blockDim.x < nvec; v += kUnroll * blockDim.x) {
+    V x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) x[u] = s[v + u * blockDim.x];
+    for (int j = 0; j < n; ++j) {
+      V* d = reinterpret_cast<V*>(dst + static_cast<int64_t>(dest_rows[j]) * row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) __stcs(d + v + u * blockDim.x, x[u]);  // streaming: no reuse in L2
+    }
+  }
+  for (; v < nvec; v += blockDim.x) {
     const V x = s[v];
-    for (int j = 0; j < n; ++j) reinterpret_cast<V*>(dst + static_cast<int64_t>(dest_rows[j]) * row_bytes)[v] = x;
+    for (int j = 0; j < n; ++j) __stcs(reinterpret_cast<V*>(dst + static_cast<int64_t>(dest_rows[j]) * row_bytes) + v, x);
   }
 }
 

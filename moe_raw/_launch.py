@@ -4,12 +4,13 @@
   them), prefixed with ``#line 1 "<path>"`` so NVRTC errors name the real file and line.
 * One ``cupy.RawModule`` per (family, device) holds every template instance (``name_expressions``); CuPy caches
   the binary on disk (``~/.cupy/kernel_cache``), so only the first use on a machine compiles.
-* Launches go to torch's current stream of the tensors' device, so they order with torch ops and are captured by
-  ``torch.cuda.graph``. The stream wrapper is cached: a new ``cupy.cuda.ExternalStream`` per call costs 20-26 us
-  against 11 us for the whole cached launch (H100, design.md).
-* Arguments: torch tensors and ``__cuda_array_interface__`` objects pass as raw device pointers (zero-copy; bf16 and
-  ``requires_grad`` tensors included, which CAI / DLPack export would refuse); scalars must already be numpy
-  scalars of the kernel parameter's type (CuPy would silently pass a Python float as a double).
+* Launches go to torch's current stream of the tensors' device (its raw handle, no stream object), so they order
+  with torch ops and are captured by ``torch.cuda.graph``.
+* Arguments are packed with one ``struct`` per kernel (SIGNATURES: the C type of every parameter) into a per-thread
+  buffer handed to ``cuLaunchKernel`` as CU_LAUNCH_PARAM_BUFFER_POINTER. CuPy's ``Function.__call__`` converts each
+  argument separately: 12 us for a 7-argument launch on an H100, most of our small-call host time.
+* Tensors pass as raw device addresses (zero-copy: the address ``__cuda_array_interface__`` exports, bf16 and
+  ``requires_grad`` tensors included, which CAI / DLPack export would refuse); any CAI object is accepted too.
 
 cupy is imported lazily: ``import moe_raw`` works on a machine with no GPU.
 """
@@ -17,6 +18,7 @@ cupy is imported lazily: ``import moe_raw`` works on a machine with no GPU.
 from __future__ import annotations
 
 import importlib.resources
+import struct
 import threading
 
 import numpy as np
@@ -42,10 +44,25 @@ def _permute_instances() -> tuple[str, ...]:
 
 KERNELS = {"permute": _permute_instances()}
 
+# Parameter layout of every kernel, as struct codes: P device pointer, q int64_t, i int. struct's native
+# alignment ('@') is the layout CUDA expects in a packed parameter buffer, so one struct.pack_into replaces
+# CuPy's per-argument conversion, and a wrong Python type raises instead of being passed silently.
+SIGNATURES = {
+    "permute": {
+        "routing_pack": "PiqqqiP",
+        "routing_scan": "Pqi",
+        "permute_scatter": "PqPqqiqiqPiqqPPPPiqqP",
+        "gather_reduce": "PqqPqqqiPPPPiqqPiPi",
+        "unpermute_bwd": "PqPqPqqqiPPiqqPi",
+    },
+}
+
 _lock = threading.Lock()
 _modules: dict = {}
-_functions: dict = {}
-_streams: dict = {}
+_kernels: dict = {}
+_tls = threading.local()
+_PARAMS_OFFSET = 64  # bytes: the cuLaunchKernel `extra` array and the buffer size live before the parameters
+_PARAMS_CAPACITY = 448
 
 
 class KernelCompileError(RuntimeError):
@@ -73,13 +90,14 @@ def _module(family: str, device_index: int):
             return mod
         cupy = _cupy()
         root = importlib.resources.files("moe_raw.kernels")
-        src_file = root / f"{family}.cu"
         with importlib.resources.as_file(root) as kernels_dir:
             path = kernels_dir / f"{family}.cu"
-            code = f'#line 1 "{path}"\n' + src_file.read_text()
-            # Headers are inlined so the cache key (the code) changes when common.cuh does.
+            code = f'#line 1 "{path}"\n' + (root / f"{family}.cu").read_text()
+            # The header is inlined (NVRTC gets no include path), so the cache key changes when common.cuh does.
             common = (root / "common.cuh").read_text()
-            code = code.replace('#include "common.cuh"', f'#line 1 "{kernels_dir / "common.cuh"}"\n{common}\n#line 1 "{path}"')
+            code = code.replace(
+                '#include "common.cuh"', f'#line 1 "{kernels_dir / "common.cuh"}"\n{common}\n#line 1 "{path}"'
+            )
             with cupy.cuda.Device(device_index):
                 mod = cupy.RawModule(code=code, options=("-std=c++17",), name_expressions=KERNELS[family])
                 try:
@@ -91,13 +109,32 @@ def _module(family: str, device_index: int):
 
 
 def function(family: str, name: str, device_index: int):
-    """The compiled kernel ``name`` (one of KERNELS[family]) for a device; cached."""
+    """(cupy Function, struct.Struct of its parameters) for kernel ``name`` of KERNELS[family]; cached."""
     key = (family, name, device_index)
-    fn = _functions.get(key)
-    if fn is None:
-        fn = _module(family, device_index).get_function(name)
-        _functions[key] = fn
-    return fn
+    kern = _kernels.get(key)
+    if kern is None:
+        mod = _module(family, device_index)
+        with _cupy().cuda.Device(device_index):
+            # RawKernel.kernel: the cupy.cuda.Function (its .ptr is the CUfunction) loaded in this device's context
+            fn = mod.get_function(name).kernel
+        base = name.split("<")[0].split("::")[-1]
+        kern = (fn, struct.Struct("@" + SIGNATURES[family][base]))
+        assert kern[1].size <= _PARAMS_CAPACITY
+        _kernels[key] = kern
+    return kern
+
+
+def _param_buffer():
+    """This thread's packed-parameter buffer: [extra array (5 words) | size | ... | parameters at byte 64]."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = np.zeros((_PARAMS_OFFSET + _PARAMS_CAPACITY) // 8, dtype=np.uint64)
+        base = buf.ctypes.data
+        # CU_LAUNCH_PARAM_BUFFER_POINTER, params, CU_LAUNCH_PARAM_BUFFER_SIZE, &size, CU_LAUNCH_PARAM_END
+        buf[:5] = (1, base + _PARAMS_OFFSET, 2, base + 40, 0)
+        _tls.buf = buf
+        _tls.base = base
+    return buf
 
 
 def _raw_stream(device_index: int) -> int:
@@ -108,37 +145,41 @@ def _raw_stream(device_index: int) -> int:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _raw_stream)
 
 
-def _current_stream(device_index: int):
-    raw = _raw_stream(device_index)
-    key = (raw, device_index)
-    stream = _streams.get(key)
-    if stream is None:
-        stream = _cupy().cuda.ExternalStream(raw, device_index)
-        _streams[key] = stream
-    return stream
-
-
-def ptr(x) -> np.uintp:
-    """Device pointer of a torch tensor, a ``__cuda_array_interface__`` object, or None (null)."""
+def ptr(x) -> int:
+    """Device address of a torch tensor (zero-copy; bf16 and requires_grad included), of any
+    ``__cuda_array_interface__`` object (CuPy, Numba arrays), or 0 for None."""
     if x is None:
-        return np.uintp(0)
+        return 0
     if isinstance(x, torch.Tensor):
-        return np.uintp(x.data_ptr())
-    return np.uintp(x.__cuda_array_interface__["data"][0])
+        return x.data_ptr()
+    return x.__cuda_array_interface__["data"][0]
 
 
-def launch(family: str, name: str, device: torch.device, grid: int, block: int, args: tuple, shared_mem: int = 0):
+def launch(family: str, name: str, device: torch.device, grid, block: int, args: tuple, shared_mem: int = 0):
     """Launch kernel ``name`` of ``kernels/<family>.cu`` on torch's current stream of ``device``.
 
-    grid, block: 1-D sizes (grid < 2^31). args: numpy scalars and device pointers (``ptr``), in kernel order.
-    Callers return before launching when there is no work (grid == 0).
+    grid: int (grid.x < 2^31) or (x, y); block: threads per block; args: Python ints in kernel order, device
+    addresses from ``ptr`` (SIGNATURES gives each parameter's C type). Callers skip launches with no work.
+    The parameters are copied by cuLaunchKernel before it returns, so the buffer is reused at once; a captured
+    CUDA graph keeps its own copy.
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = function(family, name, index)
-    stream = _current_stream(index)
+    fn, params = function(family, name, index)
+    buf = _param_buffer()
+    params.pack_into(buf, _PARAMS_OFFSET, *args)
+    buf[5] = params.size
+    gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
+    driver = _cupy().cuda.driver
+    stream = _raw_stream(index)
     cupy = _cupy()
-    if cupy.cuda.runtime.getDevice() == index:
-        fn((grid,), (block,), args, shared_mem=shared_mem, stream=stream)
-    else:
+    if cupy.cuda.runtime.getDevice() != index:
         with cupy.cuda.Device(index):
-            fn((grid,), (block,), args, shared_mem=shared_mem, stream=stream)
+            driver.launchKernel(fn.ptr, gx, gy, 1, block, 1, 1, shared_mem, stream, 0, _tls.base)
+        return
+    try:
+        driver.launchKernel(fn.ptr, gx, gy, 1, block, 1, 1, shared_mem, stream, 0, _tls.base)
+    except driver.CUDADriverError as e:
+        if "CUDA_ERROR_INVALID_CONTEXT" not in str(e):
+            raise
+        cupy.cuda.runtime.setDevice(index)  # a thread with no current context yet: bind the primary one
+        driver.launchKernel(fn.ptr, gx, gy, 1, block, 1, 1, shared_mem, stream, 0, _tls.base)

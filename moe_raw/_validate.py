@@ -10,7 +10,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # 1-byte token dtypes that permute moves as bytes (fp8 activations); arithmetic ops reject them.
 BYTE_DTYPES = tuple(
-    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
 ) + (torch.uint8, torch.int8)
 MAP_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 MAX_EXPERTS = 4096  # the row kernels keep a token's row list (one int per expert) in shared memory
@@ -36,7 +38,9 @@ def same_device(op: str, **tensors) -> torch.device:
     dev = items[0][1].device
     for k, v in items[1:]:
         if v.device != dev:
-            raise ValueError(f"{op}: {k} is on {v.device} but {items[0][0]} is on {dev}; all tensors must share a device")
+            raise ValueError(
+                f"{op}: {k} is on {v.device} but {items[0][0]} is on {dev}; all tensors must share a device"
+            )
     return dev
 
 
@@ -62,7 +66,9 @@ def routing(op: str, routing_map, num_tokens: int, num_experts: int | None = Non
     if num_experts is not None and routing_map.shape[1] != num_experts:
         raise ValueError(f"{op}: routing_map must have {num_experts} columns, got shape {tuple(routing_map.shape)}")
     if routing_map.shape[1] == 0:
-        raise ValueError(f"{op}: routing_map must have at least one expert column, got shape {tuple(routing_map.shape)}")
+        raise ValueError(
+            f"{op}: routing_map must have at least one expert column, got shape {tuple(routing_map.shape)}"
+        )
     if routing_map.shape[1] > MAX_EXPERTS:
         raise ValueError(f"{op}: at most {MAX_EXPERTS} experts are supported, routing_map has {routing_map.shape[1]}")
     if routing_map.requires_grad:
@@ -73,7 +79,9 @@ def routing(op: str, routing_map, num_tokens: int, num_experts: int | None = Non
 def probs(op: str, p, num_tokens: int, num_experts: int, arg: str = "probs") -> torch.Tensor:
     tensor(p, arg, op, 2, FLOAT_DTYPES)
     if tuple(p.shape) != (num_tokens, num_experts):
-        raise ValueError(f"{op}: {arg} must be [num_tokens, num_experts] = [{num_tokens}, {num_experts}], got {tuple(p.shape)}")
+        raise ValueError(
+            f"{op}: {arg} must be [num_tokens, num_experts] = [{num_tokens}, {num_experts}], got {tuple(p.shape)}"
+        )
     return p
 
 

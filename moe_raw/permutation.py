@@ -7,7 +7,6 @@ CUDA tensors to the kernels, anything else to ``moe_raw.reference``).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -15,7 +14,6 @@ from moe_raw import _validate as V
 from moe_raw import reference
 from moe_raw._launch import CTYPES, SCALAR_CODE, launch, ptr
 
-I32, I64 = np.int32, np.int64
 _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
 _ROW_THREADS = 128  # kRowThreads
 _TAIL_ROWS = 32  # kTailRows
@@ -39,32 +37,43 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scalar_args(p: torch.Tensor | None):
+    """(address, dtype code, stride 0, stride 1) of a [T, E] scalar tensor, or nulls."""
     if p is None:
-        return (ptr(None), I32(0), I64(0), I64(0))
-    return (ptr(p), I32(SCALAR_CODE[p.dtype]), I64(p.stride(0)), I64(p.stride(1)))
+        return (0, 0, 0, 0)
+    return (p.data_ptr(), SCALAR_CODE[p.dtype], p.stride(0), p.stride(1))
 
 
-def _tables(routing_map: torch.Tensor) -> torch.Tensor:
-    """Launch routing_pack (+ routing_scan): the int32 workspace of kernels/permute.cu. No host sync."""
+def _tables(routing_map: torch.Tensor, lead: int = 0):
+    """Launch routing_pack (+ routing_scan) and return (buffer, workspace): the int32 workspace of
+    kernels/permute.cu is ``buffer[lead:]``; the first ``lead`` ints are the caller's (one allocation, not two).
+    No host sync."""
     num_tokens, num_experts = routing_map.shape
     n_words, n_tiles = _cdiv(num_tokens, 32), _cdiv(num_tokens, _TILE_TOKENS)
-    ws = torch.empty(2 * num_experts * (n_words + n_tiles) + num_experts + 1, dtype=torch.int32, device=routing_map.device)
+    size = 2 * num_experts * (n_words + n_tiles) + num_experts + 1
+    buf = torch.empty(lead + size, dtype=torch.int32, device=routing_map.device)
+    ws = buf[lead:]
+    # One block does everything for T <= 256 (one launch); otherwise tiles x 32-expert groups, then the scan.
+    grid = (1, 1) if n_tiles == 1 else (n_tiles, _cdiv(num_experts, 32))
     launch(
-        "permute", "moe_raw::routing_pack<256>", routing_map.device, n_tiles, _TILE_TOKENS,
-        (ptr(routing_map), I32(routing_map.element_size()), I64(routing_map.stride(0)), I64(routing_map.stride(1)),
-         I64(num_tokens), I32(num_experts), ptr(ws)),
+        "permute", "moe_raw::routing_pack<256>", routing_map.device, grid, _TILE_TOKENS,
+        (ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
+         (num_tokens), (num_experts), ptr(ws)),
     )  # fmt: skip
     if n_tiles > 1:
-        launch("permute", "moe_raw::routing_scan<1024>", routing_map.device, 1, 1024, (ptr(ws), I64(num_tokens), I32(num_experts)))
-    return ws
+        launch(
+            "permute", "moe_raw::routing_scan<1024>", routing_map.device, 1, 1024, (ptr(ws), num_tokens, num_experts)
+        )
+    return buf, ws
 
 
 def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_rows=True, want_indices=True):
-    """Returns (permuted [N, H] | None, permuted_probs [N] | None, row_map [T+1, E] int32, sorted_indices [N] | None)."""
+    """(permuted [N, H] | None, permuted_probs [N] | None, row_map [T+1, E] int32, sorted_indices [N] | None)."""
     num_tokens, hidden = tokens.shape
     num_experts = routing_map.shape[1]
     dev = tokens.device
-    ws = _tables(routing_map)
+    map_numel = (num_tokens + 1) * num_experts
+    buf, ws = _tables(routing_map, lead=map_numel)
+    row_map = buf[:map_numel].view(num_tokens + 1, num_experts)
     n_rows = num_out_tokens
     if n_rows is None:
         n_rows = int(ws[-1].item())  # the routed count: the one device-to-host read, only without num_out_tokens
@@ -75,7 +84,6 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
         capacity = min(n_rows // num_experts, num_tokens)  # the seed slices argsort(...)[:, :capacity]
         n_rows = num_experts * capacity
     tail_blocks = _cdiv(n_rows, _TAIL_ROWS) if (num_out_tokens is not None and not drop_and_pad) else 0
-    row_map = torch.empty((num_tokens + 1, num_experts), dtype=torch.int32, device=dev)
     out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev) if want_rows else None
     indices = torch.empty(n_rows, dtype=torch.int64, device=dev) if want_indices else None
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
@@ -87,9 +95,9 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
         vb = _vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr())
     launch(
         "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + tail_blocks, _ROW_THREADS,
-        (ptr(src), I64(src.stride(0) * src.element_size() if src is not None else 0), ptr(out), I64(row_bytes),
-         I64(num_tokens), I32(num_experts), I64(n_rows), I32(drop_and_pad), I64(capacity),
-         ptr(routing_map), I32(routing_map.element_size()), I64(routing_map.stride(0)), I64(routing_map.stride(1)),
+        (ptr(src), (src.stride(0) * src.element_size() if src is not None else 0), ptr(out), (row_bytes),
+         (num_tokens), (num_experts), (n_rows), (drop_and_pad), (capacity),
+         ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
          ptr(ws), ptr(row_map), ptr(indices), *_scalar_args(probs), ptr(pprobs)),
         shared_mem=4 * num_experts,
     )  # fmt: skip
@@ -138,10 +146,10 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
     smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
     launch(
         "permute", f"moe_raw::gather_reduce<{CTYPES[dtype]}, {vb}>", dev, num_tokens, _ROW_THREADS,
-        (ptr(rows), I64(rows_stride), I64(n_rows), ptr(out), I64(hidden), I64(hidden), I64(num_tokens),
-         I32(num_experts), ptr(row_map), ptr(csr[0] if csr else None), ptr(csr[1] if csr else None),
-         *_scalar_args(probs), ptr(g_pprobs), I32(SCALAR_CODE[g_pprobs.dtype] if g_pprobs is not None else 0),
-         ptr(dprobs), I32(SCALAR_CODE[dprobs_dtype] if dprobs is not None else 0)),
+        (ptr(rows), (rows_stride), (n_rows), ptr(out), (hidden), (hidden), (num_tokens),
+         (num_experts), ptr(row_map), ptr(csr[0] if csr else None), ptr(csr[1] if csr else None),
+         *_scalar_args(probs), ptr(g_pprobs), (SCALAR_CODE[g_pprobs.dtype] if g_pprobs is not None else 0),
+         ptr(dprobs), (SCALAR_CODE[dprobs_dtype] if dprobs is not None else 0)),
         shared_mem=smem,
     )  # fmt: skip
     return out, dprobs
@@ -166,24 +174,29 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     launch(
         "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev, num_tokens + _cdiv(n_rows, _TAIL_ROWS),
         _ROW_THREADS,
-        (ptr(g), I64(g.stride(0)), ptr(rows), I64(rows.stride(0) if rows is not None else 0), ptr(d_rows),
-         I64(n_rows), I64(hidden), I64(num_tokens), I32(num_experts), ptr(row_map), *_scalar_args(probs),
-         ptr(dprobs), I32(SCALAR_CODE[probs.dtype] if need_dprobs else 0)),
+        (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
+         (n_rows), (hidden), (num_tokens), (num_experts), ptr(row_map), *_scalar_args(probs),
+         ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0)),
         shared_mem=smem,
     )  # fmt: skip
     return d_rows, dprobs
 
 
+def _permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused):
+    """Returns (permuted, permuted_probs, index returned to the user, row map)."""
+    if tokens.shape[0] == 0:
+        out, pprobs, row_map, indices = _permute_empty(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
+    else:
+        out, pprobs, row_map, indices = _permute_cuda(
+            tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_indices=not fused
+        )
+    return out, pprobs, (row_map if fused else indices), row_map
+
+
 class _PermuteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused):
-        if tokens.shape[0] == 0:
-            out, pprobs, row_map, indices = _permute_empty(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
-        else:
-            out, pprobs, row_map, indices = _permute_cuda(
-                tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_indices=not fused
-            )
-        index = row_map if fused else indices
+        out, pprobs, index, row_map = _permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused)
         ctx.mark_non_differentiable(index)
         ctx.save_for_backward(row_map)
         ctx.tokens_dtype = tokens.dtype
@@ -200,7 +213,9 @@ class _PermuteFn(torch.autograd.Function):
             raise TypeError(f"moe_raw.permute: no gradient for {ctx.tokens_dtype} tokens (a pure byte move)")
         if num_tokens == 0:
             dtok = grad_permuted.new_zeros((0, grad_permuted.shape[1])) if need_tokens else None
-            dprobs = torch.zeros((0, row_map.shape[1]), dtype=ctx.probs_dtype, device=row_map.device) if need_probs else None
+            dprobs = (
+                torch.zeros((0, row_map.shape[1]), dtype=ctx.probs_dtype, device=row_map.device) if need_probs else None
+            )
             return dtok, dprobs, None, None, None, None
         rows = grad_permuted if need_tokens else None
         dtok, dprobs = _gather_cuda(
@@ -215,25 +230,26 @@ class _PermuteFn(torch.autograd.Function):
         return dtok, dprobs, None, None, None, None
 
 
+def _unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens):
+    """row_map given: the row-map path; else the CSR path over sorted_indices (no probs)."""
+    if num_tokens == 0:
+        return permuted.new_zeros((0, permuted.shape[1]))
+    if row_map is not None:
+        return _gather_cuda(permuted, row_map, num_tokens, probs=probs)[0]
+    # Generic seed semantics: rows grouped by token through a stable sort (deterministic, no host sync).
+    tok_sorted, perm = torch.sort(sorted_indices, stable=True)
+    bounds = torch.arange(num_tokens + 1, device=permuted.device, dtype=sorted_indices.dtype)
+    csr_ptr = torch.searchsorted(tok_sorted, bounds)
+    return _gather_cuda(permuted, None, num_tokens, csr=(csr_ptr, perm))[0]
+
+
 class _UnpermuteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, permuted, probs, row_map, sorted_indices, num_tokens):
-        """row_map given: the row-map path; else the CSR path over sorted_indices (no probs)."""
-        hidden = permuted.shape[1]
         ctx.num_tokens = num_tokens
         ctx.n_rows = permuted.shape[0]
         ctx.probs_needs_grad = probs is not None and ctx.needs_input_grad[1]
-        if num_tokens == 0:
-            ctx.save_for_backward(row_map, sorted_indices, None, None)
-            return permuted.new_zeros((0, hidden))
-        if row_map is not None:
-            out, _ = _gather_cuda(permuted, row_map, num_tokens, probs=probs)
-        else:
-            # Generic seed semantics: rows grouped by token through a stable sort (deterministic, no host sync).
-            tok_sorted, perm = torch.sort(sorted_indices, stable=True)
-            bounds = torch.arange(num_tokens + 1, device=permuted.device, dtype=sorted_indices.dtype)
-            csr_ptr = torch.searchsorted(tok_sorted, bounds)
-            out, _ = _gather_cuda(permuted, None, num_tokens, csr=(csr_ptr, perm))
+        out = _unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens)
         ctx.save_for_backward(row_map, sorted_indices, probs, permuted if ctx.probs_needs_grad else None)
         return out
 
@@ -298,7 +314,9 @@ def permute(
         raise ValueError(f"{op}: T * E = {num_tokens * num_experts} routing-map entries exceed 2^31 - 1")
     if n_out is not None and n_out > V.MAX_ROWS:
         raise ValueError(f"{op}: num_out_tokens = {n_out} exceeds the {V.MAX_ROWS} rows supported")
-    return _PermuteFn.apply(tokens, probs, routing_map, n_out, bool(drop_and_pad), bool(fused))
+    if torch.is_grad_enabled() and (tokens.requires_grad or (probs is not None and probs.requires_grad)):
+        return _PermuteFn.apply(tokens, probs, routing_map, n_out, bool(drop_and_pad), bool(fused))
+    return _permute_forward(tokens, probs, routing_map, n_out, bool(drop_and_pad), bool(fused))[:3]
 
 
 def _row_map_from_routing(routing_map: torch.Tensor, n_rows: int, drop_and_pad: bool) -> torch.Tensor:
@@ -367,7 +385,9 @@ def unpermute(
         if num_experts is None:
             raise ValueError(f"{op}: routing_map is required when probs is given with fused=False (as in the seed)")
         V.probs(op, probs, num_tokens, num_experts)
-    V.same_device(op, permuted_tokens=permuted_tokens, sorted_indices=sorted_indices, probs=probs, routing_map=routing_map)
+    V.same_device(
+        op, permuted_tokens=permuted_tokens, sorted_indices=sorted_indices, probs=probs, routing_map=routing_map
+    )
     if not permuted_tokens.is_cuda:
         return reference.unpermute(
             permuted_tokens, sorted_indices, (num_tokens, hidden), probs, routing_map, fused, drop_and_pad
@@ -378,4 +398,6 @@ def unpermute(
         row_map, index = _row_map_from_routing(routing_map, n_rows, drop_and_pad), sorted_indices
     else:
         row_map, index = None, sorted_indices
-    return _UnpermuteFn.apply(permuted_tokens, probs, row_map, index, num_tokens)
+    if torch.is_grad_enabled() and (permuted_tokens.requires_grad or (probs is not None and probs.requires_grad)):
+        return _UnpermuteFn.apply(permuted_tokens, probs, row_map, index, num_tokens)
+    return _unpermute_forward(permuted_tokens, probs, row_map, index, num_tokens)  # no autograd node: less host time

@@ -145,8 +145,11 @@ def permute(
 def _unpermute_row_map(permuted_tokens, row_map, restore_shape, probs):
     num_tokens, hidden = restore_shape
     body = row_map[:num_tokens].long()
-    out = torch.zeros((num_tokens, hidden), dtype=torch.float64 if permuted_tokens.dtype == torch.float64
-                      else torch.float32, device=permuted_tokens.device)
+    out = torch.zeros(
+        (num_tokens, hidden),
+        dtype=torch.float64 if permuted_tokens.dtype == torch.float64 else torch.float32,
+        device=permuted_tokens.device,
+    )
     num_experts = body.shape[1]
     # Fixed order (ascending expert), fp32 accumulation: what the kernel does.
     for e in range(num_experts):
