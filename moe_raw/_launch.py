@@ -79,6 +79,23 @@ def _cupy():
     return cupy
 
 
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+def kernel_source(family: str) -> str:
+    """The NVRTC source of kernels/<family>.cu: common.cuh inlined (NVRTC gets no include path, and the inlined
+    text makes CuPy's cache key change when the header does), #line directives naming the real files."""
+    root = importlib.resources.files("moe_raw.kernels")
+    with importlib.resources.as_file(root) as kernels_dir:
+        path, header = kernels_dir / f"{family}.cu", kernels_dir / "common.cuh"
+        lines = (root / f"{family}.cu").read_text().split("\n")
+        common = (root / "common.cuh").read_text()
+        for i, line in enumerate(lines):
+            if line.strip() == '#include "common.cuh"':  # resume at the line after the include
+                lines[i] = f'#line 1 "{header}"\n{common}\n#line {i + 2} "{path}"'
+        return f'#line 1 "{path}"\n' + "\n".join(lines)
+
+
 def _module(family: str, device_index: int):
     key = (family, device_index)
     mod = _modules.get(key)
@@ -89,21 +106,13 @@ def _module(family: str, device_index: int):
         if mod is not None:
             return mod
         cupy = _cupy()
-        root = importlib.resources.files("moe_raw.kernels")
-        with importlib.resources.as_file(root) as kernels_dir:
-            path = kernels_dir / f"{family}.cu"
-            code = f'#line 1 "{path}"\n' + (root / f"{family}.cu").read_text()
-            # The header is inlined (NVRTC gets no include path), so the cache key changes when common.cuh does.
-            common = (root / "common.cuh").read_text()
-            code = code.replace(
-                '#include "common.cuh"', f'#line 1 "{kernels_dir / "common.cuh"}"\n{common}\n#line 1 "{path}"'
-            )
-            with cupy.cuda.Device(device_index):
-                mod = cupy.RawModule(code=code, options=("-std=c++17",), name_expressions=KERNELS[family])
-                try:
-                    mod.compile()
-                except cupy.cuda.compiler.CompileException as e:
-                    raise KernelCompileError(f"moe_raw: compiling kernels/{family}.cu failed:\n{e}") from e
+        code = kernel_source(family)
+        with cupy.cuda.Device(device_index):
+            mod = cupy.RawModule(code=code, options=NVRTC_OPTIONS, name_expressions=KERNELS[family])
+            try:
+                mod.compile()
+            except cupy.cuda.compiler.CompileException as e:
+                raise KernelCompileError(f"moe_raw: compiling kernels/{family}.cu failed:\n{e}") from e
         _modules[key] = mod
         return mod
 
