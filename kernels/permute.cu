@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kRowThreads)
                     const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                     void* __restrict__ permuted_probs) {
   using V = typename Vec<VB>::type;
-  extern __shared__ int dest_rows[];  // [num_experts]: this token's rows, ascending expert
+  extern __shared__ int dest_rows[];  // [2 * num_experts]: this token's rows (ascending expert), scratch
   const Tables tab(ws, num_tokens, num_experts);
   const int64_t total = tab.expert_start[num_experts];
   const int64_t kept = drop_and_pad ? n_rows : min(total, n_rows);
@@ -201,48 +201,51 @@ __global__ void __launch_bounds__(kRowThreads)
   if (t == 0 && row_map) {
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) row_map[num_tokens * num_experts + e] = e == 0 ? kept : 0;
   }
-  int n = 0;
-  for (int e0 = 0; e0 < num_experts; e0 += blockDim.x) {
-    const int e = e0 + threadIdx.x;
-    int row = -1;      // this pair's permuted row, -1 if none
-    bool routed = false;
-    if (e < num_experts) {
-      routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
-      if (!drop_and_pad) {
-        if (routed) {
-          const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
-          if (before < n_rows) row = before;
-        }
-      } else {
-        const int start = tab.expert_start[e], count = tab.expert_start[e + 1] - start;
-        if (routed || count < capacity) {  // an unrouted token matters only if the expert has padding slots
-          const int rank = tab.flat_prefix(e, t) - start;  // routed tokens of expert e before t
-          if (routed) {
-            if (rank < capacity) row = static_cast<int>(e * capacity + rank);
-          } else {
-            // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad.
-            const int64_t slot = static_cast<int64_t>(count) + (t - rank);
-            if (slot < capacity) row = static_cast<int>(e * capacity + slot);
-          }
-        }
+  // Each thread takes a contiguous run of experts, so one block scan compacts the token's rows in ascending
+  // expert order whatever E is (a scan per 128 experts cost DeepSeek-V3's E = 256 a second round of barriers).
+  int* scratch = dest_rows + num_experts;  // [num_experts]: the row of each expert, -1 if none
+  const int per = (num_experts + blockDim.x - 1) / blockDim.x;
+  const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
+  int mine = 0;
+  for (int e = e_beg; e < e_end; ++e) {
+    int row = -1;  // this pair's permuted row, -1 if none
+    const bool routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
+    if (!drop_and_pad) {
+      if (routed) {
+        const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
+        if (before < n_rows) row = before;
       }
-      if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
-      if (row >= 0) {
-        if (sorted_indices) sorted_indices[row] = t;
-        if (permuted_probs) {
-          // probs is read only where the map routes: an off-route NaN never reaches the output. A double carries
-          // every probs dtype exactly.
-          const double p = routed ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
-          store_scalar<double>(permuted_probs, probs_code, row, p);
+    } else {
+      const int start = tab.expert_start[e], count = tab.expert_start[e + 1] - start;
+      if (routed || count < capacity) {  // an unrouted token matters only if the expert has padding slots
+        const int rank = tab.flat_prefix(e, t) - start;  // routed tokens of expert e before t
+        if (routed) {
+          if (rank < capacity) row = static_cast<int>(e * capacity + rank);
+        } else {
+          // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad.
+          const int64_t slot = static_cast<int64_t>(count) + (t - rank);
+          if (slot < capacity) row = static_cast<int>(e * capacity + slot);
         }
       }
     }
-    int count;
-    const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
-    if (row >= 0) dest_rows[n + pos] = row;
-    n += count;
+    if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
+    if (row >= 0) {
+      if (sorted_indices) sorted_indices[row] = t;
+      if (permuted_probs) {
+        // probs is read only where the map routes: an off-route NaN never reaches the output. A double carries
+        // every probs dtype exactly.
+        const double p = routed ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
+        store_scalar<double>(permuted_probs, probs_code, row, p);
+      }
+      ++mine;
+    }
+    scratch[e] = row;
   }
   if (!src) return;
+  int n;
+  int pos = block_exclusive_scan(mine, &n);
+  for (int e = e_beg; e < e_end; ++e)
+    if (scratch[e] >= 0) dest_rows[pos++] = scratch[e];
   __syncthreads();
   const int64_t nvec = row_bytes / VB;
   const V* s = reinterpret_cast<const V*>(src + t * src_stride);

@@ -127,23 +127,25 @@ def function(family: str, name: str, device_index: int):
             # RawKernel.kernel: the cupy.cuda.Function (its .ptr is the CUfunction) loaded in this device's context
             fn = mod.get_function(name).kernel
         base = name.split("<")[0].split("::")[-1]
-        kern = (fn, struct.Struct("@" + SIGNATURES[family][base]))
-        assert kern[1].size <= _PARAMS_CAPACITY
+        # Packed at byte 40 of the launch buffer: the size word, padding to byte 64, then the parameters. Byte 40
+        # is 8-aligned, so struct's native alignment inside the pack equals the absolute alignment CUDA expects.
+        params = struct.Struct("@Q16x" + SIGNATURES[family][base])
+        size = params.size - 24
+        assert size <= _PARAMS_CAPACITY
+        kern = (fn.ptr, params.pack_into, size, fn)  # fn kept: it owns the loaded module
         _kernels[key] = kern
     return kern
 
 
 def _param_buffer():
-    """This thread's packed-parameter buffer: [extra array (5 words) | size | ... | parameters at byte 64]."""
-    buf = getattr(_tls, "buf", None)
-    if buf is None:
-        buf = np.zeros((_PARAMS_OFFSET + _PARAMS_CAPACITY) // 8, dtype=np.uint64)
-        base = buf.ctypes.data
-        # CU_LAUNCH_PARAM_BUFFER_POINTER, params, CU_LAUNCH_PARAM_BUFFER_SIZE, &size, CU_LAUNCH_PARAM_END
-        buf[:5] = (1, base + _PARAMS_OFFSET, 2, base + 40, 0)
-        _tls.buf = buf
-        _tls.base = base
-    return buf
+    """This thread's launch buffer: the cuLaunchKernel ``extra`` array (5 words), the parameter-buffer size at byte
+    40, the parameters from byte 64. Each kernel's struct packs size and parameters in one call (see function)."""
+    buf = np.zeros((_PARAMS_OFFSET + _PARAMS_CAPACITY) // 8, dtype=np.uint64)
+    base = buf.ctypes.data
+    # CU_LAUNCH_PARAM_BUFFER_POINTER, params, CU_LAUNCH_PARAM_BUFFER_SIZE, &size, CU_LAUNCH_PARAM_END
+    buf[:5] = (1, base + _PARAMS_OFFSET, 2, base + 40, 0)
+    _tls.buf, _tls.base = buf, base
+    return buf, base
 
 
 def _raw_stream(device_index: int) -> int:
@@ -169,26 +171,41 @@ def launch(family: str, name: str, device: torch.device, grid, block: int, args:
 
     grid: int (grid.x < 2^31) or (x, y); block: threads per block; args: Python ints in kernel order, device
     addresses from ``ptr`` (SIGNATURES gives each parameter's C type). Callers skip launches with no work.
-    The parameters are copied by cuLaunchKernel before it returns, so the buffer is reused at once; a captured
-    CUDA graph keeps its own copy.
+    cuLaunchKernel copies the parameters before it returns, so the buffer is reused at once (a captured CUDA
+    graph keeps its own copy). This is the hot path of every small call: keep it free of lookups.
     """
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    fn, params = function(family, name, index)
-    buf = _param_buffer()
-    params.pack_into(buf, _PARAMS_OFFSET, *args)
-    buf[5] = params.size
-    gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
-    driver = _cupy().cuda.driver
-    stream = _raw_stream(index)
-    cupy = _cupy()
-    if cupy.cuda.runtime.getDevice() != index:
-        with cupy.cuda.Device(index):
-            driver.launchKernel(fn.ptr, gx, gy, 1, block, 1, 1, shared_mem, stream, 0, _tls.base)
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device()
+    kern = _kernels.get((family, name, index)) or function(family, name, index)
+    buf = getattr(_tls, "buf", None)
+    base = _tls.base if buf is not None else None
+    if buf is None:
+        buf, base = _param_buffer()
+    kern[1](buf, 40, kern[2], *args)
+    gx, gy = grid if grid.__class__ is tuple else (grid, 1)
+    if _get_device() != index:
+        with _cupy().cuda.Device(index):
+            _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
         return
     try:
-        driver.launchKernel(fn.ptr, gx, gy, 1, block, 1, 1, shared_mem, stream, 0, _tls.base)
-    except driver.CUDADriverError as e:
+        _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
+    except _cupy().cuda.driver.CUDADriverError as e:
         if "CUDA_ERROR_INVALID_CONTEXT" not in str(e):
             raise
-        cupy.cuda.runtime.setDevice(index)  # a thread with no current context yet: bind the primary one
-        driver.launchKernel(fn.ptr, gx, gy, 1, block, 1, 1, shared_mem, stream, 0, _tls.base)
+        _cupy().cuda.runtime.setDevice(index)  # a thread with no current context yet: bind the primary one
+        _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
+
+
+def _launch_kernel(*args):
+    """cupy.cuda.driver.launchKernel, bound on first use (cupy is imported lazily)."""
+    global _launch_kernel, _get_device
+    cupy = _cupy()
+    _launch_kernel, _get_device = cupy.cuda.driver.launchKernel, cupy.cuda.runtime.getDevice
+    return _launch_kernel(*args)
+
+
+def _get_device() -> int:
+    global _get_device
+    _get_device = _cupy().cuda.runtime.getDevice
+    return _get_device()

@@ -99,7 +99,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
          (num_tokens), (num_experts), (n_rows), (drop_and_pad), (capacity),
          ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
          ptr(ws), ptr(row_map), ptr(indices), *_scalar_args(probs), ptr(pprobs)),
-        shared_mem=4 * num_experts,
+        shared_mem=8 * num_experts,
     )  # fmt: skip
     return out, pprobs, row_map, indices
 
@@ -132,7 +132,8 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
         if dprobs is None:
             return None, None
         dtype = out_dtype if out_dtype in CTYPES else torch.float32
-        hidden, n_rows, out, rows_stride, vb = 0, 0, None, 0, 16
+        # No row data, only dprobs: n_rows still bounds the row ids the kernel accepts.
+        hidden, n_rows, out, rows_stride, vb = 0, g_pprobs.shape[0], None, 0, 16
     else:
         rows = _rows(rows)
         dtype = rows.dtype
