@@ -181,7 +181,7 @@ __device__ void zero_tail_rows(uint8_t* dst, int64_t row_bytes, int64_t kept, in
 // Permute forward (pure byte move). Block t < T: token t. Blocks t >= T: zero spare rows (num_out_tokens above
 // the routed count). With src == nullptr it only writes the row map (unpermute(fused=False) rebuilding it).
 template <int VB>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 blocks per SM (48 registers allowed only 10)
     permute_scatter(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
                     int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
                     const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,

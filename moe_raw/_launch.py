@@ -127,19 +127,17 @@ def function(family: str, name: str, device_index: int):
             # RawKernel.kernel: the cupy.cuda.Function (its .ptr is the CUfunction) loaded in this device's context
             fn = mod.get_function(name).kernel
         base = name.split("<")[0].split("::")[-1]
-        # Packed at byte 40 of the launch buffer: the size word, padding to byte 64, then the parameters. Byte 40
-        # is 8-aligned, so struct's native alignment inside the pack equals the absolute alignment CUDA expects.
-        params = struct.Struct("@Q16x" + SIGNATURES[family][base])
-        size = params.size - 24
-        assert size <= _PARAMS_CAPACITY
-        kern = (fn.ptr, params.pack_into, size, fn)  # fn kept: it owns the loaded module
+        # fn is kept alive with the handle: it owns the loaded module.
+        kern = compiled_kernel(fn.ptr, SIGNATURES[family][base], owner=fn)
         _kernels[key] = kern
     return kern
 
 
 def _param_buffer():
     """This thread's launch buffer: the cuLaunchKernel ``extra`` array (5 words), the parameter-buffer size at byte
-    40, the parameters from byte 64. Each kernel's struct packs size and parameters in one call (see function)."""
+    40, the parameters from byte 64. A kernel's struct ("@Q16x" + signature) packs the size word, padding to byte
+    64 and the parameters in one call at byte 40; 40 is 8-aligned, so struct's native alignment inside the pack is
+    the absolute alignment CUDA expects."""
     buf = np.zeros((_PARAMS_OFFSET + _PARAMS_CAPACITY) // 8, dtype=np.uint64)
     base = buf.ctypes.data
     # CU_LAUNCH_PARAM_BUFFER_POINTER, params, CU_LAUNCH_PARAM_BUFFER_SIZE, &size, CU_LAUNCH_PARAM_END
@@ -178,10 +176,29 @@ def launch(family: str, name: str, device: torch.device, grid, block: int, args:
     if index is None:
         index = torch.cuda.current_device()
     kern = _kernels.get((family, name, index)) or function(family, name, index)
+    launch_compiled(kern, index, grid, block, args, shared_mem)
+
+
+def compiled_kernel(cufunction: int, signature: str, owner=None) -> tuple:
+    """Wrap any compiled CUDA function (a CUfunction handle, e.g. from Numba) for ``launch_compiled``.
+
+    signature: struct codes of its parameters in order (P pointer, q int64, i int32, f float32, ...), laid out as
+    the kernel's ABI expects. owner: any object that must stay alive while the handle is used.
+    """
+    params = struct.Struct("@Q16x" + signature)
+    size = params.size - 24
+    if size > _PARAMS_CAPACITY:
+        raise ValueError(f"moe_raw: {size} bytes of kernel parameters exceed the {_PARAMS_CAPACITY} supported")
+    return (cufunction, params.pack_into, size, owner)
+
+
+def launch_compiled(kern: tuple, index: int, grid, block: int, args: tuple, shared_mem: int = 0):
+    """Launch a ``function`` / ``compiled_kernel`` tuple on torch's current stream of device ``index``."""
     buf = getattr(_tls, "buf", None)
-    base = _tls.base if buf is not None else None
     if buf is None:
         buf, base = _param_buffer()
+    else:
+        base = _tls.base
     kern[1](buf, 40, kern[2], *args)
     gx, gy = grid if grid.__class__ is tuple else (grid, 1)
     if _get_device() != index:
