@@ -161,8 +161,12 @@ def main(argv=None):
         return 0
     env = common.environment()
     copy_gbs = common.copy_bandwidth_gbs()
+    write_gbs = common.write_bandwidth_gbs()
     print(f"# {env['gpu']}  torch {env['torch']}  cupy {env['cupy']}  sha {env['git_sha']}")
-    print(f"# measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+    print(
+        f"# measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write); write-only (fill_): "
+        f"{write_gbs:.0f} GB/s"
+    )
     shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
     rows = []
     for name, (T, E, H, K) in shapes.items():
@@ -176,11 +180,13 @@ def main(argv=None):
             f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
             f"{r['pct_copy']:.0f}% | {r['note']} |"
         )
-    print("\n| shape | op | provider | host us / call | GPU us / call |\n|---|---|---|---|---|")
+    print("\n| shape | op | provider | host us / call (median of 7 x 200) |\n|---|---|---|---|")
     for r in hrows:
-        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['us']:.1f} | {r['gpu_us']:.1f} |")
+        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['us']:.1f} |")
     if args.out:
-        common.write_json(args.out, {"env": env, "copy_GBps": copy_gbs, "rows": rows, "host_rows": hrows})
+        common.write_json(
+            args.out, {"env": env, "copy_GBps": copy_gbs, "write_GBps": write_gbs, "rows": rows, "host_rows": hrows}
+        )
     return 0
 
 

@@ -26,21 +26,28 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def host_us(fn, iters: int = 300) -> tuple[float, float]:
-    """(host us per call, GPU us per call) of fn() in a loop that syncs only at the end. When the host figure is the
-    larger one, the loop is launch-bound and the host figure is the call's host cost."""
+def host_us(fn, iters: int = 200, repeats: int = 7) -> float:
+    """Host microseconds per call of fn() (tiny GPU work: the loop is launch-bound), median of `repeats` loops that
+    sync only at their end. The median damps the host machine's noise (seen: 64 to 97 us between runs)."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t1 = time.perf_counter()
-    end.record()
-    torch.cuda.synchronize()
-    return (t1 - t0) / iters * 1e6, start.elapsed_time(end) / iters * 1e3
+    per_call = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        per_call.append((time.perf_counter() - t0) / iters * 1e6)
+        torch.cuda.synchronize()
+    return sorted(per_call)[len(per_call) // 2]
+
+
+def write_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Measured write-only bandwidth in GB/s (dst.fill_): the roofline of write-heavy ops such as permute, which
+    writes K bytes for each byte it reads."""
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    ms = do_bench(lambda: dst.fill_(1))
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def environment() -> dict:

@@ -1,4 +1,7 @@
-"""One permute forward at a benchmark shape, for Nsight Compute: ncu -k regex:permute_scatter python -m bench.ncu_permute"""
+"""One permute forward at a benchmark shape, for Nsight Compute.
+
+ncu --clock-control none -k regex:permute_scatter -c 1 python -m bench.ncu_permute [shape name]
+"""
 
 import sys
 
