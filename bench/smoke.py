@@ -55,8 +55,8 @@ def check(T, E, K, H, dtype, num_out=None, drop_and_pad=False, fused=False, devi
     return status == "PASS"
 
 
-def main():
-    if not torch.cuda.is_available():
+def main(device: str = "cuda") -> int:
+    if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device found: nothing to check on the GPU")
         return 0
     cases = [
@@ -66,16 +66,21 @@ def main():
         (300, 256, 8, 7168, torch.bfloat16),
         (1027, 1, 1, 2048, torch.float32),
     ]
+    if device == "cpu":
+        cases = [c[:3] + (min(c[3], 64),) + c[4:] for c in cases[:3]]
     ok = True
     for T, E, K, H, dt in cases:
-        for fused in (False, True):
-            ok &= check(T, E, K, H, dt, fused=fused)
         routed = T * K
-        ok &= check(T, E, K, H, dt, num_out=routed)
-        ok &= check(T, E, K, H, dt, num_out=max(routed - 5, 0))
-        ok &= check(T, E, K, H, dt, num_out=routed + 37, fused=True)
-        ok &= check(T, E, K, H, dt, num_out=routed, drop_and_pad=True)
-        ok &= check(T, E, K, H, dt, num_out=routed // 2, drop_and_pad=True, fused=True)
+        for kw in (
+            dict(fused=False),
+            dict(fused=True),
+            dict(num_out=routed),
+            dict(num_out=max(routed - 5, 0)),
+            dict(num_out=routed + 37, fused=True),
+            dict(num_out=routed, drop_and_pad=True),
+            dict(num_out=routed // 2, drop_and_pad=True, fused=True),
+        ):
+            ok &= check(T, E, K, H, dt, device=device, **kw)
     print("ALL PASS" if ok else "SOME FAILED")
     return 0 if ok else 1
 

@@ -191,6 +191,10 @@ def _permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, f
         out, pprobs, row_map, indices = _permute_cuda(
             tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_indices=not fused
         )
+    if not fused:
+        # unpermute(fused=False, routing_map=...) reuses this row map instead of rebuilding it (three launches),
+        # if it gets the same routing_map object, unmodified (same _version), with the same row count and mode.
+        indices._moe_raw_row_map = (routing_map, routing_map._version, out.shape[0], drop_and_pad, row_map)
     return out, pprobs, (row_map if fused else indices), row_map
 
 
@@ -224,8 +228,8 @@ class _PermuteFn(torch.autograd.Function):
             g_pprobs=grad_pprobs.contiguous() if (need_probs and grad_pprobs is not None) else None,
             dprobs_dtype=ctx.probs_dtype,
         )  # fmt: skip
-        if need_probs and dprobs is None:
-            dprobs = torch.zeros((num_tokens, row_map.shape[1]), dtype=ctx.probs_dtype, device=row_map.device)
+        # dprobs stays None when permuted_probs got no gradient: autograd reads None as zero, and a zero tensor
+        # would cost a fill plus an add into probs.grad (the round trip's probs get their gradient from unpermute).
         if need_tokens and dtok is None:
             dtok = torch.zeros((num_tokens, grad_permuted.shape[1]), dtype=ctx.tokens_dtype, device=row_map.device)
         return dtok, dprobs, None, None, None, None
@@ -396,7 +400,18 @@ def unpermute(
     if fused:
         row_map, index = sorted_indices, None
     elif routing_map is not None:
-        row_map, index = _row_map_from_routing(routing_map, n_rows, drop_and_pad), sorted_indices
+        cached = getattr(sorted_indices, "_moe_raw_row_map", None)
+        if (
+            cached is not None
+            and cached[0] is routing_map
+            and cached[1] == routing_map._version
+            and cached[2] == n_rows
+            and cached[3] == bool(drop_and_pad)
+        ):
+            row_map = cached[4]
+        else:
+            row_map = _row_map_from_routing(routing_map, n_rows, drop_and_pad)
+        index = sorted_indices
     else:
         row_map, index = None, sorted_indices
     if torch.is_grad_enabled() and (permuted_tokens.requires_grad or (probs is not None and probs.requires_grad)):
