@@ -369,7 +369,12 @@ def unpermute(
     n_rows, hidden = permuted_tokens.shape
     num_tokens, _ = V.restore_shape(op, restore_shape, hidden)
     if fused:
-        V.tensor(sorted_indices, "sorted_indices", op, 2, (torch.int32,))
+        V.tensor(sorted_indices, "sorted_indices", op)
+        if sorted_indices.dim() != 2 or sorted_indices.dtype != torch.int32:
+            raise TypeError(
+                f"{op}: with fused=True sorted_indices must be permute(fused=True)'s row map (int32 [T+1, E]), "
+                f"got {sorted_indices.dtype} of shape {tuple(sorted_indices.shape)}"
+            )
         if sorted_indices.shape[0] != num_tokens + 1:
             raise ValueError(
                 f"{op}: with fused=True sorted_indices must be permute(fused=True)'s row map [T+1, E] with "
