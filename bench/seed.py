@@ -1,4 +1,5 @@
-"""The seed's unfused torch path (NeMo Automodel / Megatron ``moe_utils``), the baseline of every benchmark.
+"""The seed's unfused torch path (NeMo Automodel / Megatron ``moe_utils``): the baseline of every benchmark and an
+independent oracle of tests/test_reference.py.
 
 Written from the seed's documented behaviour: masked_select order for permute, multiply-then-scatter_add for
 unpermute. (moe_raw.reference is the test oracle: same results, plus moe_raw's num_out_tokens contract.)
@@ -21,7 +22,9 @@ def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, d
         if probs is not None:
             probs_t_1d = probs.T.contiguous().view(-1)
             dim0 = torch.arange(num_experts, device=routing_map.device).unsqueeze(-1)
-            dim1 = sorted_indices.view(num_experts, capacity)
+            # The seed writes view(num_experts, capacity), which raises when capacity > T (the argsort slice then
+            # keeps T columns); sizing the view from the rows kept is what it means.
+            dim1 = sorted_indices.view(num_experts, sorted_indices.numel() // num_experts)
             permuted_probs = probs_t_1d.index_select(0, (dim0 * num_tokens + dim1).view(-1))
     else:
         routing_map = routing_map.bool().T.contiguous()

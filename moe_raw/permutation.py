@@ -357,6 +357,10 @@ def unpermute(
         probs: optional [T, E] float; read only at routed pairs (a NaN off-route never reaches the output; its
             gradient there is exactly 0). With fused=False, routing_map is then required, as in the seed.
         routing_map: [T, E], the map given to permute (fused=False only; fused maps already know each row).
+            Without it (and without probs) every row is summed into ``sorted_indices[row]`` as the seed's
+            scatter_add does: spare rows (num_out_tokens above the routed count) have index 0 and are zero after
+            permute; if your experts can make them nonzero (a bias), pass routing_map or use fused=True, which
+            skip spare rows.
         drop_and_pad: as given to permute (capacity = N // E).
 
     Returns:

@@ -182,18 +182,22 @@ def unpermute(
     if fused:
         return _unpermute_row_map(permuted_tokens, sorted_indices, restore_shape, probs)
     input_dtype = permuted_tokens.dtype
-    if probs is not None:
-        if routing_map is None:
-            raise ValueError("unpermute: routing_map is required when probs is given with fused=False")
+    if num_tokens == 0:
+        return permuted_tokens.new_zeros((0, hidden))
+    if probs is not None and routing_map is None:
+        raise ValueError("unpermute: routing_map is required when probs is given with fused=False")
+    if routing_map is not None:
+        # The routing map says which rows are routed, padding or spare (spare rows are skipped, as on CUDA).
         num_experts = routing_map.shape[1]
         n_rows = sorted_indices.numel()
         row_map, _ = build_row_map(
             routing_map, num_experts * (n_rows // num_experts) if drop_and_pad else n_rows, drop_and_pad
         )
         return _unpermute_row_map(permuted_tokens, row_map, restore_shape, probs)
-    # The seed: scatter-add every row into its token (padding rows included), in the tokens' dtype.
+    # The seed: scatter-add every row into its token (padding rows, and spare rows into token 0), in the tokens'
+    # dtype. Spare rows are zero after permute, so they change nothing unless the experts make them nonzero.
     out = torch.zeros((num_tokens, hidden), dtype=permuted_tokens.dtype, device=permuted_tokens.device)
-    out.scatter_add_(0, sorted_indices.unsqueeze(1).expand(-1, hidden), permuted_tokens)
+    out.scatter_add_(0, sorted_indices.long().unsqueeze(1).expand(-1, hidden), permuted_tokens)
     return out.to(input_dtype)
 
 

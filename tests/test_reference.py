@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from bench import seed
 from moe_raw import reference as R
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -66,53 +67,11 @@ def _assert_equal(got, expected):
 
 
 def _seed_permute(tokens, routing_map, probs=None, num_out_tokens=None, drop_and_pad=False):
-    """The seed's unfused ``moe_utils.permute`` (NeMo Automodel / Megatron), logic copied verbatim."""
-    num_tokens, hidden = tokens.shape
-    num_experts = routing_map.shape[1]
-    permuted_probs = None
-    if drop_and_pad and num_out_tokens is not None:
-        capacity = num_out_tokens // num_experts
-        routing_map = routing_map.to(dtype=torch.int8).T.contiguous()
-        sorted_indices = routing_map.argsort(dim=-1, descending=True, stable=True)[:, :capacity].contiguous()
-        sorted_indices = sorted_indices.view(-1)
-        if probs is not None:
-            probs_T_1D = probs.T.contiguous().view(-1)
-            indices_dim0 = torch.arange(num_experts, device=routing_map.device).unsqueeze(-1)
-            # The seed writes view(num_experts, capacity), which raises when capacity > T; this is its intent.
-            indices_dim1 = sorted_indices.view(num_experts, sorted_indices.numel() // num_experts)
-            indices_1D = (indices_dim0 * num_tokens + indices_dim1).view(-1)
-            permuted_probs = probs_T_1D.index_select(0, indices_1D)
-    else:
-        routing_map = routing_map.bool().T.contiguous()
-        token_indices = torch.arange(num_tokens, device=routing_map.device).unsqueeze(0).expand(num_experts, -1)
-        sorted_indices = token_indices.masked_select(routing_map)
-        if probs is not None:
-            permuted_probs = probs.T.contiguous().masked_select(routing_map)
-    permuted_input = tokens.index_select(0, sorted_indices)
-    return permuted_input, permuted_probs, sorted_indices
+    return seed.permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad=drop_and_pad)
 
 
 def _seed_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, drop_and_pad=False):
-    """The seed's unfused ``moe_utils.unpermute``, logic copied verbatim."""
-    _, hidden = restore_shape
-    input_dtype = permuted_tokens.dtype
-    if probs is not None:
-        assert routing_map is not None
-        if drop_and_pad:
-            num_experts = routing_map.size(1)
-            capacity = sorted_indices.size(0) // num_experts
-            num_unpermuted_tokens = probs.size(0)
-            probs_T_1D = probs.T.contiguous().view(-1)
-            indices_dim0 = torch.arange(num_experts, device=routing_map.device).unsqueeze(-1)
-            indices_dim1 = sorted_indices.view(num_experts, capacity)
-            indices_1D = (indices_dim0 * num_unpermuted_tokens + indices_dim1).view(-1)
-            permuted_probs = probs_T_1D.index_select(0, indices_1D)
-        else:
-            permuted_probs = probs.T.contiguous().masked_select(routing_map.T.contiguous())
-        permuted_tokens = permuted_tokens * permuted_probs.unsqueeze(-1)
-    output_tokens = torch.zeros(restore_shape, dtype=permuted_tokens.dtype, device=permuted_tokens.device)
-    output_tokens.scatter_add_(0, sorted_indices.unsqueeze(1).expand(-1, hidden), permuted_tokens)
-    return output_tokens.to(dtype=input_dtype)
+    return seed.unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map, drop_and_pad=drop_and_pad)
 
 
 def _oracle_rows(routing_map, num_out_tokens=None, drop_and_pad=False):
@@ -469,7 +428,7 @@ def test_num_out_tokens_equal_is_bit_identical(dtype, T, E, K):
     for fused in (False, True):
         a = R.permute(tokens, routing_map, probs, None, fused)
         b = R.permute(tokens, routing_map, probs, n, fused)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             _assert_equal(x, y)
         y_out = torch.randn_like(a[0])
         kw = dict(fused=fused) if fused else dict(routing_map=routing_map)
@@ -608,7 +567,7 @@ def test_routing_map_dtypes_agree(map_dtype, num_out_tokens, dnp, fused):
     rm = MAP.to(map_dtype)
     want = R.permute(X, MAP, PROBS, num_out_tokens, fused, dnp)
     got = R.permute(X, rm, PROBS, num_out_tokens, fused, dnp)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         _assert_equal(g, w)
     kw = dict(fused=True) if fused else {}
     _assert_equal(

@@ -1,0 +1,100 @@
+"""Shared fixtures and helpers of moe_raw's tests (CPU and GPU).
+
+* ``seed`` (autouse): every test starts from ``torch.manual_seed(0)`` (all devices), so a failure reproduces.
+* ``side_stream``: a fresh non-default CUDA stream (skips the test without CUDA).
+* ``make_routing`` / ``make_probs``: random routing maps and router probabilities. They are drawn on the CPU from
+  the seeded global generator and then moved, so a case has the same data on every device.
+
+The markers ``gpu`` and ``slow`` are registered in setup.cfg ([tool:pytest]).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ROUTING_KINDS = ("topk", "empty_expert", "one_expert", "sparse", "balanced")
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture
+def side_stream():
+    """A new CUDA stream that starts after everything already queued on the current stream."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA device needed")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    yield stream
+    stream.synchronize()
+
+
+def _topk_map(num_tokens: int, num_experts: int, k: int) -> torch.Tensor:
+    """[T, E] bool: each token routed to exactly k distinct experts, chosen uniformly at random."""
+    routing_map = torch.zeros((num_tokens, num_experts), dtype=torch.bool)
+    if num_tokens and k:
+        choice = torch.rand(num_tokens, num_experts).topk(k, dim=1).indices
+        routing_map.scatter_(1, choice, True)
+    return routing_map
+
+
+def make_routing(num_tokens: int, num_experts: int, k: int, device="cpu", kind: str = "topk") -> torch.Tensor:
+    """A random bool routing map [T, E] on ``device``.
+
+    kind:
+        "topk":         every token routed to exactly K distinct random experts.
+        "empty_expert": as "topk" over E - 1 experts; one random expert gets no token (needs K <= E - 1).
+        "one_expert":   every token routed to expert 0 only (needs K == 1).
+        "sparse":       token t routed to k_t ~ U{0..K} distinct random experts; at least one token (the middle
+                        one) is unrouted whenever T >= 2, and on average about T / (K + 1) tokens are.
+        "balanced":     token t routed to experts (t K + j) mod E, j < K: every expert gets the same count
+                        (within one when E does not divide T K).
+    """
+    if k > num_experts or k < 0:
+        raise ValueError(f"make_routing: need 0 <= K <= E, got K={k}, E={num_experts}")
+    T, E, K = num_tokens, num_experts, k
+    if kind == "topk":
+        routing_map = _topk_map(T, E, K)
+    elif kind == "empty_expert":
+        if E < 2 or K > E - 1:
+            raise ValueError(f"make_routing: 'empty_expert' needs E >= 2 and K <= E - 1, got E={E}, K={K}")
+        empty = int(torch.randint(E, ()).item())
+        keep = [e for e in range(E) if e != empty]
+        routing_map = torch.zeros((T, E), dtype=torch.bool)
+        routing_map[:, keep] = _topk_map(T, E - 1, K)
+    elif kind == "one_expert":
+        if K != 1:
+            raise ValueError(f"make_routing: 'one_expert' routes each token to expert 0 only, so K must be 1, got {K}")
+        routing_map = torch.zeros((T, E), dtype=torch.bool)
+        routing_map[:, 0] = True
+    elif kind == "sparse":
+        routing_map = _topk_map(T, E, K)
+        if T:
+            # Keep the first k_t of a random order of the token's K experts.
+            k_t = torch.randint(0, K + 1, (T,))
+            if T >= 2:
+                k_t[T // 2] = 0
+            ranks = torch.rand(T, E).masked_fill(~routing_map, 2.0).argsort(dim=1).argsort(dim=1)
+            routing_map &= ranks < k_t.unsqueeze(1)
+    elif kind == "balanced":
+        experts = (torch.arange(T).unsqueeze(1) * K + torch.arange(K).unsqueeze(0)) % E
+        routing_map = torch.zeros((T, E), dtype=torch.bool)
+        if T and K:
+            routing_map.scatter_(1, experts, True)
+    else:
+        raise ValueError(f"make_routing: unknown kind {kind!r}; expected one of {ROUTING_KINDS}")
+    return routing_map.to(device)
+
+
+def make_probs(routing_map: torch.Tensor, dtype=torch.float32, off_route: float = 0.0) -> torch.Tensor:
+    """Router probabilities [T, E] in ``dtype``: positive, summing to 1 over each token's routes, and equal to
+    ``off_route`` (0 as the seed's dense probs; NaN to check that nothing reads them) where the map is 0."""
+    rm = routing_map.bool().cpu()
+    logits = torch.randn(rm.shape).masked_fill(~rm, float("-inf"))
+    probs = torch.softmax(logits, dim=1).nan_to_num(0.0)  # unrouted tokens: a row of -inf gives NaN
+    probs = torch.where(rm, probs, torch.full_like(probs, off_route))
+    return probs.to(dtype).to(routing_map.device)
