@@ -4,8 +4,9 @@
 #   smoke   python -m bench.smoke            quick self-check vs the fp64 reference
 #   tests   pytest -m "gpu and not slow"     the GPU test suite
 #   slow    pytest -m slow                   large shapes (64-bit offsets)
-#   bench   python -m bench.bench_permute    the side-by-side benchmark table
-# Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench
+#   bench   python -m bench.bench_permute    the permute/unpermute side-by-side benchmark table
+#   swiglu  python -m bench.bench_swiglu     the SwiGLU family benchmark table
+# Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
 set -uo pipefail
 OUT=${OUT:-bench/results/latest}
 mkdir -p "$OUT"
@@ -24,6 +25,7 @@ for step in "$@"; do
     tests) python3 -m pytest -q -m "gpu and not slow" tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
     slow) python3 -m pytest -q -m slow tests 2>&1 | tee "$OUT/gpu_slow_tests.log" || status=1 ;;
     bench) python3 -m bench.bench_permute --out "$OUT/bench_permute.json" 2>&1 | tee "$OUT/bench_permute.md" || status=1 ;;
+    swiglu) python3 -m bench.bench_swiglu --out "$OUT/bench_swiglu.json" 2>&1 | tee "$OUT/bench_swiglu.md" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
