@@ -409,13 +409,14 @@ def _check_unpermute_backward(y, rm, p, idx, row_map, dp=False, kind="contiguous
         gy, gp = _unpermute_grads(run, y, p, g, kind, need)
         if "y" in need:
             # Spare rows (num_out_tokens above the routed count) are in no token's row list: their gradient is 0,
-            # except where the index is all the kernel has (csr: the seed's index 0 -> token 0's gradient). The map
-            # path without probs disagrees with the reference there (see the report), so only kept rows are checked.
+            # except where the index is all there is (csr: the seed's scatter_add sums them into token 0, index 0,
+            # so they take token 0's gradient).
             if p is None:
                 _exact(gy[:kept], ref["64"][0][:kept].to(y.dtype), f"{tag} d rows (a copy of the token's grad)")
                 if path == "csr":
-                    _exact(gy, ref["64"][0].to(y.dtype), f"{tag} d rows")
-                elif path == "fused":
+                    spare = g[0].to(y.dtype).expand(N - kept, H) if T else gy.new_zeros((N - kept, H))
+                    _exact(gy[kept:], spare, f"{tag} spare d rows (token 0's grad)")
+                else:
                     assert (gy[kept:] == 0).all(), f"{tag}: spare rows' gradient must be 0"
             else:
                 _close(gy, ref["64"][0], ref["same"][0], f"{tag} d rows", 2 * EPS32 * g_scale)
