@@ -4,7 +4,8 @@
 //   routing_pack + routing_scan  routing_map [T, E] -> per-expert bit columns and their prefix sums (the "tables"),
 //                                from which any (token, expert) pair's permuted row follows in O(1).
 //   permute_scatter              one block per token: finds the token's rows from the tables, writes its row-map
-//                                line, sorted_indices / permuted_probs entries, and copies the token to each row.
+//                                line, sorted_indices / permuted_probs entries, and copies the token to each row
+//                                (on sm_90 with 16-byte rows: staged in shared memory, written by bulk copies).
 //   gather_reduce                one block per token: out[t] = sum over its rows of w * row (fp32 accumulation in
 //                                ascending expert order: bitwise deterministic, no atomics). Unpermute forward and
 //                                permute backward (optionally also the permuted-probs gradient).
@@ -25,7 +26,8 @@
 //
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
 //   routing_scan: grid = 1, block = 1024. Row kernels: grid = T (+ tail blocks that zero spare rows),
-//   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list.
+//   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list
+//   (and, for permute_scatter's Hopper path, a 16 KiB stage of the row).
 // Preconditions (checked in moe_raw/permutation.py): rows contiguous in their last dim, VB divides the row bytes,
 //   the row stride and both base addresses; T * E < 2^31; E <= 4096; N < 2^31 - 2.
 // Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
@@ -189,7 +191,8 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
                     const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                     void* __restrict__ permuted_probs) {
   using V = typename Vec<VB>::type;
-  extern __shared__ int dest_rows[];  // [2 * num_experts]: this token's rows (ascending expert), scratch
+  // [2 * num_experts] ints: this token's rows (ascending expert), scratch; then (Hopper, 16-byte rows) the stage
+  extern __shared__ int dest_rows[];
   const Tables tab(ws, num_tokens, num_experts);
   const int64_t total = tab.expert_start[num_experts];
   const int64_t kept = drop_and_pad ? n_rows : min(total, n_rows);
@@ -247,6 +250,33 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
   for (int e = e_beg; e < e_end; ++e)
     if (scratch[e] >= 0) dest_rows[pos++] = scratch[e];
   __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (VB == 16) {
+    // Hopper: stage the token row in shared memory (kStageBytes at a time), then the bulk-copy engine writes
+    // it to each destination row: one instruction per destination instead of a 16-byte store per thread.
+    constexpr int kStageBytes = 16384;  // moe_raw/permutation.py _STAGE_BYTES sizes the shared memory to match
+    uint8_t* stage = reinterpret_cast<uint8_t*>(
+        (reinterpret_cast<uintptr_t>(dest_rows + 2 * num_experts) + 127) & ~static_cast<uintptr_t>(127));
+    const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+    for (int64_t off = 0; off < row_bytes; off += kStageBytes) {
+      const int bytes = static_cast<int>(min(static_cast<int64_t>(kStageBytes), row_bytes - off));
+      const uint4* s4 = reinterpret_cast<const uint4*>(src + t * src_stride + off);
+      for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) reinterpret_cast<uint4*>(stage)[v] = s4[v];
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // make the stores visible to the engine
+      __syncthreads();
+      for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        uint8_t* d = dst + static_cast<int64_t>(dest_rows[j]) * row_bytes + off;
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(d), "r"(stage_addr),
+                     "r"(bytes)
+                     : "memory");
+      }
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the stage has been read
+      __syncthreads();
+    }
+    return;
+  }
+#endif
   const int64_t nvec = row_bytes / VB;
   const V* s = reinterpret_cast<const V*>(src + t * src_stride);
   constexpr int kUnroll = 4;  // loads in flight per thread before the K stores

@@ -17,6 +17,7 @@ from moe_raw._launch import CTYPES, SCALAR_CODE, launch, ptr
 _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
 _ROW_THREADS = 128  # kRowThreads
 _TAIL_ROWS = 32  # kTailRows
+_STAGE_BYTES = 16384  # kStageBytes
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -99,7 +100,8 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
          (num_tokens), (num_experts), (n_rows), (drop_and_pad), (capacity),
          ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
          ptr(ws), ptr(row_map), ptr(indices), *_scalar_args(probs), ptr(pprobs)),
-        shared_mem=8 * num_experts,
+        # the row list and scratch, plus (16-byte rows) the kernel's 128-aligned stage of up to 16 KiB of the row
+        shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 and want_rows else 0),
     )  # fmt: skip
     return out, pprobs, row_map, indices
 
