@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import cProfile
 import pstats
-import time
 
 import torch
 
 import moe_raw
+from bench.common import host_us
 from moe_raw import _launch, permutation
-
-
-def per_call_us(fn, iters=500):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / iters * 1e6
 
 
 def main():
@@ -51,7 +39,7 @@ def main():
         "unpermute(fused) public": lambda: moe_raw.unpermute(out, row_map, (T, H), probs, fused=True),
     }
     for name, fn in parts.items():
-        print(f"{per_call_us(fn):8.1f} us  {name}")
+        print(f"{host_us(fn):8.1f} us  {name}")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(300):

@@ -8,7 +8,6 @@ Run on a CUDA machine: ``python -m pytest -q -m gpu tests/test_swiglu_gpu.py``.
 from __future__ import annotations
 
 import importlib
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("CUDA device needed", allow_module_level=True)
 
+from bench.common import host_us  # noqa: E402
 from moe_raw import reference as R  # noqa: E402
 
 S = importlib.import_module("moe_raw.swiglu")
@@ -362,18 +362,6 @@ def test_numpy_row_stack_decision():
     print(f"numpy {np.__version__}: row_stack present: {had}")
 
 
-def _host_us(fn, iters=300) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / iters * 1e6
-
-
 def test_host_time_per_call():
     """Host cost of one op at N=16 (launch-bound). Target 25 us (design.md); bench/bench_swiglu.py reports it.
     Asserted only against 200 us, to catch a regression to Numba's 52-104 us dispatcher path."""
@@ -384,7 +372,7 @@ def test_host_time_per_call():
         "swiglu_back": lambda: S.swiglu_back(g, y),
         "weighted_swiglu_back": lambda: S.weighted_swiglu_back(g, y, w),
     }
-    times = {name: _host_us(fn) for name, fn in cases.items()}
+    times = {name: host_us(fn) for name, fn in cases.items()}
     print("host us per call at N=16 F=2048 bf16: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     for name, us in times.items():
         assert us < 200, f"{name}: {us:.0f} us per call"
