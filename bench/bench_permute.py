@@ -31,6 +31,36 @@ SHAPES = {  # name: (T, E, H, K)
 }
 
 
+def bytes_map_build(T, E):
+    """Row map from the routing map: read the bool map (T*E bytes)."""
+    return T * E
+
+
+def bytes_permute_fwd(T, E, H, K, s, num_out=None, seed_indices=False):
+    """permute fwd with probs: read tokens T*H*s + write N*H*s + read map T*E + probs (read N, write N, fp32)
+    + write the row map 4*T*E (moe_raw) or the int64 sorted indices 8*N (the seed, seed_indices=True)."""
+    N = T * K if num_out is None else num_out
+    return T * H * s + N * H * s + T * E + 2 * N * 4 + (8 * N if seed_indices else 4 * T * E)
+
+
+def bytes_unpermute_fwd(T, E, H, K, s, num_out=None):
+    """unpermute fwd with probs: read N*H*s + write T*H*s + read the row map 4*T*E + read N fp32 probs."""
+    N = T * K if num_out is None else num_out
+    return N * H * s + T * H * s + 4 * T * E + N * 4
+
+
+def bytes_permute_bwd(T, E, H, K, s, num_out=None):
+    """permute bwd: read N*H*s + write T*H*s + row map 4*T*E + read N probs-grads + write T*E fp32 dprobs."""
+    N = T * K if num_out is None else num_out
+    return N * H * s + T * H * s + 4 * T * E + N * 4 + T * E * 4
+
+
+def bytes_unpermute_bwd(T, E, H, K, s, num_out=None):
+    """unpermute bwd: read T*H*s + write N*H*s + re-read the N*H*s rows (dprobs) + row map + probs + dprobs."""
+    N = T * K if num_out is None else num_out
+    return T * H * s + 2 * N * H * s + 4 * T * E + N * 4 + T * E * 4
+
+
 def make_inputs(T, E, H, K, dtype=torch.bfloat16):
     scores = torch.randn(T, E, device="cuda")
     idx = scores.topk(K, dim=1).indices
@@ -60,22 +90,23 @@ def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
             }
         )
 
-    map_bytes = T * E
+    map_bytes = bytes_map_build(T, E)
     # map build (tables) alone
-    ms_map = common.do_bench(lambda: permutation._tables(rm))
+    _, ws, _ws_buf = permutation._map_and_workspace(rm)
+    ms_map = common.do_bench(lambda: permutation._tables(rm, ws))
     row("map build", "moe_raw", ms_map, map_bytes)
 
     # permute forward with probs, num_out_tokens given (no sync), fused index
     f_perm = lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)  # noqa: E731
     ms = common.do_bench(f_perm)
-    row("permute fwd", "moe_raw", ms, T * H * s + N * H * s + map_bytes + 2 * N * 4 + 4 * T * E)
+    row("permute fwd", "moe_raw", ms, bytes_permute_fwd(T, E, H, K, s))
     ms_seed = common.do_bench(lambda: seed.permute(x, rm, probs))
-    row("permute fwd", "seed", ms_seed, T * H * s + N * H * s + map_bytes + 2 * N * 4 + 8 * N)
+    row("permute fwd", "seed", ms_seed, bytes_permute_fwd(T, E, H, K, s, seed_indices=True))
     rows[-3]["note"] = f"{100 * ms_map / ms:.1f}% of permute fwd"
 
     out, pprobs, row_map = moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)
     _, _, sidx = seed.permute(x, rm, probs)
-    unp_bytes = N * H * s + T * H * s + 4 * T * E + N * 4
+    unp_bytes = bytes_unpermute_fwd(T, E, H, K, s)
     ms = common.do_bench(lambda: moe_raw.unpermute(out, row_map, (T, H), probs, fused=True))
     row("unpermute fwd", "moe_raw", ms, unp_bytes)
     ms = common.do_bench(lambda: seed.unpermute(out, sidx, (T, H), probs, rm))
@@ -84,10 +115,10 @@ def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
     g_perm = torch.randn_like(out)
     g_pp = torch.randn_like(pprobs)
     ms = common.do_bench(lambda: permutation._gather_cuda(g_perm, row_map, T, g_pprobs=g_pp, dprobs_dtype=probs.dtype))
-    row("permute bwd", "moe_raw", ms, N * H * s + T * H * s + 4 * T * E + N * 4 + T * E * 4)
+    row("permute bwd", "moe_raw", ms, bytes_permute_bwd(T, E, H, K, s))
     g_out = torch.randn_like(x)
     ms = common.do_bench(lambda: permutation._unpermute_bwd_cuda(g_out, out, row_map, N, probs, True))
-    row("unpermute bwd", "moe_raw", ms, T * H * s + 2 * N * H * s + 4 * T * E + N * 4 + T * E * 4)
+    row("unpermute bwd", "moe_raw", ms, bytes_unpermute_bwd(T, E, H, K, s))
 
     # autograd round trip: permute -> unpermute with probs, forward + backward
     def round_trip(mod, **kw):

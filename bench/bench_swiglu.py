@@ -66,21 +66,39 @@ def _calls(fns, y, g, w):
     }
 
 
+def bytes_swiglu_fwd(n, f, s):
+    """swiglu fwd: read y 2F*s, write out F*s per row."""
+    return n * 3 * f * s
+
+
+def bytes_weighted_swiglu_fwd(n, f, s, ws=4):
+    """weighted_swiglu fwd: read y 2F*s + the weight ws, write out F*s per row."""
+    return n * (3 * f * s + ws)
+
+
+def bytes_weighted_swiglu_bwd(n, f, s, ws=4):
+    """weighted_swiglu bwd: read g F*s + y 2F*s + w, write dy 2F*s + dw, per row."""
+    return n * (5 * f * s + 2 * ws)
+
+
 def _bytes(op, n, f, s, ws):
     if op == "swiglu fwd":
-        return n * 3 * f * s  # I/O: read y 2F + write out F
+        return bytes_swiglu_fwd(n, f, s)
     if op == "weighted_swiglu fwd":
-        return n * (3 * f * s + ws)  # + the weight
-    return n * (5 * f * s + 2 * ws)  # read g F + y 2F + w, write dy 2F + dw
+        return bytes_weighted_swiglu_fwd(n, f, s, ws)
+    return bytes_weighted_swiglu_bwd(n, f, s, ws)
 
 
-def bench_shape(name, n, f, copy_gbs, providers):
-    y, g, w = _inputs(n, f)
+def bench_shape(name, n, f, copy_gbs, providers, dtype=torch.bfloat16, ops=None):
+    """Rows of one shape; ops: a subset of the _calls keys ("swiglu fwd", ...), default all."""
+    y, g, w = _inputs(n, f, dtype)
     s, ws = y.element_size(), w.element_size()
     rows = []
     ms_by = {}
     for provider, fns in providers.items():
         for op, fn in _calls(fns, y, g, w).items():
+            if ops is not None and op not in ops:
+                continue
             fn()  # compile / warm up
             ms = common.do_bench(fn)
             gbs = _bytes(op, n, f, s, ws) / (ms * 1e-3) / 1e9

@@ -19,7 +19,7 @@ def main():
     rm = torch.zeros(T, E, dtype=torch.bool, device="cuda").scatter_(1, scores.topk(K, 1).indices, True)
     probs = torch.softmax(scores, 1) * rm
     N = T * K
-    _, ws = permutation._tables(rm)
+    _, ws, ws_buf = permutation._map_and_workspace(rm)
     out, pp, row_map, _ = permutation._permute_cuda(x, rm, probs, N, False, want_indices=False)
     dev = x.device
     parts = {
@@ -30,9 +30,9 @@ def main():
         "cupy getDevice": lambda: _launch._cupy().cuda.runtime.getDevice(),
         "_launch.ptr(tensor)": lambda: _launch.ptr(x),
         "launch routing_pack (7 args)": lambda: _launch.launch(
-            "permute", "moe_raw::routing_pack<256>", dev, 1, 256, (rm.data_ptr(), 1, E, 1, T, E, ws.data_ptr())
+            "permute", "moe_raw::routing_pack<256>", dev, 1, 256, (rm.data_ptr(), 1, E, 1, T, E, ws)
         ),
-        "_tables": lambda: permutation._tables(rm),
+        "_tables": lambda: permutation._tables(rm, ws),
         "_permute_cuda": lambda: permutation._permute_cuda(x, rm, probs, N, False, want_indices=False),
         "_gather_cuda": lambda: permutation._gather_cuda(out, row_map, T, probs=probs),
         "permute(fused) public": lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True),

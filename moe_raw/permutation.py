@@ -26,10 +26,13 @@ def _cdiv(a: int, b: int) -> int:
 
 def _vec_bytes(elem: int, *byte_quantities: int) -> int:
     """Widest vector (16, 8, 4, 2 or 1 bytes, at least one element) dividing every row size, stride and address."""
-    for vb in (16, 8, 4, 2, 1):
-        if vb >= elem and all(q % vb == 0 for q in byte_quantities):
-            return vb
-    return elem
+    q = 0
+    for b in byte_quantities:
+        q |= b  # a power of two divides every quantity iff it divides their bitwise OR
+    vb = 16
+    while vb > elem and q % vb:
+        vb >>= 1
+    return vb
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -44,27 +47,37 @@ def _scalar_args(p: torch.Tensor | None):
     return (p.data_ptr(), SCALAR_CODE[p.dtype], p.stride(0), p.stride(1))
 
 
-def _tables(routing_map: torch.Tensor, lead: int = 0):
-    """Launch routing_pack (+ routing_scan) and return (buffer, workspace): the int32 workspace of
-    kernels/permute.cu is ``buffer[lead:]``; the first ``lead`` ints are the caller's (one allocation, not two).
-    No host sync."""
-    num_tokens, num_experts = routing_map.shape
+def _workspace_ints(num_tokens: int, num_experts: int) -> int:
+    """int32 words of kernels/permute.cu's routing workspace."""
     n_words, n_tiles = _cdiv(num_tokens, 32), _cdiv(num_tokens, _TILE_TOKENS)
-    size = 2 * num_experts * (n_words + n_tiles) + num_experts + 1
-    buf = torch.empty(lead + size, dtype=torch.int32, device=routing_map.device)
-    ws = buf[lead:]
+    return 2 * num_experts * (n_words + n_tiles) + num_experts + 1
+
+
+def _tables(routing_map: torch.Tensor, ws: int) -> None:
+    """Launch routing_pack (+ routing_scan) filling the int32 workspace at device address ``ws``. No host sync."""
+    num_tokens, num_experts = routing_map.shape
+    n_tiles = _cdiv(num_tokens, _TILE_TOKENS)
     # One block does everything for T <= 256 (one launch); otherwise tiles x 32-expert groups, then the scan.
     grid = (1, 1) if n_tiles == 1 else (n_tiles, _cdiv(num_experts, 32))
+    dev = routing_map.device
     launch(
-        "permute", "moe_raw::routing_pack<256>", routing_map.device, grid, _TILE_TOKENS,
-        (ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
-         (num_tokens), (num_experts), ptr(ws)),
+        "permute", "moe_raw::routing_pack<256>", dev, grid, _TILE_TOKENS,
+        (routing_map.data_ptr(), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
+         num_tokens, num_experts, ws),
     )  # fmt: skip
     if n_tiles > 1:
-        launch(
-            "permute", "moe_raw::routing_scan<1024>", routing_map.device, 1, 1024, (ptr(ws), num_tokens, num_experts)
-        )
-    return buf, ws
+        launch("permute", "moe_raw::routing_scan<1024>", dev, 1, 1024, (ws, num_tokens, num_experts))
+
+
+def _map_and_workspace(routing_map: torch.Tensor):
+    """One int32 allocation: the row map [T+1, E] (returned as a view) and, after it, the routing workspace
+    (returned as its device address, plus the tensor holding it). One allocation and one view per call: on the
+    small-call path each costs microseconds."""
+    num_tokens, num_experts = routing_map.shape
+    extra_rows = _cdiv(_workspace_ints(num_tokens, num_experts), num_experts)
+    buf = torch.empty((num_tokens + 1 + extra_rows, num_experts), dtype=torch.int32, device=routing_map.device)
+    ws = buf.data_ptr() + 4 * (num_tokens + 1) * num_experts
+    return buf[: num_tokens + 1], ws, buf
 
 
 def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_rows=True, want_indices=True):
@@ -72,12 +85,12 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     num_tokens, hidden = tokens.shape
     num_experts = routing_map.shape[1]
     dev = tokens.device
-    map_numel = (num_tokens + 1) * num_experts
-    buf, ws = _tables(routing_map, lead=map_numel)
-    row_map = buf[:map_numel].view(num_tokens + 1, num_experts)
+    row_map, ws, buf = _map_and_workspace(routing_map)
+    _tables(routing_map, ws)
     n_rows = num_out_tokens
     if n_rows is None:
-        n_rows = int(ws[-1].item())  # the routed count: the one device-to-host read, only without num_out_tokens
+        # the routed count (expert_start[E], the workspace's last word): the one device-to-host read
+        n_rows = int(buf.view(-1)[(num_tokens + 1) * num_experts + _workspace_ints(num_tokens, num_experts) - 1].item())
         if n_rows > V.MAX_ROWS:
             raise ValueError(f"moe_raw.permute: {n_rows} routed pairs exceed the {V.MAX_ROWS} rows supported")
     capacity = 0
@@ -99,7 +112,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
         (ptr(src), (src.stride(0) * src.element_size() if src is not None else 0), ptr(out), (row_bytes),
          (num_tokens), (num_experts), (n_rows), (drop_and_pad), (capacity),
          ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
-         ptr(ws), ptr(row_map), ptr(indices), *_scalar_args(probs), ptr(pprobs)),
+         ws, row_map.data_ptr(), ptr(indices), *_scalar_args(probs), ptr(pprobs)),
         # the row list and scratch, plus (16-byte rows) the kernel's 128-aligned stage of up to 16 KiB of the row
         shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 and want_rows else 0),
     )  # fmt: skip
