@@ -131,7 +131,7 @@ def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
     ours["speedup_vs_seed"] = theirs["ms"] / ours["ms"]
     ours["note"] = (f"{ours['speedup_vs_seed']:.2f}x faster than seed; outputs/grads "
                     f"{'match' if ok else 'DIFFER'} (max rel err {err:.1e}, tol {LAYER_RTOL[dtype]:.0e})")  # fmt: skip
-    del inputs
+    inputs.clear()  # free the weights before the next shape
     torch.cuda.empty_cache()
     return rows, ok
 

@@ -6,6 +6,8 @@
 #   slow    pytest -m slow                   large shapes (64-bit offsets)
 #   bench   python -m bench.bench_permute    the permute/unpermute side-by-side benchmark table
 #   swiglu  python -m bench.bench_swiglu     the SwiGLU family benchmark table
+#   quick   python -m bench --quick          the user-facing CLI, one shape per op (record in $OUT/bench.*)
+#   full    python -m bench                  the CLI at every shape, MoE layer case included
 # Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
 set -uo pipefail
 OUT=${OUT:-bench/results/latest}
@@ -26,6 +28,8 @@ for step in "$@"; do
     slow) python3 -m pytest -q -m slow tests 2>&1 | tee "$OUT/gpu_slow_tests.log" || status=1 ;;
     bench) python3 -m bench.bench_permute --out "$OUT/bench_permute.json" 2>&1 | tee "$OUT/bench_permute.md" || status=1 ;;
     swiglu) python3 -m bench.bench_swiglu --out "$OUT/bench_swiglu.json" 2>&1 | tee "$OUT/bench_swiglu.md" || status=1 ;;
+    quick) python3 -m bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.md" || status=1 ;;
+    full) python3 -m bench --out "$OUT" 2>&1 | tee "$OUT/bench_full.md" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

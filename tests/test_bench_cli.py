@@ -1,0 +1,212 @@
+"""CPU tests of the benchmark CLI (python -m bench): argument handling, byte models, the CPU self-check, the record."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import __main__ as cli
+from bench import bench_layer, bench_permute, bench_swiglu
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+
+
+def test_parse_defaults():
+    a = cli.parse_args([])
+    assert a.ops == cli.OPS and a.dtype == "bf16" and a.shapes is None and not a.quick and not a.no_bench
+    assert a.out is None
+
+
+def test_parse_groups_and_ops():
+    assert cli.parse_args(["--ops", "permute"]).ops == ("permute", "unpermute")
+    assert cli.parse_args(["--ops", "swiglu"]).ops == ("swiglu", "weighted_swiglu", "weighted_swiglu_back")
+    assert cli.parse_args(["--ops", "weighted_swiglu_back,unpermute"]).ops == ("unpermute", "weighted_swiglu_back")
+    assert cli.parse_args(["--ops", "layer", "--dtype", "fp16", "--quick", "--no-bench"]).dtype == "fp16"
+
+
+def test_parse_shapes_short_and_full_names():
+    a = cli.parse_args(["--shapes", "DeepSeek-V3,N98304-F768"])
+    assert a.shapes == ["DeepSeek-V3", "N98304-F768 (Qwen3-30B-A3B experts)"]
+    assert cli.parse_args(["--shapes", "N32768-F2048 (DeepSeek-V3 experts)"]).shapes == [
+        "N32768-F2048 (DeepSeek-V3 experts)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--ops", "permute,bogus"], "unknown op 'bogus'"),
+        (["--ops", ","], "names no op"),
+        (["--shapes", "Llama-1B"], "unknown shape 'Llama-1B'"),
+        (["--dtype", "int8"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    if "shape" in needle:
+        assert "DeepSeek-V3" in err and "N32768-F2048" in err  # names the valid choices
+
+
+def test_bad_op_from_the_command_line():
+    r = subprocess.run([sys.executable, "-m", "bench", "--ops", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown op 'nope'" in r.stderr
+
+
+def test_select_shapes():
+    table = bench_permute.SHAPES
+    assert cli.select_shapes(table, None, quick=True) == ["DeepSeek-V3"]
+    assert cli.select_shapes(table, None, quick=False) == list(table)
+    assert cli.select_shapes(table, ["Mixtral-8x7B", "N98304-F768 (Qwen3-30B-A3B experts)"], False) == ["Mixtral-8x7B"]
+    assert cli.select_shapes(table, ["N98304-F768 (Qwen3-30B-A3B experts)"], True) == ["DeepSeek-V3"]
+
+
+# -------------------------------------------------------------------------------------------------- byte models
+
+
+def test_permute_byte_models_by_hand():
+    T, E, H, K, s = 4, 2, 3, 2, 2  # N = 8
+    assert bench_permute.bytes_map_build(T, E) == 8
+    # tokens 24 + rows 48 + map 8 + probs 2*8*4=64 + row map 4*8=32
+    assert bench_permute.bytes_permute_fwd(T, E, H, K, s) == 176
+    assert bench_permute.bytes_permute_fwd(T, E, H, K, s, seed_indices=True) == 176 - 32 + 64  # int64 indices
+    assert bench_permute.bytes_unpermute_fwd(T, E, H, K, s) == 48 + 24 + 32 + 32
+    assert bench_permute.bytes_unpermute_fwd(T, E, H, K, s, num_out=5) == 30 + 24 + 32 + 20
+    assert bench_permute.bytes_permute_bwd(T, E, H, K, s) == 48 + 24 + 32 + 32 + 32
+    assert bench_permute.bytes_unpermute_bwd(T, E, H, K, s) == 24 + 96 + 32 + 32 + 32
+    # DeepSeek-V3 bf16: 58720256 + 469762048 + 1048576 + 262144 + 4194304
+    assert bench_permute.bytes_permute_fwd(4096, 256, 7168, 8, 2) == 533_987_328
+
+
+def test_swiglu_byte_models_by_hand():
+    n, f, s = 10, 4, 2
+    assert bench_swiglu.bytes_swiglu_fwd(n, f, s) == 240  # 10 * (8 + 4) * 2
+    assert bench_swiglu.bytes_weighted_swiglu_fwd(n, f, s) == 280  # + 10 fp32 weights
+    assert bench_swiglu.bytes_weighted_swiglu_bwd(n, f, s) == 480  # 10 * (5*4*2 + 2*4)
+    assert bench_swiglu._bytes("weighted_swiglu bwd", n, f, s, 2) == 10 * (40 + 4)
+    # N=32768 F=2048 bf16 forward: 32768 * 6144 * 2
+    assert bench_swiglu.bytes_swiglu_fwd(32768, 2048, 2) == 402_653_184
+
+
+# ---------------------------------------------------------------------------------------------- CPU self-check
+
+
+@no_cuda
+def test_cpu_selfcheck_exits_0_and_prints_pass_lines(capsys, tmp_path):
+    rc = cli.main(["--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "no CUDA device found" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith(("PASS", "FAIL"))]
+    assert lines and all(ln.startswith("PASS") for ln in lines), out
+    for dt in ("bf16", "fp16", "fp32"):
+        for label in ("permute+unpermute", "swiglu fwd", "swiglu_back", "weighted_swiglu fwd", "weighted_swiglu_back",
+                      "weighted_bias_swiglu_impl", "MoE layer"):  # fmt: skip
+            assert any(f" {dt} " in ln and label in ln for ln in lines), (dt, label)
+    rec = json.loads((tmp_path / "bench.json").read_text())
+    assert rec["format"] == cli.RECORD_FORMAT and rec["rows"] == [] and rec["copy_GBps"] is None
+    assert len(rec["selfcheck"]) == len(lines) and {c["status"] for c in rec["selfcheck"]} == {"PASS"}
+
+
+@no_cuda
+def test_cpu_selfcheck_of_selected_ops_writes_nothing_without_out(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--ops", "weighted_swiglu", "--no-bench"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("PASS", "FAIL"))]
+    assert len(lines) == 3 * 2  # weighted_swiglu fwd + the autograd function, per dtype
+    assert not list(tmp_path.iterdir())
+
+
+def test_selfcheck_reports_a_failure(monkeypatch, capsys):
+    def broken(y, w):
+        return torch.zeros(y.shape[0], y.shape[1] // 2, dtype=y.dtype)
+
+    import moe_raw
+
+    monkeypatch.setattr(moe_raw, "weighted_swiglu", broken)
+    res = cli.selfcheck(("weighted_swiglu",), "cpu")
+    fwd = [r for r in res if r["op"].startswith("weighted_swiglu fwd")]
+    assert len(fwd) == 3 and all(r["status"] == "FAIL" for r in fwd)
+    assert "FAIL" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------- layer
+
+
+def test_grouped_matmul_matches_dense_per_expert():
+    rows, w, counts = torch.randn(9, 5, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64), [4, 0, 5]
+    out = bench_layer.grouped_matmul(rows, w, counts)
+    assert torch.allclose(out, torch.cat([rows[:4] @ w[0], rows[4:] @ w[2]]))
+
+
+def test_layer_providers_agree_on_cpu():
+    inputs = bench_layer.make_layer(23, 4, 16, 2, 8, dtype=torch.float32, device="cpu")
+    y, dx, dlogits = bench_layer.layer_step("moe_raw", inputs)
+    assert y.shape == (23, 16) and dx.shape == (23, 16) and dlogits.shape == (23, 4)
+    assert bench_layer.compare(inputs) <= bench_layer.LAYER_RTOL[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------------- record
+
+
+def _fake_rows():
+    rows = [
+        {"kind": "kernel", "shape": "S", "op": "permute fwd", "provider": "moe_raw", "dtype": "bf16", "ms": 0.5,
+         "GB/s": 2600.0, "pct_copy": 89.0, "note": ""},
+        {"kind": "kernel", "shape": "S", "op": "permute fwd", "provider": "seed", "dtype": "bf16", "ms": 1.5,
+         "GB/s": 900.0, "pct_copy": 31.0, "note": ""},
+        {"kind": "kernel", "shape": "S", "op": "round trip fwd+bwd", "provider": "moe_raw", "dtype": "bf16",
+         "ms": 2.0, "GB/s": float("nan"), "pct_copy": float("nan"), "note": ""},
+        {"kind": "host", "shape": "T=16", "op": "permute+unpermute", "provider": "moe_raw", "dtype": "bf16",
+         "us": 40.0},
+        {"kind": "layer", "shape": "L", "op": "moe layer fwd+bwd", "provider": "moe_raw", "dtype": "bf16", "ms": 9.0,
+         "tokens_per_s": 1.8e6, "peak_mem_GB": 3.2, "max_rel_err": 1e-3, "note": "ok"},
+    ]  # fmt: skip
+    cli._speedups(rows)
+    return rows
+
+
+def test_speedups_and_markdown():
+    rows = _fake_rows()
+    assert rows[0]["speedup_vs_seed"] == pytest.approx(3.0)
+    assert "speedup_vs_seed" not in rows[1] and "speedup_vs_seed" not in rows[2]
+    md = cli.markdown(rows, 2915.0)
+    assert "| S | permute fwd | moe_raw | bf16 | 0.500 | 2600 | 89% | 3.00x |" in md
+    assert "2915 GB/s" in md and "| T=16 | permute+unpermute | moe_raw | 40.0 |" in md and "| L | moe_raw |" in md
+
+
+def test_record_json_and_csv(tmp_path):
+    rows = _fake_rows()
+    env = {"gpu": "NVIDIA H100", "torch": "2.13", "cupy": "14.2", "numba": "0.68", "git_sha": "abc",
+           "timestamp": "2026-11-27T00:00:00+00:00"}  # fmt: skip
+    checks = [{"op": "swiglu fwd", "dtype": "bf16", "status": "PASS", "detail": "", "device": "cuda"}]
+    paths = cli.write_record(str(tmp_path / "rec"), env, {"quick": True}, checks, rows, 2915.0, 2000.0)
+    rec = json.loads(open(paths["json"]).read())
+    assert rec["format"] == "moe_raw-bench/1"
+    for key in ("gpu", "torch", "cupy", "numba", "git_sha", "timestamp"):
+        assert key in rec["env"]
+    assert rec["copy_GBps"] == 2915.0 and rec["selfcheck"] == checks and len(rec["rows"]) == len(rows)
+    with open(paths["csv"]) as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == cli.CSV_FIELDS and len(got) == len(rows)
+    assert float(got[0]["GB/s"]) == 2600.0 and float(got[0]["speedup_vs_seed"]) == pytest.approx(3.0)
+    assert got[2]["GB/s"] == "" and got[3]["us"] == "40.0" and got[4]["tokens_per_s"] == "1800000.0"
+    assert not any(math.isnan(float(v)) for r in got for k, v in r.items() if k in ("ms", "GB/s") and v)
+
+
+def test_record_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = cli.write_record(str(tmp_path), {"gpu": "x"}, {}, [], _fake_rows(), 2915.0)
+    assert paths["png"].endswith("bench.png") and (tmp_path / "bench.png").stat().st_size > 1000
