@@ -50,6 +50,17 @@ def write_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def _git_sha() -> str:
+    """HEAD of the checkout this file is in, or "unknown" (e.g. a copied tree without .git)."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=False)
+    except OSError:
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else "unknown"
+
+
 def environment() -> dict:
     import numpy
 
@@ -64,13 +75,7 @@ def environment() -> dict:
             env[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - a missing optional package is recorded, not fatal
             env[mod] = None
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        env["git_sha"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=False
-        ).stdout.strip() or os.environ.get("MOE_RAW_GIT_SHA", "unknown")
-    except OSError:
-        env["git_sha"] = os.environ.get("MOE_RAW_GIT_SHA", "unknown")
+    env["git_sha"] = os.environ.get("MOE_RAW_GIT_SHA") or _git_sha()
     return env
 
 
