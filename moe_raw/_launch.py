@@ -8,7 +8,7 @@
   with torch ops and are captured by ``torch.cuda.graph``.
 * Arguments are packed with one ``struct`` per kernel (SIGNATURES: the C type of every parameter) into a per-thread
   buffer handed to ``cuLaunchKernel`` as CU_LAUNCH_PARAM_BUFFER_POINTER. CuPy's ``Function.__call__`` converts each
-  argument separately: 12 us for a 7-argument launch on an H100, most of our small-call host time.
+  argument separately: 12 us for a 7-argument launch on an H100 host, against 6.5-7.2 us this way (same runs).
 * Tensors pass as raw device addresses (zero-copy: the address ``__cuda_array_interface__`` exports, bf16 and
   ``requires_grad`` tensors included, which CAI / DLPack export would refuse); any CAI object is accepted too.
 
