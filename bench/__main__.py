@@ -228,16 +228,7 @@ def check_permute(dtype, device) -> tuple[bool, str]:
     ok, n = True, 0
     with contextlib.redirect_stdout(buf):
         for T, E, K, H in cases:
-            r = T * K  # the same routing variants as smoke.main
-            for kw in (
-                dict(fused=False),
-                dict(fused=True),
-                dict(num_out=r),
-                dict(num_out=max(r - 5, 0)),
-                dict(num_out=r + 37, fused=True),
-                dict(num_out=r, drop_and_pad=True),
-                dict(num_out=r // 2, drop_and_pad=True, fused=True),
-            ):
+            for kw in smoke.routing_variants(T * K):
                 ok &= smoke.check(T, E, K, H, dtype, device=device, **kw)
                 n += 1
     fails = [ln for ln in buf.getvalue().splitlines() if ln.startswith("FAIL")]
