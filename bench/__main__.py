@@ -30,13 +30,14 @@ Record (under --out):
                "args": {"quick", "ops", "dtype", "shapes"},
                "copy_GBps": measured dst.copy_(src) bandwidth, bytes read + written (null on CPU),
                "write_GBps": measured fill_ bandwidth (null on CPU),
-               "selfcheck": [{"op", "dtype", "status": "PASS"|"FAIL", "detail"}],
+               "selfcheck": [{"op", "dtype", "status": "PASS"|"FAIL", "detail", "device", "seconds"}],
                "rows": [row, ...]}
-    row: {"kind": "kernel" | "host" | "layer", "shape", "op", "provider", "dtype",
+    row: {"kind": "kernel" | "host" | "memory" | "layer", "shape", "op", "provider", "dtype",
           "ms" (kernel/layer: median GPU ms), "us" (host: host microseconds per call), "GB/s" and "pct_copy"
           (kernel rows with a byte model, see bench_permute / bench_swiglu docstrings), "speedup_vs_seed"
           (seed ms / this ms, where a seed row of the same shape and op exists), "tokens_per_s", "peak_mem_GB"
-          and "max_rel_err" (layer rows), "note"}
+          (layer rows; memory rows: peak of permute -> unpermute fwd+bwd above the inputs), "max_rel_err" (layer
+          rows), "note"}
   bench.csv   the rows, one per line, columns CSV_FIELDS (empty where a field does not apply)
   bench.png   (when matplotlib is importable) GB/s per op and provider, one panel per shape, with a line at the
               measured copy bandwidth
@@ -216,14 +217,16 @@ def check_swiglu(check: str, dtype, device) -> tuple[bool, str]:
     return ok, f"max |err| vs fp64 {ours_err:.1e} (torch in the same dtype: {ref_err_max:.1e}; limit 2x per output)"
 
 
-def check_permute(dtype, device) -> tuple[bool, str]:
+SMALL_PERMUTE_CASES = [(16, 8, 2, 64), (7, 4, 2, 13), (257, 64, 8, 136)]  # (T, E, K, H): vector rows, odd tail
+# Full runs add larger cases (H = 7168 dprobs dots, one expert); the GPU test suite covers far more.
+LARGE_PERMUTE_CASES = [(1027, 64, 8, 1000), (300, 256, 8, 7168), (1027, 1, 1, 2048)]
+
+
+def check_permute(dtype, device, quick: bool = False) -> tuple[bool, str]:
     """bench.smoke.check over its routing variants (permute exact, unpermute and both grads vs fp64)."""
     from bench import smoke
 
-    if device == "cpu":
-        cases = [(16, 8, 2, 64), (7, 4, 2, 13), (257, 64, 8, 64)]
-    else:
-        cases = [(16, 8, 2, 64), (7, 4, 2, 13), (1027, 64, 8, 1000), (300, 256, 8, 7168), (1027, 1, 1, 2048)]
+    cases = SMALL_PERMUTE_CASES if device == "cpu" or quick else SMALL_PERMUTE_CASES + LARGE_PERMUTE_CASES
     buf = io.StringIO()
     ok, n = True, 0
     with contextlib.redirect_stdout(buf):
@@ -237,14 +240,16 @@ def check_permute(dtype, device) -> tuple[bool, str]:
     )
 
 
-def selfcheck(ops, device) -> list:
-    """Run the checks of `ops` in every dtype on `device`; print one PASS/FAIL line each; return the records."""
+def selfcheck(ops, device, quick: bool = False) -> list:
+    """Run the checks of `ops` in every dtype on `device`; print one PASS/FAIL line each; return the records.
+    quick: the small permute cases only (the slow part of a full self-check is the fp64 CPU reference of the large
+    ones)."""
     results = []
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for dname, dtype in names.items():
         todo = []
         if "permute" in ops or "unpermute" in ops:
-            todo.append(("permute+unpermute fwd+bwd", lambda dt=dtype: check_permute(dt, device)))
+            todo.append(("permute+unpermute fwd+bwd", lambda dt=dtype: check_permute(dt, device, quick)))
         for check, (op, label) in SWIGLU_CHECKS.items():
             if op in ops or (check == "autograd" and "weighted_swiglu" in ops):
                 todo.append((label, lambda c=check, dt=dtype: check_swiglu(c, dt, device)))
@@ -252,13 +257,16 @@ def selfcheck(ops, device) -> list:
             todo.append(("MoE layer fwd+bwd, moe_raw vs seed", lambda dt=dtype: check_layer(dt, device)))
         for label, fn in todo:
             torch.manual_seed(0)
+            t0 = time.perf_counter()
             try:
                 ok, detail = fn()
             except Exception as e:  # noqa: BLE001 - a crash is a FAIL line, not a traceback halfway through
                 ok, detail = False, f"{type(e).__name__}: {e}"
+            seconds = time.perf_counter() - t0
             status = "PASS" if ok else "FAIL"
-            print(f"{status}  {dname:4}  {label}  [{device}]  {detail}", flush=True)
-            results.append({"op": label, "dtype": dname, "status": status, "detail": detail, "device": device})
+            print(f"{status}  {dname:4}  {label}  [{device}, {seconds:.1f}s]  {detail}", flush=True)
+            results.append({"op": label, "dtype": dname, "status": status, "detail": detail, "device": device,
+                            "seconds": round(seconds, 3)})  # fmt: skip
     return results
 
 
@@ -303,11 +311,16 @@ def run_benchmarks(args) -> tuple[list, dict, bool]:
     rows, ok = [], True
     if "permute" in args.ops or "unpermute" in args.ops:
         for name in select_shapes(bench_permute.SHAPES, args.shapes, args.quick):
-            progress(f"permute/unpermute {name}")
+            progress(f"permute/unpermute {name} (the first call compiles torch.compile(seed))")
             for r in bench_permute.bench_shape(name, *bench_permute.SHAPES[name], copy_gbs, dtype=dtype):
                 if _keep_permute_row(r["op"], args.ops):
                     rows.append({"kind": "kernel", "dtype": args.dtype, **r})
             torch.cuda.empty_cache()
+            if "permute" in args.ops and "unpermute" in args.ops:
+                progress(f"permute -> unpermute peak memory {name}")
+                rows += [{"dtype": args.dtype, **r} for r in
+                         bench_permute.peak_memory_rows(name, *bench_permute.SHAPES[name], dtype=dtype)]  # fmt: skip
+                torch.cuda.empty_cache()
         progress("permute+unpermute host time at T=16, 128")
         rows += [{"kind": "host", "dtype": "bf16", **r} for r in bench_permute.host_time_rows()]
     sw_ops = [SWIGLU_CALLS[o] for o in OPS if o in SWIGLU_CALLS and o in args.ops]
@@ -363,6 +376,11 @@ def markdown(rows: list, copy_gbs: float | None) -> str:
     if host:
         out.append("\n| shape | op | provider | host us / call |\n|---|---|---|---|")
         out += [f"| {r['shape']} | {r['op']} | {r['provider']} | {r['us']:.1f} |" for r in host]
+    mem = [r for r in rows if r.get("kind") == "memory"]
+    if mem:
+        out.append("\n| shape | op | provider | peak GB | note |\n|---|---|---|---|---|")
+        out += [f"| {r['shape']} | {r['op']} | {r['provider']} | {r['peak_mem_GB']:.3f} | {r.get('note', '')} |"
+                for r in mem]  # fmt: skip
     lay = [r for r in rows if r.get("kind") == "layer"]
     if lay:
         out.append("\n| MoE layer shape | provider | dtype | ms (fwd+bwd) | tokens/s | peak GB | note |")
@@ -443,7 +461,7 @@ def main(argv=None) -> int:
         print("no CUDA device found: running the self-check on the CPU path (moe_raw.reference); "
               "the benchmark needs CUDA")  # fmt: skip
     progress(f"self-check on {device} (every dtype, small shapes, against moe_raw.reference in fp64)")
-    checks = selfcheck(args.ops, device)
+    checks = selfcheck(args.ops, device, args.quick)
     failed = sum(c["status"] == "FAIL" for c in checks)
     print(f"self-check: {len(checks) - failed} PASS, {failed} FAIL", flush=True)
     rows, bw, ok = [], {"copy_GBps": None, "write_GBps": None}, failed == 0

@@ -5,7 +5,7 @@ python -m bench.bench_layer [--quick] [--dtype bf16]     (also run by ``python -
 The layer (one token-choice MoE block, no shared expert):
   router logits [T, E] fp32 -> softmax -> top-K -> routing map [T, E] bool + dense probs [T, E] (0 off route)
   -> permute(x [T, H], probs)            (expert-major rows, N = T*K, with the permuted probs [N])
-  -> up-projection  h = x_e @ W_up[e]    (grouped: a loop over experts of torch.matmul on row slices)  [N, 2F]
+  -> up-projection  h = x_e @ W_up[e]    (grouped matmul, see grouped_matmul)                         [N, 2F]
   -> weighted SwiGLU  a = silu(h_gate) * h_up * prob                                                     [N, F]
   -> down-projection o = a_e @ W_down[e]                                                                 [N, H]
   -> unpermute(o) (scatter-add back to tokens)                                                           [T, H]
@@ -17,6 +17,10 @@ Providers, in the same layer with the same weights and routing:
            moe_raw.unpermute(fused=True)
   seed     bench.seed.permute / moe_raw.reference.weighted_bias_swiglu_impl (the seed's eager autograd function)
            / bench.seed.unpermute
+The grouped matmul is torch's own (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``: one launch, expert
+offsets on the device) for bf16 on a card that has it; otherwise a Python loop of torch.matmul over experts, which
+needs the per-expert counts on the host (read once in make_layer, outside the timing). Both providers use the same
+one, so the difference between them is the dispatch (permute, SwiGLU, unpermute) and its autograd.
 Reported: layer ms (fwd+bwd, median), tokens/s, peak memory above the inputs and weights
 (torch.cuda.max_memory_allocated), and the largest relative error (norm) between the two providers' y, dx, dlogits.
 """
@@ -44,7 +48,8 @@ LAYER_RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def make_layer(T, E, H, K, F, dtype=torch.bfloat16, device="cuda", seed_=0):
-    """Inputs and frozen expert weights of one layer; tokens_per_expert is read once here (a host list)."""
+    """Inputs and frozen expert weights of one layer; tokens_per_expert is read once here (a host list, used only by
+    the loop fallback of grouped_matmul)."""
     gen = torch.Generator(device=device).manual_seed(seed_)
     x = torch.randn(T, H, device=device, dtype=dtype, generator=gen)
     logits = torch.randn(T, E, device=device, dtype=torch.float32, generator=gen)
@@ -56,8 +61,25 @@ def make_layer(T, E, H, K, F, dtype=torch.bfloat16, device="cuda", seed_=0):
     return {"x": x, "logits": logits, "w_up": w_up, "w_down": w_down, "gy": gy, "K": K, "counts": counts}
 
 
-def grouped_matmul(rows: torch.Tensor, w: torch.Tensor, counts) -> torch.Tensor:
-    """rows [N, in] in expert-major order (counts[e] rows for expert e) times w [E, in, out] -> [N, out]."""
+def _torch_grouped_mm():
+    import torch.nn.functional as F
+
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_kind(rows: torch.Tensor) -> str:
+    """Which grouped matmul grouped_matmul uses for these rows: "torch grouped_mm" or "loop of matmuls"."""
+    if rows.is_cuda and rows.dtype == torch.bfloat16 and _torch_grouped_mm() is not None:
+        if torch.cuda.get_device_capability(rows.device) >= (9, 0):
+            return "torch grouped_mm"
+    return "loop of matmuls"
+
+
+def grouped_matmul(rows: torch.Tensor, w: torch.Tensor, counts, offsets=None) -> torch.Tensor:
+    """rows [N, in] in expert-major order (counts[e] rows for expert e) times w [E, in, out] -> [N, out].
+    offsets: int32 [E] cumulative row counts on the device (torch's grouped_mm; no host sync), else the loop."""
+    if offsets is not None and grouped_mm_kind(rows) == "torch grouped_mm":
+        return _torch_grouped_mm()(rows, w, offs=offsets)
     outs, start = [], 0
     for e, c in enumerate(counts):
         if c:
@@ -74,14 +96,17 @@ def layer_forward(provider: str, x, logits, w_up, w_down, K, counts):
     topv, topi = logits.softmax(-1).topk(K, dim=-1)
     rm = torch.zeros(T, E, dtype=torch.bool, device=x.device).scatter_(1, topi, True)
     probs = torch.zeros(T, E, dtype=logits.dtype, device=x.device).scatter(1, topi, topv)
+    offsets = rm.sum(0, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # on the device: no host sync
     if provider == "moe_raw":
         perm, pprobs, row_map = moe_raw.permute(x, rm, probs, num_out_tokens=T * K, fused=True)
-        a = moe_raw.weighted_bias_swiglu_impl(grouped_matmul(perm, w_up, counts), pprobs.unsqueeze(-1))
-        return moe_raw.unpermute(grouped_matmul(a, w_down, counts), row_map, (T, H), fused=True)
+        h = grouped_matmul(perm, w_up, counts, offsets)
+        a = moe_raw.weighted_bias_swiglu_impl(h, pprobs.unsqueeze(-1))
+        return moe_raw.unpermute(grouped_matmul(a, w_down, counts, offsets), row_map, (T, H), fused=True)
     if provider == "seed":
         perm, pprobs, sidx = seed.permute(x, rm, probs)
-        a = reference.weighted_bias_swiglu_impl(grouped_matmul(perm, w_up, counts), pprobs.unsqueeze(-1))
-        return seed.unpermute(grouped_matmul(a, w_down, counts), sidx, (T, H), None, rm)
+        h = grouped_matmul(perm, w_up, counts, offsets)
+        a = reference.weighted_bias_swiglu_impl(h, pprobs.unsqueeze(-1))
+        return seed.unpermute(grouped_matmul(a, w_down, counts, offsets), sidx, (T, H), None, rm)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -129,7 +154,10 @@ def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
                      "max_rel_err": err, "note": ""})  # fmt: skip
     ours, theirs = rows
     ours["speedup_vs_seed"] = theirs["ms"] / ours["ms"]
-    ours["note"] = (f"{ours['speedup_vs_seed']:.2f}x faster than seed; outputs/grads "
+    kind = grouped_mm_kind(inputs["x"])
+    for r in rows:
+        r["note"] = f"experts: {kind}"
+    ours["note"] += (f"; {ours['speedup_vs_seed']:.2f}x faster than seed; outputs/grads "
                     f"{'match' if ok else 'DIFFER'} (max rel err {err:.1e}, tol {LAYER_RTOL[dtype]:.0e})")  # fmt: skip
     inputs.clear()  # free the weights before the next shape
     torch.cuda.empty_cache()

@@ -111,14 +111,20 @@ def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
     row("unpermute fwd", "moe_raw", ms, unp_bytes)
     ms = common.do_bench(lambda: seed.unpermute(out, sidx, (T, H), probs, rm))
     row("unpermute fwd", "seed", ms, unp_bytes)
+    compiled_fwd_rows(row, x, rm, probs, out, sidx, T, E, H, K, s)
 
     g_perm = torch.randn_like(out)
     g_pp = torch.randn_like(pprobs)
+    g_out = torch.randn_like(x)
     ms = common.do_bench(lambda: permutation._gather_cuda(g_perm, row_map, T, g_pprobs=g_pp, dprobs_dtype=probs.dtype))
     row("permute bwd", "moe_raw", ms, bytes_permute_bwd(T, E, H, K, s))
-    g_out = torch.randn_like(x)
+    ms = common.do_bench(seed_backward(lambda xi, pi: seed.permute(xi, rm, pi)[:2], x, probs, (g_perm, g_pp)))
+    row("permute bwd", "seed", ms, bytes_permute_bwd(T, E, H, K, s), "autograd.grad of the seed's graph")
     ms = common.do_bench(lambda: permutation._unpermute_bwd_cuda(g_out, out, row_map, N, probs, True))
     row("unpermute bwd", "moe_raw", ms, bytes_unpermute_bwd(T, E, H, K, s))
+    seed_unpermute = lambda oi, pi: (seed.unpermute(oi, sidx, (T, H), pi, rm),)  # noqa: E731
+    ms = common.do_bench(seed_backward(seed_unpermute, out, probs, (g_out,)))
+    row("unpermute bwd", "seed", ms, bytes_unpermute_bwd(T, E, H, K, s), "autograd.grad of the seed's graph")
 
     # autograd round trip: permute -> unpermute with probs, forward + backward
     def round_trip(mod, **kw):
@@ -142,6 +148,60 @@ def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
     row("round trip fwd+bwd", "seed", ms_seed, 0)
     for r in rows[-3:]:
         r["GB/s"] = r["pct_copy"] = float("nan")
+    return rows
+
+
+def seed_backward(fwd, a, b, grads):
+    """A callable that runs only the backward of the seed's graph fwd(a, b) (built once, retained): what autograd
+    spends on the seed's backward, for its bwd rows."""
+    ai, bi = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    outs = fwd(ai, bi)
+    return lambda: torch.autograd.grad(outs, (ai, bi), grads, retain_graph=True)
+
+
+def compiled_fwd_rows(row, x, rm, probs, out, sidx, T, E, H, K, s):
+    """torch.compile(seed) rows for permute fwd and unpermute fwd (default mode; the seed's data-dependent shapes
+    break the graph, so the compiled function runs in pieces). A failure to compile is a row note, not a crash."""
+    for op, fn, args, nbytes in (
+        ("permute fwd", seed.permute, (x, rm, probs), bytes_permute_fwd(T, E, H, K, s, seed_indices=True)),
+        ("unpermute fwd", seed.unpermute, (out, sidx, (T, H), probs, rm), bytes_unpermute_fwd(T, E, H, K, s)),
+    ):
+        try:
+            compiled = torch.compile(fn)
+            compiled(*args)  # compile outside the timing
+            row(op, "torch.compile(seed)", common.do_bench(lambda c=compiled, a=args: c(*a)), nbytes)
+        except Exception as e:  # noqa: BLE001 - recorded in the table instead of stopping the benchmark
+            row(op, "torch.compile(seed)", float("nan"), nbytes, f"failed: {type(e).__name__}: {str(e)[:80]}")
+
+
+def peak_memory_rows(name, T, E, H, K, dtype=torch.bfloat16):
+    """Peak memory above the inputs of permute -> unpermute with probs, forward and backward (autograd), moe_raw
+    (fused, num_out_tokens given) against the seed, at one shape."""
+    x, rm, probs = make_inputs(T, E, H, K, dtype)
+    g = torch.randn_like(x)
+    rows = []
+
+    def ours(xi, pi):
+        o, _, m = moe_raw.permute(xi, rm, pi, num_out_tokens=T * K, fused=True)
+        return moe_raw.unpermute(o, m, (T, H), pi, fused=True)
+
+    def theirs(xi, pi):
+        o, _, idx = seed.permute(xi, rm, pi)
+        return seed.unpermute(o, idx, (T, H), pi, rm)
+
+    for provider, fwd in (("moe_raw", ours), ("seed", theirs)):
+        xi, pi = x.detach().requires_grad_(True), probs.detach().requires_grad_(True)
+        fwd(xi, pi).backward(g)  # warm-up: compile, allocator pools
+        xi.grad = pi.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd(xi, pi).backward(g)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        rows.append({"kind": "memory", "shape": name, "op": "permute+unpermute fwd+bwd peak memory",
+                     "provider": provider, "peak_mem_GB": peak, "note": "above inputs"})  # fmt: skip
+    rows[0]["note"] = f"above inputs; {rows[0]['peak_mem_GB'] / rows[1]['peak_mem_GB']:.2f}x the seed's"
     return rows
 
 

@@ -151,6 +151,26 @@ def test_grouped_matmul_matches_dense_per_expert():
     assert torch.allclose(out, torch.cat([rows[:4] @ w[0], rows[4:] @ w[2]]))
 
 
+def test_grouped_matmul_falls_back_to_the_loop_off_gpu():
+    rows, w = torch.randn(9, 5, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64)
+    offsets = torch.tensor([4, 4, 9], dtype=torch.int32)
+    assert bench_layer.grouped_mm_kind(rows) == "loop of matmuls"
+    out = bench_layer.grouped_matmul(rows, w, [4, 0, 5], offsets)
+    assert torch.allclose(out, torch.cat([rows[:4] @ w[0], rows[4:] @ w[2]]))
+
+
+def test_quick_selfcheck_runs_only_the_small_permute_cases(monkeypatch):
+    from bench import smoke
+
+    seen = []
+    monkeypatch.setattr(smoke, "check", lambda T, E, K, H, *a, **kw: seen.append((T, E, K, H)) or True)
+    assert cli.check_permute(torch.float32, "cuda", quick=True)[0]
+    assert set(seen) == set(cli.SMALL_PERMUTE_CASES)
+    seen.clear()
+    assert cli.check_permute(torch.float32, "cuda", quick=False)[0]
+    assert set(seen) == set(cli.SMALL_PERMUTE_CASES + cli.LARGE_PERMUTE_CASES)
+
+
 def test_layer_providers_agree_on_cpu():
     inputs = bench_layer.make_layer(23, 4, 16, 2, 8, dtype=torch.float32, device="cpu")
     y, dx, dlogits = bench_layer.layer_step("moe_raw", inputs)
@@ -171,6 +191,8 @@ def _fake_rows():
          "ms": 2.0, "GB/s": float("nan"), "pct_copy": float("nan"), "note": ""},
         {"kind": "host", "shape": "T=16", "op": "permute+unpermute", "provider": "moe_raw", "dtype": "bf16",
          "us": 40.0},
+        {"kind": "memory", "shape": "S", "op": "permute+unpermute fwd+bwd peak memory", "provider": "moe_raw",
+         "dtype": "bf16", "peak_mem_GB": 0.25, "note": "above inputs"},
         {"kind": "layer", "shape": "L", "op": "moe layer fwd+bwd", "provider": "moe_raw", "dtype": "bf16", "ms": 9.0,
          "tokens_per_s": 1.8e6, "peak_mem_GB": 3.2, "max_rel_err": 1e-3, "note": "ok"},
     ]  # fmt: skip
@@ -185,6 +207,7 @@ def test_speedups_and_markdown():
     md = cli.markdown(rows, 2915.0)
     assert "| S | permute fwd | moe_raw | bf16 | 0.500 | 2600 | 89% | 3.00x |" in md
     assert "2915 GB/s" in md and "| T=16 | permute+unpermute | moe_raw | 40.0 |" in md and "| L | moe_raw |" in md
+    assert "| S | permute+unpermute fwd+bwd peak memory | moe_raw | 0.250 | above inputs |" in md
 
 
 def test_record_json_and_csv(tmp_path):
@@ -202,7 +225,8 @@ def test_record_json_and_csv(tmp_path):
         got = list(csv.DictReader(f))
     assert list(got[0]) == cli.CSV_FIELDS and len(got) == len(rows)
     assert float(got[0]["GB/s"]) == 2600.0 and float(got[0]["speedup_vs_seed"]) == pytest.approx(3.0)
-    assert got[2]["GB/s"] == "" and got[3]["us"] == "40.0" and got[4]["tokens_per_s"] == "1800000.0"
+    assert got[2]["GB/s"] == "" and got[3]["us"] == "40.0" and got[4]["peak_mem_GB"] == "0.25"
+    assert got[5]["tokens_per_s"] == "1800000.0"
     assert not any(math.isnan(float(v)) for r in got for k, v in r.items() if k in ("ms", "GB/s") and v)
 
 
