@@ -1,11 +1,19 @@
 """Input validation shared by every public op. Errors name the argument and what was expected; nothing is cast.
 
-All checks read shapes, dtypes and devices only: none of them syncs the host with the GPU.
+The checks that always run read types, shapes, dtypes, layouts and devices only: none of them syncs the host with
+the GPU. Checks of tensor *values* (an integer routing map holding only 0 / 1, sorted_indices within [0, T), a fused
+row map's codes within the N rows) need a device-to-host read, so they run only with ``MOE_RAW_DEBUG=1`` in the
+environment, read once when moe_raw is imported (``DEBUG`` below; tests set it directly). Without it, bad values
+never reach memory they shouldn't: the kernels bound-check every row id and skip the ones out of range.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+DEBUG = os.environ.get("MOE_RAW_DEBUG", "0") not in ("", "0")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # 1-byte token dtypes that permute moves as bytes (fp8 activations); arithmetic ops reject them.
@@ -26,6 +34,8 @@ def _name(dtypes) -> str:
 def tensor(x, arg: str, op: str, ndim: int | None = None, dtypes=None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout is not torch.strided:  # sparse / mkldnn tensors have no strides or data pointer to hand the kernels
+        raise TypeError(f"{op}: {arg} must be a dense (strided) tensor, got layout {x.layout}")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{op}: {arg} must be {ndim}-D, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
@@ -56,6 +66,15 @@ def size_arg(x, arg: str, op: str, allow_none: bool = True) -> int | None:
     return x
 
 
+def flag(x, arg: str, op: str) -> bool:
+    if x is True or x is False:
+        return x
+    # bool(x) of a CUDA tensor would sync, and of a string or None would hide a misplaced argument
+    if isinstance(x, torch.Tensor) or not isinstance(x, int):
+        raise TypeError(f"{op}: {arg} must be a bool, got {type(x).__name__}")
+    return bool(x)
+
+
 def routing(op: str, routing_map, num_tokens: int, num_experts: int | None = None) -> torch.Tensor:
     tensor(routing_map, "routing_map", op, 2, MAP_DTYPES)
     if routing_map.shape[0] != num_tokens:
@@ -84,12 +103,62 @@ def probs(op: str, p, num_tokens: int, num_experts: int, arg: str = "probs") -> 
 
 
 def restore_shape(op: str, shape, hidden: int) -> tuple[int, int]:
-    try:
-        dims = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"{op}: restore_shape must be a (num_tokens, hidden) sequence, got {shape!r}") from None
-    if len(dims) != 2 or min(dims) < 0:
-        raise ValueError(f"{op}: restore_shape must be (num_tokens, hidden) with sizes >= 0, got {tuple(shape)}")
+    if isinstance(shape, tuple) and len(shape) == 2 and type(shape[0]) is int and type(shape[1]) is int:
+        dims = shape  # the common case (a torch.Size too), checked in a fraction of a microsecond
+    else:
+        # ints only: int() of a float or a str entry would be a silent cast, of a CUDA tensor a host sync
+        if not isinstance(shape, (tuple, list)):
+            raise TypeError(f"{op}: restore_shape must be a (num_tokens, hidden) tuple, got {type(shape).__name__}")
+        if any(isinstance(d, (bool, torch.Tensor)) or not hasattr(d, "__index__") for d in shape):
+            kinds = ", ".join(type(d).__name__ for d in shape)
+            raise TypeError(f"{op}: restore_shape must hold ints (num_tokens, hidden), got ({kinds})")
+        dims = tuple(d.__index__() for d in shape)
+    if len(dims) != 2 or dims[0] < 0 or dims[1] < 0:
+        raise ValueError(f"{op}: restore_shape must be (num_tokens, hidden) with sizes >= 0, got {tuple(dims)}")
     if dims[1] != hidden:
         raise ValueError(f"{op}: restore_shape hidden {dims[1]} != permuted_tokens.shape[1] = {hidden}")
     return dims
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Value checks: MOE_RAW_DEBUG=1 only (each reads the device: a host sync).
+
+
+def routing_values(op: str, routing_map: torch.Tensor) -> None:
+    """An integer map must hold 0 / 1. The kernels and the reference take any nonzero as routed, but another value
+    usually means expert ids or counts were passed as the map."""
+    if routing_map.dtype == torch.bool:
+        return
+    bad = ((routing_map != 0) & (routing_map != 1)).nonzero()
+    if len(bad):
+        t, e = bad[0].tolist()
+        raise ValueError(
+            f"{op}: routing_map must hold only 0 and 1, got {routing_map[t, e].item()} at [{t}, {e}] "
+            f"({len(bad)} such entries; checked because MOE_RAW_DEBUG=1)"
+        )
+
+
+def index_values(op: str, sorted_indices: torch.Tensor, num_tokens: int) -> None:
+    """sorted_indices (fused=False) must be token ids in [0, T). With T = 0 nothing is gathered (spare rows of an
+    empty permute have index 0)."""
+    if num_tokens == 0 or sorted_indices.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(sorted_indices)).tolist()
+    if lo < 0 or hi >= num_tokens:
+        raise ValueError(
+            f"{op}: sorted_indices must be token ids in [0, {num_tokens}) (restore_shape[0] = {num_tokens}), got "
+            f"values in [{lo}, {hi}] (checked because MOE_RAW_DEBUG=1)"
+        )
+
+
+def row_map_values(op: str, row_map: torch.Tensor, n_rows: int) -> None:
+    """A fused row map [T + 1, E] for N = n_rows permuted rows: codes r in [0, N), -1, or -2 - r (padding) in
+    [-1 - N, -2]; row_map[T, 0], the rows kept, in [0, N]."""
+    kept = int(row_map[-1, 0])
+    lo, hi = torch.stack(torch.aminmax(row_map[:-1])).tolist() if row_map.shape[0] > 1 else (-1, -1)
+    if lo < -1 - n_rows or hi >= n_rows or not 0 <= kept <= n_rows:
+        raise ValueError(
+            f"{op}: with fused=True sorted_indices must be the row map of {n_rows} permuted rows: codes in "
+            f"[{-1 - n_rows}, {n_rows - 1}] and row_map[T, 0] in [0, {n_rows}], got codes in [{lo}, {hi}] and "
+            f"row_map[T, 0] = {kept} (checked because MOE_RAW_DEBUG=1)"
+        )

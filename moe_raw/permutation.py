@@ -263,6 +263,16 @@ def _unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens):
     return _gather_cuda(permuted, None, num_tokens, csr=(csr_ptr, perm))[0]
 
 
+def _csr_rows_grad(grad_out: torch.Tensor, sorted_indices: torch.Tensor) -> torch.Tensor:
+    """d_rows[r] = grad_out[sorted_indices[r]], and 0 for an index outside [0, T): the forward's CSR summed such a
+    row into no token. Those rows gather a zero row appended at T, as a direct index_select would trip a device-side
+    assert that leaves the process's CUDA context unusable (the range is checked only under MOE_RAW_DEBUG=1)."""
+    num_tokens = grad_out.shape[0]
+    padded = torch.cat((grad_out, grad_out.new_zeros((1, grad_out.shape[1]))))
+    inside = (sorted_indices >= 0) & (sorted_indices < num_tokens)
+    return padded.index_select(0, torch.where(inside, sorted_indices, num_tokens))
+
+
 class _UnpermuteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, permuted, probs, row_map, sorted_indices, num_tokens):
@@ -283,7 +293,7 @@ class _UnpermuteFn(torch.autograd.Function):
             dprobs = torch.zeros_like(probs) if (probs is not None and ctx.needs_input_grad[1]) else None
             return d_rows, dprobs, None, None, None
         if row_map is None:  # CSR path: every row takes its token's gradient
-            return grad_out.index_select(0, sorted_indices) if need_rows else None, None, None, None, None
+            return (_csr_rows_grad(grad_out, sorted_indices) if need_rows else None), None, None, None, None
         d_rows, dprobs = _unpermute_bwd_cuda(grad_out, permuted, row_map, ctx.n_rows, probs, ctx.probs_needs_grad)
         return (d_rows if need_rows else None), dprobs, None, None, None
 
@@ -301,7 +311,8 @@ def permute(
     Args:
         tokens: [T, H] float32 | float16 | bfloat16 | float64, or a 1-byte dtype (float8_*, uint8, int8: a pure
             byte move, not differentiable). Rows may be strided; the last dim is read contiguously (else copied).
-        routing_map: [T, E] bool or integer multi-hot (nonzero = routed), any strides.
+        routing_map: [T, E] bool or integer multi-hot (nonzero = routed), any strides. With MOE_RAW_DEBUG=1 an
+            integer map holding anything but 0 and 1 raises ValueError (a host sync; see "Bad input" below).
         probs: optional [T, E] float router probabilities (dense, zero off-route); read only where routed.
         num_out_tokens: output rows N. None: N = routing_map.sum(), which costs one device-to-host read (a host
             sync). Given: no host sync at all (CUDA-graph capturable); routed pairs past N (expert-major tail) are
@@ -316,6 +327,10 @@ def permute(
         permuted [N, H] (tokens.dtype), permuted_probs [N] (probs.dtype) or None, and sorted_indices [N] int64
         (the token id of each row, bit-identical to the seed) or, with fused=True, the row map [T+1, E] int32.
         Differentiable w.r.t. tokens and probs.
+
+    Bad input: a wrong type, rank, shape, dtype, layout or device raises TypeError / ValueError naming the argument,
+    before anything is launched, without a host sync. Values are checked only when the environment has
+    MOE_RAW_DEBUG=1 at import (each check is a device-to-host read).
     """
     op = "moe_raw.permute"
     V.tensor(tokens, "tokens", op, 2, V.FLOAT_DTYPES + V.BYTE_DTYPES)
@@ -325,9 +340,12 @@ def permute(
     if probs is not None:
         V.probs(op, probs, num_tokens, num_experts)
     n_out = V.size_arg(num_out_tokens, "num_out_tokens", op)
+    fused, drop_and_pad = V.flag(fused, "fused", op), V.flag(drop_and_pad, "drop_and_pad", op)
     if drop_and_pad and n_out is None:
         raise ValueError(f"{op}: drop_and_pad=True needs num_out_tokens (the capacity is num_out_tokens // E)")
     V.same_device(op, tokens=tokens, routing_map=routing_map, probs=probs)
+    if V.DEBUG:
+        V.routing_values(op, routing_map)
     if not tokens.is_cuda:
         return reference.permute(tokens, routing_map, probs, n_out, fused, drop_and_pad)
     if num_tokens * num_experts > 2**31 - 1:
@@ -335,8 +353,8 @@ def permute(
     if n_out is not None and n_out > V.MAX_ROWS:
         raise ValueError(f"{op}: num_out_tokens = {n_out} exceeds the {V.MAX_ROWS} rows supported")
     if torch.is_grad_enabled() and (tokens.requires_grad or (probs is not None and probs.requires_grad)):
-        return _PermuteFn.apply(tokens, probs, routing_map, n_out, bool(drop_and_pad), bool(fused))
-    return _permute_forward(tokens, probs, routing_map, n_out, bool(drop_and_pad), bool(fused))[:3]
+        return _PermuteFn.apply(tokens, probs, routing_map, n_out, drop_and_pad, fused)
+    return _permute_forward(tokens, probs, routing_map, n_out, drop_and_pad, fused)[:3]
 
 
 def _row_map_from_routing(routing_map: torch.Tensor, n_rows: int, drop_and_pad: bool) -> torch.Tensor:
@@ -366,8 +384,11 @@ def unpermute(
 
     Args:
         permuted_tokens: [N, H] float32 | float16 | bfloat16 | float64 (permute's output, or the experts' output).
-        sorted_indices: fused=False: [N] int64 / int32 token id of each row (permute's third output).
-            fused=True: permute(fused=True)'s row map, int32 [T+1, E].
+        sorted_indices: fused=False: [N] int64 / int32 token id of each row (permute's third output). Read only
+            without routing_map; on CUDA a row whose id is outside [0, T) is then summed into no token and gets a
+            zero gradient. fused=True: permute(fused=True)'s row map, int32 [T+1, E] (any strides); codes naming a
+            row outside [0, N) are skipped on CUDA. With MOE_RAW_DEBUG=1 either kind out of range raises ValueError
+            (a host sync).
         restore_shape: (T, H) of the output.
         probs: optional [T, E] float; read only at routed pairs (a NaN off-route never reaches the output; its
             gradient there is exactly 0). With fused=False, routing_map is then required, as in the seed.
@@ -382,11 +403,15 @@ def unpermute(
         [T, H] in permuted_tokens.dtype, accumulated in fp32 (fp64 for fp64) in ascending expert order:
         bitwise deterministic, no atomics, no fp32 copy of the rows. Differentiable w.r.t. permuted_tokens and probs.
         fused=False without routing_map groups rows by token with a stable device sort of sorted_indices.
+
+    Bad input: as for ``permute``; with MOE_RAW_DEBUG=1 also the values of sorted_indices and routing_map. On CPU
+    tensors (the reference) an out-of-range sorted_indices without the flag raises torch's own index error.
     """
     op = "moe_raw.unpermute"
     V.tensor(permuted_tokens, "permuted_tokens", op, 2, V.FLOAT_DTYPES)
     n_rows, hidden = permuted_tokens.shape
     num_tokens, _ = V.restore_shape(op, restore_shape, hidden)
+    fused, drop_and_pad = V.flag(fused, "fused", op), V.flag(drop_and_pad, "drop_and_pad", op)
     if fused:
         V.tensor(sorted_indices, "sorted_indices", op)
         if sorted_indices.dim() != 2 or sorted_indices.dtype != torch.int32:
@@ -400,6 +425,11 @@ def unpermute(
                 f"T = restore_shape[0] = {num_tokens}, got shape {tuple(sorted_indices.shape)}"
             )
         num_experts = sorted_indices.shape[1]
+        if not 1 <= num_experts <= V.MAX_EXPERTS:  # the kernels keep a token's row list in shared memory
+            raise ValueError(
+                f"{op}: with fused=True sorted_indices must have 1 to {V.MAX_EXPERTS} expert columns, got shape "
+                f"{tuple(sorted_indices.shape)}"
+            )
     else:
         V.tensor(sorted_indices, "sorted_indices", op, 1, (torch.int64, torch.int32))
         if sorted_indices.shape[0] != n_rows:
@@ -417,12 +447,20 @@ def unpermute(
     V.same_device(
         op, permuted_tokens=permuted_tokens, sorted_indices=sorted_indices, probs=probs, routing_map=routing_map
     )
+    if V.DEBUG:
+        if fused:
+            V.row_map_values(op, sorted_indices, n_rows)
+        else:
+            V.index_values(op, sorted_indices, num_tokens)
+        if routing_map is not None:
+            V.routing_values(op, routing_map)
     if not permuted_tokens.is_cuda:
         return reference.unpermute(
             permuted_tokens, sorted_indices, (num_tokens, hidden), probs, routing_map, fused, drop_and_pad
         )
     if fused:
-        row_map, index = sorted_indices, None
+        # the kernels index the row map as contiguous [T + 1, E]; a strided view (a transpose, an expand) is copied
+        row_map, index = sorted_indices.contiguous(), None
     elif routing_map is not None:
         cached = getattr(sorted_indices, "_moe_raw_row_map", None)
         if (
@@ -430,7 +468,7 @@ def unpermute(
             and cached[0] is routing_map
             and cached[1] == routing_map._version
             and cached[2] == n_rows
-            and cached[3] == bool(drop_and_pad)
+            and cached[3] == drop_and_pad
         ):
             row_map = cached[4]
         else:

@@ -841,21 +841,28 @@ def _on_kernels(y, g=None, weights=None) -> bool:
     )
 
 
-def _check_y(y, op: str, two_d: bool) -> int:
+def _dense(x, arg: str, op: str) -> None:
+    # sparse / mkldnn tensors have no strides or data pointer to hand the kernels
+    if x.layout is not torch.strided:
+        raise TypeError(f"{op}: {arg} must be a dense (strided) tensor, got layout {x.layout}")
+
+
+def _check_y(y, op: str, two_d: bool, arg: str = "y") -> int:
     """F of a valid y; else the error naming y. Every check reads metadata only (no host sync)."""
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{op}: y must be a torch.Tensor, got {type(y).__name__}")
+        raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(y).__name__}")
+    _dense(y, arg, op)
     shape = y.shape
     if len(shape) != 2:
         if two_d:
-            raise ValueError(f"{op}: y must be 2-D [N, 2F], got shape {tuple(shape)}")
+            raise ValueError(f"{op}: {arg} must be 2-D [N, 2F], got shape {tuple(shape)}")
         if not shape:
-            raise ValueError(f"{op}: y must have a last dimension [..., 2F], got a 0-d tensor")
+            raise ValueError(f"{op}: {arg} must have a last dimension [..., 2F], got a 0-d tensor")
     if y.dtype not in _FLOATS:
-        raise TypeError(f"{op}: y must be float32, float16, bfloat16 or float64, got {y.dtype}")
+        raise TypeError(f"{op}: {arg} must be float32, float16, bfloat16 or float64, got {y.dtype}")
     last = shape[-1]
     if last & 1:
-        raise ValueError(f"{op}: the last dim of y must be even ([gate | up] halves), got shape {tuple(shape)}")
+        raise ValueError(f"{op}: the last dim of {arg} must be even ([gate | up] halves), got shape {tuple(shape)}")
     return last >> 1
 
 
@@ -868,6 +875,7 @@ def _same_device(x, y, arg: str, op: str) -> None:
 def _check_weights(weights, y, op: str, arg: str = "weights") -> None:
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{op}: {arg} must be a torch.Tensor [N, 1], got {type(weights).__name__}")
+    _dense(weights, arg, op)
     if weights.dtype not in _FLOATS:
         raise TypeError(f"{op}: {arg} must be float32, float16, bfloat16 or float64, got {weights.dtype}")
     shape, n_rows = weights.shape, y.shape[0]
@@ -879,6 +887,7 @@ def _check_weights(weights, y, op: str, arg: str = "weights") -> None:
 def _check_g(g, y, f: int, op: str) -> None:
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"{op}: g must be a torch.Tensor, got {type(g).__name__}")
+    _dense(g, "g", op)
     if g.dtype not in _FLOATS:
         raise TypeError(f"{op}: g must be float32, float16, bfloat16 or float64, got {g.dtype}")
     g_shape, y_shape = g.shape, y.shape
@@ -980,6 +989,12 @@ def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
     return _swiglu_bwd(g, y, weights, y.dtype)
 
 
+def _check_fp8_flag(fp8_input_store, op: str) -> None:
+    # bool() of a CUDA tensor would sync, of a string would hide a misplaced argument
+    if isinstance(fp8_input_store, torch.Tensor) or not isinstance(fp8_input_store, (bool, int)):
+        raise TypeError(f"{op}: fp8_input_store must be a bool, got {type(fp8_input_store).__name__}")
+
+
 class WeightedSwiGLUFunction(torch.autograd.Function):
     """Autograd of weighted_swiglu (the seed's ``WeightedSwiGLUFunction``): input [N, 2F], weights [N, 1].
 
@@ -997,8 +1012,9 @@ class WeightedSwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weights, fp8_input_store):
         op = "moe_raw.WeightedSwiGLUFunction"
-        _check_y(input, op, two_d=True)
+        _check_y(input, op, two_d=True, arg="input")
         _check_weights(weights, input, op)
+        _check_fp8_flag(fp8_input_store, op)
         saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
         ctx.save_for_backward(saved, weights)
         ctx.ori_input_dtype = input.dtype
@@ -1041,12 +1057,10 @@ def weighted_bias_swiglu_impl(input: torch.Tensor, weights: torch.Tensor, fp8_in
             "(input, weights, fp8_input_store=False), so a third tensor argument looks like Megatron's "
             "(input, bias, weights) call"
         )
-    if not isinstance(fp8_input_store, (bool, int)):
-        raise TypeError(f"{op}: fp8_input_store must be a bool, got {type(fp8_input_store).__name__}")
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{op}: input must be a torch.Tensor, got {type(input).__name__}")
+    _check_fp8_flag(fp8_input_store, op)
+    _check_y(input, op, two_d=False, arg="input")  # before the reshape, so errors name this function's argument
     ori_shape = input.shape
     if len(ori_shape) not in (2, 3):
         raise ValueError(f"{op}: input must be 2-D [N, 2F] or 3-D [S, B, 2F], got shape {tuple(ori_shape)}")
-    output = WeightedSwiGLUFunction.apply(input.reshape(-1, ori_shape[-1]), weights, bool(fp8_input_store))
-    return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], -1)
+    output = WeightedSwiGLUFunction.apply(_as_2d(input), weights, bool(fp8_input_store))
+    return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], output.shape[1])
