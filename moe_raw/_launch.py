@@ -11,15 +11,36 @@
   argument separately: 12 us for a 7-argument launch on an H100 host, against 6.5-7.2 us this way (same runs).
 * Tensors pass as raw device addresses (zero-copy: the address ``__cuda_array_interface__`` exports, bf16 and
   ``requires_grad`` tensors included, which CAI / DLPack export would refuse); any CAI object is accepted too.
+* A launch asking for more than 48 KiB of shared memory (E near MAX_EXPERTS, fp64 rows) opts the function in first
+  (``_allow_shared_mem``); cuLaunchKernel refuses it otherwise.
 
 cupy is imported lazily: ``import moe_raw`` works on a machine with no GPU.
+
+CuPy's disk cache (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``; cupy/cuda/compiler.py and
+_compiler_cache.py in CuPy 14). Each entry is one file, the SHA-1 of the payload followed by the payload; an entry
+whose hash does not match (truncated, overwritten) reads as a miss, so CuPy compiles again and replaces it
+atomically. What CuPy does not absorb is an OSError: its import creates the directory and fails where that is
+impossible (a path under a regular file, a read-only parent), leaving a half-imported ``cupy`` no retry can fix;
+and a compile raises when an entry can't be read (a directory in its place) or the new entry can't be written (a
+read-only directory or file system). moe_raw turns both into a compile without the disk cache, with one
+``RuntimeWarning`` naming the directory: ``_import_cupy`` imports CuPy with a private temporary directory, and
+``_module`` compiles again with ``CUPY_CACHE_IN_MEMORY=1``. The kernels then work, but every new process
+compiles them again (about 5 s). A read-only directory that already holds the entries still serves them.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.resources
+import importlib.util
+import os
+import shutil
 import struct
+import sys
+import tempfile
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -71,12 +92,66 @@ class KernelCompileError(RuntimeError):
 
 def _cupy():
     try:
+        if "cupy" not in sys.modules:
+            _import_cupy()
         import cupy
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(
             "moe_raw needs CuPy for CUDA tensors: pip install 'moe_raw[cuda13]' (or [cuda12], matching your CUDA)"
         ) from e
     return cupy
+
+
+_import_lock = threading.Lock()
+_cache_warned = False
+
+
+def _warn_cache(path: str, error: OSError) -> None:
+    global _cache_warned
+    if not _cache_warned:
+        _cache_warned = True
+        warnings.warn(
+            f"moe_raw: CuPy could not use its kernel cache directory {path!r} (CUPY_CACHE_DIR): {error}. Compiling "
+            "without it, so every new process compiles the kernels again (about 5 s). Point CUPY_CACHE_DIR at a "
+            "writable directory to keep them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _import_cupy() -> None:
+    """The first import of CuPy. CuPy 14 creates its cache directory at import and a failure there leaves it
+    half-imported for good (module docstring), so the directory is made here first; where that fails, CuPy is
+    imported with a private temporary directory (removed at exit) and the environment is restored after."""
+    with _import_lock:
+        if "cupy" in sys.modules:
+            return
+        path = os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
+        try:
+            if importlib.util.find_spec("cupy") is not None:  # no directory for a CuPy that is not installed
+                os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            _warn_cache(path, e)
+            tmp = tempfile.mkdtemp(prefix="moe_raw-cupy-cache-")
+            atexit.register(shutil.rmtree, tmp, True)
+            with _env("CUPY_CACHE_DIR", tmp):
+                import cupy  # noqa: F401
+        else:
+            import cupy  # noqa: F401
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Set one environment variable for a ``with`` block (CuPy reads it at import / compile), then restore it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -110,11 +185,23 @@ def _module(family: str, device_index: int):
         with cupy.cuda.Device(device_index):
             mod = cupy.RawModule(code=code, options=NVRTC_OPTIONS, name_expressions=KERNELS[family])
             try:
-                mod.compile()
+                _compile(mod)
             except cupy.cuda.compiler.CompileException as e:
                 raise KernelCompileError(f"moe_raw: compiling kernels/{family}.cu failed:\n{e}") from e
         _modules[key] = mod
         return mod
+
+
+def _compile(mod) -> None:
+    """mod.compile(), and where CuPy's disk cache can't be read or written (module docstring) once more in memory.
+    CuPy memoizes the compiled module per device by source and options, so that one serves every later
+    get_function without touching the disk again."""
+    try:
+        mod.compile()
+    except OSError as e:
+        _warn_cache(os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache"), e)
+        with _env("CUPY_CACHE_IN_MEMORY", "1"):
+            mod.compile()
 
 
 def function(family: str, name: str, device_index: int):
@@ -176,7 +263,28 @@ def launch(family: str, name: str, device: torch.device, grid, block: int, args:
     if index is None:
         index = torch.cuda.current_device()
     kern = _kernels.get((family, name, index)) or function(family, name, index)
+    if shared_mem > _SHARED_NO_OPT_IN:
+        _allow_shared_mem(kern[0], index, shared_mem)
     launch_compiled(kern, index, grid, block, args, shared_mem)
+
+
+# A block gets 48 KiB of shared memory (static + dynamic) unless its function opted in to more. The row kernels'
+# dynamic size grows with E (8-16 bytes per expert): at E = 4096 unpermute's backward asks for 48-64 KiB. The
+# opt-in threshold leaves 2 KiB for their static shared memory (at most 1152 bytes: nvcc --resource-usage).
+_SHARED_NO_OPT_IN = 46 * 1024
+_shared_allowed: dict = {}  # CUfunction handle -> dynamic shared bytes it is opted in to
+
+
+def _allow_shared_mem(cufunction: int, index: int, nbytes: int) -> None:
+    """Raise the function's dynamic shared memory limit to ``nbytes`` (once per size; Hopper allows 227 KiB)."""
+    if _shared_allowed.get(cufunction, 0) >= nbytes:
+        return
+    cupy = _cupy()
+    driver = cupy.cuda.driver
+    with _lock, cupy.cuda.Device(index):
+        nbytes = max(nbytes, _shared_allowed.get(cufunction, 0))  # never lower it under a racing launch
+        driver.funcSetAttribute(cufunction, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+        _shared_allowed[cufunction] = nbytes
 
 
 def compiled_kernel(cufunction: int, signature: str, owner=None) -> tuple:
