@@ -84,30 +84,31 @@ union Pack {
   T v[N];
 };
 
-// Block-wide exclusive scan of one int per thread (blockDim.x a multiple of 32, <= 1024). Returns the
-// thread's exclusive prefix; *total gets the block sum. Contains __syncthreads: call from every thread.
-__device__ __forceinline__ int block_exclusive_scan(int x, int* total) {
-  __shared__ int warp_sums[32];
+// Block-wide exclusive scan of one integer (int or int64_t) per thread (blockDim.x a multiple of 32, <= 1024).
+// Returns the thread's exclusive prefix; *total gets the block sum. Contains __syncthreads: call from every thread.
+template <typename I>
+__device__ __forceinline__ I block_exclusive_scan(I x, I* total) {
+  __shared__ I warp_sums[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  int inc = x;
+  I inc = x;
 #pragma unroll
   for (int d = 1; d < 32; d <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, inc, d);
+    const I y = __shfl_up_sync(0xffffffffu, inc, d);
     if (lane >= d) inc += y;
   }
   if (lane == 31) warp_sums[warp] = inc;
   __syncthreads();
   if (warp == 0) {
-    int w = lane < nwarps ? warp_sums[lane] : 0;
+    I w = lane < nwarps ? warp_sums[lane] : I(0);
 #pragma unroll
     for (int d = 1; d < 32; d <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, w, d);
+      const I y = __shfl_up_sync(0xffffffffu, w, d);
       if (lane >= d) w += y;
     }
     warp_sums[lane] = w;  // inclusive over warps
   }
   __syncthreads();
-  const int warp_base = warp == 0 ? 0 : warp_sums[warp - 1];
+  const I warp_base = warp == 0 ? I(0) : warp_sums[warp - 1];
   *total = warp_sums[nwarps - 1];
   __syncthreads();  // warp_sums may be reused by the next call
   return warp_base + inc - x;

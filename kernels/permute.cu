@@ -11,10 +11,17 @@
 //                                permute backward (optionally also the permuted-probs gradient).
 //   unpermute_bwd                one block per token: d_row = g[t] * w for each of its rows, and
 //                                dprobs[t, e] = dot(g[t], row) (fixed-order block reduction) for routed pairs.
+//   scatter_rows                 one block per token: copies row t of any [T, ...] tensor (e.g. FP8 scales) to every
+//                                row its row-map line names, zeroing spare and padding rows: permute's layout
+//                                applied to more per-token data, with no routing tables.
+//   pad_offsets                  aligned layout: each expert's kept count c_e, padded count roundup(c_e, align),
+//                                its padding range (row map lines T + 1, T + 2) and the padded total. One block.
 //
 // The row map (int32 [T + 1, E]) is moe_raw's own index format (moe_raw/reference.py documents it):
 //   r >= 0 routed to row r; -1 not routed or dropped; -2 - r padding copy in row r (drop_and_pad);
 //   row_map[T, 0] = rows holding routed or padding tokens ("kept"); rows after it are spare zero rows.
+//   Aligned layout (permute_and_pad): two more lines, row_map[T + 1, e] / row_map[T + 2, e] = the first / one past
+//   the last zero padding row of expert e (each expert's rows padded to a multiple of align); kept = padded total.
 //
 // Workspace (int32, one allocation, W = ceil(T / 32) bit words, NB = ceil(T / 256) tiles per expert):
 //   words [E, W] (uint32 bit columns) | word_prefix [E, W] (exclusive popcount prefix inside a tile) |
@@ -25,7 +32,8 @@
 // tables with no host sync (one when T <= 256); TE's mask path needs three and a dense int32 [T, E] scan.
 //
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
-//   routing_scan: grid = 1, block = 1024. Row kernels: grid = T (+ tail blocks that zero spare rows),
+//   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: grid = T (+ tail blocks that zero spare
+//   rows, + E blocks that zero each expert's padding rows in the aligned layout),
 //   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list
 //   (and, for permute_scatter's Hopper path, a 16 KiB stage of the row).
 // Preconditions (checked in moe_raw/permutation.py): rows contiguous in their last dim, VB divides the row bytes,
@@ -160,16 +168,46 @@ __global__ void __launch_bounds__(kThreads) routing_scan(int* __restrict__ ws, i
   scan_tiles(ws, num_tokens, num_experts);
 }
 
-// Zero spare rows [kept, n_rows) of a [n_rows, row_bytes] tensor; tail block `i` takes rows [32 i, 32 i + 32).
+// Aligned layout, after the tables: expert e keeps c_e of its routed pairs (those among the first n_keep in
+// expert-major order) and gets roundup(c_e, align) rows. Writes tokens_per_expert[e] = c_e, padded_counts[e],
+// pad_ranges[e] / pad_ranges[E + e] = its first / one-past-last padding row (the row map's lines T + 1, T + 2)
+// and the padded total to kept_out (the row map's [T, 0]). One block; the sums fit int32 (checked on the host).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    pad_offsets(const int* __restrict__ ws, int64_t num_tokens, int num_experts, int64_t n_keep, int align,
+                int* __restrict__ pad_ranges, int* __restrict__ kept_out, int64_t* __restrict__ tokens_per_expert,
+                int64_t* __restrict__ padded_counts) {
+  const Tables tab(ws, num_tokens, num_experts);
+  int carry = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += kThreads) {
+    const int e = e0 + threadIdx.x;
+    int count = 0, padded = 0;
+    if (e < num_experts) {
+      const int64_t end = tab.expert_start[e + 1], start_e = tab.expert_start[e];
+      count = static_cast<int>(min(end, n_keep) - min(start_e, n_keep));
+      padded = (count + align - 1) / align * align;
+    }
+    int total;
+    const int start = carry + block_exclusive_scan(padded, &total);
+    if (e < num_experts) {
+      tokens_per_expert[e] = count;
+      padded_counts[e] = padded;
+      pad_ranges[e] = start + count;
+      pad_ranges[num_experts + e] = start + padded;
+    }
+    carry += total;
+  }
+  if (threadIdx.x == 0) *kept_out = carry;
+}
+
+// Zero rows [r0, r1) of a [n, row_bytes] tensor (and their sorted_indices / permuted_probs entries) with one block.
 template <int VB>
-__device__ void zero_tail_rows(uint8_t* dst, int64_t row_bytes, int64_t kept, int64_t n_rows, int64_t tail_block,
-                               int64_t* sorted_indices, void* permuted_probs, int probs_code) {
+__device__ void zero_rows(uint8_t* dst, int64_t row_bytes, int64_t r0, int64_t r1, int64_t* sorted_indices,
+                          void* permuted_probs, int probs_code) {
   using V = typename Vec<VB>::type;
-  const int64_t r0 = max(kept, tail_block * kTailRows), r1 = min(n_rows, (tail_block + 1) * kTailRows);
-  if (r0 >= r1) return;
-  if (threadIdx.x < r1 - r0) {
-    if (sorted_indices) sorted_indices[r0 + threadIdx.x] = 0;
-    if (permuted_probs) store_scalar<float>(permuted_probs, probs_code, r0 + threadIdx.x, 0.f);
+  for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+    if (sorted_indices) sorted_indices[r] = 0;
+    if (permuted_probs) store_scalar<float>(permuted_probs, probs_code, r, 0.f);
   }
   if (!dst) return;
   const int64_t nvec = row_bytes / VB;
@@ -180,8 +218,28 @@ __device__ void zero_tail_rows(uint8_t* dst, int64_t row_bytes, int64_t kept, in
   }
 }
 
+// Blocks past the T token blocks of a row kernel: the first ceil(n_rows / 32) zero the spare rows [kept, n_rows),
+// then (aligned layout only) one block per expert zeroes its padding rows.
+// Aligned layout: expert e's padding rows are [pad_ranges[e], pad_ranges[E + e]) (fewer than align rows).
+template <int VB>
+__device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept, int64_t n_rows, int64_t block,
+                                  const int* pad_ranges, int num_experts, int64_t* sorted_indices,
+                                  void* permuted_probs, int probs_code) {
+  const int64_t n_tail = (n_rows + kTailRows - 1) / kTailRows;
+  if (block < n_tail) {  // tail block i takes rows [32 i, 32 i + 32) past kept
+    zero_rows<VB>(dst, row_bytes, max(kept, block * kTailRows), min(n_rows, (block + 1) * kTailRows), sorted_indices,
+                  permuted_probs, probs_code);
+  } else if (pad_ranges) {
+    const int e = static_cast<int>(block - n_tail);
+    zero_rows<VB>(dst, row_bytes, pad_ranges[e], pad_ranges[num_experts + e], sorted_indices, permuted_probs,
+                  probs_code);
+  }
+}
+
 // Permute forward (pure byte move). Block t < T: token t. Blocks t >= T: zero spare rows (num_out_tokens above
 // the routed count). With src == nullptr it only writes the row map (unpermute(fused=False) rebuilding it).
+// Aligned layout (pad_ranges = row map line T + 1, filled by pad_offsets): routed pair (t, e) among the first
+// n_keep goes to row pad_start(e) + its rank in expert e; blocks after the tail blocks zero each expert's padding.
 template <int VB>
 __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 blocks per SM (48 registers allowed only 10)
     permute_scatter(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
@@ -189,16 +247,18 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
                     const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
                     const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
                     const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
-                    void* __restrict__ permuted_probs) {
+                    void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
   using V = typename Vec<VB>::type;
   // [2 * num_experts] ints: this token's rows (ascending expert), scratch; then (Hopper, 16-byte rows) the stage
   extern __shared__ int dest_rows[];
   const Tables tab(ws, num_tokens, num_experts);
   const int64_t total = tab.expert_start[num_experts];
-  const int64_t kept = drop_and_pad ? n_rows : min(total, n_rows);
+  const int64_t kept =
+      drop_and_pad ? n_rows : (pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows));
   const int64_t t = blockIdx.x;
   if (t >= num_tokens) {
-    zero_tail_rows<VB>(dst, row_bytes, kept, n_rows, t - num_tokens, sorted_indices, permuted_probs, probs_code);
+    zero_unowned_rows<VB>(dst, row_bytes, kept, n_rows, t - num_tokens, pad_ranges, num_experts, sorted_indices,
+                          permuted_probs, probs_code);
     return;
   }
   if (t == 0 && row_map) {
@@ -216,7 +276,10 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
     if (!drop_and_pad) {
       if (routed) {
         const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
-        if (before < n_rows) row = before;
+        if (before < n_keep) {
+          // aligned: expert e's rows start where expert e - 1's padding ends
+          row = pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) + (before - tab.expert_start[e]) : before;
+        }
       }
     } else {
       const int start = tab.expert_start[e], count = tab.expert_start[e + 1] - start;
@@ -296,6 +359,44 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
   for (; v < nvec; v += blockDim.x) {
     const V x = s[v];
     for (int j = 0; j < n; ++j) __stcs(reinterpret_cast<V*>(dst + static_cast<int64_t>(dest_rows[j]) * row_bytes) + v, x);
+  }
+}
+
+// dst[row] = src[t] for every row of token t in the row map (routed r, padding copy -2 - r); blocks t >= T zero the
+// spare rows [kept, n_rows) and, in the aligned layout (pad_ranges = row map line T + 1), each expert's padding.
+template <int VB>
+__global__ void __launch_bounds__(kRowThreads)
+    scatter_rows(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
+                 int64_t num_tokens, int num_experts, int64_t n_rows, const int* __restrict__ row_map,
+                 const int* __restrict__ pad_ranges) {
+  using V = typename Vec<VB>::type;
+  extern __shared__ int dest_rows[];  // [num_experts]
+  const int64_t t = blockIdx.x;
+  if (t >= num_tokens) {
+    zero_unowned_rows<VB>(dst, row_bytes, row_map[num_tokens * num_experts], n_rows, t - num_tokens, pad_ranges,
+                          num_experts, nullptr, nullptr, 0);
+    return;
+  }
+  int n = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += blockDim.x) {
+    const int e = e0 + threadIdx.x;
+    int64_t row = -1;
+    if (e < num_experts) {
+      const int code = row_map[t * num_experts + e];
+      row = code >= 0 ? code : (code <= -2 ? -2 - static_cast<int64_t>(code) : -1);
+      if (row >= n_rows) row = -1;  // a code past the output: nothing to write
+    }
+    int count;
+    const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
+    if (row >= 0) dest_rows[n + pos] = static_cast<int>(row);
+    n += count;
+  }
+  __syncthreads();
+  const int64_t nvec = row_bytes / VB;
+  const V* s = reinterpret_cast<const V*>(src + t * src_stride);
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    const V x = s[v];
+    for (int j = 0; j < n; ++j) reinterpret_cast<V*>(dst + static_cast<int64_t>(dest_rows[j]) * row_bytes)[v] = x;
   }
 }
 
@@ -397,7 +498,7 @@ __global__ void __launch_bounds__(kRowThreads)
                   T* __restrict__ d_rows,
                   int64_t n_rows, int64_t hidden, int64_t num_tokens, int num_experts, const int* __restrict__ row_map,
                   const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
-                  void* __restrict__ dprobs, int dprobs_code) {
+                  void* __restrict__ dprobs, int dprobs_code, const int* __restrict__ pad_ranges) {
   using A = typename Acc<T>::type;
   using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
@@ -409,9 +510,9 @@ __global__ void __launch_bounds__(kRowThreads)
   __shared__ A red[kRowThreads / 32][kGroup];
   const int64_t t = blockIdx.x;
   if (t >= num_tokens) {
-    const int64_t kept = row_map[num_tokens * num_experts];
-    zero_tail_rows<VB>(reinterpret_cast<uint8_t*>(d_rows), hidden * static_cast<int64_t>(sizeof(T)), kept, n_rows,
-                       t - num_tokens, nullptr, nullptr, 0);
+    zero_unowned_rows<VB>(reinterpret_cast<uint8_t*>(d_rows), hidden * static_cast<int64_t>(sizeof(T)),
+                          row_map[num_tokens * num_experts], n_rows, t - num_tokens, pad_ranges, num_experts, nullptr,
+                          nullptr, 0);
     return;
   }
   int n = 0;
@@ -503,13 +604,14 @@ __global__ void __launch_bounds__(kRowThreads)
 namespace moe_raw {
 template __global__ void routing_pack<kTileTokens>(const void*, int, int64_t, int64_t, int64_t, int, int*);
 template __global__ void routing_scan<1024>(int*, int64_t, int);
+template __global__ void pad_offsets<1024>(const int*, int64_t, int, int64_t, int, int*, int*, int64_t*, int64_t*);
 #define MOE_RAW_ROW_KERNELS(T, VB)                                                                              \
   template __global__ void gather_reduce<T, VB>(const T*, int64_t, int64_t, T*, int64_t, int64_t, int64_t, int,\
                                                 const int*, const int64_t*, const int64_t*, const void*, int,  \
                                                 int64_t, int64_t, const void*, int, void*, int);               \
   template __global__ void unpermute_bwd<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t,    \
                                                 int64_t, int, const int*, const void*, int, int64_t, int64_t,  \
-                                                void*, int);
+                                                void*, int, const int*);
 MOE_RAW_ROW_KERNELS(float, 16)
 MOE_RAW_ROW_KERNELS(float, 4)
 MOE_RAW_ROW_KERNELS(__half, 16)
@@ -522,7 +624,13 @@ MOE_RAW_ROW_KERNELS(double, 8)
   template __global__ void permute_scatter<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int,       \
                                                int64_t, int, int64_t, const void*, int, int64_t, int64_t,      \
                                                const int*, int*, int64_t*, const void*, int, int64_t, int64_t, \
-                                               void*);
+                                               void*, int64_t, const int*);
+#define MOE_RAW_SCATTER_ROWS(VB)                                                                                \
+  template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
+                                            const int*, const int*);
+MOE_RAW_SCATTER_ROWS(16)
+MOE_RAW_SCATTER_ROWS(4)
+MOE_RAW_SCATTER_ROWS(1)
 MOE_RAW_SCATTER(16)
 MOE_RAW_SCATTER(8)
 MOE_RAW_SCATTER(4)

@@ -7,6 +7,8 @@ pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs neither a
 
 __version__ = "0.1.0"
 
+from moe_raw.chunks import sort_chunks_by_idxs
+from moe_raw.padding import permute_and_pad, permute_with_row_map
 from moe_raw.permutation import permute, unpermute
 from moe_raw.swiglu import (
     WeightedSwiGLUFunction,
@@ -16,10 +18,17 @@ from moe_raw.swiglu import (
     weighted_swiglu,
     weighted_swiglu_back,
 )
+from moe_raw.topk import permute_topk, topk_to_routing, unpermute_topk
 
 __all__ = [
     "permute",
     "unpermute",
+    "sort_chunks_by_idxs",
+    "topk_to_routing",
+    "permute_topk",
+    "unpermute_topk",
+    "permute_and_pad",
+    "permute_with_row_map",
     "swiglu",
     "weighted_swiglu",
     "swiglu_back",

@@ -53,8 +53,9 @@ _VEC_BYTES = (16, 8, 4, 2, 1)
 
 
 def _permute_instances() -> tuple[str, ...]:
-    names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>"]
+    names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>", "moe_raw::pad_offsets<1024>"]
     names += [f"moe_raw::permute_scatter<{vb}>" for vb in _VEC_BYTES]
+    names += [f"moe_raw::scatter_rows<{vb}>" for vb in _VEC_BYTES]
     for dtype, ctype in CTYPES.items():
         size = torch.empty((), dtype=dtype).element_size()
         for vb in _VEC_BYTES:
@@ -63,7 +64,10 @@ def _permute_instances() -> tuple[str, ...]:
     return tuple(names)
 
 
-KERNELS = {"permute": _permute_instances()}
+KERNELS = {
+    "permute": _permute_instances(),
+    "chunks": tuple(f"moe_raw::chunk_sort<{vb}>" for vb in _VEC_BYTES),
+}
 
 # Parameter layout of every kernel, as struct codes: P device pointer, q int64_t, i int. struct's native
 # alignment ('@') is the layout CUDA expects in a packed parameter buffer, so one struct.pack_into replaces
@@ -72,10 +76,13 @@ SIGNATURES = {
     "permute": {
         "routing_pack": "PiqqqiP",
         "routing_scan": "Pqi",
-        "permute_scatter": "PqPqqiqiqPiqqPPPPiqqP",
+        "permute_scatter": "PqPqqiqiqPiqqPPPPiqqPqP",
         "gather_reduce": "PqqPqqqiPPPPiqqPiPi",
-        "unpermute_bwd": "PqPqPqqqiPPiqqPi",
+        "unpermute_bwd": "PqPqPqqqiPPiqqPiP",
+        "pad_offsets": "PqiqiPPPP",
+        "scatter_rows": "PqPqqiqPP",
     },
+    "chunks": {"chunk_sort": "PqPqqqPiPiiPqPii"},
 }
 
 _lock = threading.Lock()

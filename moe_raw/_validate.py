@@ -162,3 +162,24 @@ def row_map_values(op: str, row_map: torch.Tensor, n_rows: int) -> None:
             f"[{-1 - n_rows}, {n_rows - 1}] and row_map[T, 0] in [0, {n_rows}], got codes in [{lo}, {hi}] and "
             f"row_map[T, 0] = {kept} (checked because MOE_RAW_DEBUG=1)"
         )
+
+
+def no_byte_grad(x: torch.Tensor, arg: str, op: str) -> None:
+    """1-byte tokens (fp8) are moved as bytes; their gradient would be a sum of fp8 rows, which cannot be exact."""
+    if x.dtype in BYTE_DTYPES and x.requires_grad and torch.is_grad_enabled():
+        raise TypeError(
+            f"{op}: {arg} is {x.dtype} with requires_grad=True; 1-byte tokens are moved as bytes and have no exact "
+            f"gradient (it would sum {x.dtype} rows). Detach them, or permute a float16 / bfloat16 / float32 copy"
+        )
+
+
+def permute_inputs(op: str, tokens, routing_map, router_probs) -> tuple[int, int]:
+    """tokens [T, H] (float or 1-byte, no 1-byte gradient), routing_map [T, E], probs [T, E] or None -> (T, E)."""
+    tensor(tokens, "tokens", op, 2, FLOAT_DTYPES + BYTE_DTYPES)
+    no_byte_grad(tokens, "tokens", op)
+    num_tokens = tokens.shape[0]
+    routing(op, routing_map, num_tokens)
+    num_experts = routing_map.shape[1]
+    if router_probs is not None:
+        probs(op, router_probs, num_tokens, num_experts)
+    return num_tokens, num_experts

@@ -112,7 +112,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
         (ptr(src), (src.stride(0) * src.element_size() if src is not None else 0), ptr(out), (row_bytes),
          (num_tokens), (num_experts), (n_rows), (drop_and_pad), (capacity),
          ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
-         ws, row_map.data_ptr(), ptr(indices), *_scalar_args(probs), ptr(pprobs)),
+         ws, row_map.data_ptr(), ptr(indices), *_scalar_args(probs), ptr(pprobs), (n_rows), 0),
         # the row list and scratch, plus (16-byte rows) the kernel's 128-aligned stage of up to 16 KiB of the row
         shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 and want_rows else 0),
     )  # fmt: skip
@@ -172,9 +172,11 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
 
 
 def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, need_drows=True):
-    """Returns (d_rows [N, H], dprobs [T, E] | None); spare rows of d_rows are zero."""
+    """Returns (d_rows [N, H], dprobs [T, E] | None); spare rows (and the aligned layout's padding rows) of d_rows are
+    zero."""
     num_tokens, hidden = grad_out.shape
     num_experts = row_map.shape[1]
+    aligned = row_map.shape[0] == num_tokens + 3  # permute_and_pad's layout: E more blocks zero the padding rows
     dev = grad_out.device
     g = _rows(grad_out)
     dtype = g.dtype
@@ -188,11 +190,12 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     vb = _vec_bytes(esize, *quantities)
     smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
     launch(
-        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev, num_tokens + _cdiv(n_rows, _TAIL_ROWS),
-        _ROW_THREADS,
+        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev,
+        num_tokens + _cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
         (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
          (n_rows), (hidden), (num_tokens), (num_experts), ptr(row_map), *_scalar_args(probs),
-         ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0)),
+         ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0),
+         (row_map[num_tokens + 1].data_ptr() if aligned else 0)),
         shared_mem=smem,
     )  # fmt: skip
     return d_rows, dprobs
@@ -333,12 +336,7 @@ def permute(
     MOE_RAW_DEBUG=1 at import (each check is a device-to-host read).
     """
     op = "moe_raw.permute"
-    V.tensor(tokens, "tokens", op, 2, V.FLOAT_DTYPES + V.BYTE_DTYPES)
-    num_tokens = tokens.shape[0]
-    V.routing(op, routing_map, num_tokens)
-    num_experts = routing_map.shape[1]
-    if probs is not None:
-        V.probs(op, probs, num_tokens, num_experts)
+    num_tokens, num_experts = V.permute_inputs(op, tokens, routing_map, probs)
     n_out = V.size_arg(num_out_tokens, "num_out_tokens", op)
     fused, drop_and_pad = V.flag(fused, "fused", op), V.flag(drop_and_pad, "drop_and_pad", op)
     if drop_and_pad and n_out is None:
@@ -386,8 +384,9 @@ def unpermute(
         permuted_tokens: [N, H] float32 | float16 | bfloat16 | float64 (permute's output, or the experts' output).
         sorted_indices: fused=False: [N] int64 / int32 token id of each row (permute's third output). Read only
             without routing_map; on CUDA a row whose id is outside [0, T) is then summed into no token and gets a
-            zero gradient. fused=True: permute(fused=True)'s row map, int32 [T+1, E] (any strides); codes naming a
-            row outside [0, N) are skipped on CUDA. With MOE_RAW_DEBUG=1 either kind out of range raises ValueError
+            zero gradient. fused=True: permute(fused=True)'s row map, int32 [T+1, E] (any strides), or
+            permute_and_pad's [T+3, E] (padding rows get no weight and a zero gradient); codes naming a row outside
+            [0, N) are skipped on CUDA. With MOE_RAW_DEBUG=1 either kind out of range raises ValueError
             (a host sync).
         restore_shape: (T, H) of the output.
         probs: optional [T, E] float; read only at routed pairs (a NaN off-route never reaches the output; its
@@ -419,10 +418,11 @@ def unpermute(
                 f"{op}: with fused=True sorted_indices must be permute(fused=True)'s row map (int32 [T+1, E]), "
                 f"got {sorted_indices.dtype} of shape {tuple(sorted_indices.shape)}"
             )
-        if sorted_indices.shape[0] != num_tokens + 1:
+        if sorted_indices.shape[0] not in (num_tokens + 1, num_tokens + 3):  # [T + 3, E]: permute_and_pad's
             raise ValueError(
-                f"{op}: with fused=True sorted_indices must be permute(fused=True)'s row map [T+1, E] with "
-                f"T = restore_shape[0] = {num_tokens}, got shape {tuple(sorted_indices.shape)}"
+                f"{op}: with fused=True sorted_indices must be permute(fused=True)'s row map [T+1, E] (or "
+                f"permute_and_pad's [T+3, E]) with T = restore_shape[0] = {num_tokens}, got shape "
+                f"{tuple(sorted_indices.shape)}"
             )
         num_experts = sorted_indices.shape[1]
         if not 1 <= num_experts <= V.MAX_EXPERTS:  # the kernels keep a token's row list in shared memory
@@ -449,14 +449,15 @@ def unpermute(
     )
     if V.DEBUG:
         if fused:
-            V.row_map_values(op, sorted_indices, n_rows)
+            V.row_map_values(op, sorted_indices[: num_tokens + 1], n_rows)
         else:
             V.index_values(op, sorted_indices, num_tokens)
         if routing_map is not None:
             V.routing_values(op, routing_map)
     if not permuted_tokens.is_cuda:
+        index = sorted_indices[: num_tokens + 1] if fused else sorted_indices  # the aligned layout's first T + 1
         return reference.unpermute(
-            permuted_tokens, sorted_indices, (num_tokens, hidden), probs, routing_map, fused, drop_and_pad
+            permuted_tokens, index, (num_tokens, hidden), probs, routing_map, fused, drop_and_pad
         )
     if fused:
         # the kernels index the row map as contiguous [T + 1, E]; a strided view (a transpose, an expand) is copied

@@ -22,6 +22,10 @@ The row map (``fused=True`` index format), int32, shape ``[T + 1, E]``:
 * ``row_map[t, e] = -2 - r``: token ``t`` is a padding copy in row ``r`` of expert ``e`` (``drop_and_pad`` only);
 * ``row_map[T, 0]``: the number of leading permuted rows that hold a routed or padding token; rows after it are
   spare (zero) rows. ``row_map[T, 1:]`` is 0.
+* Aligned layout (``permute_and_pad``), shape ``[T + 3, E]``: each expert's rows are followed by zero padding rows up
+  to a multiple of ``align_size``; ``row_map[T, 0]`` is the padded total, and ``row_map[T + 1, e]`` /
+  ``row_map[T + 2, e]`` are the first / one-past-last padding row of expert ``e``. The first ``T + 1`` lines are
+  an ordinary row map of the padded rows, so ``unpermute(fused=True)`` reads it as it is.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ __all__ = [
     "weighted_swiglu_back",
     "WeightedSwiGLUFunction",
     "weighted_bias_swiglu_impl",
+    "sort_chunks_by_idxs",
+    "permute_and_pad",
+    "permute_with_row_map",
 ]
 
 
@@ -89,6 +96,53 @@ def build_row_map(routing_map: torch.Tensor, num_out_tokens: int | None = None, 
     row_map[tokens[:kept], experts[:kept]] = rows
     row_map[num_tokens, 0] = kept
     return row_map, n_rows
+
+
+def permute_and_pad(tokens, routing_map, probs=None, align_size=16, num_out_tokens=None):
+    """Reference of ``moe_raw.permute_and_pad``: returns (permuted [N, H], permuted_probs [N] or None, row_map
+    [T + 3, E] int32 (aligned layout, module docstring), tokens_per_expert [E] int64, padded_tokens_per_expert [E]
+    int64). Expert e keeps c_e of the first num_out_tokens routed pairs (expert-major) and gets roundup(c_e, align)
+    rows, the real ones first. N = the padded total, or with num_out_tokens num_out_tokens + E * (align - 1)."""
+    num_tokens, hidden = tokens.shape
+    num_experts = routing_map.shape[1]
+    dev = tokens.device
+    tok_ids, exp_ids = _routed_order(routing_map)
+    n_keep = tok_ids.numel() if num_out_tokens is None else min(num_out_tokens, tok_ids.numel())
+    tok_ids, exp_ids = tok_ids[:n_keep], exp_ids[:n_keep]
+    counts = torch.bincount(exp_ids, minlength=num_experts).to(torch.int64)
+    padded = (counts + align_size - 1) // align_size * align_size
+    pad_start = torch.cumsum(padded, 0) - padded  # first row of each expert
+    expert_start = torch.cumsum(counts, 0) - counts
+    rows = torch.arange(n_keep, device=dev) - expert_start[exp_ids] + pad_start[exp_ids]
+    total = int(padded.sum())
+    n_rows = total if num_out_tokens is None else num_out_tokens + num_experts * (align_size - 1)
+    permuted = tokens.new_zeros((n_rows, hidden))
+    permuted[rows] = tokens.index_select(0, tok_ids)
+    permuted_probs = None
+    if probs is not None:
+        permuted_probs = torch.zeros(n_rows, dtype=probs.dtype, device=dev)
+        permuted_probs[rows] = probs[tok_ids, exp_ids]
+    row_map = torch.full((num_tokens + 3, num_experts), -1, dtype=torch.int32, device=dev)
+    row_map[tok_ids, exp_ids] = rows.to(torch.int32)
+    row_map[num_tokens] = 0
+    row_map[num_tokens, 0] = total
+    row_map[num_tokens + 1] = (pad_start + counts).to(torch.int32)
+    row_map[num_tokens + 2] = (pad_start + padded).to(torch.int32)
+    return permuted, permuted_probs, row_map, counts, padded
+
+
+def permute_with_row_map(x, row_map, num_rows):
+    """Reference of ``moe_raw.permute_with_row_map``: out [num_rows, ...] with out[r] = x[t] for every row r of token
+    t in the row map (routed ``r``, padding copy ``-2 - r``), zero elsewhere. row_map: [T + 1, E] or the aligned
+    [T + 3, E]; x: [T, ...]."""
+    num_tokens = x.shape[0]
+    body = row_map[:num_tokens].long()
+    rows = torch.where(body >= 0, body, -2 - body)
+    valid = (body != -1) & (rows < num_rows)
+    token = torch.arange(num_tokens, device=x.device).unsqueeze(1).expand_as(body)
+    out = x.new_zeros((num_rows, *x.shape[1:]))
+    out[rows[valid]] = x[token[valid]]
+    return out
 
 
 def _sorted_indices_from_row_map(row_map: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -199,6 +253,30 @@ def unpermute(
     out = torch.zeros((num_tokens, hidden), dtype=permuted_tokens.dtype, device=permuted_tokens.device)
     out.scatter_add_(0, sorted_indices.long().unsqueeze(1).expand(-1, hidden), permuted_tokens)
     return out.to(input_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunk regrouping after an expert-parallel all-to-all (Megatron's sort_chunks_by_idxs, plus moe_raw's contract:
+# rows past sum(split_sizes) stay in place instead of being cut off).
+
+
+def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False):
+    """input [N, ...] holds len(split_sizes) chunks back to back; returns (cat of the chunks in sorted_idxs order,
+    then input's rows past sum(split_sizes) unchanged; probs [N] moved the same way, or None). Reads the sizes and
+    indices on the host. ``fused`` is accepted for Megatron's signature and changes nothing."""
+    sizes = [int(s) for s in split_sizes.tolist()]
+    order = [int(i) for i in sorted_idxs.tolist()]
+    total = sum(sizes)
+    if min(sizes, default=0) < 0 or total > input.shape[0]:
+        raise ValueError(f"sort_chunks_by_idxs: split_sizes must be >= 0 and sum to at most {input.shape[0]} rows")
+    if sorted(order) != list(range(len(sizes))):
+        raise ValueError(f"sort_chunks_by_idxs: sorted_idxs must be a permutation of 0..{len(sizes) - 1}")
+
+    def regroup(x):
+        chunks = torch.split(x[:total], sizes, dim=0)
+        return torch.cat([chunks[i] for i in order] + [x[total:]], dim=0) if sizes else x.clone()
+
+    return regroup(input), (regroup(probs) if probs is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,8 +41,12 @@ SEED_SIGNATURES = {
     "swiglu_back": [("g", _), ("y", _)],
     "weighted_swiglu_back": [("g", _), ("y", _), ("weights", _)],
     "weighted_bias_swiglu_impl": [("input", _), ("weights", _), ("fp8_input_store", False)],
+    # Megatron moe_utils (issue #7): the regrouping after the expert-parallel all-to-all.
+    "sort_chunks_by_idxs": [("input", _), ("split_sizes", _), ("sorted_idxs", _), ("probs", None), ("fused", False)],
 }
-PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction"}
+# moe_raw's own additions (issue #7), no seed counterpart: their docstrings must state shapes too.
+EXTRAS = ("topk_to_routing", "permute_topk", "unpermute_topk", "permute_and_pad", "permute_with_row_map")
+PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction"} | set(EXTRAS)
 
 # A bracketed shape naming a dimension letter: "[T, H]", "[N, 1]", "[..., 2F]", "[T + 1, E]".
 SHAPE = re.compile(r"\[[^\]\n]*[TNHEKF][^\]\n]*\]")
@@ -95,7 +99,7 @@ def test_weighted_swiglu_function_is_the_seeds():
     assert inspect.getdoc(fn), "WeightedSwiGLUFunction has no docstring"
 
 
-@pytest.mark.parametrize("name", sorted(SEED_SIGNATURES))
+@pytest.mark.parametrize("name", sorted(SEED_SIGNATURES) + list(EXTRAS))
 def test_docstring_states_shapes(name):
     doc = inspect.getdoc(getattr(moe_raw, name))
     assert doc, f"moe_raw.{name} has no docstring"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# compute-sanitizer over a representative GPU workload of moe_raw (run on a CUDA machine; issue #6):
+#   workload A  python -m bench --quick --no-bench   the self-check: every public op, fwd + bwd, fp32/fp16/bf16,
+#               small shapes incl. an odd H (13), num_out_tokens below / equal / above, drop_and_pad, fused/unfused
+#   workload B  a pytest subset of the GPU suite: T = 0, special and non-bool routing maps, non-contiguous inputs,
+#               byte (fp8) tokens, num_out_tokens, drop_and_pad; SwiGLU reference sweep, dtype
+#               mixes, empty / zero-width inputs, strided inputs
+# Each of memcheck, racecheck, initcheck, synccheck runs both workloads; PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives
+# every tensor its own cudaMalloc so that memcheck sees an access past a tensor's end (torch's caching allocator
+# would otherwise hand out neighbouring memory of the same block). Logs: $OUT/sanitize_<tool>_<A|B>.log; summary
+# (the sanitizer's "ERROR SUMMARY" line and the workload's exit status) in $OUT/sanitize_summary.txt.
+# Usage: OUT=bench/results/x bash bench/sanitize.sh [tool ...]     (default: all four tools)
+set -uo pipefail
+OUT=${OUT:-bench/results/latest}
+mkdir -p "$OUT"
+tools=("$@")
+[ ${#tools[@]} -eq 0 ] && tools=(memcheck racecheck initcheck synccheck)
+export PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
+subset_b=(
+  tests/test_permute_gpu.py::test_zero_tokens tests/test_permute_gpu.py::test_special_routing_maps
+  tests/test_permute_gpu.py::test_routing_map_dtypes tests/test_permute_gpu.py::test_noncontiguous_inputs
+  tests/test_permute_gpu.py::test_byte_tokens tests/test_permute_gpu.py::test_num_out_tokens
+  tests/test_permute_gpu.py::test_drop_and_pad
+  tests/test_swiglu_gpu.py::test_matches_reference tests/test_swiglu_gpu.py::test_dtype_mixes
+  tests/test_swiglu_gpu.py::test_empty_and_zero_width tests/test_swiglu_gpu.py::test_noncontiguous_inputs_and_grads
+)
+status=0
+summary="$OUT/sanitize_summary.txt"
+compute-sanitizer --version | head -2 | tee "$summary"
+for tool in "${tools[@]}"; do
+  for workload in A B; do
+    log="$OUT/sanitize_${tool}_${workload}.log"
+    extra=()
+    [ "$tool" = initcheck ] && extra=(--track-unused-memory no)
+    if [ "$workload" = A ]; then cmd=(python3 -m bench --quick --no-bench); else cmd=(python3 -m pytest -q -p no:cacheprovider "${subset_b[@]}"); fi
+    start=$SECONDS
+    timeout "${SANITIZE_TIMEOUT:-900}" compute-sanitizer --tool "$tool" "${extra[@]}" --print-limit 20 \
+      --error-exitcode 99 "${cmd[@]}" >"$log" 2>&1
+    rc=$?
+    line=$(grep -h "ERROR SUMMARY" "$log" | tail -1)
+    tests=$(grep -hE "^[0-9]+ passed|passed|self-check:" "$log" | tail -1)
+    echo "$tool $workload rc=$rc $((SECONDS - start))s | ${line:-no ERROR SUMMARY line} | $tests" | tee -a "$summary"
+    [ $rc -ne 0 ] && status=1
+  done
+done
+exit $status

@@ -1,0 +1,114 @@
+// moe_raw/kernels/chunks.cu: sort_chunks_by_idxs, the chunk regrouping after an expert-parallel all-to-all.
+//
+// What it computes. The rows [0, n_rows) of `in` hold S chunks back to back, chunk i of split_sizes[i] rows
+// (rows past sum(split_sizes) belong to no chunk). The output holds the chunks in the order sorted_idxs gives:
+// out = cat(chunk[sorted_idxs[0]], chunk[sorted_idxs[1]], ...), and rows past sum(split_sizes) stay where they
+// are. With src_start[i] = sizes[0] + ... + sizes[i-1] (input order) and dst_start[sorted_idxs[j]] =
+// sizes[sorted_idxs[0]] + ... + sizes[sorted_idxs[j-1]] (output order), row r of chunk i moves to
+//   dst(r) = dst_start[i] + (r - src_start[i]),     dst(r) = r past the chunks.
+//   chunk_sort<VB>, gather = 0:  out[dst(r)] = in[r]   (forward; probs_out[dst(r)] = probs_in[r])
+//   chunk_sort<VB>, gather = 1:  out[r] = in[dst(r)]   (backward: the inverse permutation, same tables)
+// Every block rebuilds src_start / dst_start in shared memory from the device tensors (S <= 4096), so the
+// op is one launch with no workspace and no host sync; for S up to a few thousand that is a few loads per thread.
+//
+// Launch shape: grid = ceil(n_rows / kChunkRows), block = kChunkThreads (8 warps; each warp moves one row at a
+// time in VB-byte packs, lanes striding over the row), dynamic shared memory 8 * S bytes.
+// Preconditions (moe_raw/chunks.py checks the host-side ones): VB divides row_bytes, both row strides and both
+// base addresses; n_rows < 2^31; 1 <= S <= 4096; sizes and sorted_idxs are int32 or int64 device tensors.
+// Values are not checked on the device (that would need a host sync; MOE_RAW_DEBUG=1 checks them in Python),
+// but bad values cannot write out of bounds: sizes are clamped to [0, n_rows], indices outside [0, S) are
+// skipped, and a destination past n_rows is dropped. With a valid permutation every output row is written.
+// Bytes moved: read n_rows * row_bytes, write n_rows * row_bytes (+ probs: n_rows * probs_bytes each way).
+
+#include "common.cuh"
+
+namespace moe_raw {
+
+constexpr int kChunkThreads = 256;
+constexpr int kChunkRows = 32;      // rows per block: 4 per warp
+// At most 4096 chunks (moe_raw/chunks.py MAX_SPLITS): the two int32 tables then fill 32 KiB of shared memory.
+
+__device__ __forceinline__ int64_t load_index(const void* p, int bytes, int64_t i) {
+  return bytes == 4 ? static_cast<int64_t>(static_cast<const int32_t*>(p)[i]) : static_cast<const int64_t*>(p)[i];
+}
+
+// src_start / dst_start (int32, clamped to n_rows) for every chunk; returns the rows covered by chunks.
+__device__ int build_tables(const void* sizes, int sizes_bytes, const void* sorted_idxs, int idx_bytes, int n_splits,
+                            int64_t n_rows, int* src_start, int* dst_start) {
+  // A chunk that sorted_idxs never names keeps n_rows: its rows map past the end and are dropped.
+  for (int i = threadIdx.x; i < n_splits; i += kChunkThreads) dst_start[i] = static_cast<int>(n_rows);
+  __syncthreads();
+  int64_t carry_src = 0, carry_dst = 0;
+  for (int base = 0; base < n_splits; base += kChunkThreads) {
+    const int i = base + threadIdx.x;
+    int64_t size = 0, size_sorted = 0, j = -1;
+    if (i < n_splits) {
+      size = min(max(load_index(sizes, sizes_bytes, i), int64_t(0)), n_rows);
+      j = load_index(sorted_idxs, idx_bytes, i);
+      if (j >= 0 && j < n_splits) size_sorted = min(max(load_index(sizes, sizes_bytes, j), int64_t(0)), n_rows);
+    }
+    int64_t sum_src, sum_dst;
+    const int64_t pre_src = block_exclusive_scan(size, &sum_src);
+    const int64_t pre_dst = block_exclusive_scan(size_sorted, &sum_dst);
+    if (i < n_splits) src_start[i] = static_cast<int>(min(carry_src + pre_src, n_rows));
+    if (j >= 0 && j < n_splits) dst_start[j] = static_cast<int>(min(carry_dst + pre_dst, n_rows));
+    carry_src += sum_src;
+    carry_dst += sum_dst;
+  }
+  __syncthreads();
+  return static_cast<int>(min(carry_src, n_rows));
+}
+
+template <int VB>
+__global__ void __launch_bounds__(kChunkThreads)
+    chunk_sort(const uint8_t* __restrict__ in, int64_t in_stride, uint8_t* __restrict__ out, int64_t out_stride,
+               int64_t n_rows, int64_t row_bytes, const void* __restrict__ sizes, int sizes_bytes,
+               const void* __restrict__ sorted_idxs, int idx_bytes, int n_splits, const uint8_t* __restrict__ probs_in,
+               int64_t probs_in_stride, uint8_t* __restrict__ probs_out, int probs_bytes, int gather) {
+  using V = typename Vec<VB>::type;
+  extern __shared__ int tables[];
+  int* src_start = tables;
+  int* dst_start = tables + n_splits;
+  const int covered = build_tables(sizes, sizes_bytes, sorted_idxs, idx_bytes, n_splits, n_rows, src_start, dst_start);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n_vec = row_bytes / VB;
+  for (int64_t r = blockIdx.x * int64_t(kChunkRows) + warp; r < min(n_rows, (blockIdx.x + 1) * int64_t(kChunkRows));
+       r += kChunkThreads / 32) {
+    int64_t d = r;
+    if (r < covered) {
+      int lo = 0, hi = n_splits;  // the last chunk whose start is <= r (zero-size chunks share starts)
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (src_start[mid] <= r) lo = mid; else hi = mid;
+      }
+      d = int64_t(dst_start[lo]) + (r - src_start[lo]);
+      if (d >= n_rows) continue;  // a chunk sorted_idxs does not name, or sizes past n_rows: nothing to move
+    }
+    const int64_t from = gather ? d : r, to = gather ? r : d;
+    const V* src = reinterpret_cast<const V*>(in + from * in_stride);
+    V* dst = reinterpret_cast<V*>(out + to * out_stride);
+    for (int64_t k = lane; k < n_vec; k += 32) dst[k] = src[k];
+    if (probs_out != nullptr && lane == 0) {
+      const uint8_t* ps = probs_in + from * probs_in_stride * probs_bytes;
+      uint8_t* pd = probs_out + to * probs_bytes;
+      for (int b = 0; b < probs_bytes; ++b) pd[b] = ps[b];
+    }
+  }
+}
+
+}  // namespace moe_raw
+
+#ifdef MOE_RAW_NVCC_CHECK
+// CI compiles this file with nvcc (warnings as errors); NVRTC instantiates through name_expressions at run time.
+namespace moe_raw {
+#define MOE_RAW_CHUNK_SORT(VB)                                                                                  \
+  template __global__ void chunk_sort<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int64_t,        \
+                                          const void*, int, const void*, int, int, const uint8_t*, int64_t,    \
+                                          uint8_t*, int, int);
+MOE_RAW_CHUNK_SORT(16)
+MOE_RAW_CHUNK_SORT(8)
+MOE_RAW_CHUNK_SORT(4)
+MOE_RAW_CHUNK_SORT(2)
+MOE_RAW_CHUNK_SORT(1)
+}  // namespace moe_raw
+#endif
