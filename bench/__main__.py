@@ -10,10 +10,12 @@ Without a CUDA device it runs the self-check on the CPU path (moe_raw.reference)
 and exits 0 when every check passes.
 
 Options:
-  --ops     comma list of: permute, unpermute, swiglu, weighted_swiglu, weighted_swiglu_back, layer; or "all".
-            "permute" and "swiglu" name their groups: permute = permute + unpermute (measured together: one
-            shape gives both, fwd, bwd and the autograd round trip); swiglu = swiglu + weighted_swiglu +
-            weighted_swiglu_back. layer = the end-to-end MoE layer (bench/bench_layer.py). Default: all.
+  --ops     comma list of: permute, unpermute, sort_chunks, topk, pad, swiglu, weighted_swiglu,
+            weighted_swiglu_back, layer; or "all". "permute" and "swiglu" name their groups: permute = permute +
+            unpermute (measured together: one shape gives both, fwd, bwd and the autograd round trip) + sort_chunks
+            (sort_chunks_by_idxs) + topk (permute_topk / unpermute_topk) + pad (permute_and_pad,
+            permute_with_row_map); swiglu = swiglu + weighted_swiglu + weighted_swiglu_back. layer = the
+            end-to-end MoE layer (bench/bench_layer.py). Default: all.
   --dtype   bf16 (default) | fp16 | fp32: the benchmark's token/activation dtype (the self-check runs all three).
   --shapes  comma list of shape names from bench_permute.SHAPES, bench_swiglu.SHAPES (the name up to the first
             space, e.g. N32768-F2048, is enough) and bench_layer.LAYER_SHAPES; an op runs the listed shapes of its
@@ -60,10 +62,11 @@ RECORD_FORMAT = "moe_raw-bench/1"
 CSV_FIELDS = ["kind", "shape", "op", "provider", "dtype", "ms", "us", "GB/s", "pct_copy", "speedup_vs_seed",
               "tokens_per_s", "peak_mem_GB", "max_rel_err", "note"]  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = ("permute", "unpermute", "swiglu", "weighted_swiglu", "weighted_swiglu_back", "layer")
+OPS = ("permute", "unpermute", "sort_chunks", "topk", "pad", "swiglu", "weighted_swiglu", "weighted_swiglu_back",
+       "layer")  # fmt: skip
 GROUPS = {
     "all": OPS,
-    "permute": ("permute", "unpermute"),
+    "permute": ("permute", "unpermute", "sort_chunks", "topk", "pad"),
     "swiglu": ("swiglu", "weighted_swiglu", "weighted_swiglu_back"),
 }
 SWIGLU_CALLS = {"swiglu": "swiglu fwd", "weighted_swiglu": "weighted_swiglu fwd",
@@ -240,6 +243,19 @@ def check_permute(dtype, device, quick: bool = False) -> tuple[bool, str]:
     )
 
 
+def _dispatch_checks():
+    from bench import smoke
+
+    return (
+        ("sort_chunks", "sort_chunks_by_idxs fwd+bwd", smoke.check_sort_chunks),
+        ("topk", "permute_topk + unpermute_topk fwd+bwd", smoke.check_topk),
+        ("pad", "permute_and_pad + permute_with_row_map + unpermute fwd+bwd", smoke.check_permute_and_pad),
+    )
+
+
+DISPATCH_CHECKS = _dispatch_checks()
+
+
 def selfcheck(ops, device, quick: bool = False) -> list:
     """Run the checks of `ops` in every dtype on `device`; print one PASS/FAIL line each; return the records.
     quick: the small permute cases only (the slow part of a full self-check is the fp64 CPU reference of the large
@@ -250,6 +266,9 @@ def selfcheck(ops, device, quick: bool = False) -> list:
         todo = []
         if "permute" in ops or "unpermute" in ops:
             todo.append(("permute+unpermute fwd+bwd", lambda dt=dtype: check_permute(dt, device, quick)))
+        for op, label, fn in DISPATCH_CHECKS:
+            if op in ops:
+                todo.append((label, lambda f=fn, dt=dtype: f(dt, device)))
         for check, (op, label) in SWIGLU_CHECKS.items():
             if op in ops or (check == "autograd" and "weighted_swiglu" in ops):
                 todo.append((label, lambda c=check, dt=dtype: check_swiglu(c, dt, device)))

@@ -8,6 +8,8 @@
 #   swiglu  python -m bench.bench_swiglu     the SwiGLU family benchmark table
 #   quick   python -m bench --quick          the user-facing CLI, one shape per op (record in $OUT/bench.*)
 #   full    python -m bench                  the CLI at every shape, MoE layer case included
+#   fuzz    pytest -m gpu tests/test_fuzz.py with MOE_RAW_HYPOTHESIS_PROFILE=gpu (150 random examples per property)
+#   sanitize  bench/sanitize.sh              compute-sanitizer memcheck / racecheck / initcheck / synccheck
 # Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
 set -uo pipefail
 OUT=${OUT:-bench/results/latest}
@@ -30,6 +32,8 @@ for step in "$@"; do
     swiglu) python3 -m bench.bench_swiglu --out "$OUT/bench_swiglu.json" 2>&1 | tee "$OUT/bench_swiglu.md" || status=1 ;;
     quick) python3 -m bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.md" || status=1 ;;
     full) python3 -m bench --out "$OUT" 2>&1 | tee "$OUT/bench_full.md" || status=1 ;;
+    fuzz) MOE_RAW_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -m gpu tests/test_fuzz.py 2>&1 | tee "$OUT/gpu_fuzz.log" || status=1 ;;
+    sanitize) OUT="$OUT" bash bench/sanitize.sh || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

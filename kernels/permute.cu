@@ -400,6 +400,48 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// o[v] = sum_j weight(j) * rows[row(j)][v] over j < n, in ascending j (fp32 / fp64), for this thread's packs v.
+template <typename T, int VB, typename RowFn, typename WeightFn>
+__device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t rows_stride,
+                                         typename Vec<VB>::type* __restrict__ o, int64_t hidden, int n, RowFn row,
+                                         WeightFn weight) {
+  using A = typename Acc<T>::type;
+  using P = Pack<T, VB>;
+  using V = typename Vec<VB>::type;
+  const int64_t nvec = hidden / P::N;
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    A acc[P::N];
+#pragma unroll
+    for (int i = 0; i < P::N; ++i) acc[i] = A(0);
+    int j = 0;
+    // Four rows in flight per step; the sum order stays ascending j.
+    for (; j + 4 <= n; j += 4) {
+      P x[4];
+      A w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        w[k] = weight(j + k);
+        x[k].raw = reinterpret_cast<const V*>(rows + row(j + k) * rows_stride)[v];
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int i = 0; i < P::N; ++i) acc[i] += w[k] * to_acc(x[k].v[i]);
+    }
+    for (; j < n; ++j) {
+      const A w = weight(j);
+      P x;
+      x.raw = reinterpret_cast<const V*>(rows + row(j) * rows_stride)[v];
+#pragma unroll
+      for (int i = 0; i < P::N; ++i) acc[i] += w * to_acc(x.v[i]);
+    }
+    P y;
+#pragma unroll
+    for (int i = 0; i < P::N; ++i) y.v[i] = from_acc<T, A>(acc[i]);
+    o[v] = y.raw;
+  }
+}
+
 // out[t] = sum_j w_j * rows[row_j] over token t's rows (fp32 / fp64 accumulation, ascending expert order).
 // Row list from the row map (routed rows weighted by probs if given, else routed and padding rows with weight 1),
 // or from a CSR list (csr_ptr [T + 1], csr_rows) of an arbitrary sorted_indices (weight 1).
@@ -412,7 +454,6 @@ __global__ void __launch_bounds__(kRowThreads)
                   const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                   const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs, int dprobs_code) {
   using A = typename Acc<T>::type;
-  using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   extern __shared__ int smem[];
   int* list_rows = smem;                                        // [num_experts]
@@ -452,40 +493,15 @@ __global__ void __launch_bounds__(kRowThreads)
     csr_beg = csr_ptr[t];
     n = static_cast<int>(csr_ptr[t + 1] - csr_beg);
   }
-  const int64_t nvec = hidden / P::N;
+  // Two instantiations, not a select per row: with the CSR list the block has no dynamic shared memory, and a
+  // select lets the compiler load list_rows / list_w speculatively, out of bounds (compute-sanitizer memcheck).
   V* o = reinterpret_cast<V*>(out + t * out_stride);
-  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-    A acc[P::N];
-#pragma unroll
-    for (int i = 0; i < P::N; ++i) acc[i] = A(0);
-    int j = 0;
-    // Four rows in flight per step; the sum order stays ascending j.
-    for (; j + 4 <= n; j += 4) {
-      P x[4];
-      A w[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t r = row_map ? list_rows[j + k] : csr_rows[csr_beg + j + k];
-        w[k] = row_map ? list_w[j + k] : A(1);
-        x[k].raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
-      }
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-#pragma unroll
-        for (int i = 0; i < P::N; ++i) acc[i] += w[k] * to_acc(x[k].v[i]);
-    }
-    for (; j < n; ++j) {
-      const int64_t r = row_map ? list_rows[j] : csr_rows[csr_beg + j];
-      const A w = row_map ? list_w[j] : A(1);
-      P x;
-      x.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
-#pragma unroll
-      for (int i = 0; i < P::N; ++i) acc[i] += w * to_acc(x.v[i]);
-    }
-    P y;
-#pragma unroll
-    for (int i = 0; i < P::N; ++i) y.v[i] = from_acc<T, A>(acc[i]);
-    o[v] = y.raw;
+  if (row_map) {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },
+                    [&](int j) { return list_w[j]; });
+  } else {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[csr_beg + j]; },
+                    [](int) { return A(1); });
   }
 }
 

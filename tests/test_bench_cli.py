@@ -27,7 +27,8 @@ def test_parse_defaults():
 
 
 def test_parse_groups_and_ops():
-    assert cli.parse_args(["--ops", "permute"]).ops == ("permute", "unpermute")
+    assert cli.parse_args(["--ops", "permute"]).ops == ("permute", "unpermute", "sort_chunks", "topk", "pad")
+    assert cli.parse_args(["--ops", "topk,pad"]).ops == ("topk", "pad")
     assert cli.parse_args(["--ops", "swiglu"]).ops == ("swiglu", "weighted_swiglu", "weighted_swiglu_back")
     assert cli.parse_args(["--ops", "weighted_swiglu_back,unpermute"]).ops == ("unpermute", "weighted_swiglu_back")
     assert cli.parse_args(["--ops", "layer", "--dtype", "fp16", "--quick", "--no-bench"]).dtype == "fp16"
@@ -140,6 +141,22 @@ def test_selfcheck_reports_a_failure(monkeypatch, capsys):
     fwd = [r for r in res if r["op"].startswith("weighted_swiglu fwd")]
     assert len(fwd) == 3 and all(r["status"] == "FAIL" for r in fwd)
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["sort_chunks_by_idxs", "permute_topk", "permute_and_pad"])
+def test_dispatch_checks_report_a_wrong_result(monkeypatch, name):
+    import moe_raw
+
+    real = getattr(moe_raw, name)
+
+    def off_by_a_bit(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return (out[0].detach() * 2, *out[1:])  # wrong rows (and no gradient through them)
+
+    monkeypatch.setattr(moe_raw, name, off_by_a_bit)
+    op = {"sort_chunks_by_idxs": "sort_chunks", "permute_topk": "topk", "permute_and_pad": "pad"}[name]
+    res = cli.selfcheck((op,), "cpu")
+    assert len(res) == 3 and all(r["status"] == "FAIL" for r in res), res
 
 
 # ----------------------------------------------------------------------------------------------------- layer
