@@ -42,7 +42,6 @@ for tool in "${tools[@]}"; do
   for workload in "${workloads[@]}"; do
     log="$OUT/sanitize_${tool}_${workload}.log"
     extra=()
-    [ "$tool" = initcheck ] && extra=(--track-unused-memory no)
     [ "$tool" = memcheck ] && extra=(--report-api-errors no)
     if [ "$workload" = A ]; then
       cmd=(python3 -m bench --quick --no-bench --out "${TMPDIR:-/tmp}/moe_raw_sanitize_selfcheck")

@@ -493,8 +493,7 @@ __global__ void __launch_bounds__(kRowThreads)
     csr_beg = csr_ptr[t];
     n = static_cast<int>(csr_ptr[t + 1] - csr_beg);
   }
-  // Two instantiations, not a select per row: with the CSR list the block has no dynamic shared memory, and a
-  // select lets the compiler load list_rows / list_w speculatively, out of bounds (compute-sanitizer memcheck).
+  // One instantiation per row source, not a select per row: the CSR path has no shared row list to read.
   V* o = reinterpret_cast<V*>(out + t * out_stride);
   if (row_map) {
     sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },

@@ -18,6 +18,10 @@ _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
 _ROW_THREADS = 128  # kRowThreads
 _TAIL_ROWS = 32  # kTailRows
 _STAGE_BYTES = 16384  # kStageBytes
+# Bytes past the row lists of gather_reduce / unpermute_bwd: nvcc loads the lists up to 4 entries ahead of the loop
+# bound (two float weights as one 8-byte load, past a 1-expert list: compute-sanitizer memcheck on an H100), so the
+# allocation covers 4 more fp64 entries.
+_SMEM_SLACK = 32
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -159,7 +163,7 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
         out = torch.empty((num_tokens, hidden), dtype=dtype, device=dev)
         rows_stride = rows.stride(0)
         vb = _vec_bytes(esize, hidden * esize, rows_stride * esize, rows.data_ptr(), out.data_ptr())
-    smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
+    smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
     launch(
         "permute", f"moe_raw::gather_reduce<{CTYPES[dtype]}, {vb}>", dev, num_tokens, _ROW_THREADS,
         (ptr(rows), (rows_stride), (n_rows), ptr(out), (hidden), (hidden), (num_tokens),
@@ -188,7 +192,7 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     if rows is not None:
         quantities += [rows.stride(0) * esize, rows.data_ptr()]
     vb = _vec_bytes(esize, *quantities)
-    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
+    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
     launch(
         "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev,
         num_tokens + _cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
