@@ -7,8 +7,9 @@
 #               mixes, empty / zero-width inputs, strided inputs; sort_chunks_by_idxs (bad values included),
 #               permute_and_pad and its backward, top-k routing (CUDA-graph tests need torch's caching allocator,
 #               which is off here, so they are left out)
-# memcheck runs both workloads, racecheck / initcheck / synccheck workload A (the self-check launches every kernel
-# and template path moe_raw has; racecheck on workload B ran past 2 minutes). memcheck runs with
+#   workload C  python -m bench.sanitize_cases: every kernel on each of its paths once, tiny shapes, results read back
+# memcheck runs workloads A and B; racecheck, initcheck and synccheck run workload C (on A or B they ran past 2
+# minutes). memcheck runs with
 # --report-api-errors no: Numba's driver start-up probes optional entry points with cuGetProcAddress, and the
 # CUDA_ERROR_INVALID_VALUE answers it expects and handles were reported as 20 "errors" (H100 run, 2026-11-27); a
 # failing API call of moe_raw's own raises in Python and fails the workload. PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives
@@ -37,7 +38,7 @@ status=0
 summary="$OUT/sanitize_summary.txt"
 compute-sanitizer --version | head -2 | tee "$summary"
 for tool in "${tools[@]}"; do
-  workloads=(A)
+  workloads=(C)
   [ "$tool" = memcheck ] && workloads=(A B)
   for workload in "${workloads[@]}"; do
     log="$OUT/sanitize_${tool}_${workload}.log"
@@ -45,6 +46,8 @@ for tool in "${tools[@]}"; do
     [ "$tool" = memcheck ] && extra=(--report-api-errors no)
     if [ "$workload" = A ]; then
       cmd=(python3 -m bench --quick --no-bench --out "${TMPDIR:-/tmp}/moe_raw_sanitize_selfcheck")
+    elif [ "$workload" = C ]; then
+      cmd=(python3 -m bench.sanitize_cases)
     else
       cmd=(python3 -m pytest -q -p no:cacheprovider -m gpu -k "not graph" "${subset_b[@]}")
     fi
@@ -53,7 +56,7 @@ for tool in "${tools[@]}"; do
       --error-exitcode 99 "${cmd[@]}" >"$log" 2>&1
     rc=$?
     line=$(grep -hE "(ERROR|RACECHECK) SUMMARY" "$log" | tail -1)
-    tests=$(grep -hE "^[0-9]+ passed|passed|self-check:" "$log" | tail -1)
+    tests=$(grep -hE "passed|self-check:|ALL OK|MISMATCHES" "$log" | tail -1)
     echo "$tool $workload rc=$rc $((SECONDS - start))s | ${line:-no ERROR SUMMARY line} | $tests" | tee -a "$summary"
     [ $rc -ne 0 ] && status=1
   done
