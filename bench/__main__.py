@@ -343,6 +343,16 @@ def run_benchmarks(args) -> tuple[list, dict, bool]:
                 rows += [{"dtype": args.dtype, **r} for r in
                          bench_permute.peak_memory_rows(name, *bench_permute.SHAPES[name], dtype=dtype)]  # fmt: skip
                 torch.cuda.empty_cache()
+    extras = {"sort_chunks": ("sort_chunks_by_idxs",), "topk": ("permute_topk",),
+              "pad": ("permute_and_pad", "permute_with_row_map")}  # op -> the row names it owns  # fmt: skip
+    wanted = tuple(prefix for op, prefixes in extras.items() if op in args.ops for prefix in prefixes)
+    if wanted:
+        from bench import bench_dispatch
+
+        progress(f"dispatch extras ({', '.join(o for o in extras if o in args.ops)}) at {bench_dispatch.SHAPE[0]}")
+        rows += [{"kind": "kernel", "dtype": args.dtype, **r} for r in bench_dispatch.bench_rows(copy_gbs, dtype=dtype)
+                 if r["op"].startswith(wanted)]  # fmt: skip
+        torch.cuda.empty_cache()
     sw_ops = [SWIGLU_CALLS[o] for o in OPS if o in SWIGLU_CALLS and o in args.ops]
     if sw_ops:
         providers = bench_swiglu._providers()

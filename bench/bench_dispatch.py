@@ -1,0 +1,108 @@
+"""Benchmark of the dispatch extras (issue #7): sort_chunks_by_idxs, top-k index routing, permute_and_pad and
+permute_with_row_map, each beside what a user runs without moe_raw, same run, same card.
+
+python -m bench.bench_dispatch      (also run by ``python -m bench``, ``--ops sort_chunks,topk,pad``)
+
+Byte models (s = bytes per token element, N = T * K routed rows):
+  sort_chunks_by_idxs   read + write N * H * s (+ probs: 2 * N * 4)
+  permute_topk          permute fwd's model (bench_permute.bytes_permute_fwd); the index -> map conversion is extra
+  permute_and_pad       permute fwd's model with N + E * (align - 1) rows written (padding rows are written zeros)
+  permute_with_row_map  read T * S * 4, write N' * S * 4 (per-1x128-block fp32 scales, S = H / 128)
+Baselines: Megatron's unfused sort_chunks_by_idxs (split by sizes.tolist() + cat: two host syncs); the seed's permute
+after the indices are scattered into a dense map in torch; moe_raw.permute without padding (the padding's cost).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import moe_raw
+from bench import bench_permute, common, seed
+
+SHAPE = ("DeepSeek-V3", 4096, 256, 7168, 8)  # name, T, E, H, K
+EP = 8  # expert-parallel ranks: sort_chunks regroups EP * (E / EP) chunks
+ALIGN = 128
+
+
+def megatron_sort_chunks(x, split_sizes, sorted_idxs, probs):
+    """Megatron's unfused path: host lists of the sizes and the order, then split + cat."""
+    chunks = torch.split(x, split_sizes.tolist(), dim=0)
+    pchunks = torch.split(probs, split_sizes.tolist(), dim=0)
+    order = sorted_idxs.tolist()
+    return torch.cat([chunks[i] for i in order]), torch.cat([pchunks[i] for i in order])
+
+
+def dense_then_seed_permute(x, topk_idx, topk_probs, num_experts):
+    """Without moe_raw: scatter the top-k indices into a dense map and probs, then the seed's permute."""
+    T = x.shape[0]
+    rm = torch.zeros(T, num_experts, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
+    probs = torch.zeros(T, num_experts, dtype=topk_probs.dtype, device=x.device).scatter_(1, topk_idx, topk_probs)
+    return seed.permute(x, rm, probs)
+
+
+def bench_rows(copy_gbs, dtype=torch.bfloat16, shape=SHAPE):
+    name, T, E, H, K = shape
+    N = T * K
+    x, rm, probs = bench_permute.make_inputs(T, E, H, K, dtype)
+    s = x.element_size()
+    rows = []
+
+    def row(op, provider, ms, nbytes, note=""):
+        gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes else float("nan")
+        rows.append({"shape": name, "op": op, "provider": provider, "ms": ms, "GB/s": gbs,
+                     "pct_copy": 100 * gbs / copy_gbs if nbytes else float("nan"), "note": note})  # fmt: skip
+
+    # sort_chunks_by_idxs: the rows after the all-to-all, EP ranks x E / EP local experts, regrouped expert-major
+    perm = torch.randn(N, H, device="cuda").to(dtype)
+    pperm = torch.rand(N, device="cuda")
+    sizes = torch.distributions.Multinomial(N, torch.ones(E)).sample().to(torch.int64).cuda()
+    local = E // EP
+    order = torch.arange(E).view(EP, local).t().reshape(-1).cuda()  # rank-major -> local-expert-major
+    nbytes = 2 * N * H * s + 2 * N * 4
+    ms = common.do_bench(lambda: moe_raw.sort_chunks_by_idxs(perm, sizes, order, pperm))
+    row("sort_chunks_by_idxs", "moe_raw", ms, nbytes, f"{E} chunks")
+    ms = common.do_bench(lambda: megatron_sort_chunks(perm, sizes, order, pperm))
+    row("sort_chunks_by_idxs", "seed (megatron split+cat)", ms, nbytes, "two host syncs")
+
+    # top-k index routing
+    topv, topi = torch.softmax(torch.randn(T, E, device="cuda"), -1).topk(K, dim=-1)
+    permute_bytes = bench_permute.bytes_permute_fwd(T, E, H, K, s)
+    ms = common.do_bench(lambda: moe_raw.permute_topk(x, topi, E, topv, num_out_tokens=N, fused=True))
+    row("permute_topk fwd", "moe_raw", ms, permute_bytes, "indices -> map in torch, then permute")
+    ms = common.do_bench(lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True))
+    row("permute_topk fwd", "moe_raw mask form", ms, permute_bytes, "the same permute from a dense map")
+    ms = common.do_bench(lambda: dense_then_seed_permute(x, topi, topv, E))
+    row("permute_topk fwd", "seed", ms, permute_bytes, "scatter to a dense map + seed permute")
+
+    # permute_and_pad (no host sync: num_out_tokens given, worst-case rows) and the FP8-scale move
+    n_max = N + E * (ALIGN - 1)
+    pad_bytes = T * H * s + n_max * H * s + T * E + 2 * n_max * 4 + 4 * T * E
+    ms = common.do_bench(lambda: moe_raw.permute_and_pad(x, rm, probs, ALIGN, N))
+    row(f"permute_and_pad fwd (align {ALIGN})", "moe_raw", ms, pad_bytes, f"{n_max} rows, padding written as zeros")
+    ms_plain = common.do_bench(lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True))
+    row(f"permute_and_pad fwd (align {ALIGN})", "moe_raw permute (unpadded)", ms_plain, permute_bytes)
+    _, _, row_map, _, _ = moe_raw.permute_and_pad(x, rm, probs, ALIGN, N)
+    scales = torch.rand(T, H // 128, device="cuda")
+    scale_bytes = T * (H // 128) * 4 + n_max * (H // 128) * 4
+    ms = common.do_bench(lambda: moe_raw.permute_with_row_map(scales, row_map, n_max))
+    row("permute_with_row_map (fp32 1x128 scales)", "moe_raw", ms, scale_bytes, "launch-bound at this size")
+    return rows
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device found: nothing to benchmark")
+        return 0
+    copy_gbs = common.copy_bandwidth_gbs()
+    print(f"# copy {copy_gbs:.0f} GB/s\n\n| shape | op | provider | ms | GB/s | % of copy | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in bench_rows(copy_gbs):
+        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
+              f"{r['pct_copy']:.0f}% | {r['note']} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
