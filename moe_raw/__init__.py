@@ -1,8 +1,8 @@
 """moe_raw: no-compile GPU kernels for Mixture-of-Experts token dispatch.
 
-A drop-in for the permute / unpermute / SwiGLU functions of Megatron-style ``moe_utils``. CUDA tensors run moe_raw's
-kernels (compiled at first use by NVRTC through CuPy, launched on torch's current stream); CPU tensors run the
-pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs neither a GPU nor CuPy.
+A drop-in for the permute / unpermute / SwiGLU / Quick-GEGLU functions of Megatron-style ``moe_utils``. CUDA tensors
+run moe_raw's kernels (compiled at first use by NVRTC through CuPy, launched on torch's current stream); CPU tensors
+run the pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs neither a GPU nor CuPy.
 """
 
 __version__ = "0.1.0"
@@ -11,10 +11,20 @@ from moe_raw.chunks import sort_chunks_by_idxs
 from moe_raw.padding import permute_and_pad, permute_with_row_map
 from moe_raw.permutation import permute, unpermute
 from moe_raw.swiglu import (
+    WeightedQuickGeGLUFunction,
     WeightedSwiGLUFunction,
+    clamped_swiglu,
+    clamped_swiglu_back,
+    quick_geglu,
+    quick_geglu_back,
     swiglu,
     swiglu_back,
+    weighted_bias_quick_geglu_impl,
     weighted_bias_swiglu_impl,
+    weighted_clamped_swiglu,
+    weighted_clamped_swiglu_back,
+    weighted_quick_geglu,
+    weighted_quick_geglu_back,
     weighted_swiglu,
     weighted_swiglu_back,
 )
@@ -35,4 +45,14 @@ __all__ = [
     "weighted_swiglu_back",
     "WeightedSwiGLUFunction",
     "weighted_bias_swiglu_impl",
+    "quick_geglu",
+    "weighted_quick_geglu",
+    "quick_geglu_back",
+    "weighted_quick_geglu_back",
+    "WeightedQuickGeGLUFunction",
+    "weighted_bias_quick_geglu_impl",
+    "clamped_swiglu",
+    "weighted_clamped_swiglu",
+    "clamped_swiglu_back",
+    "weighted_clamped_swiglu_back",
 ]

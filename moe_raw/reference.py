@@ -334,3 +334,122 @@ def weighted_bias_swiglu_impl(input, weights, fp8_input_store=False):
     input = input.view(-1, ori_shape[-1])
     output = WeightedSwiGLUFunction.apply(input, weights, fp8_input_store)
     return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], -1)
+
+
+# Quick-GEGLU family (Megatron-LM megatron/core/fusions/fused_bias_geglu.py, NeMo Automodel's moe_utils) and gpt-oss's
+# clamped SwiGLU: one gated form on the [gate | linear] halves of y (torch.chunk, as SwiGLU):
+#   quick_glu(y) = gate' * sigmoid(alpha * gate') * (linear' + linear_offset),
+#   gate' = gate.clamp(max=limit), linear' = linear.clamp(-limit, limit) (no clamp when limit is None).
+# quick_geglu: alpha 1.702, no clamp. clamped_swiglu (gpt-oss): linear_offset 1. The clamp is Megatron's clamp_value
+# (weighted_bias_quick_geglu_impl), whose gradient is torch.clamp's: passed where lo <= x <= hi, else 0.
+
+
+def quick_gelu(y: torch.Tensor, alpha: float = 1.702) -> torch.Tensor:
+    return y * torch.sigmoid(alpha * y)
+
+
+def clamp_glu(y: torch.Tensor, limit: float) -> torch.Tensor:
+    """[gate.clamp(max=limit) | linear.clamp(-limit, limit)]: Megatron's clamp_value, gpt-oss's limit."""
+    y_1, y_2 = torch.chunk(y, 2, -1)
+    return torch.cat((y_1.clamp(min=None, max=limit), y_2.clamp(min=-limit, max=limit)), -1)
+
+
+def _clamp_grad(dy: torch.Tensor, y: torch.Tensor, limit: float) -> torch.Tensor:
+    y_1, y_2 = torch.chunk(y, 2, -1)
+    passed = torch.cat((y_1 <= limit, (y_2 >= -limit) & (y_2 <= limit)), -1)
+    return torch.where(passed, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+
+
+def quick_glu(y, alpha=1.702, linear_offset=0.0, limit=None):
+    if limit is not None:
+        y = clamp_glu(y, limit)
+    y_1, y_2 = torch.chunk(y, 2, -1)
+    return quick_gelu(y_1, alpha) * (y_2 + linear_offset)
+
+
+def weighted_quick_glu(y, weights, alpha=1.702, linear_offset=0.0, limit=None):
+    return (quick_glu(y, alpha, linear_offset, limit) * weights).to(y.dtype)
+
+
+def quick_glu_back(g, y, alpha=1.702, linear_offset=0.0, limit=None):
+    y_c = clamp_glu(y, limit) if limit is not None else y
+    y_1, y_2 = torch.chunk(y_c, 2, -1)
+    sigmoid_out = torch.sigmoid(alpha * y_1)
+    dy_1 = g * sigmoid_out * (1 + alpha * y_1 * (1 - sigmoid_out)) * (y_2 + linear_offset)
+    dy = torch.cat((dy_1, g * y_1 * sigmoid_out), -1)
+    return _clamp_grad(dy, y, limit) if limit is not None else dy
+
+
+def weighted_quick_glu_back(g, y, weights, alpha=1.702, linear_offset=0.0, limit=None):
+    input_grad = quick_glu_back(g * weights, y, alpha, linear_offset, limit)
+    weights_grad = quick_glu(y, alpha, linear_offset, limit) * g.to(weights.dtype)
+    weights_grad = torch.sum(weights_grad, dim=-1, keepdim=True)
+    return input_grad.to(y.dtype), weights_grad.to(weights.dtype)
+
+
+def quick_geglu(y: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
+    return quick_glu(y, 1.702, linear_offset)
+
+
+def weighted_quick_geglu(y: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
+    return weighted_quick_glu(y, weights, 1.702, linear_offset)
+
+
+def quick_geglu_back(g: torch.Tensor, y: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
+    return quick_glu_back(g, y, 1.702, linear_offset)
+
+
+def weighted_quick_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0):
+    return weighted_quick_glu_back(g, y, weights, 1.702, linear_offset)
+
+
+class WeightedQuickGeGLUFunction(torch.autograd.Function):
+    # Megatron's (input, weights, fp8_input_store, linear_offset), plus moe_raw's alpha; its clamp stays outside.
+    @staticmethod
+    def forward(ctx, input, weights, fp8_input_store, linear_offset, alpha=1.702):
+        input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+        ctx.save_for_backward(input_for_backward, weights)
+        ctx.ori_input_dtype = input.dtype
+        ctx.fp8_input_store = fp8_input_store
+        ctx.act = (alpha, float(linear_offset))
+        return weighted_quick_glu(input, weights, alpha, float(linear_offset))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weights = ctx.saved_tensors
+        input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
+        input_grad, wgrad = weighted_quick_glu_back(grad_output, input, weights, *ctx.act)
+        return input_grad, wgrad, None, None, None
+
+
+def weighted_bias_quick_geglu_impl(
+    input, bias, weights, fp8_input_store=False, linear_offset=0.0, clamp_value=None, alpha=1.702
+):
+    # Megatron's order: clamp (torch ops, autograd), then the bias, then the weighted Quick-GEGLU, in input.dtype.
+    # Megatron adds the bias inside WeightedBiasQuickGeGLUFunction: the same values and gradients (its fp8 copy is of
+    # the input before the bias).
+    ori_shape, ori_dtype = input.shape, input.dtype
+    assert len(ori_shape) in [2, 3]
+    if clamp_value is not None:
+        input = clamp_glu(input, clamp_value)
+    if bias is not None:
+        input = input + bias
+    input = input.reshape(-1, ori_shape[-1])
+    output = WeightedQuickGeGLUFunction.apply(input, weights, fp8_input_store, linear_offset, alpha).to(ori_dtype)
+    return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], -1)
+
+
+def clamped_swiglu(y: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    return quick_glu(y, alpha, 1.0, limit)
+
+
+def weighted_clamped_swiglu(y: torch.Tensor, weights: torch.Tensor, alpha: float = 1.702, limit: float = 7.0):
+    return weighted_quick_glu(y, weights, alpha, 1.0, limit)
+
+
+def clamped_swiglu_back(g: torch.Tensor, y: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    return quick_glu_back(g, y, alpha, 1.0, limit)
+
+
+def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: float = 7.0):
+    return weighted_quick_glu_back(g, y, weights, alpha, 1.0, limit)

@@ -5,6 +5,11 @@
 * ``swiglu(y) = silu(gate) * up``; ``weighted_swiglu(y, w) = swiglu(y) * w`` (in ``y.dtype``);
   ``swiglu_back(g, y) -> dy``; ``weighted_swiglu_back(g, y, w) -> (dy, dweights)``;
   ``WeightedSwiGLUFunction`` / ``weighted_bias_swiglu_impl``: the seed's autograd wrappers.
+* The same kernels run Megatron-LM's Quick-GEGLU family (``quick_geglu``, ``weighted_quick_geglu``, their
+  ``_back``, ``WeightedQuickGeGLUFunction`` / ``weighted_bias_quick_geglu_impl`` with its clamp_value) and gpt-oss's
+  clamped SwiGLU (``clamped_swiglu`` and its weighted / ``_back`` forms): every one is
+  gate' * sigmoid(alpha * gate') * (linear' + linear_offset) with an optional clamp (``_act_ops``), its constants
+  compiled into the kernel (SwiGLU is alpha 1, offset 0, no clamp and compiles to its own code).
 * CUDA tensors in float32 / float16 / bfloat16 run the kernels below; CPU tensors, and float64 anywhere (no
   kernel: its math would be fp32), run the seed's torch functions (``moe_raw.reference``).
 
@@ -44,6 +49,7 @@ imports that module with a stand-in ``np.row_stack`` and deletes the stand-in ri
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 
 import numpy as np
@@ -59,6 +65,16 @@ __all__ = [
     "weighted_swiglu_back",
     "WeightedSwiGLUFunction",
     "weighted_bias_swiglu_impl",
+    "quick_geglu",
+    "weighted_quick_geglu",
+    "quick_geglu_back",
+    "weighted_quick_geglu_back",
+    "WeightedQuickGeGLUFunction",
+    "weighted_bias_quick_geglu_impl",
+    "clamped_swiglu",
+    "weighted_clamped_swiglu",
+    "clamped_swiglu_back",
+    "weighted_clamped_swiglu_back",
 ]
 
 _BLOCK = 256  # threads per block: 8 warps, one row each
@@ -133,7 +149,7 @@ def _simulator() -> bool:
 
 
 def _defs() -> dict:
-    """Device functions shared by every kernel: bit casts, conversions, silu and the per-word ops."""
+    """Device functions shared by every kernel: bit casts, conversions, sigmoid, vector loads / stores."""
     if _DEFS:
         return _DEFS
     with _defs_lock:
@@ -253,70 +269,18 @@ def _defs() -> dict:
             # the 16-bit rounding, and the kernels stay under the issue rate at full bandwidth.
             return fast_rcp(float32(1.0) + fast_expf(-x))
 
-        def make_bwd_elem(sig):
-            @dev
-            def bwd_elem(gg, a, b, scale):
-                # (d gate, d up, silu(a) * b * gg): the seed's swiglu_back of g * weights, and the dweights term.
-                s = sig(a)
-                silu = a * s
-                gs = gg * scale
-                dgate = gs * s * (float32(1.0) + a * (float32(1.0) - s)) * b
-                return dgate, gs * silu, silu * b * gg
-
-            return bwd_elem
-
         # fp32 data gets torch's accurate sigmoid; bf16 / fp16 data the fast one (torch rounds its own
         # intermediates to 16 bits there, so its error is orders of magnitude above either).
         sigmoids = {"f32": sigmoid, "f16": sigmoid_fast, "bf16": sigmoid_fast}
-        bwd_elems = {code: make_bwd_elem(sig) for code, sig in sigmoids.items()}
         if not sim:
             # On the GPU fp16 converts in hardware (one cvt each way, IEEE round to nearest even): the integer
             # code above, which the simulator runs and tests/test_swiglu.py checks on every bit pattern, costs
             # ~20 instructions with branches per value and made the fp16 backward issue-bound.
             dec_f16, enc_f16 = hw_dec_f16, hw_enc_f16
         codecs = {"f32": (dec_f32, enc_f32), "f16": (dec_f16, enc_f16), "bf16": (dec_bf16, enc_bf16)}
-
-        def word_ops(code):
-            """(fwd, bwd) on one 32-bit word: 2 packed bf16 / fp16 values or 1 fp32 value."""
-            sig, bwd_elem = sigmoids[code], bwd_elems[code]
-            if code == "f32":
-
-                @dev
-                def fwd_word(gw, uw, scale):
-                    a = bits_f32(gw)
-                    return f32_bits(a * sig(a) * bits_f32(uw) * scale)
-
-                @dev
-                def bwd_word(ggw, gw, uw, scale):
-                    dg, du, p = bwd_elem(bits_f32(ggw), bits_f32(gw), bits_f32(uw), scale)
-                    return f32_bits(dg), f32_bits(du), p
-
-                return fwd_word, bwd_word
-            dec, enc = codecs[code]
-            m16 = uint32(0xFFFF)
-
-            @dev
-            def fwd_word(gw, uw, scale):
-                a0 = dec(gw & m16)
-                a1 = dec(gw >> uint32(16))
-                o0 = enc(a0 * sig(a0) * dec(uw & m16) * scale)
-                o1 = enc(a1 * sig(a1) * dec(uw >> uint32(16)) * scale)
-                return uint32(o0) | (uint32(o1) << uint32(16))
-
-            @dev
-            def bwd_word(ggw, gw, uw, scale):
-                dg0, du0, p0 = bwd_elem(dec(ggw & m16), dec(gw & m16), dec(uw & m16), scale)
-                dg1, du1, p1 = bwd_elem(dec(ggw >> uint32(16)), dec(gw >> uint32(16)), dec(uw >> uint32(16)), scale)
-                dgw = uint32(enc(dg0)) | (uint32(enc(dg1)) << uint32(16))
-                duw = uint32(enc(du0)) | (uint32(enc(du1)) << uint32(16))
-                return dgw, duw, p0 + p1
-
-            return fwd_word, bwd_word
-
         _DEFS.update(
-            sim=sim, dev=dev, ld4=ld4, st4=st4, codecs=codecs, sigmoids=sigmoids, bwd_elems=bwd_elems,
-            words={c: word_ops(c) for c in codecs},
-        )  # fmt: skip
+            sim=sim, dev=dev, ld4=ld4, st4=st4, codecs=codecs, sigmoids=sigmoids, bits_f32=bits_f32, f32_bits=f32_bits
+        )
         return _DEFS
 
 
@@ -392,8 +356,115 @@ def _vector_intrinsics():
     return ld4, st4, add32, f16_to_f32, f32_to_f16
 
 
-# A kernel spec: (kind "fwd" | "bwd", weighted, vec, y code, g code, out code, w code). vec kernels take y, g
-# and out as uint32 word arrays (one dtype for all three); element kernels take each array in its storage type.
+# Gated activations. act = (alpha, linear_offset, limit) names the elementwise function of a kernel:
+#   act(a, b) = a' * sigmoid(alpha * a') * (b' + linear_offset),  a' = min(a, limit),  b' = clamp(b, -limit, limit)
+# for the gate a and linear b of one column (limit None: no clamp). SwiGLU is (1, 0, None): silu(a) * b.
+# quick_geglu is (1.702, linear_offset, None), gpt-oss's clamped SwiGLU (alpha, 1, limit).
+_SWIGLU = (1.0, 0.0, None)
+_acts: dict = {}  # (code, act) -> (gate, linear, bwd, fwd_word, bwd_word)
+
+
+def _act_ops(code: str, act: tuple) -> tuple:
+    """Device functions of ``act`` for data of ``code``, math in fp32 (cached):
+
+    * gate(a) = a' * sigmoid(alpha * a') and linear(b) = b' + linear_offset: act(a, b) = gate(a) * linear(b);
+    * bwd(gg, a, b, scale) = (d gate, d linear, act(a, b) * gg): the gradients of act(a, b) * scale for the
+      incoming gradient gg (the seed's backward of g * weights) and the dweights term;
+    * fwd_word / bwd_word: the same on 32-bit words, 2 packed bf16 / fp16 values or 1 fp32 value.
+
+    The constants are compiled in and a term that does nothing (alpha 1, offset 0, no clamp) is not emitted, so
+    SwiGLU's kernels are plain silu(a) * b (the same PTX instructions as SwiGLU's own code before the act existed).
+    The clamp's gradient is torch.clamp's: the incoming one where lo <= x <= hi (bounds included), else 0 (NaN too).
+    """
+    key = (code, act)
+    ops = _acts.get(key)
+    if ops is not None:
+        return ops
+    d = _defs()
+    with _defs_lock:
+        if key in _acts:
+            return _acts[key]
+        from numba import float32, uint32
+
+        dev, sig, bits_f32, f32_bits = d["dev"], d["sigmoids"][code], d["bits_f32"], d["f32_bits"]
+        alpha, offset, limit = act
+        scaled, shifted, clamped = alpha != 1.0, offset != 0.0, limit is not None
+        k_alpha, k_offset = np.float32(alpha), np.float32(offset)
+        hi = np.float32(limit if clamped else 0.0)
+        lo = -hi
+
+        @dev
+        def gate(a):
+            if clamped:
+                a = hi if a > hi else a  # NaN stays NaN, as in torch.clamp
+            return a * (sig(k_alpha * a) if scaled else sig(a))
+
+        @dev
+        def linear(b):
+            if clamped:
+                b = hi if b > hi else (lo if b < lo else b)
+            return b + k_offset if shifted else b
+
+        @dev
+        def bwd(gg, a, b, scale):
+            pass_a = pass_b = True
+            if clamped:
+                pass_a = a <= hi
+                pass_b = lo <= b and b <= hi
+                a = hi if a > hi else a
+                b = hi if b > hi else (lo if b < lo else b)
+            x = k_alpha * a if scaled else a
+            s = sig(x)
+            q = a * s
+            if shifted:
+                b = b + k_offset
+            gs = gg * scale
+            dgate = gs * s * (float32(1.0) + x * (float32(1.0) - s)) * b
+            dlin = gs * q
+            if clamped:
+                dgate = dgate if pass_a else float32(0.0)
+                dlin = dlin if pass_b else float32(0.0)
+            return dgate, dlin, q * b * gg
+
+        if code == "f32":
+
+            @dev
+            def fwd_word(gw, uw, scale):
+                return f32_bits(gate(bits_f32(gw)) * linear(bits_f32(uw)) * scale)
+
+            @dev
+            def bwd_word(ggw, gw, uw, scale):
+                dg, du, p = bwd(bits_f32(ggw), bits_f32(gw), bits_f32(uw), scale)
+                return f32_bits(dg), f32_bits(du), p
+
+        else:
+            dec, enc = d["codecs"][code]
+            m16 = uint32(0xFFFF)
+
+            @dev
+            def fwd_word(gw, uw, scale):
+                a0 = dec(gw & m16)
+                a1 = dec(gw >> uint32(16))
+                o0 = enc(gate(a0) * linear(dec(uw & m16)) * scale)
+                o1 = enc(gate(a1) * linear(dec(uw >> uint32(16))) * scale)
+                return uint32(o0) | (uint32(o1) << uint32(16))
+
+            @dev
+            def bwd_word(ggw, gw, uw, scale):
+                dg0, du0, p0 = bwd(dec(ggw & m16), dec(gw & m16), dec(uw & m16), scale)
+                dg1, du1, p1 = bwd(dec(ggw >> uint32(16)), dec(gw >> uint32(16)), dec(uw >> uint32(16)), scale)
+                dgw = uint32(enc(dg0)) | (uint32(enc(dg1)) << uint32(16))
+                duw = uint32(enc(du0)) | (uint32(enc(du1)) << uint32(16))
+                return dgw, duw, p0 + p1
+
+        ops = _acts[key] = (gate, linear, bwd, fwd_word, bwd_word)
+        return ops
+
+
+# A kernel spec: (kind "fwd" | "bwd", weighted, vec, y code, g code, out code, w code[, act]): SwiGLU's specs are
+# these 7 fields, every other activation appends its act (``_act_ops``); all share the one template in _pyfunc.
+# vec kernels take y, g and out as uint32 word arrays (one dtype for all three); element kernels take each array in
+# its storage type.
 # Unweighted kernels still take (unused) weight arrays, so every kind has one parameter list:
 #   fwd(y, out, w, n_rows, n_cols, y_stride, half, out_stride, w_stride)
 #   bwd(g, y, w, dy, dw, n_rows, n_cols, g_stride, y_stride, half, dy_stride, w_stride)
@@ -405,7 +476,7 @@ _N_SCALARS = {"fwd": 6, "bwd": 7}
 
 def _signature(spec) -> str:
     """Numba signature of a spec's kernel."""
-    kind, weighted, vec, yc, gc, oc, wc = spec
+    kind, weighted, vec, yc, gc, oc, wc = spec[:7]
     w = _ELEM_TYPE[wc] + "[::1]" if weighted else "float32[::1]"
     y = "uint32[::1]" if vec else _ELEM_TYPE[yc] + "[::1]"
     o = "uint32[::1]" if vec else _ELEM_TYPE[oc] + "[::1]"
@@ -425,16 +496,16 @@ def _abi(spec) -> str:
 def _pyfunc(spec):
     """The Python source of a spec's kernel (compiled by Numba, or run by the CUDA simulator)."""
     d = _defs()
-    kind, weighted, vec, yc, gc, oc, wc = spec
+    kind, weighted, vec, yc, gc, oc, wc = spec[:7]
     from numba import float32, int64
 
-    ld4, st4, sigmoid, bwd_elem = d["ld4"], d["st4"], d["sigmoids"][yc], d["bwd_elems"][yc]
+    ld4, st4 = d["ld4"], d["st4"]
+    gate, linear, bwd, fwd_word, bwd_word = _act_ops(yc, spec[7] if len(spec) > 7 else _SWIGLU)
     wdec, wenc = d["codecs"][wc]
     ydec = d["codecs"][yc][0]
     oenc = d["codecs"][oc][1]
     block = _SIM_BLOCK if d["sim"] else _BLOCK
     if kind == "fwd" and vec:
-        fwd_word = d["words"][yc][0]
 
         def swiglu_fwd_vec(y, out, w, n_rows, n_cols, y_stride, half, out_stride, w_stride):
             tid = cuda.threadIdx.x
@@ -469,15 +540,13 @@ def _pyfunc(spec):
             ob = row * out_stride
             c = int64(tid & 31)
             while c < n_cols:
-                a = ydec(y[yg + c])
-                out[ob + c] = oenc(a * sigmoid(a) * ydec(y[yu + c]) * scale)
+                out[ob + c] = oenc(gate(ydec(y[yg + c])) * linear(ydec(y[yu + c])) * scale)
                 c += 32
 
         return swiglu_fwd_elem
 
     # Backward. Every thread reaches the barriers of the weighted reduction, rows past n_rows with a zero sum.
     if vec:
-        bwd_word = d["words"][yc][1]
 
         def swiglu_bwd_vec(g, y, w, dy, dw, n_rows, n_cols, g_stride, y_stride, half, dy_stride, w_stride):
             tid = cuda.threadIdx.x
@@ -535,7 +604,7 @@ def _pyfunc(spec):
             du = dg + half
             c = int64(lane)
             while c < n_cols:
-                dgate, dup, p = bwd_elem(gdec(g[gb + c]), ydec(y[yg + c]), ydec(y[yu + c]), scale)
+                dgate, dup, p = bwd(gdec(g[gb + c]), ydec(y[yg + c]), ydec(y[yu + c]), scale)
                 dy[dg + c] = oenc(dgate)
                 dy[du + c] = oenc(dup)
                 acc += p
@@ -602,7 +671,7 @@ def _fast_kernel(spec, index: int):
 
 def _layout(spec) -> tuple:
     """(storage bytes, numpy type) of each array parameter of a spec's kernel, in order."""
-    kind, weighted, vec, yc, gc, oc, wc = spec
+    kind, weighted, vec, yc, gc, oc, wc = spec[:7]
     w = (2 if wc != "f32" else 4, _ELEM_NP[wc]) if weighted else (4, np.float32)
 
     def data(code):
@@ -710,28 +779,29 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 _PLANS: dict = {}
 
 
-def _plan(kind: str, ydt, gdt, odt, wdt) -> tuple:
-    """(element size, (16-byte spec or None, element spec)) for a dtype combination; cached, so the hot path
-    does one dict lookup keyed by dtypes instead of building the spec."""
-    key = (kind, ydt, gdt, odt, wdt)
+def _plan(kind: str, ydt, gdt, odt, wdt, act) -> tuple:
+    """(element size, (16-byte spec or None, element spec)) for a dtype combination and activation; cached, so the
+    hot path does one dict lookup keyed by dtypes instead of building the spec."""
+    key = (kind, ydt, gdt, odt, wdt, act)
     plan = _PLANS.get(key)
     if plan is None:
         yc, gc, oc = _CODE[ydt], _CODE[gdt], _CODE[odt]
         weighted = wdt is not None
         wc = _CODE[wdt] if weighted else "f32"
-        vec = (kind, weighted, True, yc, gc, oc, wc) if yc == gc == oc else None
-        plan = _PLANS[key] = (_ESIZE[yc], (vec, (kind, weighted, False, yc, gc, oc, wc)))
+        tail = () if act == _SWIGLU else (act,)
+        vec = (kind, weighted, True, yc, gc, oc, wc, *tail) if yc == gc == oc else None
+        plan = _PLANS[key] = (_ESIZE[yc], (vec, (kind, weighted, False, yc, gc, oc, wc, *tail)))
     return plan
 
 
-def _fwd_args(y: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor):
+def _fwd_args(y: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, act: tuple = _SWIGLU):
     """(spec, tensors, spans, scalars) of the forward kernel writing out [N, F] from y [N, 2F] (unit last strides,
     N > 0, F > 0) and optional weights [N, 1]. 16-byte units when y and out share a dtype and the half row, both
     row strides and both start addresses are 16-byte multiples."""
     n_rows, two_f = y.shape
     f = two_f >> 1
     ydt = y.dtype
-    key = ("fwd", ydt, ydt, out.dtype, weights.dtype if weights is not None else None)
+    key = ("fwd", ydt, ydt, out.dtype, weights.dtype if weights is not None else None, act)
     esize, (vec_spec, elem_spec) = _PLANS.get(key) or _plan(*key)
     y_stride, o_stride = y.stride()[0], out.stride()[0]
     if weights is None:
@@ -754,13 +824,13 @@ def _fwd_args(y: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor):
     ), (n_rows, f, y_stride, f, o_stride, w_stride)  # fmt: skip
 
 
-def _bwd_args(g, y, weights, dy, dw):
+def _bwd_args(g, y, weights, dy, dw, act: tuple = _SWIGLU):
     """(spec, tensors, spans, scalars) of the backward kernel writing dy [N, 2F] (and dw [N, 1] with weights) from
     g [N, F] and y [N, 2F] (unit last strides; dw contiguous; N > 0, F > 0)."""
     n_rows, two_f = y.shape
     f = two_f >> 1
     wdt = weights.dtype if weights is not None else None
-    key = ("bwd", y.dtype, g.dtype, dy.dtype, wdt)
+    key = ("bwd", y.dtype, g.dtype, dy.dtype, wdt, act)
     esize, (vec_spec, elem_spec) = _PLANS.get(key) or _plan(*key)
     g_stride, y_stride, d_stride = g.stride()[0], y.stride()[0], dy.stride()[0]
     if weights is None:
@@ -784,14 +854,15 @@ def _bwd_args(g, y, weights, dy, dw):
     ), (n_rows, f, g_stride, y_stride, f, d_stride, w_stride)  # fmt: skip
 
 
-def _fwd_into(y: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out[N, F] = silu(gate) * up (* weights). y [N, 2F], out [N, F]: unit last strides, any row strides."""
+def _fwd_into(y: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor, act: tuple = _SWIGLU) -> None:
+    """out[N, F] = act(gate, up) (* weights), SwiGLU by default. y [N, 2F], out [N, F]: unit last strides, any row
+    strides."""
     n_rows, two_f = y.shape
     if n_rows and two_f:
-        _launch_kernel(*_fwd_args(y, weights, out), n_rows, y.get_device())
+        _launch_kernel(*_fwd_args(y, weights, out, act), n_rows, y.get_device())
 
 
-def _bwd_into(g, y, weights, dy, dw) -> None:
+def _bwd_into(g, y, weights, dy, dw, act: tuple = _SWIGLU) -> None:
     """dy [N, 2F] (and dw [N, 1] when weights is given) from g [N, F], y [N, 2F] with unit last strides; dw
     contiguous."""
     n_rows, two_f = y.shape
@@ -801,28 +872,28 @@ def _bwd_into(g, y, weights, dy, dw) -> None:
         if dw is not None:
             dw.zero_()
         return
-    _launch_kernel(*_bwd_args(g, y, weights, dy, dw), n_rows, y.get_device())
+    _launch_kernel(*_bwd_args(g, y, weights, dy, dw, act), n_rows, y.get_device())
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Allocating functions (2-D in; kernels)
 
 
-def _swiglu_fwd(y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def _swiglu_fwd(y: torch.Tensor, weights: torch.Tensor | None, act: tuple) -> torch.Tensor:
     y = _rows(y)
     n_rows, two_f = y.shape
     out = y.new_empty((n_rows, two_f >> 1))
     if n_rows and two_f:
-        _launch_kernel(*_fwd_args(y, weights, out), n_rows, y.get_device())
+        _launch_kernel(*_fwd_args(y, weights, out, act), n_rows, y.get_device())
     return out
 
 
-def _swiglu_bwd(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, out_dtype: torch.dtype):
+def _swiglu_bwd(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, out_dtype: torch.dtype, act: tuple):
     g, y = _rows(g), _rows(y)
     n_rows, two_f = y.shape
     dy = y.new_empty((n_rows, two_f), dtype=out_dtype)
     dw = weights.new_empty((n_rows, 1)) if weights is not None else None
-    _bwd_into(g, y, weights, dy, dw)
+    _bwd_into(g, y, weights, dy, dw, act)
     return dy, dw
 
 
@@ -910,6 +981,43 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(rows, x.shape[-1])  # not -1: a last dim of 0 leaves -1 ambiguous
 
 
+def _gated(op: str, y, weights, weighted: bool, act: tuple, ref, *ref_args) -> torch.Tensor:
+    """Validated forward of the activation ``act``: y [..., 2F] -> [..., F], or with weights y [N, 2F] and
+    weights [N, 1] -> [N, F] in y.dtype. Off the kernels: ``ref(y[, weights], *ref_args)``, the torch reference."""
+    if not weighted:
+        f = _check_y(y, op, two_d=False)
+        if not _on_kernels(y):
+            return ref(y, *ref_args)
+        if y.dim() == 2:
+            return _swiglu_fwd(y, None, act)
+        return _swiglu_fwd(_as_2d(y), None, act).view(*y.shape[:-1], f)
+    _check_y(y, op, two_d=True)
+    _check_weights(weights, y, op)
+    if not _on_kernels(y, None, weights):
+        return ref(y, weights, *ref_args)
+    return _swiglu_fwd(y, weights, act)
+
+
+def _gated_back(op: str, g, y, weights, weighted: bool, act: tuple, ref, *ref_args):
+    """Validated backward of ``act``: dy [..., 2F] in promote(g, y); with weights (2-D) (dy in y.dtype, dweights
+    [N, 1] in weights.dtype). Off the kernels: ``ref(g, y[, weights], *ref_args)``."""
+    if not weighted:
+        f = _check_y(y, op, two_d=False)
+        _check_g(g, y, f, op)
+        if not _on_kernels(y, g):
+            return ref(g, y, *ref_args)
+        out_dtype = y.dtype if g.dtype is y.dtype else torch.promote_types(g.dtype, y.dtype)
+        if y.dim() == 2:
+            return _swiglu_bwd(g, y, None, out_dtype, act)[0]
+        return _swiglu_bwd(_as_2d(g), _as_2d(y), None, out_dtype, act)[0].view(y.shape)
+    f = _check_y(y, op, two_d=True)
+    _check_g(g, y, f, op)
+    _check_weights(weights, y, op)
+    if not _on_kernels(y, g, weights):
+        return ref(g, y, weights, *ref_args)
+    return _swiglu_bwd(g, y, weights, y.dtype, act)
+
+
 def swiglu(y: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up.
 
@@ -921,12 +1029,7 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
         [..., F] in y.dtype, computed in fp32 and rounded once. Not differentiable through autograd (as the seed's
         function on its own); use ``weighted_bias_swiglu_impl`` / ``WeightedSwiGLUFunction`` for training.
     """
-    f = _check_y(y, "moe_raw.swiglu", two_d=False)
-    if not _on_kernels(y):
-        return reference.swiglu(y)
-    if y.dim() == 2:
-        return _swiglu_fwd(y)
-    return _swiglu_fwd(_as_2d(y)).view(*y.shape[:-1], f)
+    return _gated("moe_raw.swiglu", y, None, False, _SWIGLU, reference.swiglu)
 
 
 def weighted_swiglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -939,12 +1042,7 @@ def weighted_swiglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     Returns:
         [N, F] in y.dtype, computed in fp32 (silu(gate) * up * weight) and rounded once.
     """
-    op = "moe_raw.weighted_swiglu"
-    _check_y(y, op, two_d=True)
-    _check_weights(weights, y, op)
-    if not _on_kernels(y, None, weights):
-        return reference.weighted_swiglu(y, weights)
-    return _swiglu_fwd(y, weights)
+    return _gated("moe_raw.weighted_swiglu", y, weights, True, _SWIGLU, reference.weighted_swiglu)
 
 
 def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -957,15 +1055,7 @@ def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Returns:
         dy [..., 2F] in torch.promote_types(g.dtype, y.dtype) (the seed's dtype), computed in fp32.
     """
-    op = "moe_raw.swiglu_back"
-    f = _check_y(y, op, two_d=False)
-    _check_g(g, y, f, op)
-    if not _on_kernels(y, g):
-        return reference.swiglu_back(g, y)
-    out_dtype = y.dtype if g.dtype is y.dtype else torch.promote_types(g.dtype, y.dtype)
-    if y.dim() == 2:
-        return _swiglu_bwd(g, y, None, out_dtype)[0]
-    return _swiglu_bwd(_as_2d(g), _as_2d(y), None, out_dtype)[0].view(y.shape)
+    return _gated_back("moe_raw.swiglu_back", g, y, None, False, _SWIGLU, reference.swiglu_back)
 
 
 def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
@@ -980,13 +1070,183 @@ def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
         (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype). dy is swiglu_back(g * weights, y);
         dweights[n] = sum_f swiglu(y)[n, f] * g[n, f], reduced in fp32 in a fixed order (bitwise deterministic).
     """
-    op = "moe_raw.weighted_swiglu_back"
-    f = _check_y(y, op, two_d=True)
-    _check_g(g, y, f, op)
-    _check_weights(weights, y, op)
-    if not _on_kernels(y, g, weights):
-        return reference.weighted_swiglu_back(g, y, weights)
-    return _swiglu_bwd(g, y, weights, y.dtype)
+    return _gated_back("moe_raw.weighted_swiglu_back", g, y, weights, True, _SWIGLU, reference.weighted_swiglu_back)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quick-GEGLU (Megatron-LM / NeMo Automodel) and gpt-oss's clamped SwiGLU: the same kernels with another act
+
+
+_QUICK_GELU_ALPHA = 1.702  # quick_gelu(x) = x * sigmoid(1.702 x), Megatron's constant
+
+
+def _constant(value, arg: str, op: str) -> float:
+    """A finite float from a Python number or a 0-d CPU tensor (Megatron's Function takes linear_offset as a
+    tensor). It is compiled into the kernel: a CUDA tensor (reading it would sync the host) and NaN / inf (never
+    equal to themselves, so never a cache hit) are refused."""
+    if value.__class__ is not float:  # a plain float, the common case, skips these checks (~1 us a call)
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 0 or value.device.type != "cpu":
+                raise TypeError(
+                    f"{op}: {arg} must be a Python float or a 0-d CPU tensor (it is compiled into the kernel; reading "
+                    f"a CUDA tensor would sync the host), got a tensor of shape {tuple(value.shape)} on {value.device}"
+                )
+            value = value.item()
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{op}: {arg} must be a float, got {type(value).__name__}")
+        value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {arg} must be finite, got {value}")
+    return value
+
+
+def _limit(value, arg: str, op: str) -> float:
+    limit = _constant(value, arg, op)
+    if limit <= 0:
+        raise ValueError(f"{op}: {arg} must be > 0 (the clamp is [-{arg}, {arg}] on the linear half), got {limit}")
+    return limit
+
+
+def _quick(linear_offset, op: str) -> tuple:
+    return (_QUICK_GELU_ALPHA, _constant(linear_offset, "linear_offset", op), None)
+
+
+def _clamped(alpha, limit, op: str) -> tuple:
+    return (_constant(alpha, "alpha", op), 1.0, _limit(limit, "limit", op))
+
+
+def quick_geglu(y: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
+    """Megatron-LM's quick_geglu: quick_gelu(gate) * (linear + linear_offset), quick_gelu(x) = x * sigmoid(1.702 x).
+
+    Args:
+        y: [..., 2F] float32 | float16 | bfloat16 (float64: the torch reference), ``[gate | linear]`` halves
+            (torch.chunk, as swiglu); any leading strides, the last dim read contiguously (else copied).
+        linear_offset: float added to the linear half; compiled into the kernel (one compile, about a second, per
+            distinct value and dtype combination).
+
+    Returns:
+        [..., F] in y.dtype, computed in fp32 and rounded once. Not differentiable through autograd; use
+        ``weighted_bias_quick_geglu_impl`` / ``WeightedQuickGeGLUFunction`` for training.
+    """
+    op = "moe_raw.quick_geglu"
+    act = _quick(linear_offset, op)
+    return _gated(op, y, None, False, act, reference.quick_geglu, act[1])
+
+
+def weighted_quick_geglu(y: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
+    """quick_geglu(y, linear_offset) * weights, returned in y.dtype (Megatron-LM's weighted_quick_geglu).
+
+    Args:
+        y: [N, 2F] float32 | float16 | bfloat16 (float64: the torch reference); rows may be strided.
+        weights: [N, 1] float32 | float16 | bfloat16, any strides.
+        linear_offset: float added to the linear half (as quick_geglu).
+
+    Returns:
+        [N, F] in y.dtype, computed in fp32 and rounded once.
+    """
+    op = "moe_raw.weighted_quick_geglu"
+    act = _quick(linear_offset, op)
+    return _gated(op, y, weights, True, act, reference.weighted_quick_geglu, act[1])
+
+
+def quick_geglu_back(g: torch.Tensor, y: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
+    """Gradient of quick_geglu: with s = sigmoid(1.702 gate),
+    dy = [g * s * (1 + 1.702 gate * (1 - s)) * (linear + linear_offset) | g * gate * s].
+
+    Args:
+        g: [..., F] float, the gradient of quick_geglu(y, linear_offset) (any strides).
+        y: [..., 2F] float, the forward input.
+        linear_offset: the forward's.
+
+    Returns:
+        dy [..., 2F] in torch.promote_types(g.dtype, y.dtype), computed in fp32.
+    """
+    op = "moe_raw.quick_geglu_back"
+    act = _quick(linear_offset, op)
+    return _gated_back(op, g, y, None, False, act, reference.quick_geglu_back, act[1])
+
+
+def weighted_quick_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0):
+    """Gradients of weighted_quick_geglu, in one pass over g and y.
+
+    Args:
+        g: [N, F] float, the gradient of weighted_quick_geglu(y, weights, linear_offset) (any strides).
+        y: [N, 2F] float, the forward input.
+        weights: [N, 1] float.
+        linear_offset: the forward's.
+
+    Returns:
+        (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype): dy = quick_geglu_back(g * weights, y);
+        dweights[n] = sum_f quick_geglu(y)[n, f] * g[n, f], reduced in fp32 in a fixed order (bitwise deterministic).
+    """
+    op = "moe_raw.weighted_quick_geglu_back"
+    act = _quick(linear_offset, op)
+    return _gated_back(op, g, y, weights, True, act, reference.weighted_quick_geglu_back, act[1])
+
+
+def clamped_swiglu(y: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU: gate' * sigmoid(alpha * gate') * (linear' + 1), gate' = gate.clamp(max=limit),
+    linear' = linear.clamp(-limit, limit).
+
+    Megatron-LM expresses it as quick_geglu with linear_offset=1 and clamp_value=limit (alpha fixed at 1.702):
+    ``weighted_bias_quick_geglu_impl`` here takes both, and alpha. The layout is ``[gate | linear]`` halves
+    (torch.chunk, as Megatron and NeMo Automodel's swiglu_oai); gpt-oss's own checkpoints interleave gate and
+    linear columns (y[..., ::2], y[..., 1::2]), so de-interleave those projection columns once when loading.
+
+    Args:
+        y: [..., 2F] float32 | float16 | bfloat16 (float64: the torch reference); last dim read contiguously.
+        alpha: the gate's sigmoid scale; limit: the clamp (> 0). Both compiled into the kernel.
+
+    Returns:
+        [..., F] in y.dtype, computed in fp32 and rounded once. Not differentiable through autograd (as swiglu).
+    """
+    op = "moe_raw.clamped_swiglu"
+    act = _clamped(alpha, limit, op)
+    return _gated(op, y, None, False, act, reference.clamped_swiglu, act[0], act[2])
+
+
+def weighted_clamped_swiglu(y: torch.Tensor, weights: torch.Tensor, alpha: float = 1.702, limit: float = 7.0):
+    """clamped_swiglu(y, alpha, limit) * weights, returned in y.dtype (NeMo Automodel's swiglu_oai_deepep).
+
+    Args:
+        y: [N, 2F] float32 | float16 | bfloat16; weights: [N, 1] float; alpha, limit: as clamped_swiglu.
+
+    Returns:
+        [N, F] in y.dtype, computed in fp32 and rounded once.
+    """
+    op = "moe_raw.weighted_clamped_swiglu"
+    act = _clamped(alpha, limit, op)
+    return _gated(op, y, weights, True, act, reference.weighted_clamped_swiglu, act[0], act[2])
+
+
+def clamped_swiglu_back(g: torch.Tensor, y: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """Gradient of clamped_swiglu: quick_geglu's at the clamped values (alpha for 1.702, offset 1), zero where the
+    clamp is active (gate > limit; |linear| > limit); at the bounds themselves it passes, as torch.clamp's.
+
+    Args:
+        g: [..., F] float (any strides); y: [..., 2F] float, the forward input; alpha, limit: the forward's.
+
+    Returns:
+        dy [..., 2F] in torch.promote_types(g.dtype, y.dtype), computed in fp32.
+    """
+    op = "moe_raw.clamped_swiglu_back"
+    act = _clamped(alpha, limit, op)
+    return _gated_back(op, g, y, None, False, act, reference.clamped_swiglu_back, act[0], act[2])
+
+
+def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: float = 7.0):
+    """Gradients of weighted_clamped_swiglu, in one pass over g and y.
+
+    Args:
+        g: [N, F] float; y: [N, 2F] float; weights: [N, 1] float; alpha, limit: the forward's.
+
+    Returns:
+        (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype): dy = clamped_swiglu_back(g * weights, y);
+        dweights[n] = sum_f clamped_swiglu(y)[n, f] * g[n, f], in fp32 in a fixed order (bitwise deterministic).
+    """
+    op = "moe_raw.weighted_clamped_swiglu_back"
+    act = _clamped(alpha, limit, op)
+    return _gated_back(op, g, y, weights, True, act, reference.weighted_clamped_swiglu_back, act[0], act[2])
 
 
 def _check_fp8_flag(fp8_input_store, op: str) -> None:
@@ -1063,4 +1323,117 @@ def weighted_bias_swiglu_impl(input: torch.Tensor, weights: torch.Tensor, fp8_in
     if len(ori_shape) not in (2, 3):
         raise ValueError(f"{op}: input must be 2-D [N, 2F] or 3-D [S, B, 2F], got shape {tuple(ori_shape)}")
     output = WeightedSwiGLUFunction.apply(_as_2d(input), weights, bool(fp8_input_store))
+    return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], output.shape[1])
+
+
+class WeightedQuickGeGLUFunction(torch.autograd.Function):
+    """Autograd of weighted Quick-GEGLU (Megatron-LM's ``WeightedQuickGeGLUFunction``): input [N, 2F], weights
+    [N, 1] -> [N, F] in input.dtype; backward (d input [N, 2F] in input.dtype, d weights [N, 1] in weights.dtype)
+    from one kernel pass. Not twice differentiable.
+
+    ``forward(ctx, input, weights, fp8_input_store, linear_offset, clamp_value=None, alpha=1.702)``: Megatron's
+    parameters (linear_offset a float or a 0-d CPU tensor; Megatron passes a tensor on the input's device, which
+    would have to be read back here), then two of moe_raw's: clamp_value applies Megatron's clamp (gate <=
+    clamp_value, |linear| <= clamp_value) inside the kernels instead of as torch ops before the Function, and alpha
+    replaces quick_gelu's 1.702. fp8_input_store saves the (unclamped) input as float8_e4m3fn as
+    ``WeightedSwiGLUFunction`` does, so the backward's clamp test also sees the fp8-rounded input: it can differ from
+    Megatron's (which tests the full-precision input) for inputs within one e4m3 step (2^-4 relative) of the bound.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weights, fp8_input_store, linear_offset, clamp_value=None, alpha=_QUICK_GELU_ALPHA):
+        op = "moe_raw.WeightedQuickGeGLUFunction"
+        _check_y(input, op, two_d=True, arg="input")
+        _check_weights(weights, input, op)
+        _check_fp8_flag(fp8_input_store, op)
+        limit = _limit(clamp_value, "clamp_value", op) if clamp_value is not None else None
+        act = (_constant(alpha, "alpha", op), _constant(linear_offset, "linear_offset", op), limit)
+        saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+        ctx.save_for_backward(saved, weights)
+        ctx.ori_input_dtype = input.dtype
+        ctx.fp8_input_store = bool(fp8_input_store)
+        ctx.act = act
+        return _gated(op, input, weights, True, act, reference.weighted_quick_glu, *act)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weights = ctx.saved_tensors
+        if ctx.fp8_input_store:
+            input = input.to(ctx.ori_input_dtype)
+        op = "moe_raw.WeightedQuickGeGLUFunction"
+        dinput, dweights = _gated_back(
+            op, grad_output, input, weights, True, ctx.act, reference.weighted_quick_glu_back, *ctx.act
+        )
+        return (
+            dinput if ctx.needs_input_grad[0] else None,
+            dweights if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _check_bias(bias, input, op: str) -> None:
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    _dense(bias, "bias", op)
+    if bias.dtype not in _FLOATS:
+        raise TypeError(f"{op}: bias must be float32, float16, bfloat16 or float64, got {bias.dtype}")
+    try:
+        fits = torch.broadcast_shapes(bias.shape, input.shape) == input.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{op}: bias must broadcast to input {tuple(input.shape)}, got {tuple(bias.shape)}")
+    _same_device(bias, input, "bias", op)
+
+
+def weighted_bias_quick_geglu_impl(
+    input: torch.Tensor,
+    bias: torch.Tensor | None,
+    weights: torch.Tensor,
+    fp8_input_store: bool = False,
+    linear_offset: float = 0.0,
+    clamp_value: float | None = None,
+    alpha: float = _QUICK_GELU_ALPHA,
+):
+    """Token-weighted Quick-GEGLU with autograd: Megatron-LM's ``weighted_bias_quick_geglu_impl`` (NeMo Automodel's
+    adds alpha, which its own body ignores; here it is used).
+
+    gpt-oss experts (Megatron's quick_gelu with glu_linear_offset=1.0, activation_func_clamp_value=7.0):
+    ``weighted_bias_quick_geglu_impl(x, None, probs, linear_offset=1.0, clamp_value=7.0)``.
+
+    Args:
+        input: [N, 2F] or [S, B, 2F] (N = S * B) float32 | float16 | bfloat16 (float64: the torch reference),
+            ``[gate | linear]`` halves.
+        bias: None, or a float tensor broadcast to input, added after the clamp as Megatron does. That path runs
+            torch ops for the clamp and the add (autograd differentiates them; output in input.dtype) before the
+            kernels; without a bias the clamp runs inside the kernels.
+        weights: [N, 1] float, one weight per row.
+        fp8_input_store: save the input for backward as float8_e4m3fn (see ``WeightedQuickGeGLUFunction``).
+        linear_offset: float added to the linear half. clamp_value: None, or the clamp (> 0): gate <= clamp_value,
+            |linear| <= clamp_value, zero gradient where active. alpha: quick_gelu's sigmoid scale.
+
+    Returns:
+        [N, F] or [S, B, F] in input.dtype. Differentiable w.r.t. input, bias and weights.
+    """
+    op = "moe_raw.weighted_bias_quick_geglu_impl"
+    _check_fp8_flag(fp8_input_store, op)
+    _check_y(input, op, two_d=False, arg="input")  # before the reshape, so errors name this function's argument
+    ori_shape, ori_dtype = input.shape, input.dtype
+    if len(ori_shape) not in (2, 3):
+        raise ValueError(f"{op}: input must be 2-D [N, 2F] or 3-D [S, B, 2F], got shape {tuple(ori_shape)}")
+    if bias is not None:
+        _check_bias(bias, input, op)
+        if clamp_value is not None:
+            input = reference.clamp_glu(input, _limit(clamp_value, "clamp_value", op))
+        input = input + bias
+        clamp_value = None
+    output = WeightedQuickGeGLUFunction.apply(
+        _as_2d(input), weights, bool(fp8_input_store), linear_offset, clamp_value, alpha
+    )
+    if output.dtype != ori_dtype:  # a wider bias promoted the sum; Megatron returns input.dtype
+        output = output.to(ori_dtype)
     return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], output.shape[1])

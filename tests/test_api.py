@@ -44,8 +44,25 @@ SEED_SIGNATURES = {
     # Megatron moe_utils (issue #7): the regrouping after the expert-parallel all-to-all.
     "sort_chunks_by_idxs": [("input", _), ("split_sizes", _), ("sorted_idxs", _), ("probs", None), ("fused", False)],
 }
-# moe_raw's own additions (issue #7), no seed counterpart: their docstrings must state shapes too.
-EXTRAS = ("topk_to_routing", "permute_topk", "unpermute_topk", "permute_and_pad", "permute_with_row_map")
+# moe_raw's own additions (issue #7), no seed counterpart: their docstrings must state shapes too. The activation
+# variants keep Megatron-LM's names and parameters (checked in tests/test_activations.py).
+EXTRAS = (
+    "topk_to_routing",
+    "permute_topk",
+    "unpermute_topk",
+    "permute_and_pad",
+    "permute_with_row_map",
+    "quick_geglu",
+    "weighted_quick_geglu",
+    "quick_geglu_back",
+    "weighted_quick_geglu_back",
+    "WeightedQuickGeGLUFunction",
+    "weighted_bias_quick_geglu_impl",
+    "clamped_swiglu",
+    "weighted_clamped_swiglu",
+    "clamped_swiglu_back",
+    "weighted_clamped_swiglu_back",
+)
 PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction"} | set(EXTRAS)
 
 # A bracketed shape naming a dimension letter: "[T, H]", "[N, 1]", "[..., 2F]", "[T + 1, E]".
