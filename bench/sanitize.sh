@@ -8,6 +8,9 @@
 #               permute_and_pad and its backward, top-k routing (CUDA-graph tests need torch's caching allocator,
 #               which is off here, so they are left out)
 #   workload C  python -m bench.sanitize_cases: every kernel on each of its paths once, tiny shapes, results read back
+#   workload D  workload C with MOE_RAW_NO_BULK_COPY=1 (initcheck only): initcheck does not see the bulk-copy
+#               engine's writes, so on C it reports the rows permute wrote that way (on sm_90, 16-byte rows) as
+#               uninitialized; D writes them with plain stores and must report nothing
 # memcheck runs workloads A and B; racecheck, initcheck and synccheck run workload C (on A or B they ran past 2
 # minutes). memcheck runs with
 # --report-api-errors no: Numba's driver start-up probes optional entry points with cuGetProcAddress, and the
@@ -40,6 +43,7 @@ compute-sanitizer --version | head -2 | tee "$summary"
 for tool in "${tools[@]}"; do
   workloads=(C)
   [ "$tool" = memcheck ] && workloads=(A B)
+  [ "$tool" = initcheck ] && workloads=(C D)
   for workload in "${workloads[@]}"; do
     log="$OUT/sanitize_${tool}_${workload}.log"
     extra=()
@@ -48,6 +52,8 @@ for tool in "${tools[@]}"; do
       cmd=(python3 -m bench --quick --no-bench --out "${TMPDIR:-/tmp}/moe_raw_sanitize_selfcheck")
     elif [ "$workload" = C ]; then
       cmd=(python3 -m bench.sanitize_cases)
+    elif [ "$workload" = D ]; then
+      cmd=(env MOE_RAW_NO_BULK_COPY=1 python3 -m bench.sanitize_cases)
     else
       cmd=(python3 -m pytest -q -p no:cacheprovider -m gpu -k "not graph" "${subset_b[@]}")
     fi

@@ -46,7 +46,7 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
     src = P._rows(tokens)
     esize = tokens.element_size()
     row_bytes = hidden * esize
-    vb = P._vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr())
+    vb = P._scatter_vec_bytes(P._vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
     launch(
         "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + P._cdiv(n_rows, P._TAIL_ROWS) + num_experts,
         P._ROW_THREADS,

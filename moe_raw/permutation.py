@@ -7,6 +7,8 @@ CUDA tensors to the kernels, anything else to ``moe_raw.reference``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -22,6 +24,15 @@ _STAGE_BYTES = 16384  # kStageBytes
 # bound (two float weights as one 8-byte load, past a 1-expert list: compute-sanitizer memcheck on an H100), so the
 # allocation covers 4 more fp64 entries.
 _SMEM_SLACK = 32
+# Diagnostic switch, read at import: compute-sanitizer initcheck does not see writes made by the bulk-copy engine
+# (permute_scatter's sm_90 path for 16-byte rows) and reports every row written that way as uninitialized when it
+# is read. MOE_RAW_NO_BULK_COPY=1 writes those rows with plain 8-byte stores instead (a few % slower).
+_BULK_COPY = os.environ.get("MOE_RAW_NO_BULK_COPY", "0") in ("", "0")
+
+
+def _scatter_vec_bytes(vb: int) -> int:
+    """permute_scatter's vector width: 16 takes the bulk-copy path on sm_90, unless MOE_RAW_NO_BULK_COPY=1."""
+    return vb if vb != 16 or _BULK_COPY else 8
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -110,7 +121,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
         src = _rows(tokens)
         esize = tokens.element_size()
         row_bytes = hidden * esize
-        vb = _vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr())
+        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
     launch(
         "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + tail_blocks, _ROW_THREADS,
         (ptr(src), (src.stride(0) * src.element_size() if src is not None else 0), ptr(out), (row_bytes),
