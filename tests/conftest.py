@@ -98,3 +98,41 @@ def make_probs(routing_map: torch.Tensor, dtype=torch.float32, off_route: float 
     probs = torch.softmax(logits, dim=1).nan_to_num(0.0)  # unrouted tokens: a row of -inf gives NaN
     probs = torch.where(rm, probs, torch.full_like(probs, off_route))
     return probs.to(dtype).to(routing_map.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hypothesis profiles of tests/test_fuzz.py, chosen by the environment variable MOE_RAW_HYPOTHESIS_PROFILE:
+#   ci (default)  40 examples per test (fewer for the slow CUDA-simulator test), derandomized: the same examples
+#                 every run and no example database, for CPU CI.
+#   dev           10 examples per test, derandomized: a quick local pass.
+#   gpu           150 examples per test, random each run (--hypothesis-seed=N repeats a run); a failure prints its
+#                 @reproduce_failure blob. MOE_RAW_HYPOTHESIS_PROFILE=gpu python -m pytest -m gpu tests/test_fuzz.py
+#   gpu-long      1000 examples per test, for an occasional deep run.
+# No deadline anywhere: example times vary with the drawn shapes, and the simulator and first-use kernel compiles
+# are slow. The autouse ``seed`` fixture above is function-scoped, which hypothesis flags for every @given test; it
+# only seeds torch once per test (the fuzz tests draw their data from their own seeded generators), so that check
+# is off.
+
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # hypothesis is a test extra; without it tests/test_fuzz.py skips itself
+    pass
+else:
+    import os as _os
+
+    _HYPOTHESIS_COMMON = dict(
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )
+    _hypothesis_settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.register_profile("dev", max_examples=10, derandomize=True, database=None, **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.register_profile("gpu", max_examples=150, **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.register_profile("gpu-long", max_examples=1000, **_HYPOTHESIS_COMMON)
+    _hypothesis_settings.load_profile(_os.environ.get("MOE_RAW_HYPOTHESIS_PROFILE", "ci"))
