@@ -10,6 +10,11 @@ The markers ``gpu`` and ``slow`` are registered in setup.cfg ([tool:pytest]).
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+from unittest import mock
+
 import pytest
 import torch
 
@@ -136,3 +141,51 @@ else:
     _hypothesis_settings.register_profile("gpu", max_examples=150, **_HYPOTHESIS_COMMON)
     _hypothesis_settings.register_profile("gpu-long", max_examples=1000, **_HYPOTHESIS_COMMON)
     _hypothesis_settings.load_profile(_os.environ.get("MOE_RAW_HYPOTHESIS_PROFILE", "ci"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numba-cuda's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, CPU CI) creates a block's shared arrays without a lock.
+
+
+_SHARED_LOCK = threading.Lock()
+
+
+def simulator_shared_memory_lock():
+    """Patch numba-cuda's simulator so that ``cuda.shared.array`` is get-or-create under a lock.
+
+    The simulator (numba_cuda 0.30.4, ``simulator/kernelapi.py::FakeCUDAShared.array``) keys a block's shared arrays
+    by the calling source line and does ``get``, then ``np.empty`` and a store, without a lock, while the block's
+    threads are Python threads. Two threads of block 0 that both miss the key get different arrays, and the weighted
+    backward's reduction then sums another array's (uninitialized) partials: a wrong dweights row, rarely (2 of 1500
+    launches of the same inputs here; 0 of 3000 with this lock). A simulator race, not moe_raw's: same key, same
+    arrays, made once.
+    """
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    real = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory (one buffer), or the simulator's error
+            return real(self, shape, dtype, alignment)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with _SHARED_LOCK:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    return mock.patch.object(kernelapi.FakeCUDAShared, "array", array)
+
+
+@pytest.fixture(autouse=True)
+def _simulator_shared_arrays_made_once():
+    """Every simulator test runs with shared arrays made under a lock (CI saw a wrong dweights row from the race)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0"):
+        yield
+        return
+    with simulator_shared_memory_lock():
+        yield

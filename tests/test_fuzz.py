@@ -49,7 +49,6 @@ import importlib
 import math
 import os
 import sys
-import threading
 from dataclasses import dataclass
 from unittest import mock
 
@@ -708,38 +707,7 @@ def _dw_close(dw, dw64, dw_torch, terms64, what: str) -> None:
     assert bool(ok.all()), f"{what}: err {err_rows.max().item():.3g}, torch err {torch_err:.3g}"
 
 
-_SHARED_LOCK = threading.Lock()
-
-
-def _simulator_shared_memory_lock():
-    """Patch numba-cuda's simulator so that ``cuda.shared.array`` is get-or-create under a lock.
-
-    The simulator (numba_cuda 0.30.4, ``simulator/kernelapi.py::FakeCUDAShared.array``) keys a block's shared arrays
-    by the calling source line and does ``get``, then ``np.empty`` and a store, without a lock, while the block's
-    threads are Python threads. Two threads of block 0 that both miss the key get different arrays, and the weighted
-    backward's reduction then sums another array's (uninitialized) partials: a wrong dweights row, rarely (2 of 1500
-    launches of the same inputs here; 0 of 3000 with this lock). A simulator race, not moe_raw's: same key, same
-    arrays, made once.
-    """
-    import numpy as np
-    from numba.cuda.simulator import kernelapi
-
-    real = kernelapi.FakeCUDAShared.array
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory (one buffer), or the simulator's error
-            return real(self, shape, dtype, alignment)
-        if isinstance(dtype, kernelapi.types.Type):
-            dtype = kernelapi.numpy_support.as_dtype(dtype)
-        caller = sys._getframe(1)
-        key = (caller.f_code.co_filename, caller.f_lineno)
-        with _SHARED_LOCK:
-            res = self._allocations.get(key)
-            if res is None:
-                res = self._allocations[key] = np.empty(shape, dtype)
-        return res
-
-    return mock.patch.object(kernelapi.FakeCUDAShared, "array", array)
+from tests.conftest import simulator_shared_memory_lock as _simulator_shared_memory_lock  # noqa: E402
 
 
 @contextlib.contextmanager
