@@ -263,3 +263,23 @@ def test_leading_dims_are_restored_and_capacity_formula():
     assert rows.shape == (4 * d.get_capacity(12), H) and tpe.tolist() == [d.get_capacity(12)] * 4
     assert d.combine(rows).shape == (3, 4, H)
     assert moe_raw.MoEAlltoAllDispatcher is MoEAlltoAllDispatcher
+
+
+def test_example_runs_with_torchrun():
+    """examples/ep_moe_layer.py under torchrun, 2 gloo ranks, tiny sizes: it runs and matches one process."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for extra in ([], ["--drop-and-pad"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               os.path.join(root, "examples", "ep_moe_layer.py"), "--tokens", "64", "--hidden", "32", "--ffn", "16",
+               "--iters", "1", *extra]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=root)
+        assert res.returncode == 0, res.stdout + res.stderr
+        errs = re.search(r"max \|y - y_single\|: (\S+)\s+max \|dx - dx_single\|: (\S+)", res.stdout)
+        assert errs, res.stdout
+        assert float(errs.group(1)) <= 1e-5 and float(errs.group(2)) <= 1e-5, res.stdout
