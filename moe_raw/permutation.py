@@ -359,6 +359,9 @@ def permute(
     V.same_device(op, tokens=tokens, routing_map=routing_map, probs=probs)
     if V.DEBUG:
         V.routing_values(op, routing_map)
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        out, pprobs, row_map, indices = _ops.permute(tokens, routing_map, probs, n_out, fused, drop_and_pad)
+        return out, (pprobs if probs is not None else None), (row_map if fused else indices)
     if not tokens.is_cuda:
         return reference.permute(tokens, routing_map, probs, n_out, fused, drop_and_pad)
     if num_tokens * num_experts > 2**31 - 1:
@@ -469,6 +472,8 @@ def unpermute(
             V.index_values(op, sorted_indices, num_tokens)
         if routing_map is not None:
             V.routing_values(op, routing_map)
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        return _ops.unpermute(permuted_tokens, sorted_indices, probs, routing_map, num_tokens, fused, drop_and_pad)[0]
     if not permuted_tokens.is_cuda:
         index = sorted_indices[: num_tokens + 1] if fused else sorted_indices  # the aligned layout's first T + 1
         return reference.unpermute(
@@ -495,3 +500,7 @@ def unpermute(
     if torch.is_grad_enabled() and (permuted_tokens.requires_grad or (probs is not None and probs.requires_grad)):
         return _UnpermuteFn.apply(permuted_tokens, probs, row_map, index, num_tokens)
     return _unpermute_forward(permuted_tokens, probs, row_map, index, num_tokens)  # no autograd node: less host time
+
+
+# Last: _ops reads this module's functions when its ops run (and imports the other op modules).
+from moe_raw import _ops  # noqa: E402

@@ -986,6 +986,8 @@ def _gated(op: str, y, weights, weighted: bool, act: tuple, ref, *ref_args) -> t
     weights [N, 1] -> [N, F] in y.dtype. Off the kernels: ``ref(y[, weights], *ref_args)``, the torch reference."""
     if not weighted:
         f = _check_y(y, op, two_d=False)
+        if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+            return _ops.glu(y, *act)
         if not _on_kernels(y):
             return ref(y, *ref_args)
         if y.dim() == 2:
@@ -993,6 +995,8 @@ def _gated(op: str, y, weights, weighted: bool, act: tuple, ref, *ref_args) -> t
         return _swiglu_fwd(_as_2d(y), None, act).view(*y.shape[:-1], f)
     _check_y(y, op, two_d=True)
     _check_weights(weights, y, op)
+    if torch.compiler.is_compiling():
+        return _ops.weighted_glu(y, weights, *act)
     if not _on_kernels(y, None, weights):
         return ref(y, weights, *ref_args)
     return _swiglu_fwd(y, weights, act)
@@ -1004,6 +1008,8 @@ def _gated_back(op: str, g, y, weights, weighted: bool, act: tuple, ref, *ref_ar
     if not weighted:
         f = _check_y(y, op, two_d=False)
         _check_g(g, y, f, op)
+        if torch.compiler.is_compiling():
+            return _ops.glu_back(g, y, *act)
         if not _on_kernels(y, g):
             return ref(g, y, *ref_args)
         out_dtype = y.dtype if g.dtype is y.dtype else torch.promote_types(g.dtype, y.dtype)
@@ -1013,6 +1019,8 @@ def _gated_back(op: str, g, y, weights, weighted: bool, act: tuple, ref, *ref_ar
     f = _check_y(y, op, two_d=True)
     _check_g(g, y, f, op)
     _check_weights(weights, y, op)
+    if torch.compiler.is_compiling():
+        return _ops.weighted_glu_back(g, y, weights, *act)
     if not _on_kernels(y, g, weights):
         return ref(g, y, weights, *ref_args)
     return _swiglu_bwd(g, y, weights, y.dtype, act)
@@ -1322,7 +1330,11 @@ def weighted_bias_swiglu_impl(input: torch.Tensor, weights: torch.Tensor, fp8_in
     ori_shape = input.shape
     if len(ori_shape) not in (2, 3):
         raise ValueError(f"{op}: input must be 2-D [N, 2F] or 3-D [S, B, 2F], got shape {tuple(ori_shape)}")
-    output = WeightedSwiGLUFunction.apply(_as_2d(input), weights, bool(fp8_input_store))
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        _check_weights(weights, _as_2d(input), "moe_raw.WeightedSwiGLUFunction")  # what the Function checks
+        output = _ops.weighted_glu_fn(_as_2d(input), weights, bool(fp8_input_store), *_SWIGLU)
+    else:
+        output = WeightedSwiGLUFunction.apply(_as_2d(input), weights, bool(fp8_input_store))
     return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], output.shape[1])
 
 
@@ -1431,9 +1443,20 @@ def weighted_bias_quick_geglu_impl(
             input = reference.clamp_glu(input, _limit(clamp_value, "clamp_value", op))
         input = input + bias
         clamp_value = None
-    output = WeightedQuickGeGLUFunction.apply(
-        _as_2d(input), weights, bool(fp8_input_store), linear_offset, clamp_value, alpha
-    )
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        fn_op = "moe_raw.WeightedQuickGeGLUFunction"  # what the Function checks
+        _check_weights(weights, _as_2d(input), fn_op)
+        limit = _limit(clamp_value, "clamp_value", fn_op) if clamp_value is not None else None
+        act = (_constant(alpha, "alpha", fn_op), _constant(linear_offset, "linear_offset", fn_op), limit)
+        output = _ops.weighted_glu_fn(_as_2d(input), weights, bool(fp8_input_store), *act)
+    else:
+        output = WeightedQuickGeGLUFunction.apply(
+            _as_2d(input), weights, bool(fp8_input_store), linear_offset, clamp_value, alpha
+        )
     if output.dtype != ori_dtype:  # a wider bias promoted the sum; Megatron returns input.dtype
         output = output.to(ori_dtype)
     return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], output.shape[1])
+
+
+# Last: _ops reads this module's functions when its ops run.
+from moe_raw import _ops  # noqa: E402

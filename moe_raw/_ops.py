@@ -1,0 +1,368 @@
+"""torch.library custom ops: what the public functions call while ``torch.compile`` traces them.
+
+Eager calls never come here (the dispatcher costs microseconds on a path measured in microseconds): each public
+function validates its arguments, then, only under ``torch.compiler.is_compiling()``, returns the op below
+instead of running its eager code. Each op has a fake (meta) implementation for tracing and, where the public
+function is differentiable, an autograd formula whose backward is itself a custom op, so forward and backward
+graphs both compile without graph breaks. The real implementations call the same CUDA launchers as the eager
+path for CUDA tensors and ``moe_raw.reference`` (or pure-torch equivalents of the eager backward) for anything
+else, so ``torch.compile`` works end to end on CPU too.
+
+Schemas have no optional outputs: a tensor the eager API returns as None (permuted_probs without probs, sorted
+indices with fused=True) is an empty tensor here, mapped back to None / the right tensor by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_raw import permutation as P
+from moe_raw import reference
+from moe_raw import swiglu as S
+
+_EMPTY = (0,)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _body(row_map: torch.Tensor, num_tokens: int):
+    """Decoded row map lines [T, E]: (row of each entry, routed?, padding copy?)."""
+    body = row_map[:num_tokens].long()
+    routed, padded = body >= 0, body <= -2
+    return torch.where(routed, body, -2 - body), routed, padded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# permute
+
+
+@torch.library.custom_op("moe_raw::permute", mutates_args=())
+def permute(
+    tokens: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: torch.Tensor | None,
+    num_out_tokens: int | None,
+    fused: bool,
+    drop_and_pad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(permuted [N, H], permuted_probs [N] (empty without probs), row_map [T+1, E], sorted_indices [N] (empty with
+    fused=True)). The row map is always returned: the backward reads it."""
+    if tokens.is_cuda:
+        out, pprobs, index, row_map = P._permute_forward(
+            tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused
+        )
+        indices = index if not fused else torch.empty(_EMPTY, dtype=torch.int64, device=tokens.device)
+    else:
+        out, pprobs, indices = reference.permute(tokens, routing_map, probs, num_out_tokens, False, drop_and_pad)
+        row_map = reference.build_row_map(routing_map, num_out_tokens, drop_and_pad)[0]
+        if fused:
+            indices = torch.empty(_EMPTY, dtype=torch.int64, device=tokens.device)
+    if pprobs is None:
+        pprobs = torch.empty(_EMPTY, dtype=torch.float32, device=tokens.device)
+    return out, pprobs, row_map, indices
+
+
+@permute.register_fake
+def _(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad):
+    num_tokens, hidden = tokens.shape
+    num_experts = routing_map.shape[1]
+    if num_out_tokens is None:
+        n_rows = torch.library.get_ctx().new_dynamic_size()  # the routed count: known only on the device
+    elif drop_and_pad:
+        n_rows = num_experts * torch.sym_min(num_out_tokens // num_experts, num_tokens)
+    else:
+        n_rows = num_out_tokens
+    out = tokens.new_empty((n_rows, hidden))
+    pprobs = probs.new_empty((n_rows,)) if probs is not None else tokens.new_empty(_EMPTY, dtype=torch.float32)
+    row_map = tokens.new_empty((num_tokens + 1, num_experts), dtype=torch.int32)
+    indices = tokens.new_empty(_EMPTY if fused else (n_rows,), dtype=torch.int64)
+    return out, pprobs, row_map, indices
+
+
+@torch.library.custom_op("moe_raw::permute_backward", mutates_args=())
+def permute_backward(
+    grad_permuted: torch.Tensor,
+    grad_pprobs: torch.Tensor | None,
+    row_map: torch.Tensor,
+    probs_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d tokens [T, H], d probs [T, E] (empty without grad_pprobs)): each token's rows summed (padding copies too);
+    dprobs[t, e] = grad_pprobs[row] at routed pairs, else 0."""
+    num_tokens, num_experts = row_map.shape[0] - 1, row_map.shape[1]
+    dev = grad_permuted.device
+    if grad_permuted.is_cuda and num_tokens > 0:
+        g_pp = grad_pprobs.contiguous() if grad_pprobs is not None else None
+        dtok, dprobs = P._gather_cuda(grad_permuted, row_map, num_tokens, g_pprobs=g_pp, dprobs_dtype=probs_dtype)
+    else:
+        dtok = reference.unpermute(grad_permuted, row_map, (num_tokens, grad_permuted.shape[1]), fused=True)
+        dprobs = None
+        if grad_pprobs is not None:
+            rows, routed, _ = _body(row_map, num_tokens)
+            n_rows = grad_pprobs.shape[0]
+            keep = routed & (rows < n_rows)
+            picked = grad_pprobs[rows.clamp(0, max(n_rows - 1, 0))] if n_rows else rows.new_zeros(rows.shape)
+            dprobs = torch.where(keep, picked, 0).to(probs_dtype)
+    if dprobs is None:  # no probs gradient asked for (empty), or T = 0
+        shape = _EMPTY if grad_pprobs is None else (num_tokens, num_experts)
+        dprobs = torch.zeros(shape, dtype=probs_dtype, device=dev)
+    return dtok, dprobs
+
+
+@permute_backward.register_fake
+def _(grad_permuted, grad_pprobs, row_map, probs_dtype):
+    num_tokens, num_experts = row_map.shape[0] - 1, row_map.shape[1]
+    dtok = grad_permuted.new_empty((num_tokens, grad_permuted.shape[1]))
+    shape = _EMPTY if grad_pprobs is None else (num_tokens, num_experts)
+    return dtok, grad_permuted.new_empty(shape, dtype=probs_dtype)
+
+
+def _permute_setup(ctx, inputs, output):
+    tokens, _, probs = inputs[0], inputs[1], inputs[2]
+    ctx.save_for_backward(output[2])
+    ctx.tokens_dtype = tokens.dtype
+    ctx.probs_dtype = probs.dtype if probs is not None else torch.float32
+
+
+def _permute_backward(ctx, grad_permuted, grad_pprobs, _grad_row_map, _grad_indices):
+    (row_map,) = ctx.saved_tensors
+    need_probs = ctx.needs_input_grad[2]
+    # dprobs stays None when permuted_probs gets no gradient (as in the eager backward)
+    g_pp = grad_pprobs if need_probs else None
+    dtok, dprobs = permute_backward(grad_permuted, g_pp, row_map, ctx.probs_dtype)
+    return (dtok if ctx.needs_input_grad[0] else None), None, (dprobs if need_probs else None), None, None, None
+
+
+permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# unpermute
+
+
+@torch.library.custom_op("moe_raw::unpermute", mutates_args=())
+def unpermute(
+    permuted: torch.Tensor,
+    index: torch.Tensor,
+    probs: torch.Tensor | None,
+    routing_map: torch.Tensor | None,
+    num_tokens: int,
+    fused: bool,
+    drop_and_pad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, H], row map built from routing_map (fused=False with routing_map; else empty)). index: the fused row
+    map ([T+1, E] or [T+3, E]) or sorted_indices [N]."""
+    n_rows, hidden = permuted.shape
+    built = None
+    if not permuted.is_cuda:
+        ref_index = index[: num_tokens + 1] if fused else index
+        out = reference.unpermute(permuted, ref_index, (num_tokens, hidden), probs, routing_map, fused, drop_and_pad)
+        if routing_map is not None and not fused:
+            n_map = routing_map.shape[1] * (n_rows // routing_map.shape[1]) if drop_and_pad else n_rows
+            built = reference.build_row_map(routing_map, n_map, drop_and_pad)[0]
+    else:
+        row_map, sorted_indices = (index.contiguous(), None) if fused else (None, index)
+        if routing_map is not None and not fused:
+            row_map = built = P._row_map_from_routing(routing_map, n_rows, drop_and_pad)
+        out = P._unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens)
+    if built is None:
+        built = torch.empty((0, 0), dtype=torch.int32, device=permuted.device)
+    return out, built
+
+
+@unpermute.register_fake
+def _(permuted, index, probs, routing_map, num_tokens, fused, drop_and_pad):
+    out = permuted.new_empty((num_tokens, permuted.shape[1]))
+    shape = (num_tokens + 1, routing_map.shape[1]) if (routing_map is not None and not fused) else (0, 0)
+    return out, permuted.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("moe_raw::unpermute_backward", mutates_args=())
+def unpermute_backward(
+    grad_out: torch.Tensor,
+    permuted: torch.Tensor | None,
+    row_map: torch.Tensor | None,
+    sorted_indices: torch.Tensor | None,
+    probs: torch.Tensor | None,
+    n_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d rows [N, H], d probs [T, E] (empty unless permuted is given)). row_map None: the CSR path over
+    sorted_indices (each row takes its token's gradient). permuted is given only when probs need a gradient."""
+    num_tokens, hidden = grad_out.shape
+    need_dprobs = permuted is not None
+    dev = grad_out.device
+    dprobs = None
+    if num_tokens == 0:
+        d_rows = grad_out.new_zeros((n_rows, hidden))
+    elif row_map is None:
+        d_rows = P._csr_rows_grad(grad_out, sorted_indices)
+    elif grad_out.is_cuda:
+        row_map = row_map.contiguous()  # a fused map may be a strided view; the kernel reads [T + 1, E] rows
+        d_rows, dprobs = P._unpermute_bwd_cuda(grad_out, permuted, row_map, n_rows, probs, need_dprobs)
+    else:
+        # the eager CPU reference's autograd: row r of token t takes grad_out[t] * prob (padding rows only
+        # without probs), accumulated in fp32 (fp64 for fp64); dprobs[t, e] = <grad_out[t], row>.
+        rows, routed, padded = _body(row_map, num_tokens)
+        keep = (routed if probs is not None else routed | padded) & (rows < n_rows)
+        token = torch.arange(num_tokens, device=dev).unsqueeze(1).expand_as(rows)
+        acc = _acc_dtype(grad_out.dtype)
+        contrib = grad_out[token[keep]].to(acc)
+        if probs is not None:
+            contrib = contrib * probs[keep].to(acc).unsqueeze(1)
+        d_rows = torch.zeros((n_rows, hidden), dtype=acc, device=dev)
+        d_rows[rows[keep]] = contrib
+        d_rows = d_rows.to(grad_out.dtype)
+        if need_dprobs:
+            routed = routed & (rows < n_rows)
+            dprobs = torch.zeros(routed.shape, dtype=acc, device=dev)
+            dprobs[routed] = (grad_out[token[routed]].to(acc) * permuted[rows[routed]].to(acc)).sum(-1)
+            dprobs = dprobs.to(probs.dtype)
+    if dprobs is None:
+        dprobs = torch.zeros(probs.shape, dtype=probs.dtype, device=dev) if need_dprobs else grad_out.new_empty(_EMPTY)
+    return d_rows, dprobs
+
+
+@unpermute_backward.register_fake
+def _(grad_out, permuted, row_map, sorted_indices, probs, n_rows):
+    d_rows = grad_out.new_empty((n_rows, grad_out.shape[1]))
+    return d_rows, (probs.new_empty(probs.shape) if permuted is not None else grad_out.new_empty(_EMPTY))
+
+
+def _unpermute_setup(ctx, inputs, output):
+    permuted, index, probs, routing_map, num_tokens, fused, _ = inputs
+    ctx.n_rows = permuted.shape[0]
+    ctx.csr = not fused and routing_map is None
+    row_map = index if fused else output[1]
+    # the rows are read back only for the gradient of probs
+    keep_rows = probs is not None and ctx.needs_input_grad[2]
+    ctx.save_for_backward(row_map, index, probs, permuted if keep_rows else None)
+
+
+def _unpermute_backward(ctx, grad_out, _grad_row_map):
+    row_map, index, probs, permuted = ctx.saved_tensors
+    need_probs = permuted is not None
+    if ctx.csr:
+        d_rows, _ = unpermute_backward(grad_out, None, None, index, None, ctx.n_rows)
+    else:
+        d_rows, dprobs = unpermute_backward(grad_out, permuted, row_map, None, probs, ctx.n_rows)
+    return (d_rows if ctx.needs_input_grad[0] else None), None, (dprobs if need_probs else None), None, None, None, None
+
+
+unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gated activations: one op per form for the whole family (SwiGLU, Quick-GEGLU, clamped SwiGLU), the activation
+# given as (alpha, linear_offset, limit) as in moe_raw.swiglu (SwiGLU is (1, 0, None)).
+
+
+def _reference(act: tuple, swiglu_fn, quick_fn):
+    """The eager reference of ``act``: the seed's SwiGLU functions for SwiGLU (bit for bit what eager runs),
+    else the Quick-GLU form with act's constants."""
+    if act == S._SWIGLU:
+        return swiglu_fn
+    return lambda *tensors: quick_fn(*tensors, *act)
+
+
+@torch.library.custom_op("moe_raw::glu", mutates_args=())
+def glu(y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
+    """y [..., 2F] -> [..., F] in y.dtype (moe_raw.swiglu / quick_geglu / clamped_swiglu)."""
+    act = (alpha, linear_offset, limit)
+    if S._on_kernels(y):
+        out = S._swiglu_fwd(S._as_2d(y), None, act)
+        return out.view(*y.shape[:-1], out.shape[1])
+    return _reference(act, reference.swiglu, reference.quick_glu)(y)
+
+
+@glu.register_fake
+def _(y, alpha, linear_offset, limit):
+    return y.new_empty((*y.shape[:-1], y.shape[-1] // 2))
+
+
+@torch.library.custom_op("moe_raw::weighted_glu", mutates_args=())
+def weighted_glu(
+    y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
+) -> torch.Tensor:
+    """y [N, 2F], weights [N, 1] -> act(y) * weights [N, F] in y.dtype."""
+    act = (alpha, linear_offset, limit)
+    if S._on_kernels(y, None, weights):
+        return S._swiglu_fwd(y, weights, act)
+    return _reference(act, reference.weighted_swiglu, reference.weighted_quick_glu)(y, weights)
+
+
+@weighted_glu.register_fake
+def _(y, weights, alpha, linear_offset, limit):
+    return y.new_empty((y.shape[0], y.shape[1] // 2))
+
+
+@torch.library.custom_op("moe_raw::glu_back", mutates_args=())
+def glu_back(g: torch.Tensor, y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
+    """dy [..., 2F] in promote(g.dtype, y.dtype)."""
+    act = (alpha, linear_offset, limit)
+    if S._on_kernels(y, g):
+        dy = S._swiglu_bwd(S._as_2d(g), S._as_2d(y), None, torch.promote_types(g.dtype, y.dtype), act)[0]
+        return dy.view(y.shape)
+    return _reference(act, reference.swiglu_back, reference.quick_glu_back)(g, y)
+
+
+@glu_back.register_fake
+def _(g, y, alpha, linear_offset, limit):
+    return y.new_empty(y.shape, dtype=torch.promote_types(g.dtype, y.dtype))
+
+
+@torch.library.custom_op("moe_raw::weighted_glu_back", mutates_args=())
+def weighted_glu_back(
+    g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype)."""
+    act = (alpha, linear_offset, limit)
+    if S._on_kernels(y, g, weights):
+        return S._swiglu_bwd(g, y, weights, y.dtype, act)
+    return _reference(act, reference.weighted_swiglu_back, reference.weighted_quick_glu_back)(g, y, weights)
+
+
+@weighted_glu_back.register_fake
+def _(g, y, weights, alpha, linear_offset, limit):
+    return y.new_empty(y.shape), weights.new_empty((y.shape[0], 1))
+
+
+@torch.library.custom_op("moe_raw::weighted_glu_fn", mutates_args=())
+def weighted_glu_fn(
+    input: torch.Tensor,
+    weights: torch.Tensor,
+    fp8_input_store: bool,
+    alpha: float,
+    linear_offset: float,
+    limit: float | None,
+) -> torch.Tensor:
+    """weighted_glu with autograd: WeightedSwiGLUFunction / WeightedQuickGeGLUFunction (weighted_bias_*_impl)."""
+    return weighted_glu(input, weights, alpha, linear_offset, limit)
+
+
+@weighted_glu_fn.register_fake
+def _(input, weights, fp8_input_store, alpha, linear_offset, limit):
+    return input.new_empty((input.shape[0], input.shape[1] // 2))
+
+
+def _weighted_glu_setup(ctx, inputs, output):
+    input, weights, fp8_input_store, *act = inputs
+    # fp8_input_store: the input is kept for backward as float8_e4m3fn (half of bf16's memory), as the seed does
+    ctx.save_for_backward(input.to(torch.float8_e4m3fn) if fp8_input_store else input, weights)
+    ctx.input_dtype, ctx.act = input.dtype, tuple(act)
+
+
+def _weighted_glu_backward(ctx, grad_output):
+    input, weights = ctx.saved_tensors
+    dinput, dweights = weighted_glu_back(grad_output, input.to(ctx.input_dtype), weights, *ctx.act)
+    return (
+        dinput if ctx.needs_input_grad[0] else None,
+        dweights if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+weighted_glu_fn.register_autograd(_weighted_glu_backward, setup_context=_weighted_glu_setup)
