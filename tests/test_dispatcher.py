@@ -37,28 +37,28 @@ DT = torch.float64
 # ---------------------------------------------------------------------------------------------------- the data
 
 
-def rank_data(rank: int, num_tokens: int, num_experts: int):
-    """Rank ``rank``'s tokens [T, H], router logits [T, E] and a cotangent [T, H] (its own seed)."""
+def rank_data(rank: int, num_tokens: int, num_experts: int, device="cpu"):
+    """Rank ``rank``'s tokens [T, H], router logits [T, E] and a cotangent [T, H] (its own seed, drawn on the CPU)."""
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(num_tokens, H, generator=g, dtype=DT)
     logits = torch.randn(num_tokens, num_experts, generator=g, dtype=DT)
     cot = torch.randn(num_tokens, H, generator=g, dtype=DT)
-    return x, logits, cot
+    return x.to(device), logits.to(device), cot.to(device)
 
 
-def expert_weights(num_experts: int):
+def expert_weights(num_experts: int, device="cpu"):
     """W1 [E, H, 2F], W2 [E, F, H], the same on every rank."""
     g = torch.Generator().manual_seed(7)
     return (
-        torch.randn(num_experts, H, 2 * FF, generator=g, dtype=DT) / H**0.5,
-        torch.randn(num_experts, FF, H, generator=g, dtype=DT) / FF**0.5,
+        (torch.randn(num_experts, H, 2 * FF, generator=g, dtype=DT) / H**0.5).to(device),
+        (torch.randn(num_experts, FF, H, generator=g, dtype=DT) / FF**0.5).to(device),
     )
 
 
 def route(logits: torch.Tensor):
     """Softmax top-K router: (routing_map [T, E] bool, probs [T, E] dense, differentiable in logits)."""
     top_p, top_i = logits.softmax(-1).topk(K, dim=-1)
-    routing_map = torch.zeros(logits.shape, dtype=torch.bool).scatter(1, top_i, True)
+    routing_map = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(1, top_i, True)
     probs = torch.zeros_like(logits).scatter(1, top_i, top_p)
     return routing_map, probs
 
@@ -84,10 +84,10 @@ def swiglu_expert(x, w1, w2):
 # ------------------------------------------------------------------------------------------------- the checks
 
 
-def check_identity(rank, ws, num_experts, num_local, drop_and_pad, group):
+def check_identity(rank, ws, num_experts, num_local, drop_and_pad, group, device="cpu"):
     num_tokens = 12 if drop_and_pad else 10 + rank  # dropless: a different T on every rank
     d = MoEAlltoAllDispatcher(num_experts, num_local, group, drop_and_pad, CF if drop_and_pad else None, K)
-    x, logits, cot = rank_data(rank, num_tokens, num_experts)
+    x, logits, cot = rank_data(rank, num_tokens, num_experts, device)
     x.requires_grad_(True)
     routing_map, probs = route(logits)
     expert_in, expert_probs, tokens_per_expert = d.dispatch(x, probs, routing_map)
@@ -102,7 +102,7 @@ def check_identity(rank, ws, num_experts, num_local, drop_and_pad, group):
     torch.testing.assert_close(x.grad, (probs * kept).sum(1, keepdim=True) * cot, rtol=1e-12, atol=1e-12)
 
     # The rows this rank received: for each local expert, rank 0's kept tokens (ascending), then rank 1's, ...
-    all_data = [rank_data(j, 12 if drop_and_pad else 10 + j, num_experts) for j in range(ws)]
+    all_data = [rank_data(j, 12 if drop_and_pad else 10 + j, num_experts, device) for j in range(ws)]
     offset = 0
     counts = []
     for lo in range(num_local):
@@ -130,16 +130,16 @@ def check_identity(rank, ws, num_experts, num_local, drop_and_pad, group):
         assert d.tokens_per_expert_host == counts
 
 
-def check_layer(rank, ws, num_experts, num_local, drop_and_pad, combine_with_probs, group):
+def check_layer(rank, ws, num_experts, num_local, drop_and_pad, combine_with_probs, group, device="cpu"):
     num_tokens = 12 if drop_and_pad else 10 + rank
     d = MoEAlltoAllDispatcher(
         num_experts, num_local, group, drop_and_pad, CF if drop_and_pad else None, K, combine_with_probs
     )
-    w1_all, w2_all = expert_weights(num_experts)
+    w1_all, w2_all = expert_weights(num_experts, device)
     local = slice(rank * num_local, (rank + 1) * num_local)
     w1 = w1_all[local].clone().requires_grad_(True)
     w2 = w2_all[local].clone().requires_grad_(True)
-    x, logits, cot = rank_data(rank, num_tokens, num_experts)
+    x, logits, cot = rank_data(rank, num_tokens, num_experts, device)
     x.requires_grad_(True)
     logits.requires_grad_(True)
 
@@ -160,7 +160,7 @@ def check_layer(rank, ws, num_experts, num_local, drop_and_pad, combine_with_pro
     loss = 0.0
     mine = None
     for j in range(ws):
-        xj, lj, cj = rank_data(j, 12 if drop_and_pad else 10 + j, num_experts)
+        xj, lj, cj = rank_data(j, 12 if drop_and_pad else 10 + j, num_experts, device)
         xj.requires_grad_(True)
         lj.requires_grad_(True)
         rm_j, p_j = route(lj)
@@ -179,25 +179,65 @@ def check_layer(rank, ws, num_experts, num_local, drop_and_pad, combine_with_pro
     torch.testing.assert_close(w2.grad, w2_ref.grad[local], **tol)
 
 
-def run_checks(rank, ws, configs, group):
+def run_checks(rank, ws, configs, group, device="cpu"):
     for num_experts, num_local in configs:
         for drop_and_pad in (False, True):
-            check_identity(rank, ws, num_experts, num_local, drop_and_pad, group)
+            check_identity(rank, ws, num_experts, num_local, drop_and_pad, group, device)
             for combine_with_probs in (True, False):
-                check_layer(rank, ws, num_experts, num_local, drop_and_pad, combine_with_probs, group)
+                check_layer(rank, ws, num_experts, num_local, drop_and_pad, combine_with_probs, group, device)
 
 
-def _worker(rank, ws, port, configs):
+def check_graph_capture(rank, num_experts, num_local, device):
+    """drop_and_pad forward captured in a CUDA graph (fails if anything syncs the host), replayed on new data,
+    equals the eager dispatcher."""
+    num_tokens = 12
+    d = MoEAlltoAllDispatcher(num_experts, num_local, None, True, CF, K)
+    x, logits, _ = rank_data(rank, num_tokens, num_experts, device)
+    routing_map, probs = route(logits)
+    static = [x.clone(), probs.clone(), routing_map.clone()]
+
+    def fwd():
+        rows, rows_probs, _ = d.dispatch(*static)
+        return d.combine(rows * 2 + rows_probs.unsqueeze(1))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fwd()  # warm-up: NCCL communicators, kernel compiles, index caches
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = fwd()
+    x2, logits2, _ = rank_data(rank + 100, num_tokens, num_experts, device)
+    rm2, p2 = route(logits2)
+    for buf, new in zip(static, (x2, p2, rm2), strict=True):
+        buf.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = MoEAlltoAllDispatcher(num_experts, num_local, None, True, CF, K)
+    rows, rows_probs, _ = eager.dispatch(x2, p2, rm2)
+    torch.testing.assert_close(y_static, eager.combine(rows * 2 + rows_probs.unsqueeze(1)), rtol=0, atol=0)
+
+
+def _worker(rank, ws, port, configs, backend="gloo"):
     torch.set_num_threads(1)
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=ws,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        run_checks(rank, ws, configs, None)  # ep_group None: the default group
+        run_checks(rank, ws, configs, None, device)  # ep_group None: the default group
+        if backend == "nccl":
+            for num_experts, num_local in configs:
+                check_graph_capture(rank, num_experts, num_local, device)
     finally:
         dist.destroy_process_group()
 
@@ -229,6 +269,23 @@ def test_ep_size_1_in_process():
     """No process group: no collectives; the same checks with every expert local."""
     assert not dist.is_initialized()
     run_checks(0, 1, [(4, 4), (2, 2)], None)
+
+
+# GPU (not run yet: written for the GPU session; skipped without CUDA, and the NCCL one without 2 GPUs).
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device needed")
+def test_ep_size_1_on_cuda():
+    run_checks(0, 1, [(4, 4), (2, 2)], None, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="2 CUDA devices needed")
+def test_nccl_dispatch_combine_layer_and_graph_capture():
+    ws = 4 if torch.cuda.device_count() >= 4 else 2
+    configs = [(8, 8 // ws), (ws, 1)]
+    mp.spawn(_worker, args=(ws, _free_port(), configs, "nccl"), nprocs=ws, join=True)
 
 
 def test_no_process_group_is_ep_size_1():
