@@ -366,3 +366,123 @@ def _weighted_glu_backward(ctx, grad_output):
 
 
 weighted_glu_fn.register_autograd(_weighted_glu_backward, setup_context=_weighted_glu_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sort_chunks_by_idxs, permute_and_pad, permute_with_row_map (imported late: these modules import nothing from here)
+
+from moe_raw import chunks as C  # noqa: E402
+from moe_raw import padding as PAD  # noqa: E402
+
+
+@torch.library.custom_op("moe_raw::sort_chunks", mutates_args=())
+def sort_chunks(
+    x: torch.Tensor, split_sizes: torch.Tensor, sorted_idxs: torch.Tensor, probs: torch.Tensor | None, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [N, ...], probs [N] (empty without probs)) regrouped by sorted_idxs, or (inverse=True, the backward)
+    put back where they came from. Split sizes and indices stay on the device."""
+    if x.is_cuda:
+        out, pout = C._chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather=inverse)
+    elif inverse:  # the regrouped chunks have sizes sizes[order]; chunk i goes back to position argsort(order)[i]
+        out, pout = reference.sort_chunks_by_idxs(x, split_sizes[sorted_idxs], torch.argsort(sorted_idxs), probs)
+    else:
+        out, pout = reference.sort_chunks_by_idxs(x, split_sizes, sorted_idxs, probs)
+    return out, (pout if pout is not None else torch.empty(_EMPTY, dtype=torch.float32, device=x.device))
+
+
+@sort_chunks.register_fake
+def _(x, split_sizes, sorted_idxs, probs, inverse):
+    pout = probs.new_empty(probs.shape) if probs is not None else x.new_empty(_EMPTY, dtype=torch.float32)
+    return x.new_empty(x.shape), pout
+
+
+def _sort_chunks_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.has_probs, ctx.inverse = inputs[3] is not None, inputs[4]
+
+
+def _sort_chunks_backward(ctx, grad_out, grad_probs):
+    split_sizes, sorted_idxs = ctx.saved_tensors
+    d_x, d_probs = sort_chunks(
+        grad_out, split_sizes, sorted_idxs, grad_probs if ctx.has_probs else None, not ctx.inverse
+    )
+    return d_x, None, None, (d_probs if ctx.has_probs else None), None
+
+
+sort_chunks.register_autograd(_sort_chunks_backward, setup_context=_sort_chunks_setup)
+
+
+@torch.library.custom_op("moe_raw::permute_and_pad", mutates_args=())
+def permute_and_pad(
+    tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor | None, align: int, num_out_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """permute_and_pad's five outputs (permuted_probs empty without probs)."""
+    if tokens.is_cuda and tokens.shape[0] > 0:
+        out, pprobs, row_map, tpe, padded = PAD._permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens)
+        tpe, padded = tpe.clone(), padded.clone()  # two rows of one buffer: custom-op outputs may not share storage
+    else:
+        out, pprobs, row_map, tpe, padded = reference.permute_and_pad(tokens, routing_map, probs, align, num_out_tokens)
+    if pprobs is None:
+        pprobs = torch.empty(_EMPTY, dtype=torch.float32, device=tokens.device)
+    return out, pprobs, row_map, tpe, padded
+
+
+@permute_and_pad.register_fake
+def _(tokens, routing_map, probs, align, num_out_tokens):
+    num_tokens, hidden = tokens.shape
+    num_experts = routing_map.shape[1]
+    if num_out_tokens is None:
+        n_rows = torch.library.get_ctx().new_dynamic_size()  # the padded total: known only on the device
+    else:
+        n_rows = num_out_tokens + num_experts * (align - 1)
+    pprobs = probs.new_empty((n_rows,)) if probs is not None else tokens.new_empty(_EMPTY, dtype=torch.float32)
+    counts = tokens.new_empty((num_experts,), dtype=torch.int64)
+    row_map = tokens.new_empty((num_tokens + 3, num_experts), dtype=torch.int32)
+    return tokens.new_empty((n_rows, hidden)), pprobs, row_map, counts, torch.empty_like(counts)
+
+
+def _permute_and_pad_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.probs_dtype = inputs[2].dtype if inputs[2] is not None else torch.float32
+
+
+def _permute_and_pad_backward(ctx, grad_out, grad_pprobs, *_):
+    (row_map,) = ctx.saved_tensors
+    need_probs = ctx.needs_input_grad[2]
+    num_tokens = row_map.shape[0] - 3
+    dtok, dprobs = permute_backward(
+        grad_out, grad_pprobs if need_probs else None, row_map[: num_tokens + 1], ctx.probs_dtype
+    )
+    return (dtok if ctx.needs_input_grad[0] else None), None, (dprobs if need_probs else None), None, None
+
+
+permute_and_pad.register_autograd(_permute_and_pad_backward, setup_context=_permute_and_pad_setup)
+
+
+@torch.library.custom_op("moe_raw::permute_with_row_map", mutates_args=())
+def permute_with_row_map(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """x's rows [T, ...] where the row map puts each token's rows, zero elsewhere: [num_rows, ...]."""
+    if x.is_cuda and x.numel() > 0:
+        return PAD._scatter_rows_cuda(x, row_map, x.shape[0], num_rows)
+    return reference.permute_with_row_map(x, row_map, num_rows)
+
+
+@permute_with_row_map.register_fake
+def _(x, row_map, num_rows):
+    return x.new_empty((num_rows, *x.shape[1:]))
+
+
+def _permute_with_row_map_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.shape = inputs[0].shape
+
+
+def _permute_with_row_map_backward(ctx, grad_out):
+    (row_map,) = ctx.saved_tensors
+    num_tokens = ctx.shape[0]
+    g = grad_out.reshape(grad_out.shape[0], -1)
+    d_x, _ = permute_backward(g, None, row_map[: num_tokens + 1], torch.float32)
+    return d_x.reshape(ctx.shape), None, None
+
+
+permute_with_row_map.register_autograd(_permute_with_row_map_backward, setup_context=_permute_with_row_map_setup)

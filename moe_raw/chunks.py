@@ -133,6 +133,12 @@ def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False
         if probs.shape[0] != input.shape[0]:
             raise ValueError(f"{op}: probs must be [N] = [{input.shape[0]}], got {tuple(probs.shape)}")
         V.same_device(op, input=input, probs=probs)
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        from moe_raw import _ops
+
+        sizes, order = split_sizes.to(input.device), sorted_idxs.to(input.device)
+        out, pout = _ops.sort_chunks(input, sizes, order, probs, False)
+        return out, (pout if probs is not None else None)
     if not input.is_cuda:
         V.same_device(op, input=input, split_sizes=split_sizes, sorted_idxs=sorted_idxs)
         return reference.sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs)

@@ -115,6 +115,11 @@ def permute_and_pad(
     if worst > V.MAX_ROWS:
         raise ValueError(f"{op}: up to {worst} padded rows would exceed the {V.MAX_ROWS} rows supported")
     V.same_device(op, tokens=tokens, routing_map=routing_map, probs=probs)
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        from moe_raw import _ops
+
+        out, pprobs, row_map, tpe, padded = _ops.permute_and_pad(tokens, routing_map, probs, align, n_out)
+        return out, (pprobs if probs is not None else None), row_map, tpe, padded
     if not tokens.is_cuda:
         return reference.permute_and_pad(tokens, routing_map, probs, align, n_out)
     if num_tokens == 0:
@@ -190,6 +195,10 @@ def permute_with_row_map(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) 
         )
     num_rows = V.size_arg(num_rows, "num_rows", op, allow_none=False)
     V.same_device(op, x=x, row_map=row_map)
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        from moe_raw import _ops
+
+        return _ops.permute_with_row_map(x, row_map, num_rows)
     if not x.is_cuda:
         return reference.permute_with_row_map(x, row_map, num_rows)
     row_map = row_map.contiguous()

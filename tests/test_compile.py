@@ -194,6 +194,32 @@ def test_gated_family(device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# sort_chunks_by_idxs, permute_and_pad + permute_with_row_map + unpermute
+
+
+def _ep_regroup(rows, probs, sizes, order):
+    out, pout = moe_raw.sort_chunks_by_idxs(rows, sizes, order, probs)
+    return out * pout.unsqueeze(1)
+
+
+def _padded_round_trip(tokens, probs, scales, routing_map):
+    out, pprobs, row_map, tpe, padded = moe_raw.permute_and_pad(tokens, routing_map, probs, 4, T * K)
+    moved = moe_raw.permute_with_row_map(scales, row_map, out.shape[0])
+    rows = out * moved + pprobs.unsqueeze(1)
+    return moe_raw.unpermute(rows, row_map, tokens.shape, probs, fused=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatch_extras(device):
+    sizes, order = torch.tensor([3, 0, 4, 1], device=device), torch.tensor([2, 0, 3, 1], device=device)
+    _assert_compiled_matches(_ep_regroup, (torch.randn(T + 2, H, device=device), torch.rand(T + 2, device=device)),
+                             sizes, order)  # fmt: skip
+    routing_map, probs = _routing(device)
+    inputs = (torch.randn(T, H, device=device), probs, torch.rand(T, H, device=device))
+    _assert_compiled_matches(_padded_round_trip, inputs, routing_map)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # opcheck of every registered op
 
 
@@ -217,6 +243,18 @@ def _opcheck_cases(device):
         (_ops.unpermute_backward, (tokens, None, row_map, None, None, T * K)),
         (_ops.unpermute_backward, (tokens, None, None, indices, None, T * K)),
     ]
+    sizes, order = torch.tensor([3, 0, 4, 1], device=device), torch.tensor([2, 0, 3, 1], device=device)
+    p_rows = torch.rand(T + 2, device=device)
+    rows = torch.randn(T + 2, H, device=device)  # 2 rows past the chunks
+    padded = _ops.permute_and_pad(tokens, routing_map, probs, 4, T * K)
+    cases += [
+        (_ops.sort_chunks, (rows, sizes, order, p_rows, False)),
+        (_ops.sort_chunks, (rows, sizes, order, None, True)),
+        (_ops.permute_and_pad, (tokens, routing_map, probs, 4, T * K)),
+        (_ops.permute_and_pad, (tokens, routing_map, None, 1, None)),
+        (_ops.permute_with_row_map, (torch.rand(T, 3, device=device), padded[2], padded[0].shape[0])),
+        (_ops.permute_with_row_map, (torch.rand(T, device=device), row_map, T * K)),
+    ]
     y, g, w = torch.randn(T, 2 * F, device=device), torch.randn(T, F, device=device), torch.rand(T, 1, device=device)
     for act in ((1.0, 0.0, None), (1.702, 0.5, None), (1.702, 1.0, 3.0)):
         cases += [
@@ -231,7 +269,10 @@ def _opcheck_cases(device):
     return cases
 
 
-_DIFFERENTIABLE = (_ops.permute, _ops.unpermute, _ops.weighted_glu_fn)
+_DIFFERENTIABLE = (
+    _ops.permute, _ops.unpermute, _ops.weighted_glu_fn, _ops.sort_chunks, _ops.permute_and_pad,
+    _ops.permute_with_row_map,
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
