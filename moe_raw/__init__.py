@@ -8,7 +8,7 @@ run the pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs n
 __version__ = "0.1.0"
 
 from moe_raw.chunks import sort_chunks_by_idxs
-from moe_raw.dispatcher import MoEAlltoAllDispatcher  # noqa: F401  (not in __all__: tests/test_api.py pins it)
+from moe_raw.dispatcher import MoEAlltoAllDispatcher
 from moe_raw.padding import permute_and_pad, permute_with_row_map
 from moe_raw.permutation import permute, unpermute
 from moe_raw.swiglu import (
@@ -32,6 +32,7 @@ from moe_raw.swiglu import (
 from moe_raw.topk import permute_topk, topk_to_routing, unpermute_topk
 
 __all__ = [
+    "MoEAlltoAllDispatcher",
     "permute",
     "unpermute",
     "sort_chunks_by_idxs",

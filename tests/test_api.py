@@ -63,7 +63,7 @@ EXTRAS = (
     "clamped_swiglu_back",
     "weighted_clamped_swiglu_back",
 )
-PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction"} | set(EXTRAS)
+PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction", "MoEAlltoAllDispatcher"} | set(EXTRAS)
 
 # A bracketed shape naming a dimension letter: "[T, H]", "[N, 1]", "[..., 2F]", "[T + 1, E]".
 SHAPE = re.compile(r"\[[^\]\n]*[TNHEKF][^\]\n]*\]")
