@@ -236,8 +236,8 @@ def unpermute(
     if fused:
         return _unpermute_row_map(permuted_tokens, sorted_indices, restore_shape, probs)
     input_dtype = permuted_tokens.dtype
-    if num_tokens == 0:
-        return permuted_tokens.new_zeros((0, hidden))
+    if num_tokens == 0:  # a slice, not new_zeros: stays in the autograd graph (zero gradient), as on CUDA
+        return permuted_tokens[:0] * 0
     if probs is not None and routing_map is None:
         raise ValueError("unpermute: routing_map is required when probs is given with fused=False")
     if routing_map is not None:
