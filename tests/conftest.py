@@ -189,3 +189,29 @@ def _simulator_shared_arrays_made_once():
         return
     with simulator_shared_memory_lock():
         yield
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Run moe_raw's Numba kernels on CPU tensors (CUDA simulator) and record every launch's spec
+    (tests/test_swiglu.py, tests/test_activations.py). Skips unless NUMBA_ENABLE_CUDASIM=1."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("runs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1")
+    import importlib
+
+    swiglu_module = importlib.import_module("moe_raw.swiglu")  # ``moe_raw.swiglu`` is also the function
+    monkeypatch.setattr(swiglu_module, "_on_kernels", lambda *t: True)
+    launches = []
+    launch = swiglu_module._launch_kernel
+
+    def spy(spec, *args):
+        launches.append(spec)
+        return launch(spec, *args)
+
+    monkeypatch.setattr(swiglu_module, "_launch_kernel", spy)
+    # The simulator's block manager polls its threads while holding the GIL; a short switch interval makes each
+    # syncthreads of the weighted backward ~10x faster.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield launches
+    sys.setswitchinterval(interval)

@@ -177,26 +177,6 @@ def _simulator() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
-@pytest.fixture
-def kernels(monkeypatch):
-    """Run moe_raw's kernels on CPU tensors (CUDA simulator), and record every launch's spec."""
-    if not _simulator():
-        pytest.skip("runs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1")
-    monkeypatch.setattr(S, "_on_kernels", lambda *t: True)
-    launches = []
-    launch = S._launch_kernel
-
-    def spy(spec, *args):
-        launches.append(spec)
-        return launch(spec, *args)
-
-    monkeypatch.setattr(S, "_launch_kernel", spy)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)  # the simulator's syncthreads poll under the GIL (tests/test_swiglu.py)
-    yield launches
-    sys.setswitchinterval(interval)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,f", [(7, 8), (5, 13)])  # F = 8: 16-byte kernels (every dtype); 13: element kernels
 @pytest.mark.parametrize("family", FAMILIES)

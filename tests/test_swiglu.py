@@ -34,28 +34,6 @@ def _simulator() -> bool:
 needs_sim = pytest.mark.skipif(not _simulator(), reason="runs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1")
 
 
-@pytest.fixture
-def kernels(monkeypatch):
-    """Run moe_raw's kernels on CPU tensors (CUDA simulator), and record every launch's spec."""
-    if not _simulator():
-        pytest.skip("runs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1")
-    monkeypatch.setattr(S, "_on_kernels", lambda *t: True)
-    launches = []
-    launch = S._launch_kernel
-
-    def spy(spec, *args):
-        launches.append(spec)
-        return launch(spec, *args)
-
-    monkeypatch.setattr(S, "_launch_kernel", spy)
-    # The simulator's block manager polls its threads while holding the GIL; a short switch interval makes each
-    # syncthreads of the weighted backward ~10x faster.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield launches
-    sys.setswitchinterval(interval)
-
-
 def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x.double() - ref).abs().max().item() if x.numel() else 0.0
 
