@@ -26,12 +26,16 @@ EP = 8  # expert-parallel ranks: sort_chunks regroups EP * (E / EP) chunks
 ALIGN = 128
 
 
-def megatron_sort_chunks(x, split_sizes, sorted_idxs, probs):
-    """Megatron's unfused path: host lists of the sizes and the order, then split + cat."""
-    chunks = torch.split(x, split_sizes.tolist(), dim=0)
-    pchunks = torch.split(probs, split_sizes.tolist(), dim=0)
-    order = sorted_idxs.tolist()
-    return torch.cat([chunks[i] for i in order]), torch.cat([pchunks[i] for i in order])
+def megatron_sort_chunks(x, split_sizes, sorted_idxs, probs=None):
+    """Megatron's unfused path: host lists of the sizes and the order, then split + cat (rows past the sum are cut
+    off there). Returns (rows, probs or None)."""
+    sizes, order = split_sizes.tolist(), sorted_idxs.tolist()
+
+    def regroup(t):
+        chunks = torch.split(t, sizes, dim=0)
+        return torch.cat([chunks[i] for i in order], dim=0)
+
+    return regroup(x), (regroup(probs) if probs is not None else None)
 
 
 def dense_then_seed_permute(x, topk_idx, topk_probs, num_experts):

@@ -39,14 +39,7 @@ def check(T, E, K, H, dtype, num_out=None, drop_and_pad=False, fused=False, devi
     gp = torch.randn_like(pp)
     (y * g).sum().add_((pp * gp).sum()).backward()
     (y_r * g.cpu().double()).sum().add_((pp_r * gp.cpu().double()).sum()).backward()
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-
-    def close(a, b, length=1):
-        # An fp32 sum of `length` unit-scale products is off by ~eps * sqrt(length) in absolute terms, whatever
-        # its value: dprobs (a dot over H) near 0 needs that much slack (fp32, H = 7168: 8.5e-4).
-        return torch.allclose(a.detach().cpu().double(), b.detach(), rtol=tol, atol=tol * length**0.5)
-
-    ok_y, ok_gx, ok_gp = close(y, y_r), close(x.grad, xr.grad), close(p.grad, pr.grad, length=H)
+    ok_y, ok_gx, ok_gp = _close(y, y_r, dtype), _close(x.grad, xr.grad, dtype), _close(p.grad, pr.grad, dtype, H)
     ok_zero = bool((p.grad.detach()[~rm] == 0).all())
     status = "PASS" if (ok and ok_y and ok_gx and ok_gp and ok_zero) else "FAIL"
     print(
@@ -66,6 +59,8 @@ def _grads(outs, leaves, seed_=1):
 
 
 def _close(a, b, dtype, length=1):
+    # An fp32 sum of `length` unit-scale products is off by ~eps * sqrt(length) in absolute terms, whatever its
+    # value: dprobs (a dot over H) near 0 needs that much slack (fp32, H = 7168: 8.5e-4).
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}[dtype]
     return a is not None and torch.allclose(a.detach().cpu().double(), b.detach().cpu().double(), rtol=tol,
                                             atol=tol * length**0.5)  # fmt: skip

@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 from moe_raw import _validate as V
 from moe_raw import reference
 from moe_raw._launch import launch, ptr
+from moe_raw.permutation import _vec_bytes
 
 MAX_SPLITS = 4096  # kernels/chunks.cu: two int32 tables of S entries in shared memory
 _CHUNK_ROWS = 32  # kChunkRows
@@ -23,17 +24,6 @@ _CHUNK_THREADS = 256  # kChunkThreads
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 __all__ = ["sort_chunks_by_idxs"]
-
-
-def _vec_bytes(*byte_quantities: int) -> int:
-    """Widest vector (16, 8, 4, 2, 1 bytes) dividing every row size, stride and address."""
-    q = 0
-    for b in byte_quantities:
-        q |= b
-    vb = 16
-    while vb > 1 and q % vb:
-        vb >>= 1
-    return vb
 
 
 def _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather: bool):
@@ -51,7 +41,7 @@ def _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather: bool):
     esize = x.element_size()
     row_bytes = rows_in.shape[1] * esize
     in_stride = rows_in.stride(0) * esize
-    vb = _vec_bytes(row_bytes, in_stride, rows_out.stride(0) * esize, rows_in.data_ptr(), rows_out.data_ptr())
+    vb = _vec_bytes(1, row_bytes, in_stride, rows_out.stride(0) * esize, rows_in.data_ptr(), rows_out.data_ptr())
     n_splits = split_sizes.shape[0]
     launch(
         "chunks", f"moe_raw::chunk_sort<{vb}>", x.device, -(-n_rows // _CHUNK_ROWS), _CHUNK_THREADS,

@@ -7,20 +7,10 @@ import pytest
 import torch
 
 import moe_raw
+from bench.bench_dispatch import megatron_sort_chunks
 from moe_raw import _validate, reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device needed")
-
-
-def megatron_sort_chunks(input, split_sizes, sorted_idxs, probs=None):
-    """Megatron's unfused sort_chunks_by_idxs (host lists, split + cat); rows past the sum are cut off there."""
-    chunks = torch.split(input, split_sizes.tolist(), dim=0)
-    out = torch.cat([chunks[i] for i in sorted_idxs.tolist()], dim=0)
-    pout = None
-    if probs is not None:
-        pchunks = torch.split(probs, split_sizes.tolist(), dim=0)
-        pout = torch.cat([pchunks[i] for i in sorted_idxs.tolist()], dim=0)
-    return out, pout
 
 
 def random_case(n_splits, n_rows, tail=0, hidden=8, dtype=torch.float32, zero_frac=0.3, gen_seed=0):
