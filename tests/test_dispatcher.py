@@ -340,3 +340,26 @@ def test_example_runs_with_torchrun():
         errs = re.search(r"max \|y - y_single\|: (\S+)\s+max \|dx - dx_single\|: (\S+)", res.stdout)
         assert errs, res.stdout
         assert float(errs.group(1)) <= 1e-5 and float(errs.group(2)) <= 1e-5, res.stdout
+
+
+def test_ep_benchmark_runs_with_torchrun():
+    """bench/bench_ep.py (moe_raw's EP layer vs the seed-built one) under torchrun, 2 ranks, the tiny shape: both
+    modes run, print a row per provider and agree (the script exits 1 when the providers' results differ)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "bench.bench_ep", "--shape", "tiny", "--drop-and-pad", "--rounds", "1", "--iters", "1"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| tiny")]
+    assert [r.split(" | ")[1:3] for r in rows] == [
+        ["dropless", "moe_raw"],
+        ["dropless", "seed"],
+        ["drop_and_pad C=20", "moe_raw"],
+        ["drop_and_pad C=20", "seed"],
+    ], res.stdout
+    assert all("outputs/grads match" in r for r in rows[::2]), res.stdout
