@@ -271,7 +271,7 @@ def test_ep_size_1_in_process():
     run_checks(0, 1, [(4, 4), (2, 2)], None)
 
 
-# GPU (not run yet: written for the GPU session; skipped without CUDA, and the NCCL one without 2 GPUs).
+# GPU (skipped without CUDA, the NCCL one without 2 GPUs; passed on 2 H100s: bench/results/2026-11-27-h100x2-ep).
 
 
 @pytest.mark.gpu
