@@ -74,7 +74,7 @@ def bench_rows(copy_gbs, dtype=torch.bfloat16, shape=SHAPE):
     topv, topi = torch.softmax(torch.randn(T, E, device="cuda"), -1).topk(K, dim=-1)
     permute_bytes = bench_permute.bytes_permute_fwd(T, E, H, K, s)
     ms = common.do_bench(lambda: moe_raw.permute_topk(x, topi, E, topv, num_out_tokens=N, fused=True))
-    row("permute_topk fwd", "moe_raw", ms, permute_bytes, "indices -> map in torch, then permute")
+    row("permute_topk fwd", "moe_raw", ms, permute_bytes, "indices -> map (kernels/topk.cu), then permute")
     ms = common.do_bench(lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True))
     row("permute_topk fwd", "moe_raw mask form", ms, permute_bytes, "the same permute from a dense map")
     ms = common.do_bench(lambda: dense_then_seed_permute(x, topi, topv, E))

@@ -74,6 +74,9 @@ def main() -> int:
         idx = torch.rand(T, E, generator=gen).topk(K, dim=1).indices
         expect(f"permute_topk {label}", moe_raw.permute_topk(x.cuda(), idx.cuda(), E, fused=True),
                moe_raw.permute_topk(x, idx, E, fused=True))  # fmt: skip
+        tp = torch.rand(T, K, generator=gen).to(x.dtype)
+        expect(f"topk_to_routing with probs {label}", moe_raw.topk_to_routing(idx.cuda(), E, tp.cuda()),
+               moe_raw.topk_to_routing(idx, E, tp))  # fmt: skip
     sizes, order = torch.tensor([5, 0, 17, 9]), torch.tensor([2, 0, 3, 1])
     x = torch.randn(40, 24, generator=gen)
     xc = x.cuda().requires_grad_(True)

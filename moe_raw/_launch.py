@@ -67,6 +67,11 @@ def _permute_instances() -> tuple[str, ...]:
 KERNELS = {
     "permute": _permute_instances(),
     "chunks": tuple(f"moe_raw::chunk_sort<{vb}>" for vb in _VEC_BYTES),
+    "topk": tuple(
+        f"moe_raw::topk_dense<{index}, {word}>"
+        for index in ("int32_t", "int64_t")
+        for word in ("uint16_t", "uint32_t", "uint64_t")
+    ),
 }
 
 # Parameter layout of every kernel, as struct codes: P device pointer, q int64_t, i int. struct's native
@@ -83,6 +88,7 @@ SIGNATURES = {
         "scatter_rows": "PqPqqiqPP",
     },
     "chunks": {"chunk_sort": "PqPqqqPiPiiPqPii"},
+    "topk": {"topk_dense": "PPqiiPqP"},
 }
 
 _lock = threading.Lock()

@@ -1,21 +1,25 @@
 """Top-k index routing: permute / unpermute from a router's ``topk_indices [T, K]`` and ``topk_probs [T, K]``.
 
 Routers produce top-k indices; the seed's API takes a dense multi-hot map. ``topk_to_routing`` turns one into the
-other on the device (no host sync, differentiable in the probs), and ``permute_topk`` / ``unpermute_topk`` are
-``permute`` / ``unpermute`` on that map, so the row order and every result are the mask form's, bit for bit.
+other on the device (one launch of kernels/topk.cu on CUDA, torch ops on CPU and under torch.compile; no host sync,
+differentiable in the probs), and ``permute_topk`` / ``unpermute_topk`` are ``permute`` / ``unpermute`` on that
+map, so the row order and every result are the mask form's, bit for bit.
 
 Index values: ``-1`` means "not routed" (capacity-dropped slots); a duplicate expert in a row, or a value outside
 [-1, E), is a routing error. Detecting one needs the values on the host, so it is checked where a host read happens
 anyway (``permute_topk`` with ``num_out_tokens=None`` reads the routed count and checks in the same read) or with
-``MOE_RAW_DEBUG=1``. Unchecked, an out-of-range index is ignored like -1 and a duplicate routes once (never an
-out-of-bounds access).
+``MOE_RAW_DEBUG=1``. Unchecked, an out-of-range index is ignored like -1 and a repeated expert routes once, with
+the probability (and gradient) of its first occurrence in the row: never an out-of-bounds access, and the same
+result on every run and device.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from moe_raw import _validate as V
+from moe_raw._launch import launch, ptr
 from moe_raw.permutation import permute, unpermute
 
 __all__ = ["topk_to_routing", "permute_topk", "unpermute_topk"]
@@ -40,22 +44,91 @@ def _check_topk(op, topk_indices, num_experts, topk_probs) -> int:
 
 
 def _routing(topk_indices, num_experts, topk_probs):
-    """(routing_map [T, E] bool, probs [T, E] | None, valid [T, K] bool). Out-of-range entries land in a dropped
-    column E; the map's row stride is a multiple of 16 so the map build reads it 16 bytes at a time."""
+    """(routing_map [T, E] bool, probs [T, E] | None): one kernel on CUDA (kernels/topk.cu), torch ops on CPU and
+    under torch.compile. The map is a view whose row stride is a multiple of 16 bytes, so the map build reads it 16
+    bytes at a time. Both paths skip entries outside [0, E) and give an expert named twice its first probability."""
+    if topk_indices.is_cuda and not torch.compiler.is_compiling():
+        if topk_probs is None:
+            return _dense_cuda(topk_indices, num_experts, None)[0], None
+        return _TopkDense.apply(topk_probs, topk_indices, num_experts)
     num_tokens = topk_indices.shape[0]
     valid = (topk_indices >= 0) & (topk_indices < num_experts)
-    slots = torch.where(valid, topk_indices, num_experts).long()
-    width = -(-(num_experts + 1) // 16) * 16
+    slots = torch.where(valid & _first_of_each_expert(topk_indices), topk_indices, num_experts).long()
+    width = -(-(num_experts + 1) // 16) * 16  # column E collects the skipped entries
     dev = topk_indices.device
     routing_map = torch.zeros((num_tokens, width), dtype=torch.bool, device=dev).scatter_(1, slots, True)
     probs = None
     if topk_probs is not None:
         dense = torch.zeros((num_tokens, num_experts + 1), dtype=topk_probs.dtype, device=dev)
         probs = dense.scatter(1, slots, topk_probs)[:, :num_experts]  # differentiable in topk_probs
-    return routing_map[:, :num_experts], probs, valid
+    return routing_map[:, :num_experts], probs
 
 
-def _routing_errors(topk_indices, routed: int, valid: int, named: int) -> None:
+def _first_of_each_expert(topk_indices):
+    """[T, K] bool: False where the same index appeared earlier in the row (K x K compare; K is small)."""
+    k = topk_indices.shape[1]
+    same = topk_indices.unsqueeze(2) == topk_indices.unsqueeze(1)  # [T, K, K]: same[t, i, j] = idx[i] == idx[j]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=topk_indices.device).tril(-1)
+    return ~(same & earlier).any(2)
+
+
+_WORDS = {2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
+_TOKENS_PER_BLOCK = 8  # kernels/topk.cu kTokensPerBlock
+
+
+def _dense_cuda(topk_indices, num_experts, topk_probs):
+    """One topk_dense launch: (routing_map [T, E] bool view, probs [T, E] | None)."""
+    num_tokens, k = topk_indices.shape
+    idx = topk_indices.contiguous()
+    width = -(-num_experts // 16) * 16
+    dev = idx.device
+    routing_map = torch.empty((num_tokens, width), dtype=torch.bool, device=dev)
+    probs = p = None
+    if topk_probs is not None:
+        p = topk_probs.detach().contiguous()
+        probs = torch.empty((num_tokens, num_experts), dtype=p.dtype, device=dev)
+    if num_tokens:
+        index = "int32_t" if idx.dtype == torch.int32 else "int64_t"
+        word = _WORDS[p.element_size()] if p is not None else "uint32_t"
+        launch(
+            "topk", f"moe_raw::topk_dense<{index}, {word}>", dev, -(-num_tokens // _TOKENS_PER_BLOCK),
+            32 * _TOKENS_PER_BLOCK,
+            (ptr(idx), ptr(p), num_tokens, k, num_experts, ptr(routing_map), width, ptr(probs)),
+        )  # fmt: skip
+    return routing_map[:, :num_experts], probs
+
+
+class _TopkDense(torch.autograd.Function):
+    """The dense routing from top-k (CUDA); d probs[t, e] / d topk_probs[t, k] = 1 where e is idx[t, k]'s first
+    occurrence in the row (the value the kernel copied), so the gradient is a gather of those entries."""
+
+    @staticmethod
+    def forward(ctx, topk_probs, topk_indices, num_experts):
+        routing_map, probs = _dense_cuda(topk_indices, num_experts, topk_probs)
+        ctx.save_for_backward(topk_indices)
+        ctx.mark_non_differentiable(routing_map)
+        return routing_map, probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _grad_map, grad_probs):
+        (idx,) = ctx.saved_tensors
+        num_experts = grad_probs.shape[1]
+        used = (idx >= 0) & (idx < num_experts) & _first_of_each_expert(idx)
+        grad = grad_probs.gather(1, torch.where(used, idx, 0).long())
+        return torch.where(used, grad, 0), None, None
+
+
+def _check_values(topk_indices, routing_map, num_experts) -> int:
+    """One host read of (routed pairs, valid entries, non -1 entries); raises on duplicates or out-of-range values.
+    Returns the routed count."""
+    valid = (topk_indices >= 0) & (topk_indices < num_experts)
+    counts = torch.stack([routing_map.sum(), valid.sum(), (topk_indices != -1).sum()]).tolist()
+    _routing_errors(*counts)
+    return counts[0]
+
+
+def _routing_errors(routed: int, valid: int, named: int) -> None:
     if named != valid:
         raise ValueError(
             f"moe_raw: topk_indices holds {named - valid} value(s) outside [-1, num_experts) (-1 means not routed)"
@@ -82,10 +155,9 @@ def topk_to_routing(topk_indices: torch.Tensor, num_experts: int, topk_probs: to
     """
     op = "moe_raw.topk_to_routing"
     num_experts = _check_topk(op, topk_indices, num_experts, topk_probs)
-    routing_map, probs, valid = _routing(topk_indices, num_experts, topk_probs)
+    routing_map, probs = _routing(topk_indices, num_experts, topk_probs)
     if V.DEBUG:
-        counts = torch.stack([routing_map.sum(), valid.sum(), (topk_indices != -1).sum()]).tolist()
-        _routing_errors(topk_indices, *counts)
+        _check_values(topk_indices, routing_map, num_experts)
     return routing_map, probs
 
 
@@ -120,10 +192,9 @@ def permute_topk(
     if topk_indices.shape[0] != tokens.shape[0]:
         raise ValueError(f"{op}: topk_indices has {topk_indices.shape[0]} rows but tokens has {tokens.shape[0]}")
     V.same_device(op, tokens=tokens, topk_indices=topk_indices)
-    routing_map, probs, valid = _routing(topk_indices, num_experts, topk_probs)
+    routing_map, probs = _routing(topk_indices, num_experts, topk_probs)
     if num_out_tokens is None or V.DEBUG:
-        routed, n_valid, named = torch.stack([routing_map.sum(), valid.sum(), (topk_indices != -1).sum()]).tolist()
-        _routing_errors(topk_indices, routed, n_valid, named)
+        routed = _check_values(topk_indices, routing_map, num_experts)
         if num_out_tokens is None and not drop_and_pad:
             num_out_tokens = routed  # permute need not read it again
     return permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad)
@@ -165,7 +236,7 @@ def unpermute_topk(
             V.tensor(sorted_indices, "sorted_indices", op, 2)
             num_experts = sorted_indices.shape[1]
         num_experts = _check_topk(op, topk_indices, num_experts, topk_probs)
-        routing_map, probs, _ = _routing(topk_indices, num_experts, topk_probs)
+        routing_map, probs = _routing(topk_indices, num_experts, topk_probs)
     return unpermute(
         permuted_tokens, sorted_indices, restore_shape, probs, None if fused else routing_map, fused, drop_and_pad
     )

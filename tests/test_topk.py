@@ -161,3 +161,60 @@ def test_gpu_no_host_sync_with_num_out_tokens_and_graph_replay():
     graph.replay()
     exp = moe_raw.permute_topk(x, idx2, 16, probs2, num_out_tokens=n, fused=True)[0]
     assert torch.equal(g_out, exp)
+
+
+def bad_ids_case(T, E, K, prob_dtype, seed=0):
+    """Random ids in [-2, E + 1] (duplicates, -1, out-of-range values included) and probs: any input the routing
+    must turn into one deterministic map."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-2, E + 2, (T, K), generator=g)
+    return idx, torch.rand(T, K, generator=g).to(prob_dtype)
+
+
+def test_repeated_expert_takes_its_first_probability_and_gradient():
+    """Unchecked, a repeated expert routes once, with the first k's probability; only that k gets a gradient."""
+    idx = torch.tensor([[2, 0, 2], [1, -1, 1]])
+    probs = torch.tensor([[0.5, 0.25, 0.125], [0.75, 0.5, 0.0625]], requires_grad=True)
+    rm, dense = moe_raw.topk_to_routing(idx, 3, probs)
+    assert rm.tolist() == [[True, False, True], [False, True, False]]
+    assert dense.tolist() == [[0.25, 0.0, 0.5], [0.0, 0.75, 0.0]]
+    dense.backward(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    assert probs.grad.tolist() == [[3.0, 1.0, 0.0], [5.0, 0.0, 0.0]]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("prob_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("T,E,K", [(0, 8, 2), (1, 1, 1), (13, 5, 3), (257, 300, 8), (40, 70, 40), (9, 16, 0)])
+def test_gpu_kernel_equals_torch_path(prob_dtype, idx_dtype, T, E, K):
+    """kernels/topk.cu against the torch ops the CPU runs, bit for bit, on inputs with duplicates, -1 and
+    out-of-range ids (K = 40 > 32 exercises the lane stride), map and probs and the probs' gradient."""
+    idx, probs = bad_ids_case(T, E, K, prob_dtype)
+    rm_cpu, dense_cpu = moe_raw.topk_to_routing(idx.to(idx_dtype), E, probs)
+    p = probs.cuda().requires_grad_(True)
+    rm, dense = moe_raw.topk_to_routing(idx.to(idx_dtype).cuda(), E, p)
+    assert rm.shape == (T, E) and rm.dtype == torch.bool and torch.equal(rm.cpu(), rm_cpu)
+    assert dense.dtype == prob_dtype and torch.equal(dense.cpu(), dense_cpu)
+    g = torch.randn(T, E).to(prob_dtype)
+    p_cpu = probs.clone().requires_grad_(True)
+    moe_raw.topk_to_routing(idx.to(idx_dtype), E, p_cpu)[1].backward(g)
+    dense.backward(g.cuda())
+    assert torch.equal(p.grad.cpu(), p_cpu.grad)
+    rm_only, none = moe_raw.topk_to_routing(idx.to(idx_dtype).cuda(), E)
+    assert none is None and torch.equal(rm_only.cpu(), rm_cpu)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_non_contiguous_inputs_and_side_stream():
+    idx, probs = bad_ids_case(33, 20, 4, torch.float32, seed=5)
+    idx_t, probs_t = idx.T.contiguous().cuda().T, probs.T.contiguous().cuda().T  # column-major [T, K]
+    assert not idx_t.is_contiguous()
+    rm_cpu, dense_cpu = moe_raw.topk_to_routing(idx, 20, probs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        rm, dense = moe_raw.topk_to_routing(idx_t, 20, probs_t)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(rm.cpu(), rm_cpu) and torch.equal(dense.cpu(), dense_cpu)
