@@ -51,14 +51,23 @@ def write_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 
 def _git_sha() -> str:
-    """HEAD of the checkout this file is in, or "unknown" (e.g. a copied tree without .git)."""
+    """MOE_RAW_GIT_SHA if set (the commit a copied tree was made from), else HEAD of the checkout this file is in,
+    with "-dirty" when tracked files differ from it, or "unknown" (e.g. a copied tree without .git)."""
+    if os.environ.get("MOE_RAW_GIT_SHA"):
+        return os.environ["MOE_RAW_GIT_SHA"]
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=False)
+
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=False)
+        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except OSError:
         return "unknown"
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else "unknown"
+    sha = head.stdout.strip()
+    if head.returncode != 0 or len(sha) != 40:
+        return "unknown"
+    return sha + ("-dirty" if status.returncode == 0 and status.stdout.strip() else "")
 
 
 def environment() -> dict:

@@ -35,6 +35,7 @@ import contextlib
 import importlib.resources
 import importlib.util
 import os
+import pathlib
 import shutil
 import struct
 import sys
@@ -170,10 +171,26 @@ def _env(name: str, value: str):
 NVRTC_OPTIONS = ("-std=c++17",)
 
 
+def _kernels_dir():
+    """The installed package ``moe_raw.kernels`` (the wheel, or an editable install's mapping of ``kernels/``).
+    Where Python imported ``moe_raw`` from a source checkout that no install maps (the checkout on sys.path, e.g.
+    the current directory shadowing another install), the checkout's own ``kernels/`` next to ``moe_raw/``."""
+    try:
+        return importlib.resources.files("moe_raw.kernels")
+    except ModuleNotFoundError:
+        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+        if os.path.isfile(os.path.join(checkout, "common.cuh")):
+            return pathlib.Path(checkout)
+        raise ModuleNotFoundError(
+            "moe_raw: the CUDA kernel sources (package moe_raw.kernels) are not installed and no kernels/ directory "
+            f"is next to {os.path.dirname(os.path.abspath(__file__))}; reinstall moe_raw (pip install moe_raw)"
+        ) from None
+
+
 def kernel_source(family: str) -> str:
     """The NVRTC source of kernels/<family>.cu: common.cuh inlined (NVRTC gets no include path, and the inlined
     text makes CuPy's cache key change when the header does), #line directives naming the real files."""
-    root = importlib.resources.files("moe_raw.kernels")
+    root = _kernels_dir()
     with importlib.resources.as_file(root) as kernels_dir:
         path, header = kernels_dir / f"{family}.cu", kernels_dir / "common.cuh"
         lines = (root / f"{family}.cu").read_text().split("\n")

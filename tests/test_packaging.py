@@ -2,8 +2,8 @@
 importlib.resources, and ``import moe_raw`` stays light on a machine with no GPU.
 
 kernels/ is mapped to the package ``moe_raw.kernels`` by setup.cfg (package_dir + package_data); an editable
-install needs kernels/__init__.py for that (pypa/setuptools#4248). A bare checkout that is not installed cannot
-import ``moe_raw.kernels``: develop with ``pip install -e .``.
+install needs kernels/__init__.py for that (pypa/setuptools#4248). Where ``moe_raw`` is imported from a checkout
+that no install maps (``moe_raw.kernels`` not importable), moe_raw._launch reads the checkout's kernels/.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_FILES = ("permute.cu", "common.cuh")
+KERNEL_FILES = (*sorted(p.name for p in (Path(__file__).parents[1] / "kernels").glob("*.cu")), "common.cuh")
 HEAVY_MODULES = ("cupy", "cupyx", "cupy_backends", "numba", "numba_cuda")
 
 # Never copied into the build tree: VCS, venvs, caches and earlier build output (a stale build/lib would
@@ -121,3 +121,24 @@ def test_import_is_light_without_gpu(tmp_path):
     assert proc.returncode == 0, f"`import moe_raw` failed with CUDA_VISIBLE_DEVICES='':\n{proc.stderr}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [], f"`import moe_raw` imported {result['heavy']}; import them lazily"
+
+
+def test_checkout_kernels_when_the_package_is_not_mapped(monkeypatch):
+    """moe_raw imported from a checkout without an install that maps moe_raw.kernels (a source tree on sys.path,
+    or the current directory shadowing another install): the kernel sources come from the checkout's kernels/."""
+    from moe_raw import _launch
+
+    real_files = importlib.resources.files
+
+    def files(anchor):
+        if anchor == "moe_raw.kernels":
+            raise ModuleNotFoundError("No module named 'moe_raw.kernels'")
+        return real_files(anchor)
+
+    monkeypatch.setattr(importlib.resources, "files", files)
+    root = Path(__file__).parents[1] / "kernels"
+    assert Path(_launch._kernels_dir()) == root
+    assert _launch.kernel_source("topk").startswith(f'#line 1 "{root / "topk.cu"}"')
+    monkeypatch.setattr(_launch.os.path, "isfile", lambda path: False)  # no checkout either: a clear error
+    with pytest.raises(ModuleNotFoundError, match="reinstall moe_raw"):
+        _launch._kernels_dir()
