@@ -6,8 +6,6 @@ Run on a CUDA machine: ``python -m pytest -q tests/test_launch_gpu.py``.
 
 from __future__ import annotations
 
-import importlib.resources
-
 import pytest
 import torch
 
@@ -98,7 +96,7 @@ def test_ptr_accepts_cupy_arrays():
 def test_compile_error_names_file_and_line(tmp_path, monkeypatch):
     """NVRTC errors point at the real source: the loader's #line directives, across the inlined common.cuh."""
     pytest.importorskip("cupy")
-    real_root = importlib.resources.files("moe_raw.kernels")
+    real_root = _launch._kernels_dir()
     (tmp_path / "common.cuh").write_text((real_root / "common.cuh").read_text())
     (tmp_path / "broken_test.cu").write_text(
         "// line 1: a kernel family that does not compile\n"
@@ -109,12 +107,7 @@ def test_compile_error_names_file_and_line(tmp_path, monkeypatch):
         "}\n"
         "}  // namespace moe_raw\n"
     )
-    files = importlib.resources.files
-
-    def fake_files(package):
-        return tmp_path if package == "moe_raw.kernels" else files(package)
-
-    monkeypatch.setattr(importlib.resources, "files", fake_files)
+    monkeypatch.setattr(_launch, "_kernels_dir", lambda: tmp_path)
     monkeypatch.setitem(_launch.KERNELS, "broken_test", ("moe_raw::broken<float>",))
     with pytest.raises(_launch.KernelCompileError) as info:
         _launch._module("broken_test", 0)
