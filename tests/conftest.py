@@ -10,6 +10,7 @@ The markers ``gpu`` and ``slow`` are registered in setup.cfg ([tool:pytest]).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
@@ -215,3 +216,41 @@ def kernels(monkeypatch):
     sys.setswitchinterval(1e-4)
     yield launches
     sys.setswitchinterval(interval)
+
+
+# ---- helpers shared by test files (import them: from conftest import ...)
+
+
+def assert_exact(got, expected, what: str) -> None:
+    """got equals expected bit for bit (dtype, shape and every entry; 1-byte floats compared as bytes)."""
+    assert got is not None and expected is not None, f"{what}: got {got is not None}, expected {expected is not None}"
+    expected = expected.to(got.device)
+    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
+    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    if got.element_size() == 1 and got.dtype != torch.bool:  # fp8 has no torch.equal; compare the bytes
+        got, expected = got.view(torch.uint8), expected.view(torch.uint8)
+    if not torch.equal(got, expected):
+        diff = got != expected
+        where = diff.nonzero()[:5].tolist()
+        first = tuple(where[0]) if where else ()
+        raise AssertionError(
+            f"{what}: {int(diff.sum())} of {got.numel()} entries differ, first at {where}: "
+            f"got {got[first].item() if first else got} expected {expected[first].item() if first else expected}"
+        )
+
+
+def numba_launch(spec, tensors, spans, scalars, n_rows):
+    """The same kernel launched by Numba's own dispatcher, on torch's current stream, over the same memory."""
+    import numpy as np
+    from numba import cuda
+
+    S = importlib.import_module("moe_raw.swiglu")  # the module (moe_raw.swiglu is also the function)
+    arrays = []
+    for t, span, (_, np_type) in zip(tensors, spans, S._layout(spec), strict=True):
+        if t is None:
+            arrays.append(cuda.device_array(1, dtype=np_type))
+            continue
+        desc = {"shape": (span,), "typestr": np.dtype(np_type).str, "data": (t.data_ptr(), False), "version": 3}
+        arrays.append(cuda.from_cuda_array_interface(desc, owner=t, sync=False))
+    stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+    S._dispatcher(spec)[S._cdiv(n_rows, S._ROWS_PER_BLOCK), S._BLOCK, stream](*arrays, *scalars)

@@ -28,6 +28,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import numba_launch
 
 import moe_raw
 from moe_raw import reference as R
@@ -700,26 +701,10 @@ def test_gpu_impl_with_bias():
     _impl_with_bias(257, 768, "cuda")
 
 
-def _numba_launch(spec, tensors, spans, scalars, n_rows):
-    """The same kernel launched by Numba's own dispatcher, on torch's current stream, over the same memory."""
-    import numpy as np
-    from numba import cuda
-
-    arrays = []
-    for t, span, (_, np_type) in zip(tensors, spans, S._layout(spec), strict=True):
-        if t is None:
-            arrays.append(cuda.device_array(1, dtype=np_type))
-            continue
-        desc = {"shape": (span,), "typestr": np.dtype(np_type).str, "data": (t.data_ptr(), False), "version": 3}
-        arrays.append(cuda.from_cuda_array_interface(desc, owner=t, sync=False))
-    stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-    S._dispatcher(spec)[S._cdiv(n_rows, S._ROWS_PER_BLOCK), S._BLOCK, stream](*arrays, *scalars)
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_fast_launch_equals_numba_launch(dtype):
+def test_gpu_fast_launch_equalsnumba_launch(dtype):
     """moe_raw's packed launch of an act kernel vs Numba's own launch of the same compiled kernel."""
     n, f = 131, 768
     act = FAMILIES["clamped"][2]
@@ -728,10 +713,10 @@ def test_gpu_fast_launch_equals_numba_launch(dtype):
     for yy in (y, shifted):
         out_fast, out_numba = (torch.empty(n, f, device="cuda", dtype=dtype) for _ in range(2))
         S._fwd_into(yy, w, out_fast, act)
-        _numba_launch(*S._fwd_args(yy, w, out_numba, act), n)
+        numba_launch(*S._fwd_args(yy, w, out_numba, act), n)
         dy_f, dy_n = torch.empty_like(y), torch.empty_like(y)
         dw_f, dw_n = torch.empty(n, 1, device="cuda"), torch.empty(n, 1, device="cuda")
         S._bwd_into(g, yy, w, dy_f, dw_f, act)
-        _numba_launch(*S._bwd_args(g, yy, w, dy_n, dw_n, act), n)
+        numba_launch(*S._bwd_args(g, yy, w, dy_n, dw_n, act), n)
         torch.cuda.synchronize()
         assert torch.equal(out_fast, out_numba) and torch.equal(dy_f, dy_n) and torch.equal(dw_f, dw_n)

@@ -57,6 +57,7 @@ import torch
 
 pytest.importorskip("hypothesis")
 
+from conftest import assert_exact  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -154,23 +155,6 @@ def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     wider = torch.zeros((n, m + 2 * off + (0 if kind == "pad" else 1)), dtype=t.dtype, device=t.device)
     view = wider[:, off : off + m]
     return view.copy_(t)
-
-
-def _exact(got, expected, what: str) -> None:
-    assert got is not None, f"{what}: got None"
-    expected = expected.to(got.device)
-    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
-    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
-    if got.element_size() == 1 and got.dtype != torch.bool:  # fp8 has no torch.equal; compare the bytes
-        got, expected = got.view(torch.uint8), expected.view(torch.uint8)
-    if not torch.equal(got, expected):
-        diff = (got != expected).cpu()
-        where = diff.nonzero()[:5].tolist()
-        first = tuple(where[0])
-        raise AssertionError(
-            f"{what}: {int(diff.sum())} of {got.numel()} entries differ, first at {where}: "
-            f"got {got[first].item()} expected {expected[first].item()}"
-        )
 
 
 def _within(got, ref64, bound, what: str) -> None:
@@ -484,26 +468,26 @@ def check_dispatch(c: DispatchCase, device: torch.device) -> None:
     out64, pp64 = _seed_permute64(x64, p64, rm, n_out, dp, lay)
     ref_out, ref_pp, ref_idx = R.permute(x64, rm_typed, p64, n_out, False, dp)
     ref_map = R.permute(x64, rm_typed, p64, n_out, True, dp)[2]
-    _exact(ref_out, out64, "oracle: reference permute vs the seed's rows")
-    _exact(ref_idx, lay.idx, "oracle: reference sorted_indices vs the seed's")
-    _exact(ref_map, lay.row_map, "oracle: reference row map vs the seed's layout")
+    assert_exact(ref_out, out64, "oracle: reference permute vs the seed's rows")
+    assert_exact(ref_idx, lay.idx, "oracle: reference sorted_indices vs the seed's")
+    assert_exact(ref_map, lay.row_map, "oracle: reference row map vs the seed's layout")
     if p64 is not None:
-        _exact(ref_pp, pp64, "oracle: reference permuted probs vs the seed's")
+        assert_exact(ref_pp, pp64, "oracle: reference permuted probs vs the seed's")
 
     # permute forward: pure moves, bit-exact.
     _poison(device, n_rows * H * x_dev.element_size(), n_rows * 8, (T + 1) * E * 4)
     out, pp, index = moe_raw.permute(x_dev, rm_dev, p_dev, n_out, c.fused, dp)
-    _exact(out, ref_out.to(dtype) if differentiable else ref_out.to(torch.uint8).view(dtype), "permuted tokens")
+    assert_exact(out, ref_out.to(dtype) if differentiable else ref_out.to(torch.uint8).view(dtype), "permuted tokens")
     assert out.shape == (n_rows, H)
     if p_dev is None:
         assert pp is None, "permuted_probs must be None without probs"
     else:
-        _exact(pp, ref_pp.to(pdtype), "permuted probs")
+        assert_exact(pp, ref_pp.to(pdtype), "permuted probs")
     if c.fused:
-        _exact(index, lay.row_map, "row map")
+        assert_exact(index, lay.row_map, "row map")
         assert int(index[T, 0]) == lay.kept
     else:
-        _exact(index, lay.idx, "sorted_indices")
+        assert_exact(index, lay.idx, "sorted_indices")
     if not differentiable:
         return
 
@@ -512,8 +496,8 @@ def check_dispatch(c: DispatchCase, device: torch.device) -> None:
     pl = None if p_dev is None else p_dev.detach().requires_grad_("p" in c.need)
     if c.need:
         out_g, pp_g, index_g = moe_raw.permute(xl, rm_dev, pl, n_out, c.fused, dp)
-        _exact(out_g.detach(), out, "permuted tokens under autograd")
-        _exact(index_g, index, "index under autograd")
+        assert_exact(out_g.detach(), out, "permuted tokens under autograd")
+        assert_exact(index_g, index, "index under autograd")
         g_out = _layout(torch.randn(n_rows, H, generator=gen).to(dtype).to(device), c.g_layout)
         g_pp = None if pl is None else _layout(torch.randn(n_rows, generator=gen).to(pdtype).to(device), c.g_layout)
         dx, dpr = _autograd([out_g, pp_g], [g_out, g_pp], [xl, pl])
@@ -532,7 +516,7 @@ def check_dispatch(c: DispatchCase, device: torch.device) -> None:
             _within(dx, dx64, bound, "permute backward: d tokens")
         if pl is not None and "p" in c.need:
             # The seed's padding rows read probs off-route; moe_raw's padding rows have prob 0 (no gradient).
-            _exact(dpr, torch.where(rm, dp64, 0.0).to(pdtype), "permute backward: d probs")
+            assert_exact(dpr, torch.where(rm, dp64, 0.0).to(pdtype), "permute backward: d probs")
 
     # unpermute forward: random expert outputs; spare rows NaN where the path must skip them.
     y_cpu = (torch.randn(n_rows, H, generator=gen) * c.scale).to(dtype)
@@ -590,7 +574,7 @@ def check_dispatch(c: DispatchCase, device: torch.device) -> None:
         return
     g = _layout(torch.randn(T, H, generator=gen).to(dtype).to(device), c.g_layout)
     y_out_g = run(yl, upl)
-    _exact(y_out_g.detach(), y_out, "unpermute under autograd")
+    assert_exact(y_out_g.detach(), y_out, "unpermute under autograd")
     dy, dup = _autograd([y_out_g], [g], [yl, upl])
     y64g = y64.clone().requires_grad_("y" in c.uneed)
     up64g = None if up64 is None else up64.clone().requires_grad_("p" in c.uneed)
@@ -599,7 +583,7 @@ def check_dispatch(c: DispatchCase, device: torch.device) -> None:
     if yl.requires_grad:
         assert dy.dtype == dtype
         if up64 is None:
-            _exact(dy, dy64.to(dtype), f"unpermute[{c.path}] backward: d rows (copies of the tokens' grads)")
+            assert_exact(dy, dy64.to(dtype), f"unpermute[{c.path}] backward: d rows (copies of the tokens' grads)")
         else:
             bound = (HALF_ULP[dtype] + 2 * (EPS64 if dtype == F64 else EPS32)) * dy64.abs() + FLOOR[dtype]
             _within(dy, dy64, bound, f"unpermute[{c.path}] backward: d rows")

@@ -27,7 +27,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("CUDA device needed", allow_module_level=True)
 
-from conftest import make_probs, make_routing  # noqa: E402
+from conftest import assert_exact, make_probs, make_routing  # noqa: E402
 
 import moe_raw  # noqa: E402
 from moe_raw import reference as R  # noqa: E402
@@ -178,23 +178,6 @@ def _poison(*tensors_or_nbytes) -> None:
     del blocks
 
 
-def _exact(got, expected, what: str) -> None:
-    assert got is not None and expected is not None, f"{what}: got {got is not None}, expected {expected is not None}"
-    expected = expected.to(got.device)
-    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
-    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
-    if got.element_size() == 1 and got.dtype != torch.bool:  # fp8 has no torch.equal; compare the bytes
-        got, expected = got.view(torch.uint8), expected.view(torch.uint8)
-    if not torch.equal(got, expected):
-        diff = got != expected
-        where = diff.nonzero()[:5].tolist()
-        first = tuple(where[0]) if where else ()
-        raise AssertionError(
-            f"{what}: {int(diff.sum())} of {got.numel()} entries differ, first at {where}: "
-            f"got {got[first].item() if first else got} expected {expected[first].item() if first else expected}"
-        )
-
-
 def _close(got, ref64, ref_same, what: str, atol: float) -> None:
     """flash-attention's rule: |kernel - ref64| <= 2 |torch in the same dtype - ref64| + atol (max over entries)."""
     assert got.dtype == ref_same.dtype, f"{what}: dtype {got.dtype} != {ref_same.dtype}"
@@ -281,19 +264,19 @@ def _check_permute(x, rm, p, n_out=None, dp=False, what=""):
         tag = f"{what} fused={fused}"
         _poison(ref_out, ref_pp, ref_map if fused else ref_idx)
         out, pp, index = moe_raw.permute(x, rm, p, n_out, fused, dp)
-        _exact(out, ref_out, f"{tag} permuted tokens")
+        assert_exact(out, ref_out, f"{tag} permuted tokens")
         if p is None:
             assert pp is None, f"{tag}: permuted_probs must be None without probs"
         else:
-            _exact(pp, ref_pp, f"{tag} permuted_probs")
-        _exact(index, ref_map if fused else ref_idx, f"{tag} {'row map' if fused else 'sorted_indices'}")
+            assert_exact(pp, ref_pp, f"{tag} permuted_probs")
+        assert_exact(index, ref_map if fused else ref_idx, f"{tag} {'row map' if fused else 'sorted_indices'}")
         results[fused] = (out, pp, index)
     if x.dtype.is_floating_point and x.element_size() > 1:
         # With a tensor that needs grad, permute runs inside its autograd Function: same outputs.
         got = moe_raw.permute(x.detach().requires_grad_(), rm, p, n_out, True, dp)
         for a, b, name in zip(got, results[True], ("permuted", "permuted_probs", "row map"), strict=True):
             if b is not None:
-                _exact(a.detach(), b, f"{what} permute under autograd: {name}")
+                assert_exact(a.detach(), b, f"{what} permute under autograd: {name}")
     out, pp, idx = results[False]
     return out, pp, idx, results[True][2]
 
@@ -325,12 +308,12 @@ def _check_unpermute(y, rm, p, idx, row_map, dp=False, what=""):
         outs[name] = run()
         _close(outs[name], ref64, ref_same, f"{what} unpermute[{name}]", atol)
         if p is None and terms == 1:  # at most one row per token: a pure move
-            _exact(outs[name], ref64.to(y.dtype), f"{what} unpermute[{name}] (one row per token)")
+            assert_exact(outs[name], ref64.to(y.dtype), f"{what} unpermute[{name}] (one row per token)")
     for name, out in outs.items():
-        _exact(out, outs["fused"], f"{what} unpermute[{name}] vs unpermute[fused]")
+        assert_exact(out, outs["fused"], f"{what} unpermute[{name}] vs unpermute[fused]")
     # With rows that need grad, unpermute runs inside its autograd Function: same output.
     grad_out = moe_raw.unpermute(y.detach().requires_grad_(), row_map, (T, H), p, fused=True, drop_and_pad=dp)
-    _exact(grad_out.detach(), outs["fused"], f"{what} unpermute under autograd")
+    assert_exact(grad_out.detach(), outs["fused"], f"{what} unpermute under autograd")
     return outs
 
 
@@ -366,12 +349,12 @@ def _check_permute_backward(x, rm, p, n_out=None, dp=False, kind="contiguous", n
         else:
             assert gx is None
         if p is not None and "p" in need:
-            _exact(gp, ref["64"][1].to(p.dtype), f"{tag} d probs")  # a pure move of g_pp
+            assert_exact(gp, ref["64"][1].to(p.dtype), f"{tag} d probs")  # a pure move of g_pp
             assert (gp[~rm.bool()] == 0).all(), f"{tag}: probs grad must be exactly 0 where the map is 0"
         grads[fused] = (gx, gp)
     for a, b, name in zip(grads[False], grads[True], ("d tokens", "d probs"), strict=True):
         if a is not None:
-            _exact(b, a, f"{what} permute backward {name}: fused vs unfused")
+            assert_exact(b, a, f"{what} permute backward {name}: fused vs unfused")
     return grads[False]
 
 
@@ -412,10 +395,10 @@ def _check_unpermute_backward(y, rm, p, idx, row_map, dp=False, kind="contiguous
             # except where the index is all there is (csr: the seed's scatter_add sums them into token 0, index 0,
             # so they take token 0's gradient).
             if p is None:
-                _exact(gy[:kept], ref["64"][0][:kept].to(y.dtype), f"{tag} d rows (a copy of the token's grad)")
+                assert_exact(gy[:kept], ref["64"][0][:kept].to(y.dtype), f"{tag} d rows (a copy of the token's grad)")
                 if path == "csr":
                     spare = g[0].to(y.dtype).expand(N - kept, H) if T else gy.new_zeros((N - kept, H))
-                    _exact(gy[kept:], spare, f"{tag} spare d rows (token 0's grad)")
+                    assert_exact(gy[kept:], spare, f"{tag} spare d rows (token 0's grad)")
                 else:
                     assert (gy[kept:] == 0).all(), f"{tag}: spare rows' gradient must be 0"
             else:
@@ -432,9 +415,9 @@ def _check_unpermute_backward(y, rm, p, idx, row_map, dp=False, kind="contiguous
             assert (gp[dropped] == 0).all(), f"{tag}: probs grad must be exactly 0 for dropped pairs"
         results[path] = (gy, gp)
     if p is not None and "y" in need:
-        _exact(results["map"][0], results["fused"][0], f"{what} unpermute backward d rows: map vs fused")
+        assert_exact(results["map"][0], results["fused"][0], f"{what} unpermute backward d rows: map vs fused")
     if p is not None and "p" in need:
-        _exact(results["map"][1], results["fused"][1], f"{what} unpermute backward d probs: map vs fused")
+        assert_exact(results["map"][1], results["fused"][1], f"{what} unpermute backward d probs: map vs fused")
     return results
 
 
@@ -477,7 +460,7 @@ def test_unpermute_forward(case):
     x, rm, p = _case(*case)
     _, _, idx = moe_raw.permute(x, rm)
     _, _, row_map = moe_raw.permute(x, rm, fused=True)
-    _exact(row_map, R.build_row_map(rm)[0], "row map")
+    assert_exact(row_map, R.build_row_map(rm)[0], "row map")
     y = _randn((idx.numel(), H), dtype)  # the experts' output
     _check_unpermute(y, rm, p, idx, row_map, what=_case_id(case))
     if p is not None:
@@ -511,7 +494,7 @@ def test_unpermute_arbitrary_sorted_indices(dtype, index_dtype):
     g = _randn((T, H), dtype)
     yl = y.clone().requires_grad_()
     moe_raw.unpermute(yl, idx, (T, H)).backward(g)
-    _exact(yl.grad, g[idx.long()], "d rows")
+    assert_exact(yl.grad, g[idx.long()], "d rows")
 
 
 def test_fused_row_map_reused_across_calls():
@@ -522,11 +505,11 @@ def test_fused_row_map_reused_across_calls():
     _, _, map_a = moe_raw.permute(_randn((T, 64), F32), rm, fused=True)
     x = _randn((T, 1000), BF16)
     perm, _, map_b = moe_raw.permute(x, rm, p, fused=True)
-    _exact(map_a, map_b, "row map of another call")
+    assert_exact(map_a, map_b, "row map of another call")
     y = _randn(tuple(perm.shape), BF16)
     out_a = moe_raw.unpermute(y, map_a, (T, 1000), p, fused=True)
     out_b = moe_raw.unpermute(y, map_b, (T, 1000), p, fused=True)
-    _exact(out_a, out_b, "unpermute with the other call's map")
+    assert_exact(out_a, out_b, "unpermute with the other call's map")
     _, _, idx = moe_raw.permute(x, rm)
     _check_unpermute(y, rm, p, idx, map_a, what="map of another call")
 
@@ -555,11 +538,11 @@ def test_num_out_tokens(case, mode):
     assert int((row_map[:T] >= 0).sum()) == kept, "routed pairs past num_out_tokens must be marked -1"
     if mode == "equal":  # bit-identical to num_out_tokens=None
         out0, pp0, idx0 = moe_raw.permute(x, rm, p)
-        _exact(out, out0, "permuted (N given vs None)")
-        _exact(idx, idx0, "sorted_indices (N given vs None)")
+        assert_exact(out, out0, "permuted (N given vs None)")
+        assert_exact(idx, idx0, "sorted_indices (N given vs None)")
         if p is not None:
-            _exact(pp, pp0, "permuted_probs (N given vs None)")
-        _exact(row_map, moe_raw.permute(x, rm, p, fused=True)[2], "row map (N given vs None)")
+            assert_exact(pp, pp0, "permuted_probs (N given vs None)")
+        assert_exact(row_map, moe_raw.permute(x, rm, p, fused=True)[2], "row map (N given vs None)")
     if mode == "larger":  # spare rows: zero, prob 0, index 0
         assert (out[kept:] == 0).all() and (idx[kept:] == 0).all()
         if p is not None:
@@ -573,9 +556,11 @@ def test_num_out_tokens(case, mode):
         for name, run in _unpermute_paths(y, rm, p, idx, row_map, False).items():
             clean = run()
             dirty = _unpermute_paths(y_nan, rm, p, idx, row_map, False)[name]()
-            _exact(dirty, clean, f"unpermute[{name}] with NaN in the spare rows")
+            assert_exact(dirty, clean, f"unpermute[{name}] with NaN in the spare rows")
         dirty_np = moe_raw.unpermute(y_nan, row_map, (T, H), fused=True)
-        _exact(dirty_np, moe_raw.unpermute(y, row_map, (T, H), fused=True), "fused unpermute, no probs, NaN spare rows")
+        assert_exact(
+            dirty_np, moe_raw.unpermute(y, row_map, (T, H), fused=True), "fused unpermute, no probs, NaN spare rows"
+        )
 
 
 def _capacity_for(mode, counts, T, E):
@@ -688,9 +673,9 @@ def test_nan_probs_off_route_never_read(layout, fused):
         perm_c * pp_c.unsqueeze(1).to(perm_c.dtype), index_c, (T, H), pc, None if fused else rm, fused, dp
     )
     out_c.backward(g)
-    _exact(out, out_c, "out (NaN vs clean probs)")
-    _exact(xl.grad, xc.grad, "d tokens (NaN vs clean probs)")
-    _exact(pl.grad, pc.grad, "d probs (NaN vs clean probs)")
+    assert_exact(out, out_c, "out (NaN vs clean probs)")
+    assert_exact(xl.grad, xc.grad, "d tokens (NaN vs clean probs)")
+    assert_exact(pl.grad, pc.grad, "d probs (NaN vs clean probs)")
 
 
 GRADCHECK_LAYOUTS = ["plain", "dropped", "spare", "drop_and_pad"]
@@ -794,9 +779,9 @@ def test_zero_tokens(n_out, dp):
         assert out.shape == (n_rows, H) and pp.shape == (n_rows,)
         assert (out == 0).all() and (pp == 0).all()
         if fused:
-            _exact(index, R.build_row_map(rm.cpu(), n_out, dp)[0], "row map")
+            assert_exact(index, R.build_row_map(rm.cpu(), n_out, dp)[0], "row map")
         else:
-            _exact(index, torch.zeros(n_rows, dtype=torch.int64), "sorted_indices")
+            assert_exact(index, torch.zeros(n_rows, dtype=torch.int64), "sorted_indices")
         back = moe_raw.unpermute(out, index, (T, H), pl, None if fused else rm, fused, dp)
         assert back.shape == (T, H) and back.dtype == BF16
         _backward([back, pp], [torch.zeros_like(back), torch.ones_like(pp)], "contiguous")
@@ -806,7 +791,7 @@ def test_zero_tokens(n_out, dp):
             back = moe_raw.unpermute(rows, index, (T, H))
             assert back.shape == (T, H)
             _backward([back], [torch.zeros_like(back)], "contiguous")
-            _exact(_grad(rows, True), torch.zeros((n_rows, H), dtype=BF16), "csr d rows")
+            assert_exact(_grad(rows, True), torch.zeros((n_rows, H), dtype=BF16), "csr d rows")
 
 
 @pytest.mark.parametrize("kind", ["E1", "K_eq_E", "empty_expert", "one_expert", "all_unrouted", "all_unrouted_spare"])
@@ -848,7 +833,7 @@ def test_routing_map_dtypes(map_dtype):
     for fused in (False, True):
         got = moe_raw.permute(x, m, p, fused=fused)
         for a, b, name in zip(got, base[fused], ("permuted", "permuted_probs", "index"), strict=True):
-            _exact(a, b, f"{map_dtype} map vs bool map: {name}")
+            assert_exact(a, b, f"{map_dtype} map vs bool map: {name}")
     _check_round_trip(x, m, p, what=str(map_dtype))
 
 
@@ -903,7 +888,9 @@ def test_noncontiguous_inputs(layout):
     out, pp, idx, row_map = _check_permute(xv, rmv, pv, what=layout)
     y = _randn(tuple(out.shape), BF16)
     outs = _check_unpermute(y, rmv, pv, idx, row_map, what=layout)
-    _exact(outs["map"], moe_raw.unpermute(y, idx, (T, H), pc, routing_map=rmc), f"{layout}: unpermute vs contiguous")
+    assert_exact(
+        outs["map"], moe_raw.unpermute(y, idx, (T, H), pc, routing_map=rmc), f"{layout}: unpermute vs contiguous"
+    )
     # Gradients reach the strided view exactly as they reach a contiguous copy.
     g_out, g_pp = _randn(tuple(out.shape), BF16), _randn(tuple(pp.shape), BF16)
 
@@ -916,8 +903,8 @@ def test_noncontiguous_inputs(layout):
 
     gx_v, gp_v = grads(xv, rmv, pv)
     gx_c, gp_c = grads(xc, rmc, pc)
-    _exact(gx_v, gx_c, f"{layout}: d tokens vs contiguous")
-    _exact(gp_v, gp_c, f"{layout}: d probs vs contiguous")
+    assert_exact(gx_v, gx_c, f"{layout}: d tokens vs contiguous")
+    assert_exact(gp_v, gp_c, f"{layout}: d probs vs contiguous")
 
 
 @pytest.mark.parametrize("mode", ["plain", "spare", "drop_and_pad"])
@@ -942,9 +929,9 @@ def test_byte_tokens(dtype, H, mode):
         _poison(ref_out, ref_pp)
         out, pp, index = moe_raw.permute(x, rm, p, n_out, fused, dp)
         assert out.dtype == dtype
-        _exact(out.view(torch.uint8), ref_out, f"{dtype} permuted bytes fused={fused}")
-        _exact(pp, ref_pp, "permuted_probs")
-        _exact(index, ref_map if fused else ref_idx, "index")
+        assert_exact(out.view(torch.uint8), ref_out, f"{dtype} permuted bytes fused={fused}")
+        assert_exact(pp, ref_pp, "permuted_probs")
+        assert_exact(index, ref_map if fused else ref_idx, "index")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -975,13 +962,13 @@ def test_side_stream(side_stream):
     ref64 = R.unpermute(ref_perm.double(), ref_idx, (T, H), pc.double(), rmc)
     ref_same = R.unpermute(ref_perm, ref_idx, (T, H), pc, rmc)
     for path, (perm, pp, index, out, gx, gp) in results.items():
-        _exact(perm, ref_perm, f"{path} permuted")
-        _exact(pp, ref_pp, f"{path} permuted_probs")
-        _exact(index, ref_map if path == "fused" else ref_idx, f"{path} index")
+        assert_exact(perm, ref_perm, f"{path} permuted")
+        assert_exact(pp, ref_pp, f"{path} permuted_probs")
+        assert_exact(index, ref_map if path == "fused" else ref_idx, f"{path} index")
         _close(out, ref64, ref_same, f"{path} unpermute", 2 * K * EPS32 * ref_perm.abs().max().item())
         assert gx.isfinite().all() and gp.isfinite().all()
     for a, b in zip(results["fused"][3:], results["map"][3:], strict=True):
-        _exact(a, b, "side stream: fused vs map")
+        assert_exact(a, b, "side stream: fused vs map")
 
 
 _GRAPH_PATHS = ["fused", "map", "csr"]
@@ -1045,10 +1032,10 @@ def test_cuda_graph_capture_and_replay(path):
         xl = x.clone().requires_grad_()
         pl = p.clone().requires_grad_() if p is not None else None
         out = _graph_step(path, T, H, n_out, xl, rm, pl, g)
-        _exact(s_out, out, f"graph replay ({kind}) out")
-        _exact(sx.grad, xl.grad, f"graph replay ({kind}) d tokens")
+        assert_exact(s_out, out, f"graph replay ({kind}) out")
+        assert_exact(sx.grad, xl.grad, f"graph replay ({kind}) d tokens")
         if pl is not None:
-            _exact(sp.grad, pl.grad, f"graph replay ({kind}) d probs")
+            assert_exact(sp.grad, pl.grad, f"graph replay ({kind}) d probs")
 
 
 @pytest.mark.parametrize("path", _GRAPH_PATHS)
@@ -1094,23 +1081,23 @@ def test_offsets_past_2_31_elements():
     rm = torch.zeros(T, E, dtype=torch.bool, device=DEV).scatter_(1, scores.topk(K, dim=1).indices, True)
     perm, _, idx = moe_raw.permute(x, rm, num_out_tokens=N)
     expected_idx = torch.arange(T, device=DEV).unsqueeze(0).expand(E, T).masked_select(rm.T.contiguous())
-    _exact(idx, expected_idx, "sorted_indices")
+    assert_exact(idx, expected_idx, "sorted_indices")
     boundary = 2**31 // H  # first row whose elements start past 2^31
     gen = torch.Generator().manual_seed(0)
     sample = torch.cat([
         torch.arange(0, 256), torch.arange(boundary - 256, boundary + 256), torch.arange(N - 512, N),
         torch.randint(0, N, (4096,), generator=gen),
     ]).to(DEV)  # fmt: skip
-    _exact(perm[sample], x[idx[sample]], "sampled permuted rows")
+    assert_exact(perm[sample], x[idx[sample]], "sampled permuted rows")
     _, _, row_map = moe_raw.permute(x, rm, num_out_tokens=N, fused=True)
-    _exact(row_map, R.build_row_map(rm, N)[0], "row map")
+    assert_exact(row_map, R.build_row_map(rm, N)[0], "row map")
     # Every token has K = 8 rows; with probs 1/8 the fp32 sum of 8 * (x / 8) is x exactly, and without probs 8 x.
     p = rm.to(F32) / K
-    _exact(moe_raw.unpermute(perm, row_map, (T, H), p, fused=True), x, "unpermute(fused, probs 1/8)")
-    _exact(moe_raw.unpermute(perm, idx, (T, H)), x * K, "unpermute(csr)")
+    assert_exact(moe_raw.unpermute(perm, row_map, (T, H), p, fused=True), x, "unpermute(fused, probs 1/8)")
+    assert_exact(moe_raw.unpermute(perm, idx, (T, H)), x * K, "unpermute(csr)")
     perm_l = perm.requires_grad_()
     (d_rows,) = torch.autograd.grad(moe_raw.unpermute(perm_l, row_map, (T, H), p, fused=True), perm_l, x)
-    _exact(d_rows[sample], x[idx[sample]] / K, "sampled unpermute-backward rows")
+    assert_exact(d_rows[sample], x[idx[sample]] / K, "sampled unpermute-backward rows")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("CUDA device needed", allow_module_level=True)
 
+from conftest import numba_launch  # noqa: E402
+
 from bench.common import host_us  # noqa: E402
 from moe_raw import reference as R  # noqa: E402
 
@@ -264,35 +266,19 @@ def test_second_device():
         assert torch.equal(S.weighted_swiglu(y, w), out)
 
 
-def _numba_launch(spec, tensors, spans, scalars, n_rows):
-    """The same kernel launched by Numba's own dispatcher, on torch's current stream, over the same memory."""
-    import numpy as np
-    from numba import cuda
-
-    arrays = []
-    for t, span, (_, np_type) in zip(tensors, spans, S._layout(spec), strict=True):
-        if t is None:
-            arrays.append(cuda.device_array(1, dtype=np_type))
-            continue
-        desc = {"shape": (span,), "typestr": np.dtype(np_type).str, "data": (t.data_ptr(), False), "version": 3}
-        arrays.append(cuda.from_cuda_array_interface(desc, owner=t, sync=False))
-    stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-    S._dispatcher(spec)[S._cdiv(n_rows, S._ROWS_PER_BLOCK), S._BLOCK, stream](*arrays, *scalars)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fast_launch_equals_numba_launch(dtype):
+def test_fast_launch_equalsnumba_launch(dtype):
     n, f = 131, 768
     y, g, w = _inputs(n, f, dtype)
     shifted = torch.zeros(n, 2 * f + 1, device=DEV, dtype=dtype)[:, 1:].copy_(y)
     for yy in (y, shifted):
         out_fast, out_numba = torch.empty(n, f, device=DEV, dtype=dtype), torch.empty(n, f, device=DEV, dtype=dtype)
         S._fwd_into(yy, w, out_fast)
-        _numba_launch(*S._fwd_args(yy, w, out_numba), n)
+        numba_launch(*S._fwd_args(yy, w, out_numba), n)
         dy_f, dw_f = torch.empty_like(y), torch.empty(n, 1, device=DEV)
         dy_n, dw_n = torch.empty_like(y), torch.empty(n, 1, device=DEV)
         S._bwd_into(g, yy, w, dy_f, dw_f)
-        _numba_launch(*S._bwd_args(g, yy, w, dy_n, dw_n), n)
+        numba_launch(*S._bwd_args(g, yy, w, dy_n, dw_n), n)
         torch.cuda.synchronize()
         assert torch.equal(out_fast, out_numba)
         assert torch.equal(dy_f, dy_n) and torch.equal(dw_f, dw_n)
