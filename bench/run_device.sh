@@ -3,6 +3,7 @@
 # command line, each logged under $OUT (default bench/results/latest):
 #   smoke   python -m bench.smoke            quick self-check vs the fp64 reference
 #   tests   pytest -m "gpu and not slow"     the GPU test suite
+#   parity  pytest -m gpu tests/test_parity.py   CPU vs CUDA: outputs and gradients of every public op
 #   slow    pytest -m slow                   large shapes (64-bit offsets)
 #   bench   python -m bench.bench_permute    the permute/unpermute side-by-side benchmark table
 #   swiglu  python -m bench.bench_swiglu     the SwiGLU family benchmark table
@@ -27,6 +28,7 @@ for step in "$@"; do
   case $step in
     smoke) python3 -m bench.smoke 2>&1 | tee "$OUT/smoke.log" || status=1 ;;
     tests) python3 -m pytest -q -m "gpu and not slow" tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
+    parity) python3 -m pytest -q -m gpu tests/test_parity.py 2>&1 | tee "$OUT/gpu_parity.log" || status=1 ;;
     slow) python3 -m pytest -q -m slow tests 2>&1 | tee "$OUT/gpu_slow_tests.log" || status=1 ;;
     bench) python3 -m bench.bench_permute --out "$OUT/bench_permute.json" 2>&1 | tee "$OUT/bench_permute.md" || status=1 ;;
     swiglu) python3 -m bench.bench_swiglu --out "$OUT/bench_swiglu.json" 2>&1 | tee "$OUT/bench_swiglu.md" || status=1 ;;

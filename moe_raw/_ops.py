@@ -4,9 +4,9 @@ Eager calls never come here (the dispatcher costs microseconds on a path measure
 function validates its arguments, then, only under ``torch.compiler.is_compiling()``, returns the op below
 instead of running its eager code. Each op has a fake (meta) implementation for tracing and, where the public
 function is differentiable, an autograd formula whose backward is itself a custom op, so forward and backward
-graphs both compile without graph breaks. The real implementations call the same CUDA launchers as the eager
-path for CUDA tensors and ``moe_raw.reference`` (or pure-torch equivalents of the eager backward) for anything
-else, so ``torch.compile`` works end to end on CPU too.
+graphs both compile without graph breaks. The real implementations call the same device-dispatching helpers as
+the eager autograd Functions (CUDA launchers, or their torch twins for other devices), so each forward and
+backward formula exists once and ``torch.compile`` works end to end on CPU too.
 
 Schemas have no optional outputs: a tensor the eager API returns as None (permuted_probs without probs, sorted
 indices with fused=True) is an empty tensor here, mapped back to None / the right tensor by the caller.
@@ -17,21 +17,9 @@ from __future__ import annotations
 import torch
 
 from moe_raw import permutation as P
-from moe_raw import reference
 from moe_raw import swiglu as S
 
 _EMPTY = (0,)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _body(row_map: torch.Tensor, num_tokens: int):
-    """Decoded row map lines [T, E]: (row of each entry, routed?, padding copy?)."""
-    body = row_map[:num_tokens].long()
-    routed, padded = body >= 0, body <= -2
-    return torch.where(routed, body, -2 - body), routed, padded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,16 +37,8 @@ def permute(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(permuted [N, H], permuted_probs [N] (empty without probs), row_map [T+1, E], sorted_indices [N] (empty with
     fused=True)). The row map is always returned: the backward reads it."""
-    if tokens.is_cuda:
-        out, pprobs, index, row_map = P._permute_forward(
-            tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused
-        )
-        indices = index if not fused else torch.empty(_EMPTY, dtype=torch.int64, device=tokens.device)
-    else:
-        out, pprobs, indices = reference.permute(tokens, routing_map, probs, num_out_tokens, False, drop_and_pad)
-        row_map = reference.build_row_map(routing_map, num_out_tokens, drop_and_pad)[0]
-        if fused:
-            indices = torch.empty(_EMPTY, dtype=torch.int64, device=tokens.device)
+    out, pprobs, index, row_map = P._permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused)
+    indices = index if not fused else torch.empty(_EMPTY, dtype=torch.int64, device=tokens.device)
     if pprobs is None:
         pprobs = torch.empty(_EMPTY, dtype=torch.float32, device=tokens.device)
     return out, pprobs, row_map, indices
@@ -92,18 +72,8 @@ def permute_backward(
     dprobs[t, e] = grad_pprobs[row] at routed pairs, else 0."""
     num_tokens, num_experts = row_map.shape[0] - 1, row_map.shape[1]
     dev = grad_permuted.device
-    if grad_permuted.is_cuda and num_tokens > 0:
-        g_pp = grad_pprobs.contiguous() if grad_pprobs is not None else None
-        dtok, dprobs = P._gather_cuda(grad_permuted, row_map, num_tokens, g_pprobs=g_pp, dprobs_dtype=probs_dtype)
-    else:
-        dtok = reference.unpermute(grad_permuted, row_map, (num_tokens, grad_permuted.shape[1]), fused=True)
-        dprobs = None
-        if grad_pprobs is not None:
-            rows, routed, _ = _body(row_map, num_tokens)
-            n_rows = grad_pprobs.shape[0]
-            keep = routed & (rows < n_rows)
-            picked = grad_pprobs[rows.clamp(0, max(n_rows - 1, 0))] if n_rows else rows.new_zeros(rows.shape)
-            dprobs = torch.where(keep, picked, 0).to(probs_dtype)
+    g_pp = grad_pprobs.contiguous() if grad_pprobs is not None else None
+    dtok, dprobs = P._gather(grad_permuted, row_map, num_tokens, g_pprobs=g_pp, dprobs_dtype=probs_dtype)
     if dprobs is None:  # no probs gradient asked for (empty), or T = 0
         shape = _EMPTY if grad_pprobs is None else (num_tokens, num_experts)
         dprobs = torch.zeros(shape, dtype=probs_dtype, device=dev)
@@ -153,19 +123,12 @@ def unpermute(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [T, H], row map built from routing_map (fused=False with routing_map; else empty)). index: the fused row
     map ([T+1, E] or [T+3, E]) or sorted_indices [N]."""
-    n_rows, hidden = permuted.shape
+    n_rows = permuted.shape[0]
     built = None
-    if not permuted.is_cuda:
-        ref_index = index[: num_tokens + 1] if fused else index
-        out = reference.unpermute(permuted, ref_index, (num_tokens, hidden), probs, routing_map, fused, drop_and_pad)
-        if routing_map is not None and not fused:
-            n_map = routing_map.shape[1] * (n_rows // routing_map.shape[1]) if drop_and_pad else n_rows
-            built = reference.build_row_map(routing_map, n_map, drop_and_pad)[0]
-    else:
-        row_map, sorted_indices = (index.contiguous(), None) if fused else (None, index)
-        if routing_map is not None and not fused:
-            row_map = built = P._row_map_from_routing(routing_map, n_rows, drop_and_pad)
-        out = P._unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens)
+    row_map, sorted_indices = (index.contiguous(), None) if fused else (None, index)
+    if routing_map is not None and not fused:
+        row_map = built = P._row_map_from_routing(routing_map, n_rows, drop_and_pad)
+    out = P._unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens)
     if built is None:
         built = torch.empty((0, 0), dtype=torch.int32, device=permuted.device)
     return out, built
@@ -197,27 +160,9 @@ def unpermute_backward(
         d_rows = grad_out.new_zeros((n_rows, hidden))
     elif row_map is None:
         d_rows = P._csr_rows_grad(grad_out, sorted_indices)
-    elif grad_out.is_cuda:
-        row_map = row_map.contiguous()  # a fused map may be a strided view; the kernel reads [T + 1, E] rows
-        d_rows, dprobs = P._unpermute_bwd_cuda(grad_out, permuted, row_map, n_rows, probs, need_dprobs)
     else:
-        # the eager CPU reference's autograd: row r of token t takes grad_out[t] * prob (padding rows only
-        # without probs), accumulated in fp32 (fp64 for fp64); dprobs[t, e] = <grad_out[t], row>.
-        rows, routed, padded = _body(row_map, num_tokens)
-        keep = (routed if probs is not None else routed | padded) & (rows < n_rows)
-        token = torch.arange(num_tokens, device=dev).unsqueeze(1).expand_as(rows)
-        acc = _acc_dtype(grad_out.dtype)
-        contrib = grad_out[token[keep]].to(acc)
-        if probs is not None:
-            contrib = contrib * probs[keep].to(acc).unsqueeze(1)
-        d_rows = torch.zeros((n_rows, hidden), dtype=acc, device=dev)
-        d_rows[rows[keep]] = contrib
-        d_rows = d_rows.to(grad_out.dtype)
-        if need_dprobs:
-            routed = routed & (rows < n_rows)
-            dprobs = torch.zeros(routed.shape, dtype=acc, device=dev)
-            dprobs[routed] = (grad_out[token[routed]].to(acc) * permuted[rows[routed]].to(acc)).sum(-1)
-            dprobs = dprobs.to(probs.dtype)
+        row_map = row_map.contiguous()  # a fused map may be a strided view; the kernel reads [T + 1, E] rows
+        d_rows, dprobs = P._unpermute_bwd(grad_out, permuted, row_map, n_rows, probs, need_dprobs)
     if dprobs is None:
         dprobs = torch.zeros(probs.shape, dtype=probs.dtype, device=dev) if need_dprobs else grad_out.new_empty(_EMPTY)
     return d_rows, dprobs
@@ -257,22 +202,11 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 # given as (alpha, linear_offset, limit) as in moe_raw.swiglu (SwiGLU is (1, 0, None)).
 
 
-def _reference(act: tuple, swiglu_fn, quick_fn):
-    """The eager reference of ``act``: the seed's SwiGLU functions for SwiGLU (bit for bit what eager runs),
-    else the Quick-GLU form with act's constants."""
-    if act == S._SWIGLU:
-        return swiglu_fn
-    return lambda *tensors: quick_fn(*tensors, *act)
-
-
 @torch.library.custom_op("moe_raw::glu", mutates_args=())
 def glu(y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
     """y [..., 2F] -> [..., F] in y.dtype (moe_raw.swiglu / quick_geglu / clamped_swiglu)."""
-    act = (alpha, linear_offset, limit)
-    if S._on_kernels(y):
-        out = S._swiglu_fwd(S._as_2d(y), None, act)
-        return out.view(*y.shape[:-1], out.shape[1])
-    return _reference(act, reference.swiglu, reference.quick_glu)(y)
+    out = S._glu_fwd(S._as_2d(y), None, (alpha, linear_offset, limit))
+    return out.view(*y.shape[:-1], out.shape[1])
 
 
 @glu.register_fake
@@ -285,10 +219,7 @@ def weighted_glu(
     y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
 ) -> torch.Tensor:
     """y [N, 2F], weights [N, 1] -> act(y) * weights [N, F] in y.dtype."""
-    act = (alpha, linear_offset, limit)
-    if S._on_kernels(y, None, weights):
-        return S._swiglu_fwd(y, weights, act)
-    return _reference(act, reference.weighted_swiglu, reference.weighted_quick_glu)(y, weights)
+    return S._glu_fwd(y, weights, (alpha, linear_offset, limit))
 
 
 @weighted_glu.register_fake
@@ -299,11 +230,8 @@ def _(y, weights, alpha, linear_offset, limit):
 @torch.library.custom_op("moe_raw::glu_back", mutates_args=())
 def glu_back(g: torch.Tensor, y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
     """dy [..., 2F] in promote(g.dtype, y.dtype)."""
-    act = (alpha, linear_offset, limit)
-    if S._on_kernels(y, g):
-        dy = S._swiglu_bwd(S._as_2d(g), S._as_2d(y), None, torch.promote_types(g.dtype, y.dtype), act)[0]
-        return dy.view(y.shape)
-    return _reference(act, reference.swiglu_back, reference.quick_glu_back)(g, y)
+    out_dtype = torch.promote_types(g.dtype, y.dtype)
+    return S._glu_bwd(S._as_2d(g), S._as_2d(y), None, (alpha, linear_offset, limit), out_dtype)[0].view(y.shape)
 
 
 @glu_back.register_fake
@@ -316,10 +244,7 @@ def weighted_glu_back(
     g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype)."""
-    act = (alpha, linear_offset, limit)
-    if S._on_kernels(y, g, weights):
-        return S._swiglu_bwd(g, y, weights, y.dtype, act)
-    return _reference(act, reference.weighted_swiglu_back, reference.weighted_quick_glu_back)(g, y, weights)
+    return S._glu_bwd(g, y, weights, (alpha, linear_offset, limit), y.dtype)
 
 
 @weighted_glu_back.register_fake
@@ -381,12 +306,7 @@ def sort_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows [N, ...], probs [N] (empty without probs)) regrouped by sorted_idxs, or (inverse=True, the backward)
     put back where they came from. Split sizes and indices stay on the device."""
-    if x.is_cuda:
-        out, pout = C._chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather=inverse)
-    elif inverse:  # the regrouped chunks have sizes sizes[order]; chunk i goes back to position argsort(order)[i]
-        out, pout = reference.sort_chunks_by_idxs(x, split_sizes[sorted_idxs], torch.argsort(sorted_idxs), probs)
-    else:
-        out, pout = reference.sort_chunks_by_idxs(x, split_sizes, sorted_idxs, probs)
+    out, pout = C._chunk_sort(x, probs, split_sizes, sorted_idxs, gather=inverse)
     return out, (pout if pout is not None else torch.empty(_EMPTY, dtype=torch.float32, device=x.device))
 
 
@@ -417,11 +337,9 @@ def permute_and_pad(
     tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor | None, align: int, num_out_tokens: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """permute_and_pad's five outputs (permuted_probs empty without probs)."""
-    if tokens.is_cuda and tokens.shape[0] > 0:
-        out, pprobs, row_map, tpe, padded = PAD._permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens)
+    out, pprobs, row_map, tpe, padded = PAD._permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens)
+    if tpe.is_cuda:
         tpe, padded = tpe.clone(), padded.clone()  # two rows of one buffer: custom-op outputs may not share storage
-    else:
-        out, pprobs, row_map, tpe, padded = reference.permute_and_pad(tokens, routing_map, probs, align, num_out_tokens)
     if pprobs is None:
         pprobs = torch.empty(_EMPTY, dtype=torch.float32, device=tokens.device)
     return out, pprobs, row_map, tpe, padded
@@ -462,9 +380,7 @@ permute_and_pad.register_autograd(_permute_and_pad_backward, setup_context=_perm
 @torch.library.custom_op("moe_raw::permute_with_row_map", mutates_args=())
 def permute_with_row_map(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) -> torch.Tensor:
     """x's rows [T, ...] where the row map puts each token's rows, zero elsewhere: [num_rows, ...]."""
-    if x.is_cuda and x.numel() > 0:
-        return PAD._scatter_rows_cuda(x, row_map, x.shape[0], num_rows)
-    return reference.permute_with_row_map(x, row_map, num_rows)
+    return PAD._scatter_rows(x, row_map, num_rows)
 
 
 @permute_with_row_map.register_fake

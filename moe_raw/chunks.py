@@ -54,18 +54,28 @@ def _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather: bool):
     return out, probs_out
 
 
+def _chunk_sort(x, probs, split_sizes, sorted_idxs, gather: bool):
+    """The regrouping (gather=False) or its inverse (True, the backward) on the tensors' device: one chunk_sort
+    launch, or its torch twin (the reference, which reads the sizes on the host)."""
+    if x.is_cuda:
+        return _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather)
+    if gather:  # the regrouped chunks have sizes sizes[order]; chunk i goes back to position argsort(order)[i]
+        return reference.sort_chunks_by_idxs(x, split_sizes[sorted_idxs], torch.argsort(sorted_idxs), probs)
+    return reference.sort_chunks_by_idxs(x, split_sizes, sorted_idxs, probs)
+
+
 class _SortChunksFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, split_sizes, sorted_idxs):
         ctx.save_for_backward(split_sizes, sorted_idxs)
         ctx.has_probs = probs is not None
-        return _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather=False)
+        return _chunk_sort(x, probs, split_sizes, sorted_idxs, gather=False)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_probs):
         split_sizes, sorted_idxs = ctx.saved_tensors
-        grad_in, grad_p = _chunk_sort_cuda(
+        grad_in, grad_p = _chunk_sort(
             grad_out, grad_probs if ctx.has_probs else None, split_sizes, sorted_idxs, gather=True
         )
         return grad_in, grad_p, None, None
@@ -131,7 +141,6 @@ def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False
         return out, (pout if probs is not None else None)
     if not input.is_cuda:
         V.same_device(op, input=input, split_sizes=split_sizes, sorted_idxs=sorted_idxs)
-        return reference.sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs)
     for name, t in (("split_sizes", split_sizes), ("sorted_idxs", sorted_idxs)):
         if t.is_cuda and t.device != input.device:
             raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
@@ -141,4 +150,4 @@ def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False
         _check_values(split_sizes, sorted_idxs, input.shape[0], op)
     if torch.is_grad_enabled() and (input.requires_grad or (probs is not None and probs.requires_grad)):
         return _SortChunksFn.apply(input, probs, split_sizes, sorted_idxs)
-    return _chunk_sort_cuda(input, probs, split_sizes, sorted_idxs, gather=False)
+    return _chunk_sort(input, probs, split_sizes, sorted_idxs, gather=False)

@@ -58,10 +58,18 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
     return out, pprobs, row_map, counts[0], counts[1]
 
 
+def _permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens):
+    """permute_and_pad's five outputs on the tensors' device (the CUDA kernels, or their torch twin: the reference,
+    which also serves T = 0 on CUDA: all zeros, no kernel needed)."""
+    if tokens.is_cuda and tokens.shape[0] > 0:
+        return _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens)
+    return reference.permute_and_pad(tokens, routing_map, probs, align, num_out_tokens)
+
+
 class _PermutePadFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, probs, routing_map, align, num_out_tokens):
-        out, pprobs, row_map, tpe, padded = _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens)
+        out, pprobs, row_map, tpe, padded = _permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens)
         ctx.save_for_backward(row_map)
         ctx.num_tokens, ctx.probs_dtype = tokens.shape[0], None if probs is None else probs.dtype
         ctx.mark_non_differentiable(row_map, tpe, padded)
@@ -73,7 +81,7 @@ class _PermutePadFn(torch.autograd.Function):
         (row_map,) = ctx.saved_tensors
         need_rows = ctx.needs_input_grad[0]
         g_pp = grad_pprobs if (ctx.probs_dtype is not None and ctx.needs_input_grad[1]) else None
-        d_tokens, dprobs = P._gather_cuda(
+        d_tokens, dprobs = P._gather(
             grad_out if need_rows else None, row_map, ctx.num_tokens, g_pprobs=g_pp, dprobs_dtype=ctx.probs_dtype
         )
         return d_tokens, dprobs, None, None, None
@@ -120,16 +128,12 @@ def permute_and_pad(
 
         out, pprobs, row_map, tpe, padded = _ops.permute_and_pad(tokens, routing_map, probs, align, n_out)
         return out, (pprobs if probs is not None else None), row_map, tpe, padded
-    if not tokens.is_cuda:
-        return reference.permute_and_pad(tokens, routing_map, probs, align, n_out)
-    if num_tokens == 0:
-        return reference.permute_and_pad(tokens, routing_map, probs, align, n_out)  # all-zero, no kernel needed
     differentiable = tokens.dtype in V.FLOAT_DTYPES
     if torch.is_grad_enabled() and (
         (differentiable and tokens.requires_grad) or (probs is not None and probs.requires_grad)
     ):
         return _PermutePadFn.apply(tokens, probs, routing_map, align, n_out)
-    return _permute_and_pad_cuda(tokens, routing_map, probs, align, n_out)
+    return _permute_and_pad_rows(tokens, routing_map, probs, align, n_out)
 
 
 def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
@@ -150,20 +154,31 @@ def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
     return out
 
 
+def _scatter_rows(x, row_map, num_rows):
+    """permute_with_row_map on the tensors' device: one scatter_rows launch, or its torch twin (the reference,
+    which also serves empty x on CUDA)."""
+    if x.is_cuda and x.numel() > 0:
+        return _scatter_rows_cuda(x, row_map, x.shape[0], num_rows)
+    return reference.permute_with_row_map(x, row_map, num_rows)
+
+
 class _ScatterRowsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_map, num_rows):
         ctx.save_for_backward(row_map)
         ctx.num_tokens = x.shape[0]
-        return _scatter_rows_cuda(x, row_map, x.shape[0], num_rows)
+        return _scatter_rows(x, row_map, num_rows)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         (row_map,) = ctx.saved_tensors
+        num_tokens, row_shape = ctx.num_tokens, grad_out.shape[1:]
+        if num_tokens == 0 or grad_out.numel() == 0:
+            return grad_out.new_zeros((num_tokens, *row_shape)), None, None
         g = grad_out.reshape(grad_out.shape[0], -1)
-        d_x = P._gather_cuda(g, row_map, ctx.num_tokens)[0]
-        return d_x.view(ctx.num_tokens, *grad_out.shape[1:]), None, None
+        d_x = P._gather(g, row_map[: num_tokens + 1], num_tokens)[0]
+        return d_x.view(num_tokens, *row_shape), None, None
 
 
 def permute_with_row_map(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -199,13 +214,9 @@ def permute_with_row_map(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) 
         from moe_raw import _ops
 
         return _ops.permute_with_row_map(x, row_map, num_rows)
-    if not x.is_cuda:
-        return reference.permute_with_row_map(x, row_map, num_rows)
     row_map = row_map.contiguous()
     if V.DEBUG:
         V.row_map_values(op, row_map[: num_tokens + 1], num_rows)
-    if x.numel() == 0 or num_tokens == 0:
-        return x.new_zeros((num_rows, *x.shape[1:]))
     if torch.is_grad_enabled() and x.requires_grad and x.dtype in V.FLOAT_DTYPES:
         return _ScatterRowsFn.apply(x, row_map, num_rows)
-    return _scatter_rows_cuda(x, row_map, num_tokens, num_rows)
+    return _scatter_rows(x, row_map, num_rows)

@@ -1,8 +1,10 @@
 """permute / unpermute: the seed's API on moe_raw's CUDA kernels (kernels/permute.cu), with autograd.
 
 Layering: kernel -> ``_launch.launch`` -> ``_permute_cuda`` / ``_gather_cuda`` / ``_unpermute_bwd_cuda`` (size and
-allocate, never validate) -> ``_PermuteFn`` / ``_UnpermuteFn`` -> ``permute`` / ``unpermute`` (validate, dispatch:
-CUDA tensors to the kernels, anything else to ``moe_raw.reference``).
+allocate, never validate) -> ``_permute_forward`` / ``_gather`` / ``_unpermute_bwd`` (the tensors' device picks the
+CUDA launcher or its torch twin in ``moe_raw._cpu``) -> ``_PermuteFn`` / ``_UnpermuteFn`` -> ``permute`` /
+``unpermute`` (validate). CPU and CUDA tensors take the same Functions, so they get the same autograd graph and the
+same gradients, empty inputs included.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from moe_raw import _cpu
 from moe_raw import _validate as V
-from moe_raw import reference
 from moe_raw._launch import CTYPES, SCALAR_CODE, launch, ptr
 
 _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
@@ -216,14 +218,38 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     return d_rows, dprobs
 
 
+def _gather(rows, row_map, num_tokens, probs=None, g_pprobs=None, dprobs_dtype=None):
+    """gather_reduce on the tensors' device: (out [T, H] | None, dprobs [T, E] | None); see ``_gather_cuda``."""
+    if num_tokens == 0:
+        out = rows.new_zeros((0, rows.shape[1])) if rows is not None else None
+        dprobs = None
+        if g_pprobs is not None:
+            dprobs = torch.zeros((0, row_map.shape[1]), dtype=dprobs_dtype, device=row_map.device)
+        return out, dprobs
+    if row_map.is_cuda:
+        return _gather_cuda(rows, row_map, num_tokens, probs=probs, g_pprobs=g_pprobs, dprobs_dtype=dprobs_dtype)
+    if rows is not None and rows.dtype not in CTYPES:
+        raise TypeError(f"moe_raw: summing rows needs a float dtype ({', '.join(map(str, CTYPES))}), got {rows.dtype}")
+    return _cpu.gather(rows, row_map, num_tokens, probs=probs, g_pprobs=g_pprobs, dprobs_dtype=dprobs_dtype)
+
+
+def _unpermute_bwd(grad_out, rows, row_map, n_rows, probs, need_dprobs):
+    """unpermute_bwd on the tensors' device: (d_rows [N, H], dprobs [T, E] | None)."""
+    if grad_out.is_cuda:
+        return _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs)
+    return _cpu.unpermute_bwd(grad_out, rows, row_map, n_rows, probs, need_dprobs)
+
+
 def _permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused):
-    """Returns (permuted, permuted_probs, index returned to the user, row map)."""
+    """Returns (permuted, permuted_probs, index returned to the user, row map), on the tensors' device."""
     if tokens.shape[0] == 0:
         out, pprobs, row_map, indices = _permute_empty(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
-    else:
+    elif tokens.is_cuda:
         out, pprobs, row_map, indices = _permute_cuda(
             tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_indices=not fused
         )
+    else:
+        out, pprobs, row_map, indices = _cpu.permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
     if not fused:
         # unpermute(fused=False, routing_map=...) reuses this row map instead of rebuilding it (three launches),
         # if it gets the same routing_map object, unmodified (same _version), with the same row count and mode.
@@ -256,7 +282,7 @@ class _PermuteFn(torch.autograd.Function):
             )
             return dtok, dprobs, None, None, None, None
         rows = grad_permuted if need_tokens else None
-        dtok, dprobs = _gather_cuda(
+        dtok, dprobs = _gather(
             rows, row_map, num_tokens,
             g_pprobs=grad_pprobs.contiguous() if (need_probs and grad_pprobs is not None) else None,
             dprobs_dtype=ctx.probs_dtype,
@@ -273,7 +299,9 @@ def _unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens):
     if num_tokens == 0:
         return permuted.new_zeros((0, permuted.shape[1]))
     if row_map is not None:
-        return _gather_cuda(permuted, row_map, num_tokens, probs=probs)[0]
+        return _gather(permuted, row_map, num_tokens, probs=probs)[0]
+    if not permuted.is_cuda:
+        return _cpu.gather_csr(permuted, sorted_indices, num_tokens)
     # Generic seed semantics: rows grouped by token through a stable sort (deterministic, no host sync).
     tok_sorted, perm = torch.sort(sorted_indices, stable=True)
     bounds = torch.arange(num_tokens + 1, device=permuted.device, dtype=sorted_indices.dtype)
@@ -312,7 +340,7 @@ class _UnpermuteFn(torch.autograd.Function):
             return d_rows, dprobs, None, None, None
         if row_map is None:  # CSR path: every row takes its token's gradient
             return (_csr_rows_grad(grad_out, sorted_indices) if need_rows else None), None, None, None, None
-        d_rows, dprobs = _unpermute_bwd_cuda(grad_out, permuted, row_map, ctx.n_rows, probs, ctx.probs_needs_grad)
+        d_rows, dprobs = _unpermute_bwd(grad_out, permuted, row_map, ctx.n_rows, probs, ctx.probs_needs_grad)
         return (d_rows if need_rows else None), dprobs, None, None, None
 
 
@@ -362,8 +390,6 @@ def permute(
     if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
         out, pprobs, row_map, indices = _ops.permute(tokens, routing_map, probs, n_out, fused, drop_and_pad)
         return out, (pprobs if probs is not None else None), (row_map if fused else indices)
-    if not tokens.is_cuda:
-        return reference.permute(tokens, routing_map, probs, n_out, fused, drop_and_pad)
     if num_tokens * num_experts > 2**31 - 1:
         raise ValueError(f"{op}: T * E = {num_tokens * num_experts} routing-map entries exceed 2^31 - 1")
     if n_out is not None and n_out > V.MAX_ROWS:
@@ -380,6 +406,8 @@ def _row_map_from_routing(routing_map: torch.Tensor, n_rows: int, drop_and_pad: 
         return torch.zeros((1, num_experts), dtype=torch.int32, device=routing_map.device)
     if drop_and_pad:
         n_rows = num_experts * (n_rows // num_experts)
+    if not routing_map.is_cuda:
+        return _cpu.row_map(routing_map, n_rows, drop_and_pad)
     _, _, row_map, _ = _permute_cuda(
         routing_map.new_empty((num_tokens, 0), dtype=torch.uint8), routing_map, None, n_rows, drop_and_pad,
         want_rows=False, want_indices=False,
@@ -401,10 +429,10 @@ def unpermute(
     Args:
         permuted_tokens: [N, H] float32 | float16 | bfloat16 | float64 (permute's output, or the experts' output).
         sorted_indices: fused=False: [N] int64 / int32 token id of each row (permute's third output). Read only
-            without routing_map; on CUDA a row whose id is outside [0, T) is then summed into no token and gets a
-            zero gradient. fused=True: permute(fused=True)'s row map, int32 [T+1, E] (any strides), or
+            without routing_map; a row whose id is outside [0, T) is then summed into no token and gets a zero
+            gradient (on every device). fused=True: permute(fused=True)'s row map, int32 [T+1, E] (any strides), or
             permute_and_pad's [T+3, E] (padding rows get no weight and a zero gradient); codes naming a row outside
-            [0, N) are skipped on CUDA. With MOE_RAW_DEBUG=1 either kind out of range raises ValueError
+            [0, N) are skipped. With MOE_RAW_DEBUG=1 either kind out of range raises ValueError
             (a host sync).
         restore_shape: (T, H) of the output.
         probs: optional [T, E] float; read only at routed pairs (a NaN off-route never reaches the output; its
@@ -421,8 +449,8 @@ def unpermute(
         bitwise deterministic, no atomics, no fp32 copy of the rows. Differentiable w.r.t. permuted_tokens and probs.
         fused=False without routing_map groups rows by token with a stable device sort of sorted_indices.
 
-    Bad input: as for ``permute``; with MOE_RAW_DEBUG=1 also the values of sorted_indices and routing_map. On CPU
-    tensors (the reference) an out-of-range sorted_indices without the flag raises torch's own index error.
+    Bad input: as for ``permute``; with MOE_RAW_DEBUG=1 also the values of sorted_indices and routing_map. Without
+    the flag, out-of-range indices are skipped on every device (CPU and CUDA alike).
     """
     op = "moe_raw.unpermute"
     V.tensor(permuted_tokens, "permuted_tokens", op, 2, V.FLOAT_DTYPES)
@@ -474,11 +502,6 @@ def unpermute(
             V.routing_values(op, routing_map)
     if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
         return _ops.unpermute(permuted_tokens, sorted_indices, probs, routing_map, num_tokens, fused, drop_and_pad)[0]
-    if not permuted_tokens.is_cuda:
-        index = sorted_indices[: num_tokens + 1] if fused else sorted_indices  # the aligned layout's first T + 1
-        return reference.unpermute(
-            permuted_tokens, index, (num_tokens, hidden), probs, routing_map, fused, drop_and_pad
-        )
     if fused:
         # the kernels index the row map as contiguous [T + 1, E]; a strided view (a transpose, an expand) is copied
         row_map, index = sorted_indices.contiguous(), None

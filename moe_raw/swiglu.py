@@ -981,49 +981,116 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(rows, x.shape[-1])  # not -1: a last dim of 0 leaves -1 ambiguous
 
 
-def _gated(op: str, y, weights, weighted: bool, act: tuple, ref, *ref_args) -> torch.Tensor:
+def _acc_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _glu_torch(y, weights, act: tuple) -> torch.Tensor:
+    """The kernels' forward in torch: act(y) (* weights) in fp32 (fp64 if an input is fp64), rounded once to
+    y.dtype. Plain torch ops, so autograd differentiates it where that is asked for (the ``*_back`` functions)."""
+    acc = _acc_dtype(y, weights)
+    y_acc = y.to(acc)
+    out = reference.swiglu(y_acc) if act == _SWIGLU else reference.quick_glu(y_acc, *act)
+    if weights is not None:
+        out = out * weights.to(acc)
+    return out.to(y.dtype)
+
+
+def _glu_back_torch(g, y, weights, act: tuple, out_dtype: torch.dtype):
+    """The kernels' backward in torch, in fp32 (fp64 if an input is fp64): (dy in out_dtype, dweights in
+    weights.dtype | None)."""
+    acc = _acc_dtype(g, y, weights)
+    g_acc, y_acc = g.to(acc), y.to(acc)
+    if weights is None:
+        dy = reference.swiglu_back(g_acc, y_acc) if act == _SWIGLU else reference.quick_glu_back(g_acc, y_acc, *act)
+        return dy.to(out_dtype), None
+    w_acc = weights.to(acc)
+    if act == _SWIGLU:
+        dy, dw = reference.weighted_swiglu_back(g_acc, y_acc, w_acc)
+    else:
+        dy, dw = reference.weighted_quick_glu_back(g_acc, y_acc, w_acc, *act)
+    return dy.to(out_dtype), dw.to(weights.dtype)
+
+
+def _glu_fwd(y, weights, act: tuple) -> torch.Tensor:
+    """[N, F] from y [N, 2F] (and weights [N, 1]): the kernels for CUDA tensors of kernel dtypes, else torch."""
+    if _on_kernels(y, None, weights):
+        return _swiglu_fwd(y, weights, act)
+    return _glu_torch(y, weights, act)
+
+
+def _glu_bwd(g, y, weights, act: tuple, out_dtype: torch.dtype):
+    """(dy [N, 2F] in out_dtype, dweights [N, 1] | None) from g [N, F], y [N, 2F]: kernels or torch, as _glu_fwd."""
+    if _on_kernels(y, g, weights):
+        return _swiglu_bwd(g, y, weights, out_dtype, act)
+    return _glu_back_torch(g, y, weights, act, out_dtype)
+
+
+class _GluFn(torch.autograd.Function):
+    """Autograd of every gated activation (weighted or not): y [N, 2F], weights [N, 1] or None -> [N, F] in
+    y.dtype; backward from one kernel pass (or its torch twin off the kernels). Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, y, weights, act):
+        ctx.save_for_backward(y, weights)
+        ctx.act = act
+        return _glu_fwd(y, weights, act)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        y, weights = ctx.saved_tensors
+        dy, dweights = _glu_bwd(grad_out, y, weights, ctx.act, y.dtype)
+        return (dy if ctx.needs_input_grad[0] else None), (dweights if ctx.needs_input_grad[1] else None), None
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _gated(op: str, y, weights, weighted: bool, act: tuple) -> torch.Tensor:
     """Validated forward of the activation ``act``: y [..., 2F] -> [..., F], or with weights y [N, 2F] and
-    weights [N, 1] -> [N, F] in y.dtype. Off the kernels: ``ref(y[, weights], *ref_args)``, the torch reference."""
+    weights [N, 1] -> [N, F] in y.dtype. Differentiable w.r.t. y and weights (one autograd node, built only when
+    one of them requires grad)."""
     if not weighted:
         f = _check_y(y, op, two_d=False)
         if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
             return _ops.glu(y, *act)
-        if not _on_kernels(y):
-            return ref(y, *ref_args)
-        if y.dim() == 2:
-            return _swiglu_fwd(y, None, act)
-        return _swiglu_fwd(_as_2d(y), None, act).view(*y.shape[:-1], f)
+        y2 = y if y.dim() == 2 else _as_2d(y)
+        out = _GluFn.apply(y2, None, act) if _needs_grad(y) else _glu_fwd(y2, None, act)
+        return out if y.dim() == 2 else out.view(*y.shape[:-1], f)
     _check_y(y, op, two_d=True)
     _check_weights(weights, y, op)
     if torch.compiler.is_compiling():
         return _ops.weighted_glu(y, weights, *act)
-    if not _on_kernels(y, None, weights):
-        return ref(y, weights, *ref_args)
-    return _swiglu_fwd(y, weights, act)
+    if _needs_grad(y, weights):
+        return _GluFn.apply(y, weights, act)
+    return _glu_fwd(y, weights, act)
 
 
-def _gated_back(op: str, g, y, weights, weighted: bool, act: tuple, ref, *ref_args):
+def _gated_back(op: str, g, y, weights, weighted: bool, act: tuple):
     """Validated backward of ``act``: dy [..., 2F] in promote(g, y); with weights (2-D) (dy in y.dtype, dweights
-    [N, 1] in weights.dtype). Off the kernels: ``ref(g, y[, weights], *ref_args)``."""
+    [N, 1] in weights.dtype). Differentiable (twice-differentiable activations): when an input requires grad this
+    runs the torch formula in fp32, whose autograd gives the second derivatives, on every device."""
     if not weighted:
         f = _check_y(y, op, two_d=False)
         _check_g(g, y, f, op)
         if torch.compiler.is_compiling():
             return _ops.glu_back(g, y, *act)
-        if not _on_kernels(y, g):
-            return ref(g, y, *ref_args)
         out_dtype = y.dtype if g.dtype is y.dtype else torch.promote_types(g.dtype, y.dtype)
+        if _needs_grad(g, y):
+            return _glu_back_torch(g, y, None, act, out_dtype)[0]
         if y.dim() == 2:
-            return _swiglu_bwd(g, y, None, out_dtype, act)[0]
-        return _swiglu_bwd(_as_2d(g), _as_2d(y), None, out_dtype, act)[0].view(y.shape)
+            return _glu_bwd(g, y, None, act, out_dtype)[0]
+        return _glu_bwd(_as_2d(g), _as_2d(y), None, act, out_dtype)[0].view(y.shape)
     f = _check_y(y, op, two_d=True)
     _check_g(g, y, f, op)
     _check_weights(weights, y, op)
     if torch.compiler.is_compiling():
         return _ops.weighted_glu_back(g, y, weights, *act)
-    if not _on_kernels(y, g, weights):
-        return ref(g, y, weights, *ref_args)
-    return _swiglu_bwd(g, y, weights, y.dtype, act)
+    if _needs_grad(g, y, weights):
+        return _glu_back_torch(g, y, weights, act, y.dtype)
+    return _glu_bwd(g, y, weights, act, y.dtype)
 
 
 def swiglu(y: torch.Tensor) -> torch.Tensor:
@@ -1034,10 +1101,9 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
             leading strides, the last dim read contiguously (else copied).
 
     Returns:
-        [..., F] in y.dtype, computed in fp32 and rounded once. Not differentiable through autograd (as the seed's
-        function on its own); use ``weighted_bias_swiglu_impl`` / ``WeightedSwiGLUFunction`` for training.
+        [..., F] in y.dtype, computed in fp32 and rounded once. Differentiable w.r.t. y (backward: one kernel pass).
     """
-    return _gated("moe_raw.swiglu", y, None, False, _SWIGLU, reference.swiglu)
+    return _gated("moe_raw.swiglu", y, None, False, _SWIGLU)
 
 
 def weighted_swiglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -1048,9 +1114,10 @@ def weighted_swiglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         weights: [N, 1] float32 | float16 | bfloat16, any strides (one weight per row, e.g. the router prob).
 
     Returns:
-        [N, F] in y.dtype, computed in fp32 (silu(gate) * up * weight) and rounded once.
+        [N, F] in y.dtype, computed in fp32 (silu(gate) * up * weight) and rounded once. Differentiable w.r.t. y
+        and weights (backward: one kernel pass).
     """
-    return _gated("moe_raw.weighted_swiglu", y, weights, True, _SWIGLU, reference.weighted_swiglu)
+    return _gated("moe_raw.weighted_swiglu", y, weights, True, _SWIGLU)
 
 
 def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1062,8 +1129,10 @@ def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Returns:
         dy [..., 2F] in torch.promote_types(g.dtype, y.dtype) (the seed's dtype), computed in fp32.
+        Differentiable w.r.t. g and y (and weights): with any of them requiring grad this runs torch ops in
+        fp32, whose autograd gives the second derivatives.
     """
-    return _gated_back("moe_raw.swiglu_back", g, y, None, False, _SWIGLU, reference.swiglu_back)
+    return _gated_back("moe_raw.swiglu_back", g, y, None, False, _SWIGLU)
 
 
 def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
@@ -1077,8 +1146,10 @@ def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
     Returns:
         (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype). dy is swiglu_back(g * weights, y);
         dweights[n] = sum_f swiglu(y)[n, f] * g[n, f], reduced in fp32 in a fixed order (bitwise deterministic).
+        Differentiable w.r.t. g and y (and weights): with any of them requiring grad this runs torch ops in
+        fp32, whose autograd gives the second derivatives.
     """
-    return _gated_back("moe_raw.weighted_swiglu_back", g, y, weights, True, _SWIGLU, reference.weighted_swiglu_back)
+    return _gated_back("moe_raw.weighted_swiglu_back", g, y, weights, True, _SWIGLU)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1133,12 +1204,11 @@ def quick_geglu(y: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
             distinct value and dtype combination).
 
     Returns:
-        [..., F] in y.dtype, computed in fp32 and rounded once. Not differentiable through autograd; use
-        ``weighted_bias_quick_geglu_impl`` / ``WeightedQuickGeGLUFunction`` for training.
+        [..., F] in y.dtype, computed in fp32 and rounded once. Differentiable w.r.t. y (backward: one kernel pass).
     """
     op = "moe_raw.quick_geglu"
     act = _quick(linear_offset, op)
-    return _gated(op, y, None, False, act, reference.quick_geglu, act[1])
+    return _gated(op, y, None, False, act)
 
 
 def weighted_quick_geglu(y: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
@@ -1150,11 +1220,11 @@ def weighted_quick_geglu(y: torch.Tensor, weights: torch.Tensor, linear_offset: 
         linear_offset: float added to the linear half (as quick_geglu).
 
     Returns:
-        [N, F] in y.dtype, computed in fp32 and rounded once.
+        [N, F] in y.dtype, computed in fp32 and rounded once. Differentiable w.r.t. y and weights.
     """
     op = "moe_raw.weighted_quick_geglu"
     act = _quick(linear_offset, op)
-    return _gated(op, y, weights, True, act, reference.weighted_quick_geglu, act[1])
+    return _gated(op, y, weights, True, act)
 
 
 def quick_geglu_back(g: torch.Tensor, y: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
@@ -1168,10 +1238,12 @@ def quick_geglu_back(g: torch.Tensor, y: torch.Tensor, linear_offset: float = 0.
 
     Returns:
         dy [..., 2F] in torch.promote_types(g.dtype, y.dtype), computed in fp32.
+        Differentiable w.r.t. g and y (and weights): with any of them requiring grad this runs torch ops in
+        fp32, whose autograd gives the second derivatives.
     """
     op = "moe_raw.quick_geglu_back"
     act = _quick(linear_offset, op)
-    return _gated_back(op, g, y, None, False, act, reference.quick_geglu_back, act[1])
+    return _gated_back(op, g, y, None, False, act)
 
 
 def weighted_quick_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0):
@@ -1186,10 +1258,12 @@ def weighted_quick_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.T
     Returns:
         (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype): dy = quick_geglu_back(g * weights, y);
         dweights[n] = sum_f quick_geglu(y)[n, f] * g[n, f], reduced in fp32 in a fixed order (bitwise deterministic).
+        Differentiable w.r.t. g and y (and weights): with any of them requiring grad this runs torch ops in
+        fp32, whose autograd gives the second derivatives.
     """
     op = "moe_raw.weighted_quick_geglu_back"
     act = _quick(linear_offset, op)
-    return _gated_back(op, g, y, weights, True, act, reference.weighted_quick_geglu_back, act[1])
+    return _gated_back(op, g, y, weights, True, act)
 
 
 def clamped_swiglu(y: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
@@ -1206,11 +1280,11 @@ def clamped_swiglu(y: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) ->
         alpha: the gate's sigmoid scale; limit: the clamp (> 0). Both compiled into the kernel.
 
     Returns:
-        [..., F] in y.dtype, computed in fp32 and rounded once. Not differentiable through autograd (as swiglu).
+        [..., F] in y.dtype, computed in fp32 and rounded once. Differentiable w.r.t. y (backward: one kernel pass).
     """
     op = "moe_raw.clamped_swiglu"
     act = _clamped(alpha, limit, op)
-    return _gated(op, y, None, False, act, reference.clamped_swiglu, act[0], act[2])
+    return _gated(op, y, None, False, act)
 
 
 def weighted_clamped_swiglu(y: torch.Tensor, weights: torch.Tensor, alpha: float = 1.702, limit: float = 7.0):
@@ -1220,11 +1294,11 @@ def weighted_clamped_swiglu(y: torch.Tensor, weights: torch.Tensor, alpha: float
         y: [N, 2F] float32 | float16 | bfloat16; weights: [N, 1] float; alpha, limit: as clamped_swiglu.
 
     Returns:
-        [N, F] in y.dtype, computed in fp32 and rounded once.
+        [N, F] in y.dtype, computed in fp32 and rounded once. Differentiable w.r.t. y and weights.
     """
     op = "moe_raw.weighted_clamped_swiglu"
     act = _clamped(alpha, limit, op)
-    return _gated(op, y, weights, True, act, reference.weighted_clamped_swiglu, act[0], act[2])
+    return _gated(op, y, weights, True, act)
 
 
 def clamped_swiglu_back(g: torch.Tensor, y: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
@@ -1236,10 +1310,12 @@ def clamped_swiglu_back(g: torch.Tensor, y: torch.Tensor, alpha: float = 1.702, 
 
     Returns:
         dy [..., 2F] in torch.promote_types(g.dtype, y.dtype), computed in fp32.
+        Differentiable w.r.t. g and y (and weights): with any of them requiring grad this runs torch ops in
+        fp32, whose autograd gives the second derivatives.
     """
     op = "moe_raw.clamped_swiglu_back"
     act = _clamped(alpha, limit, op)
-    return _gated_back(op, g, y, None, False, act, reference.clamped_swiglu_back, act[0], act[2])
+    return _gated_back(op, g, y, None, False, act)
 
 
 def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: float = 7.0):
@@ -1251,10 +1327,12 @@ def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: flo
     Returns:
         (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype): dy = clamped_swiglu_back(g * weights, y);
         dweights[n] = sum_f clamped_swiglu(y)[n, f] * g[n, f], in fp32 in a fixed order (bitwise deterministic).
+        Differentiable w.r.t. g and y (and weights): with any of them requiring grad this runs torch ops in
+        fp32, whose autograd gives the second derivatives.
     """
     op = "moe_raw.weighted_clamped_swiglu_back"
     act = _clamped(alpha, limit, op)
-    return _gated_back(op, g, y, weights, True, act, reference.weighted_clamped_swiglu_back, act[0], act[2])
+    return _gated_back(op, g, y, weights, True, act)
 
 
 def _check_fp8_flag(fp8_input_store, op: str) -> None:
@@ -1365,7 +1443,7 @@ class WeightedQuickGeGLUFunction(torch.autograd.Function):
         ctx.ori_input_dtype = input.dtype
         ctx.fp8_input_store = bool(fp8_input_store)
         ctx.act = act
-        return _gated(op, input, weights, True, act, reference.weighted_quick_glu, *act)
+        return _gated(op, input, weights, True, act)
 
     @staticmethod
     @once_differentiable
@@ -1374,9 +1452,7 @@ class WeightedQuickGeGLUFunction(torch.autograd.Function):
         if ctx.fp8_input_store:
             input = input.to(ctx.ori_input_dtype)
         op = "moe_raw.WeightedQuickGeGLUFunction"
-        dinput, dweights = _gated_back(
-            op, grad_output, input, weights, True, ctx.act, reference.weighted_quick_glu_back, *ctx.act
-        )
+        dinput, dweights = _gated_back(op, grad_output, input, weights, True, ctx.act)
         return (
             dinput if ctx.needs_input_grad[0] else None,
             dweights if ctx.needs_input_grad[1] else None,

@@ -126,12 +126,15 @@ def test_check_op_accepts_one_rounding_of_exact_math(row, dtype, monkeypatch):
     assert B.check_op(row, y, g, w) == ""
 
 
-def test_check_op_reference_is_fp32_math_not_the_bf16_chain():
+def test_check_op_reference_is_fp32_math_not_the_bf16_chain(monkeypatch):
     # The seed's eager bf16 path rounds each intermediate; near sigmoid's tails it is off by more than bf16 tolerance
     # from fp32 math rounded once. check_op compares with the latter, so such a "moe_raw" is flagged, not accepted.
     y, g, w = B._inputs(256, 768, torch.bfloat16, device="cpu")
     y = (y.float() * 3).to(torch.bfloat16)
-    assert B.check_op("weighted_quick_geglu bwd", y, g, w) != ""  # on CPU moe_raw runs the seed's bf16 chain
+    row = "weighted_quick_geglu bwd"
+    assert B.check_op(row, y, g, w) == ""  # moe_raw's CPU path: fp32 math rounded once
+    monkeypatch.setitem(B.OPS, row, B.OPS[row]._replace(moe_raw=B.OPS[row].seed))  # the seed's bf16 chain
+    assert B.check_op(row, y, g, w) != ""
 
 
 @pytest.mark.parametrize("row", list(B.OPS))
