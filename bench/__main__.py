@@ -1,13 +1,15 @@
 """python -m bench: self-check every moe_raw op against the fp64 reference, then benchmark it side by side with the
-seed (eager and torch.compile) and the measured copy bandwidth, and record the run.
+functions it replaces (the torch code of Megatron / NeMo Automodel's moe_utils, eager and under torch.compile) and
+the measured copy bandwidth, and record the run.
 
 Usage:
   python -m bench                         self-check + every op at every shape + the MoE layer case (CUDA)
   python -m bench --quick                 one shape per op (51 s on an H100, self-check included)
   python -m bench --ops swiglu --dtype fp16 --shapes N98304-F768
   python -m bench --no-bench              self-check only
-Without a CUDA device it runs the self-check on the CPU path (moe_raw.reference), prints "no CUDA device found"
-and exits 0 when every check passes.
+Installed (pip install moe_raw, editable or not), the same command is ``moe-raw-bench`` from any directory.
+Without a CUDA device it runs the self-check on the CPU path, prints "no CUDA device found" and exits 0 when every
+check passes.
 
 Options:
   --ops     comma list of: permute, unpermute, sort_chunks, topk, pad, swiglu, weighted_swiglu,
@@ -54,6 +56,7 @@ import io
 import math
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -83,7 +86,7 @@ def progress(msg: str) -> None:
 
 def shape_tables() -> dict:
     """{"permute": {name: shape}, "swiglu": {...}, "layer": {...}} (names as in the modules' tables)."""
-    from bench import bench_layer, bench_permute, bench_swiglu
+    from . import bench_layer, bench_permute, bench_swiglu
 
     return {"permute": bench_permute.SHAPES, "swiglu": bench_swiglu.SHAPES, "layer": bench_layer.LAYER_SHAPES}
 
@@ -131,8 +134,13 @@ def parse_shapes(text: str | None) -> list | None:
     return out
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
+def parse_args(argv=None, prog: str = "python -m bench") -> argparse.Namespace:
+    # The description is the docstring's whole first paragraph (its first line alone stops mid-sentence).
+    description = " ".join(__doc__.split("\n\n")[0].split()).removeprefix("python -m bench: ")
+    description = textwrap.fill(description[:1].upper() + description[1:], 79)
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 epilog="Examples, the record's format and exit codes: the module docstring of "
+                                        "moe_raw.bench (python -m pydoc moe_raw.bench.__main__).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="one shape per op (about a minute)")
     ap.add_argument("--ops", default="all", help="comma list among " + ", ".join(OPS) + " or groups permute/swiglu")
@@ -227,7 +235,7 @@ LARGE_PERMUTE_CASES = [(1027, 64, 8, 1000), (300, 256, 8, 7168), (1027, 1, 1, 20
 
 def check_permute(dtype, device, quick: bool = False) -> tuple[bool, str]:
     """bench.smoke.check over its routing variants (permute exact, unpermute and both grads vs fp64)."""
-    from bench import smoke
+    from . import smoke
 
     cases = SMALL_PERMUTE_CASES if device == "cpu" or quick else SMALL_PERMUTE_CASES + LARGE_PERMUTE_CASES
     buf = io.StringIO()
@@ -244,7 +252,7 @@ def check_permute(dtype, device, quick: bool = False) -> tuple[bool, str]:
 
 
 def _dispatch_checks():
-    from bench import smoke
+    from . import smoke
 
     return (
         ("sort_chunks", "sort_chunks_by_idxs fwd+bwd", smoke.check_sort_chunks),
@@ -290,7 +298,7 @@ def selfcheck(ops, device, quick: bool = False) -> list:
 
 
 def check_layer(dtype, device) -> tuple[bool, str]:
-    from bench import bench_layer
+    from . import bench_layer
 
     inputs = bench_layer.make_layer(37, 6, 32, 2, 24, dtype=dtype, device=device)
     err = bench_layer.compare(inputs)
@@ -321,7 +329,7 @@ def _keep_permute_row(op: str, ops) -> bool:
 
 
 def run_benchmarks(args) -> tuple[list, dict, bool]:
-    from bench import bench_layer, bench_permute, bench_swiglu, common
+    from . import bench_layer, bench_permute, bench_swiglu, common
 
     dtype = DTYPES[args.dtype]
     progress("measuring the device copy bandwidth")
@@ -347,7 +355,7 @@ def run_benchmarks(args) -> tuple[list, dict, bool]:
               "pad": ("permute_and_pad", "permute_with_row_map")}  # op -> the row names it owns  # fmt: skip
     wanted = tuple(prefix for op, prefixes in extras.items() if op in args.ops for prefix in prefixes)
     if wanted:
-        from bench import bench_dispatch
+        from . import bench_dispatch
 
         progress(f"dispatch extras ({', '.join(o for o in extras if o in args.ops)}) at {bench_dispatch.SHAPE[0]}")
         rows += [{"kind": "kernel", "dtype": args.dtype, **r} for r in bench_dispatch.bench_rows(copy_gbs, dtype=dtype)
@@ -423,7 +431,7 @@ def markdown(rows: list, copy_gbs: float | None) -> str:
 def write_record(out_dir: str, env: dict, args: dict, selfcheck_rows: list, rows: list,
                  copy_gbs=None, write_gbs=None) -> dict:  # fmt: skip
     """Write bench.json and bench.csv (and bench.png when matplotlib is importable) under out_dir; return paths."""
-    from bench import common
+    from . import common
 
     os.makedirs(out_dir, exist_ok=True)
     record = {"format": RECORD_FORMAT, "env": env, "args": args, "copy_GBps": copy_gbs, "write_GBps": write_gbs,
@@ -496,15 +504,14 @@ def write_chart(path: str, rows: list, copy_gbs, env: dict) -> str | None:
     return path
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from bench import common
+def main(argv=None, prog: str = "python -m bench") -> int:
+    args = parse_args(argv, prog)
+    from . import common
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if not cuda:
-        print("no CUDA device found: running the self-check on the CPU path (moe_raw.reference); "
-              "the benchmark needs CUDA")  # fmt: skip
+        print("no CUDA device found: running the self-check on the CPU path; the benchmark needs CUDA")
     progress(f"self-check on {device} (every dtype, small shapes, against moe_raw.reference in fp64)")
     checks = selfcheck(args.ops, device, args.quick)
     failed = sum(c["status"] == "FAIL" for c in checks)
@@ -524,6 +531,11 @@ def main(argv=None) -> int:
         print()
         print(markdown(rows, bw["copy_GBps"]))
     return 0 if ok else 1
+
+
+def console_main() -> int:
+    """The ``moe-raw-bench`` command (installed with the package): the same as ``python -m bench`` in a checkout."""
+    return main(prog="moe-raw-bench")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import sys
 import torch
 
 import moe_raw
-from bench import bench_permute, common, seed
+
+from . import bench_permute, common, seed
 
 SHAPE = ("DeepSeek-V3", 4096, 256, 7168, 8)  # name, T, E, H, K
 EP = 8  # expert-parallel ranks: sort_chunks regroups EP * (E / EP) chunks

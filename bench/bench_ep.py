@@ -37,11 +37,12 @@ import torch
 import torch.distributed as dist
 
 import moe_raw
-from bench import seed
-from bench.bench_dispatch import megatron_sort_chunks
-from bench.bench_layer import LAYER_RTOL, grouped_matmul, rel_err
 from moe_raw import reference
 from moe_raw.dispatcher import all_to_all
+
+from . import seed
+from .bench_dispatch import megatron_sort_chunks
+from .bench_layer import LAYER_RTOL, grouped_matmul, rel_err
 
 EP_SHAPES = {  # name: (T per rank, E, H, K, F) -- the shapes of bench_layer, T tokens on every rank
     "DeepSeek-V3": (4096, 256, 7168, 8, 2048),
@@ -245,7 +246,7 @@ def main(argv=None):
                     print(f"| {r['shape']} | {r['mode']} | {r['provider']} | {r['ms']:.2f} | "
                           f"{r['tokens_per_s']:.4g} | {r['peak_mem_GB']:.2f} | {note} |", flush=True)  # fmt: skip
     if rank == 0 and args.out:
-        from bench import common
+        from . import common
 
         record = {"environment": common.environment(), "world_size": dist.get_world_size(),
                   "backend": dist.get_backend(), "rows": all_rows, "ok": ok}  # fmt: skip

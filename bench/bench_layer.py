@@ -33,8 +33,9 @@ import sys
 import torch
 
 import moe_raw
-from bench import seed
 from moe_raw import reference
+
+from . import seed
 
 LAYER_SHAPES = {  # name: (T, E, H, K, F)  -- F is the expert FFN width (W_up is [H, 2F], W_down [F, H])
     "DeepSeek-V3": (4096, 256, 7168, 8, 2048),
@@ -133,7 +134,7 @@ def compare(inputs: dict) -> float:
 
 def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
     """Rows of the layer case at one shape (CUDA): ms, tokens/s, peak extra memory, max rel error vs the seed."""
-    from bench import common
+    from . import common
 
     inputs = make_layer(T, E, H, K, F, dtype)
     err = compare(inputs)
@@ -165,7 +166,7 @@ def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
 
 
 def main(argv=None):
-    from bench.__main__ import DTYPES
+    from .__main__ import DTYPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"one shape ({QUICK_LAYER_SHAPE})")

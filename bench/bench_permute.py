@@ -19,8 +19,9 @@ import sys
 import torch
 
 import moe_raw
-from bench import common, seed
 from moe_raw import permutation
+
+from . import common, seed
 
 SHAPES = {  # name: (T, E, H, K)
     "DeepSeek-V3": (4096, 256, 7168, 8),

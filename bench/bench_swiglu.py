@@ -40,8 +40,9 @@ from typing import NamedTuple
 import torch
 
 import moe_raw
-from bench import common
 from moe_raw import reference
+
+from . import common
 
 SHAPES = {  # name: (N, F); bf16 y [N, 2F], fp32 router weights [N, 1]
     "N32768-F2048 (DeepSeek-V3 experts)": (32768, 2048),

@@ -8,7 +8,8 @@ import sys
 import torch
 
 import moe_raw
-from bench.bench_permute import SHAPES, make_inputs
+
+from .bench_permute import SHAPES, make_inputs
 
 name = sys.argv[1] if len(sys.argv) > 1 else "DeepSeek-V3"
 T, E, H, K = SHAPES[name]

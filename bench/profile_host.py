@@ -8,8 +8,9 @@ import pstats
 import torch
 
 import moe_raw
-from bench.common import host_us
 from moe_raw import _launch, permutation
+
+from .common import host_us
 
 
 def main():

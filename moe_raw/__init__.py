@@ -5,7 +5,7 @@ run moe_raw's kernels (compiled at first use by NVRTC through CuPy, launched on 
 run the pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs neither a GPU nor CuPy.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from moe_raw.chunks import sort_chunks_by_idxs
 from moe_raw.dispatcher import MoEAlltoAllDispatcher
