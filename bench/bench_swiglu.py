@@ -18,7 +18,7 @@ The Quick-GEGLU and clamped SwiGLU rows move the same bytes as their SwiGLU coun
 weights and outputs; only the math per element differs, and the clamp constants are compiled in): their fwd rows
 use the swiglu fwd model, weighted_* fwd the weighted_swiglu fwd model, weighted_* bwd the weighted_swiglu bwd model.
 Percentages are of the device copy bandwidth measured in the same run (bytes read + written by dst.copy_(src)).
-Targets (design.md, H100 bf16): forward >= 90% of copy, weighted backward >= 85%, at N=32768 F=2048 and
+Targets (the project's, H100 bf16): forward >= 90% of copy, weighted backward >= 85%, at N=32768 F=2048 and
 N=98304 F=768; host time of one op at N=16 <= 25 us.
 
 Check: before timing, each op's moe_raw output at each shape is compared once with the seed's function on the same

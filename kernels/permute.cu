@@ -627,11 +627,18 @@ template __global__ void pad_offsets<1024>(const int*, int64_t, int, int64_t, in
   template __global__ void unpermute_bwd<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t,    \
                                                 int64_t, int, const int*, const void*, int, int64_t, int64_t,  \
                                                 void*, int, const int*);
+// Every instance moe_raw/_launch.py KERNELS["permute"] names (tests/test_support_matrix.py checks the two agree):
+// each dtype with every pack of 16, 8, 4, 2, 1 bytes that holds whole elements.
 MOE_RAW_ROW_KERNELS(float, 16)
+MOE_RAW_ROW_KERNELS(float, 8)
 MOE_RAW_ROW_KERNELS(float, 4)
 MOE_RAW_ROW_KERNELS(__half, 16)
+MOE_RAW_ROW_KERNELS(__half, 8)
+MOE_RAW_ROW_KERNELS(__half, 4)
 MOE_RAW_ROW_KERNELS(__half, 2)
 MOE_RAW_ROW_KERNELS(__nv_bfloat16, 16)
+MOE_RAW_ROW_KERNELS(__nv_bfloat16, 8)
+MOE_RAW_ROW_KERNELS(__nv_bfloat16, 4)
 MOE_RAW_ROW_KERNELS(__nv_bfloat16, 2)
 MOE_RAW_ROW_KERNELS(double, 16)
 MOE_RAW_ROW_KERNELS(double, 8)
@@ -644,7 +651,9 @@ MOE_RAW_ROW_KERNELS(double, 8)
   template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
                                             const int*, const int*);
 MOE_RAW_SCATTER_ROWS(16)
+MOE_RAW_SCATTER_ROWS(8)
 MOE_RAW_SCATTER_ROWS(4)
+MOE_RAW_SCATTER_ROWS(2)
 MOE_RAW_SCATTER_ROWS(1)
 MOE_RAW_SCATTER(16)
 MOE_RAW_SCATTER(8)

@@ -100,6 +100,36 @@ _PARAMS_OFFSET = 64  # bytes: the cuLaunchKernel `extra` array and the buffer si
 _PARAMS_CAPACITY = 448
 
 
+# Support matrix. moe_raw runs on compute capability >= MIN_COMPUTE_CAPABILITY; CI compiles every kernel instance
+# for each of CHECKED_ARCHS (compute capability x 10) with nvcc (.ci/compile_kernels.sh, whose ARCHS must equal
+# this), NVRTC (tests/test_kernels_compile.py) and, for the Numba kernels, NVVM + ptxas (tests/test_support_matrix.py).
+# 7.x is refused: permute_scatter's __launch_bounds__(128, 12) asks for 1536 resident threads per SM, a Turing SM
+# holds 1024 (ptxas: "Value of threads per SM ... is out of range"), and nothing is tested there.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+CHECKED_ARCHS = (80, 86, 89, 90, 100, 120)
+_supported_devices: set = set()  # device indices check_device passed
+
+
+def check_device(index: int) -> None:
+    """Raise RuntimeError if CUDA device ``index`` is older than MIN_COMPUTE_CAPABILITY. Called where kernels are
+    compiled for a device (``_module``, and moe_raw.swiglu's Numba compile), so a launch never pays for it; after
+    the first pass for a device it is one set lookup."""
+    if index in _supported_devices:
+        return
+    if not torch.cuda.is_available():  # a torch without CUDA can't tell (CPU tests with a stand-in CuPy)
+        return
+    cc = tuple(torch.cuda.get_device_capability(index))
+    if cc < MIN_COMPUTE_CAPABILITY:
+        major, minor = MIN_COMPUTE_CAPABILITY
+        raise RuntimeError(
+            f"moe_raw needs compute capability >= {major}.{minor} (Ampere or newer); cuda:{index} is "
+            f"{torch.cuda.get_device_name(index)} ({cc[0]}.{cc[1]}). Its kernels are built and checked for "
+            + ", ".join(f"sm_{a}" for a in CHECKED_ARCHS)
+            + "."
+        )
+    _supported_devices.add(index)
+
+
 class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel source; the message carries the compiler log with real file:line locations."""
 
@@ -206,6 +236,7 @@ def _module(family: str, device_index: int):
     mod = _modules.get(key)
     if mod is not None:
         return mod
+    check_device(device_index)  # an unsupported GPU fails here, before any compile
     with _lock:  # threads racing on the first call compile once
         mod = _modules.get(key)
         if mod is not None:

@@ -1,9 +1,11 @@
 """Pure-torch reference of every moe_raw op: the seed's (Megatron / NeMo Automodel ``moe_utils``) semantics.
 
-Used three ways: as the implementation for CPU tensors, as the oracle of the tests (called on ``.double()``
-inputs for an fp64 reference) and as the "seed" provider of the benchmark. It runs on any device.
+Used as the oracle of the tests (called on ``.double()`` inputs for an fp64 reference), as the "seed" provider of
+the benchmark, and by the CPU path where its formula is the kernel's (``moe_raw._cpu`` builds row maps with it; the
+activations run its formulas in fp32). It runs on any device.
 
-Where the seed is silent or differs from moe_raw's contract, this module follows the contract (design.md):
+Where the seed (the functions moe_raw replaces) is silent or differs from moe_raw's contract, this module
+follows the contract (the README's API section):
 
 * ``num_out_tokens`` without ``drop_and_pad``: the seed's unfused path ignores it. Here the output has exactly
   ``num_out_tokens`` rows: surplus routed pairs at the tail (expert-major order) are dropped, spare rows are zero

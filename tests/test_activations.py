@@ -488,6 +488,8 @@ def test_every_new_kernel_kind_compiles_with_nvvm():
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_PTX_CHECK)], env=_ENV, capture_output=True, text=True, timeout=300
     )
+    if "No module named 'numba'" in proc.stderr:
+        pytest.skip("numba-cuda is not installed (it comes with the cuda12 / cuda13 extra)")
     if "NO_NVVM" in proc.stdout:
         pytest.skip("libnvvm not found: cannot compile PTX here")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,6 +1,6 @@
 """Public API (CPU, runs in CI): moe_raw is a drop-in for the seed's ``moe_utils`` functions, so every public
-function keeps the seed's parameter names, order, kinds and defaults (/work/shared/seed/moe_utils_api.txt,
-design.md section 1), and documents its shapes.
+function keeps the seed's parameter names, order, kinds and defaults (the seed: NeMo Automodel's
+``moe_utils`` API, transcribed below), and documents its shapes.
 """
 
 from __future__ import annotations

@@ -89,6 +89,23 @@ def test_wheel_ships_python_package(wheel):
     assert "moe_raw/reference.py" in names
 
 
+def test_wheel_ships_license_and_the_bench_command(wheel):
+    names = set(wheel.namelist())
+    licenses = [n for n in names if n.endswith("LICENSE") and ".dist-info/" in n]
+    assert licenses, "no LICENSE in the wheel's .dist-info"
+    assert b"Apache License" in wheel.read(licenses[0])
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        assert f"moe_raw/bench/{path.name}" in names, f"bench/{path.name} is not shipped as moe_raw/bench/"
+    assert not [n for n in names if n.startswith("moe_raw/bench/results")], "bench/results/ must not be shipped"
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    text = wheel.read(entry_points).decode()
+    assert "moe-raw-bench = moe_raw.bench.__main__:console_main" in text, text
+    metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    gpu = [r for r in requires if any(m in r for m in ("cupy", "numba", "llvmlite", "cuda-"))]
+    assert all("extra ==" in r for r in gpu), f"GPU packages outside the cuda extras: {gpu}"
+
+
 def test_wheel_holds_only_moe_raw(wheel):
     tops = {name.split("/", 1)[0] for name in wheel.namelist()}
     stray = {t for t in tops if t != "moe_raw" and not t.endswith(".dist-info")}
@@ -142,3 +159,16 @@ def test_checkout_kernels_when_the_package_is_not_mapped(monkeypatch):
     monkeypatch.setattr(_launch.os.path, "isfile", lambda path: False)  # no checkout either: a clear error
     with pytest.raises(ModuleNotFoundError, match="reinstall moe_raw"):
         _launch._kernels_dir()
+
+
+def test_bench_command_runs_from_any_directory(tmp_path):
+    """``moe-raw-bench`` (the console script of the install) works outside the checkout: the installed
+    ``moe_raw.bench``, not the checkout's ``bench`` on sys.path."""
+    exe = shutil.which("moe-raw-bench") or str(Path(sys.executable).parent / "moe-raw-bench")
+    if not os.path.exists(exe):
+        pytest.skip("moe-raw-bench is not installed in this environment (pip install -e . installs it)")
+    proc = subprocess.run([exe, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: moe-raw-bench"), proc.stdout
+    description = proc.stdout.split("\n\n")[1]
+    assert description.rstrip().endswith("."), f"--help cut mid-sentence: {description!r}"

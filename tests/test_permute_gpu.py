@@ -1,6 +1,6 @@
 """GPU tests of ``moe_raw.permute`` / ``moe_raw.unpermute`` (kernels/permute.cu) against ``moe_raw.reference``.
 
-Rules (design.md section 3, style.md "Tests"):
+Rules (the project's test rules):
 * Pure moves are bit-exact (``torch.equal``): permuted tokens, permuted probs, sorted_indices, the fused row map,
   the probs gradient of permute, the rows gradient of unpermute without probs, and every fused-vs-unfused pair.
 * Arithmetic (sums of rows, products with probs, dot products) follows flash-attention's rule against the reference

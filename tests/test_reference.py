@@ -704,8 +704,11 @@ def _hand_swiglu(y):
     out = [[_silu(r[i]) * r[f + i] for i in range(f)] for r in rows]
     da = [[_dsilu(r[i]) * r[f + i] for i in range(f)] for r in rows]
     db = [[_silu(r[i]) for i in range(f)] for r in rows]
-    return (torch.tensor(out, dtype=torch.float64), torch.tensor(da, dtype=torch.float64),
-            torch.tensor(db, dtype=torch.float64))
+    return (
+        torch.tensor(out, dtype=torch.float64),
+        torch.tensor(da, dtype=torch.float64),
+        torch.tensor(db, dtype=torch.float64),
+    )
 
 
 def test_swiglu_literal():

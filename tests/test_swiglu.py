@@ -415,6 +415,8 @@ def _run_python(code: str, timeout: int = 240) -> subprocess.CompletedProcess:
 
 
 def _skip_without_nvvm(proc):
+    if "No module named 'numba'" in proc.stderr:
+        pytest.skip("numba-cuda is not installed (it comes with the cuda12 / cuda13 extra)")
     if "NO_NVVM" in proc.stdout:
         pytest.skip("libnvvm not found: cannot compile PTX here")
 

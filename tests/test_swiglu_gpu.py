@@ -349,7 +349,8 @@ def test_numpy_row_stack_decision():
 
 
 def test_host_time_per_call():
-    """Host cost of one op at N=16 (launch-bound). Target 25 us (design.md); bench/bench_swiglu.py reports it.
+    """Host cost of one op at N=16 (launch-bound). Target 25 us (the project's H100 target); bench/bench_swiglu.py
+    reports it.
     Asserted only against 200 us, to catch a regression to Numba's 52-104 us dispatcher path."""
     y, g, w = _inputs(16, 2048, torch.bfloat16)
     cases = {
