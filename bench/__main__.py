@@ -61,10 +61,11 @@ import time
 
 import torch
 
+from . import common
+
 RECORD_FORMAT = "moe_raw-bench/1"
 CSV_FIELDS = ["kind", "shape", "op", "provider", "dtype", "ms", "us", "GB/s", "pct_copy", "speedup_vs_seed",
               "tokens_per_s", "peak_mem_GB", "max_rel_err", "note"]  # fmt: skip
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("permute", "unpermute", "sort_chunks", "topk", "pad", "swiglu", "weighted_swiglu", "weighted_swiglu_back",
        "layer")  # fmt: skip
 GROUPS = {
@@ -144,7 +145,7 @@ def parse_args(argv=None, prog: str = "python -m bench") -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="one shape per op (about a minute)")
     ap.add_argument("--ops", default="all", help="comma list among " + ", ".join(OPS) + " or groups permute/swiglu")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="benchmark dtype (default bf16)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="benchmark dtype (default bf16)")
     ap.add_argument("--shapes", default=None, help="comma list of shape names (default: all; --quick: the first)")
     ap.add_argument("--out", default=None, help="record directory (default bench/results/latest on CUDA)")
     ap.add_argument("--no-bench", action="store_true", help="self-check only")
@@ -329,9 +330,9 @@ def _keep_permute_row(op: str, ops) -> bool:
 
 
 def run_benchmarks(args) -> tuple[list, dict, bool]:
-    from . import bench_layer, bench_permute, bench_swiglu, common
+    from . import bench_layer, bench_permute, bench_swiglu
 
-    dtype = DTYPES[args.dtype]
+    dtype = common.DTYPES[args.dtype]
     progress("measuring the device copy bandwidth")
     copy_gbs, write_gbs = common.copy_bandwidth_gbs(), common.write_bandwidth_gbs()
     progress(f"copy {copy_gbs:.0f} GB/s (read + write), write-only {write_gbs:.0f} GB/s")
@@ -431,8 +432,6 @@ def markdown(rows: list, copy_gbs: float | None) -> str:
 def write_record(out_dir: str, env: dict, args: dict, selfcheck_rows: list, rows: list,
                  copy_gbs=None, write_gbs=None) -> dict:  # fmt: skip
     """Write bench.json and bench.csv (and bench.png when matplotlib is importable) under out_dir; return paths."""
-    from . import common
-
     os.makedirs(out_dir, exist_ok=True)
     record = {"format": RECORD_FORMAT, "env": env, "args": args, "copy_GBps": copy_gbs, "write_GBps": write_gbs,
               "selfcheck": selfcheck_rows, "rows": rows}  # fmt: skip
@@ -506,8 +505,6 @@ def write_chart(path: str, rows: list, copy_gbs, env: dict) -> str | None:
 
 def main(argv=None, prog: str = "python -m bench") -> int:
     args = parse_args(argv, prog)
-    from . import common
-
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if not cuda:

@@ -43,6 +43,7 @@ from moe_raw.dispatcher import all_to_all
 from . import seed
 from .bench_dispatch import megatron_sort_chunks
 from .bench_layer import LAYER_RTOL, grouped_matmul, rel_err
+from .common import DTYPES
 
 EP_SHAPES = {  # name: (T per rank, E, H, K, F) -- the shapes of bench_layer, T tokens on every rank
     "DeepSeek-V3": (4096, 256, 7168, 8, 2048),
@@ -52,7 +53,6 @@ EP_SHAPES = {  # name: (T per rank, E, H, K, F) -- the shapes of bench_layer, T 
 }
 QUICK_SHAPE = "Qwen3-30B-A3B"
 CAPACITY_FACTOR = 1.25
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class SeedAlltoAll:

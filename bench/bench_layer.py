@@ -166,7 +166,7 @@ def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
 
 
 def main(argv=None):
-    from .__main__ import DTYPES
+    from .common import DTYPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"one shape ({QUICK_LAYER_SHAPE})")

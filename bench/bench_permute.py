@@ -19,7 +19,7 @@ import sys
 import torch
 
 import moe_raw
-from moe_raw import permutation
+from moe_raw._kernels import dispatch
 
 from . import common, seed
 
@@ -93,8 +93,8 @@ def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
 
     map_bytes = bytes_map_build(T, E)
     # map build (tables) alone
-    _, ws, _ws_buf = permutation._map_and_workspace(rm)
-    ms_map = common.do_bench(lambda: permutation._tables(rm, ws))
+    _, ws, _ws_buf = dispatch._map_and_workspace(rm)
+    ms_map = common.do_bench(lambda: dispatch._tables(rm, ws))
     row("map build", "moe_raw", ms_map, map_bytes)
 
     # permute forward with probs, num_out_tokens given (no sync), fused index
@@ -117,11 +117,11 @@ def bench_shape(name, T, E, H, K, copy_gbs, dtype=torch.bfloat16):
     g_perm = torch.randn_like(out)
     g_pp = torch.randn_like(pprobs)
     g_out = torch.randn_like(x)
-    ms = common.do_bench(lambda: permutation._gather_cuda(g_perm, row_map, T, g_pprobs=g_pp, dprobs_dtype=probs.dtype))
+    ms = common.do_bench(lambda: dispatch._gather_cuda(g_perm, row_map, T, g_pprobs=g_pp, dprobs_dtype=probs.dtype))
     row("permute bwd", "moe_raw", ms, bytes_permute_bwd(T, E, H, K, s))
     ms = common.do_bench(seed_backward(lambda xi, pi: seed.permute(xi, rm, pi)[:2], x, probs, (g_perm, g_pp)))
     row("permute bwd", "seed", ms, bytes_permute_bwd(T, E, H, K, s), "autograd.grad of the seed's graph")
-    ms = common.do_bench(lambda: permutation._unpermute_bwd_cuda(g_out, out, row_map, N, probs, True))
+    ms = common.do_bench(lambda: dispatch._unpermute_bwd_cuda(g_out, out, row_map, N, probs, True))
     row("unpermute bwd", "moe_raw", ms, bytes_unpermute_bwd(T, E, H, K, s))
     seed_unpermute = lambda oi, pi: (seed.unpermute(oi, sidx, (T, H), pi, rm),)  # noqa: E731
     ms = common.do_bench(seed_backward(seed_unpermute, out, probs, (g_out,)))

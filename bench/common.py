@@ -10,6 +10,9 @@ import time
 
 import torch
 
+# Benchmark dtypes by their command-line names (every bench CLI takes --dtype from here).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def do_bench(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median milliseconds of fn() on the GPU (CUDA events; triton.testing.do_bench flushes L2 between reps)."""

@@ -8,7 +8,8 @@ import pstats
 import torch
 
 import moe_raw
-from moe_raw import _launch, permutation
+from moe_raw import _launch
+from moe_raw._kernels import dispatch
 
 from .common import host_us
 
@@ -20,8 +21,8 @@ def main():
     rm = torch.zeros(T, E, dtype=torch.bool, device="cuda").scatter_(1, scores.topk(K, 1).indices, True)
     probs = torch.softmax(scores, 1) * rm
     N = T * K
-    _, ws, ws_buf = permutation._map_and_workspace(rm)
-    out, pp, row_map, _ = permutation._permute_cuda(x, rm, probs, N, False, want_indices=False)
+    _, ws, ws_buf = dispatch._map_and_workspace(rm)
+    out, pp, row_map, _ = dispatch._permute_cuda(x, rm, probs, N, False, want_indices=False)
     dev = x.device
     parts = {
         "torch.empty (1 alloc)": lambda: torch.empty(64, device="cuda"),
@@ -33,9 +34,9 @@ def main():
         "launch routing_pack (7 args)": lambda: _launch.launch(
             "permute", "moe_raw::routing_pack<256>", dev, 1, 256, (rm.data_ptr(), 1, E, 1, T, E, ws)
         ),
-        "_tables": lambda: permutation._tables(rm, ws),
-        "_permute_cuda": lambda: permutation._permute_cuda(x, rm, probs, N, False, want_indices=False),
-        "_gather_cuda": lambda: permutation._gather_cuda(out, row_map, T, probs=probs),
+        "_tables": lambda: dispatch._tables(rm, ws),
+        "_permute_cuda": lambda: dispatch._permute_cuda(x, rm, probs, N, False, want_indices=False),
+        "_gather_cuda": lambda: dispatch._gather_cuda(out, row_map, T, probs=probs),
         "permute(fused) public": lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True),
         "unpermute(fused) public": lambda: moe_raw.unpermute(out, row_map, (T, H), probs, fused=True),
     }

@@ -36,7 +36,7 @@
 //   rows, + E blocks that zero each expert's padding rows in the aligned layout),
 //   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list
 //   (and, for permute_scatter's Hopper path, a 16 KiB stage of the row).
-// Preconditions (checked in moe_raw/permutation.py): rows contiguous in their last dim, VB divides the row bytes,
+// Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their last dim, VB divides the row bytes,
 //   the row stride and both base addresses; T * E < 2^31; E <= 4096; N < 2^31 - 2.
 // Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
 //   unpermute backward with probs grad T*H*s + 2*N*H*s; map build ~T*E bytes of routing map + O(E*T/8).
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
   if constexpr (VB == 16) {
     // Hopper: stage the token row in shared memory (kStageBytes at a time), then the bulk-copy engine writes
     // it to each destination row: one instruction per destination instead of a 16-byte store per thread.
-    constexpr int kStageBytes = 16384;  // moe_raw/permutation.py _STAGE_BYTES sizes the shared memory to match
+    constexpr int kStageBytes = 16384;  // moe_raw/_kernels/dispatch.py _STAGE_BYTES sizes the shared memory
     uint8_t* stage = reinterpret_cast<uint8_t*>(
         (reinterpret_cast<uintptr_t>(dest_rows + 2 * num_experts) + 127) & ~static_cast<uintptr_t>(127));
     const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage));

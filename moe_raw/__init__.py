@@ -7,11 +7,7 @@ run the pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs n
 
 __version__ = "0.2.0"
 
-from moe_raw.chunks import sort_chunks_by_idxs
-from moe_raw.dispatcher import MoEAlltoAllDispatcher
-from moe_raw.padding import permute_and_pad, permute_with_row_map
-from moe_raw.permutation import permute, unpermute
-from moe_raw.swiglu import (
+from moe_raw.activations import (
     WeightedQuickGeGLUFunction,
     WeightedSwiGLUFunction,
     clamped_swiglu,
@@ -29,6 +25,10 @@ from moe_raw.swiglu import (
     weighted_swiglu,
     weighted_swiglu_back,
 )
+from moe_raw.chunks import sort_chunks_by_idxs
+from moe_raw.dispatcher import MoEAlltoAllDispatcher
+from moe_raw.padding import permute_and_pad, permute_with_row_map
+from moe_raw.permutation import permute, unpermute
 from moe_raw.topk import permute_topk, topk_to_routing, unpermute_topk
 
 __all__ = [

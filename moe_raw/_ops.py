@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_raw import permutation as P
-from moe_raw import swiglu as S
+from moe_raw._kernels import dispatch as D
+from moe_raw._kernels import glu_launch as GL
 
 _EMPTY = (0,)
 
@@ -37,7 +37,7 @@ def permute(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(permuted [N, H], permuted_probs [N] (empty without probs), row_map [T+1, E], sorted_indices [N] (empty with
     fused=True)). The row map is always returned: the backward reads it."""
-    out, pprobs, index, row_map = P._permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused)
+    out, pprobs, index, row_map = D._permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused)
     indices = index if not fused else torch.empty(_EMPTY, dtype=torch.int64, device=tokens.device)
     if pprobs is None:
         pprobs = torch.empty(_EMPTY, dtype=torch.float32, device=tokens.device)
@@ -73,7 +73,7 @@ def permute_backward(
     num_tokens, num_experts = row_map.shape[0] - 1, row_map.shape[1]
     dev = grad_permuted.device
     g_pp = grad_pprobs.contiguous() if grad_pprobs is not None else None
-    dtok, dprobs = P._gather(grad_permuted, row_map, num_tokens, g_pprobs=g_pp, dprobs_dtype=probs_dtype)
+    dtok, dprobs = D._gather(grad_permuted, row_map, num_tokens, g_pprobs=g_pp, dprobs_dtype=probs_dtype)
     if dprobs is None:  # no probs gradient asked for (empty), or T = 0
         shape = _EMPTY if grad_pprobs is None else (num_tokens, num_experts)
         dprobs = torch.zeros(shape, dtype=probs_dtype, device=dev)
@@ -127,8 +127,8 @@ def unpermute(
     built = None
     row_map, sorted_indices = (index.contiguous(), None) if fused else (None, index)
     if routing_map is not None and not fused:
-        row_map = built = P._row_map_from_routing(routing_map, n_rows, drop_and_pad)
-    out = P._unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens)
+        row_map = built = D._row_map_from_routing(routing_map, n_rows, drop_and_pad)
+    out = D._unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens)
     if built is None:
         built = torch.empty((0, 0), dtype=torch.int32, device=permuted.device)
     return out, built
@@ -152,19 +152,10 @@ def unpermute_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d rows [N, H], d probs [T, E] (empty unless permuted is given)). row_map None: the CSR path over
     sorted_indices (each row takes its token's gradient). permuted is given only when probs need a gradient."""
-    num_tokens, hidden = grad_out.shape
     need_dprobs = permuted is not None
-    dev = grad_out.device
-    dprobs = None
-    if num_tokens == 0:
-        d_rows = grad_out.new_zeros((n_rows, hidden))
-    elif row_map is None:
-        d_rows = P._csr_rows_grad(grad_out, sorted_indices)
-    else:
-        row_map = row_map.contiguous()  # a fused map may be a strided view; the kernel reads [T + 1, E] rows
-        d_rows, dprobs = P._unpermute_bwd(grad_out, permuted, row_map, n_rows, probs, need_dprobs)
-    if dprobs is None:
-        dprobs = torch.zeros(probs.shape, dtype=probs.dtype, device=dev) if need_dprobs else grad_out.new_empty(_EMPTY)
+    d_rows, dprobs = D._unpermute_backward(grad_out, permuted, row_map, sorted_indices, probs, n_rows, need_dprobs)
+    if dprobs is None:  # custom ops return tensors: an empty one stands for "no probs gradient"
+        dprobs = grad_out.new_empty(_EMPTY)
     return d_rows, dprobs
 
 
@@ -199,13 +190,13 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Gated activations: one op per form for the whole family (SwiGLU, Quick-GEGLU, clamped SwiGLU), the activation
-# given as (alpha, linear_offset, limit) as in moe_raw.swiglu (SwiGLU is (1, 0, None)).
+# given as (alpha, linear_offset, limit) as in moe_raw.activations (SwiGLU is (1, 0, None)).
 
 
 @torch.library.custom_op("moe_raw::glu", mutates_args=())
 def glu(y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
     """y [..., 2F] -> [..., F] in y.dtype (moe_raw.swiglu / quick_geglu / clamped_swiglu)."""
-    out = S._glu_fwd(S._as_2d(y), None, (alpha, linear_offset, limit))
+    out = GL._glu_fwd(GL._as_2d(y), None, (alpha, linear_offset, limit))
     return out.view(*y.shape[:-1], out.shape[1])
 
 
@@ -219,7 +210,7 @@ def weighted_glu(
     y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
 ) -> torch.Tensor:
     """y [N, 2F], weights [N, 1] -> act(y) * weights [N, F] in y.dtype."""
-    return S._glu_fwd(y, weights, (alpha, linear_offset, limit))
+    return GL._glu_fwd(y, weights, (alpha, linear_offset, limit))
 
 
 @weighted_glu.register_fake
@@ -231,7 +222,7 @@ def _(y, weights, alpha, linear_offset, limit):
 def glu_back(g: torch.Tensor, y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
     """dy [..., 2F] in promote(g.dtype, y.dtype)."""
     out_dtype = torch.promote_types(g.dtype, y.dtype)
-    return S._glu_bwd(S._as_2d(g), S._as_2d(y), None, (alpha, linear_offset, limit), out_dtype)[0].view(y.shape)
+    return GL._glu_bwd(GL._as_2d(g), GL._as_2d(y), None, (alpha, linear_offset, limit), out_dtype)[0].view(y.shape)
 
 
 @glu_back.register_fake
@@ -244,7 +235,7 @@ def weighted_glu_back(
     g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype)."""
-    return S._glu_bwd(g, y, weights, (alpha, linear_offset, limit), y.dtype)
+    return GL._glu_bwd(g, y, weights, (alpha, linear_offset, limit), y.dtype)
 
 
 @weighted_glu_back.register_fake
@@ -280,24 +271,15 @@ def _weighted_glu_setup(ctx, inputs, output):
 def _weighted_glu_backward(ctx, grad_output):
     input, weights = ctx.saved_tensors
     dinput, dweights = weighted_glu_back(grad_output, input.to(ctx.input_dtype), weights, *ctx.act)
-    return (
-        dinput if ctx.needs_input_grad[0] else None,
-        dweights if ctx.needs_input_grad[1] else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    need = ctx.needs_input_grad
+    return (dinput if need[0] else None), (dweights if need[1] else None), None, None, None, None
 
 
 weighted_glu_fn.register_autograd(_weighted_glu_backward, setup_context=_weighted_glu_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# sort_chunks_by_idxs, permute_and_pad, permute_with_row_map (imported late: these modules import nothing from here)
-
-from moe_raw import chunks as C  # noqa: E402
-from moe_raw import padding as PAD  # noqa: E402
+# sort_chunks_by_idxs, permute_and_pad, permute_with_row_map
 
 
 @torch.library.custom_op("moe_raw::sort_chunks", mutates_args=())
@@ -306,7 +288,7 @@ def sort_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows [N, ...], probs [N] (empty without probs)) regrouped by sorted_idxs, or (inverse=True, the backward)
     put back where they came from. Split sizes and indices stay on the device."""
-    out, pout = C._chunk_sort(x, probs, split_sizes, sorted_idxs, gather=inverse)
+    out, pout = D._chunk_sort(x, probs, split_sizes, sorted_idxs, gather=inverse)
     return out, (pout if pout is not None else torch.empty(_EMPTY, dtype=torch.float32, device=x.device))
 
 
@@ -337,7 +319,7 @@ def permute_and_pad(
     tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor | None, align: int, num_out_tokens: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """permute_and_pad's five outputs (permuted_probs empty without probs)."""
-    out, pprobs, row_map, tpe, padded = PAD._permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens)
+    out, pprobs, row_map, tpe, padded = D._permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens)
     if tpe.is_cuda:
         tpe, padded = tpe.clone(), padded.clone()  # two rows of one buffer: custom-op outputs may not share storage
     if pprobs is None:
@@ -380,7 +362,7 @@ permute_and_pad.register_autograd(_permute_and_pad_backward, setup_context=_perm
 @torch.library.custom_op("moe_raw::permute_with_row_map", mutates_args=())
 def permute_with_row_map(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) -> torch.Tensor:
     """x's rows [T, ...] where the row map puts each token's rows, zero elsewhere: [num_rows, ...]."""
-    return PAD._scatter_rows(x, row_map, num_rows)
+    return D._scatter_rows(x, row_map, num_rows)
 
 
 @permute_with_row_map.register_fake

@@ -9,6 +9,8 @@ never reach memory they shouldn't: the kernels bound-check every row id and skip
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -34,8 +36,7 @@ def _name(dtypes) -> str:
 def tensor(x, arg: str, op: str, ndim: int | None = None, dtypes=None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(x).__name__}")
-    if x.layout is not torch.strided:  # sparse / mkldnn tensors have no strides or data pointer to hand the kernels
-        raise TypeError(f"{op}: {arg} must be a dense (strided) tensor, got layout {x.layout}")
+    dense(x, arg, op)
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{op}: {arg} must be {ndim}-D, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
@@ -183,3 +184,115 @@ def permute_inputs(op: str, tokens, routing_map, router_probs) -> tuple[int, int
     if router_probs is not None:
         probs(op, router_probs, num_tokens, num_experts)
     return num_tokens, num_experts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gated activations (moe_raw.activations): y [..., 2F] = [gate | up], weights [N, 1], g [..., F]
+
+
+def dense(x, arg: str, op: str) -> None:
+    # sparse / mkldnn tensors have no strides or data pointer to hand the kernels
+    if x.layout is not torch.strided:
+        raise TypeError(f"{op}: {arg} must be a dense (strided) tensor, got layout {x.layout}")
+
+
+def glu_input(y, op: str, two_d: bool, arg: str = "y") -> int:
+    """F of a valid y; else the error naming y. Every check reads metadata only (no host sync)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(y).__name__}")
+    dense(y, arg, op)
+    shape = y.shape
+    if len(shape) != 2:
+        if two_d:
+            raise ValueError(f"{op}: {arg} must be 2-D [N, 2F], got shape {tuple(shape)}")
+        if not shape:
+            raise ValueError(f"{op}: {arg} must have a last dimension [..., 2F], got a 0-d tensor")
+    if y.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {arg} must be float32, float16, bfloat16 or float64, got {y.dtype}")
+    last = shape[-1]
+    if last & 1:
+        raise ValueError(f"{op}: the last dim of {arg} must be even ([gate | up] halves), got shape {tuple(shape)}")
+    return last >> 1
+
+
+def same_device_as(x, y, arg: str, op: str) -> None:
+    index = y.get_device()  # a CUDA index, or -1 (CPU and other devices: compare the devices themselves)
+    if x.get_device() != index if index >= 0 else x.device != y.device:
+        raise ValueError(f"{op}: {arg} is on {x.device} but y is on {y.device}; all tensors must share a device")
+
+
+def glu_weights(weights, y, op: str, arg: str = "weights") -> None:
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"{op}: {arg} must be a torch.Tensor [N, 1], got {type(weights).__name__}")
+    dense(weights, arg, op)
+    if weights.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {arg} must be float32, float16, bfloat16 or float64, got {weights.dtype}")
+    shape, n_rows = weights.shape, y.shape[0]
+    if len(shape) != 2 or shape[1] != 1 or shape[0] != n_rows:
+        raise ValueError(f"{op}: {arg} must be [N, 1] with N = {n_rows} (rows of y), got {tuple(shape)}")
+    same_device_as(weights, y, arg, op)
+
+
+def glu_grad(g, y, f: int, op: str) -> None:
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{op}: g must be a torch.Tensor, got {type(g).__name__}")
+    dense(g, "g", op)
+    if g.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: g must be float32, float16, bfloat16 or float64, got {g.dtype}")
+    g_shape, y_shape = g.shape, y.shape
+    if len(g_shape) == 2 == len(y_shape):  # the common case, without building torch.Size slices
+        bad = g_shape[0] != y_shape[0] or g_shape[1] != f
+    else:
+        bad = len(g_shape) != len(y_shape) or g_shape[-1] != f or g_shape[:-1] != y_shape[:-1]
+    if bad:
+        expected = (*y_shape[:-1], f)
+        raise ValueError(f"{op}: g must be [..., F] = {expected} for y {tuple(y_shape)}, got {tuple(g_shape)}")
+    same_device_as(g, y, "g", op)
+
+
+def act_constant(value, arg: str, op: str) -> float:
+    """A finite float from a Python number or a 0-d CPU tensor (Megatron's Function takes linear_offset as a
+    tensor). It is compiled into the kernel: a CUDA tensor (reading it would sync the host) and NaN / inf (never
+    equal to themselves, so never a cache hit) are refused."""
+    if value.__class__ is not float:  # a plain float, the common case, skips these checks (~1 us a call)
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 0 or value.device.type != "cpu":
+                raise TypeError(
+                    f"{op}: {arg} must be a Python float or a 0-d CPU tensor (it is compiled into the kernel; reading "
+                    f"a CUDA tensor would sync the host), got a tensor of shape {tuple(value.shape)} on {value.device}"
+                )
+            value = value.item()
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{op}: {arg} must be a float, got {type(value).__name__}")
+        value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {arg} must be finite, got {value}")
+    return value
+
+
+def act_limit(value, arg: str, op: str) -> float:
+    limit = act_constant(value, arg, op)
+    if limit <= 0:
+        raise ValueError(f"{op}: {arg} must be > 0 (the clamp is [-{arg}, {arg}] on the linear half), got {limit}")
+    return limit
+
+
+def fp8_flag(fp8_input_store, op: str) -> None:
+    # bool() of a CUDA tensor would sync, of a string would hide a misplaced argument
+    if isinstance(fp8_input_store, torch.Tensor) or not isinstance(fp8_input_store, (bool, int)):
+        raise TypeError(f"{op}: fp8_input_store must be a bool, got {type(fp8_input_store).__name__}")
+
+
+def glu_bias(bias, input, op: str) -> None:
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    dense(bias, "bias", op)
+    if bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: bias must be float32, float16, bfloat16 or float64, got {bias.dtype}")
+    try:
+        fits = torch.broadcast_shapes(bias.shape, input.shape) == input.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{op}: bias must broadcast to input {tuple(input.shape)}, got {tuple(bias.shape)}")
+    same_device_as(bias, input, "bias", op)

@@ -12,64 +12,17 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from moe_raw import _ops
 from moe_raw import _validate as V
-from moe_raw import permutation as P
-from moe_raw import reference
-from moe_raw._launch import launch, ptr
+from moe_raw._kernels import dispatch as D
 
 __all__ = ["permute_and_pad", "permute_with_row_map"]
-
-
-def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
-    """(permuted [N, H], permuted_probs [N] | None, row_map [T+3, E], tokens_per_expert [E], padded [E])."""
-    num_tokens, hidden = tokens.shape
-    num_experts = routing_map.shape[1]
-    dev = tokens.device
-    extra = -(-P._workspace_ints(num_tokens, num_experts) // num_experts)
-    buf = torch.empty((num_tokens + 3 + extra, num_experts), dtype=torch.int32, device=dev)
-    row_map = buf[: num_tokens + 3]
-    ws = buf.data_ptr() + 4 * (num_tokens + 3) * num_experts
-    counts = torch.empty((2, num_experts), dtype=torch.int64, device=dev)
-    P._tables(routing_map, ws)
-    n_keep = min(num_out_tokens, V.MAX_ROWS) if num_out_tokens is not None else V.MAX_ROWS
-    launch(
-        "permute", "moe_raw::pad_offsets<1024>", dev, 1, 1024,
-        (ws, num_tokens, num_experts, n_keep, align, ptr(row_map[num_tokens + 1]), ptr(row_map[num_tokens]),
-         ptr(counts[0]), ptr(counts[1])),
-    )  # fmt: skip
-    if num_out_tokens is None:
-        n_rows = int(row_map[num_tokens, 0].item())  # the padded total: the one device-to-host read
-    else:
-        n_rows = num_out_tokens + num_experts * (align - 1)  # the worst case: every expert pads align - 1 rows
-    out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev)
-    pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
-    src = P._rows(tokens)
-    esize = tokens.element_size()
-    row_bytes = hidden * esize
-    vb = P._scatter_vec_bytes(P._vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
-    launch(
-        "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + P._cdiv(n_rows, P._TAIL_ROWS) + num_experts,
-        P._ROW_THREADS,
-        (ptr(src), src.stride(0) * esize, ptr(out), row_bytes, num_tokens, num_experts, n_rows, 0, 0,
-         ptr(routing_map), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
-         ws, row_map.data_ptr(), 0, *P._scalar_args(probs), ptr(pprobs), n_keep, ptr(row_map[num_tokens + 1])),
-        shared_mem=8 * num_experts + (128 + min(row_bytes, P._STAGE_BYTES) if vb == 16 else 0),
-    )  # fmt: skip
-    return out, pprobs, row_map, counts[0], counts[1]
-
-
-def _permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens):
-    """permute_and_pad's five outputs on the tensors' device (the CUDA kernels, or their torch twin: the reference,
-    which also serves T = 0 on CUDA: all zeros, no kernel needed)."""
-    if tokens.is_cuda and tokens.shape[0] > 0:
-        return _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens)
-    return reference.permute_and_pad(tokens, routing_map, probs, align, num_out_tokens)
 
 
 class _PermutePadFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, probs, routing_map, align, num_out_tokens):
-        out, pprobs, row_map, tpe, padded = _permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens)
+        out, pprobs, row_map, tpe, padded = D._permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens)
         ctx.save_for_backward(row_map)
         ctx.num_tokens, ctx.probs_dtype = tokens.shape[0], None if probs is None else probs.dtype
         ctx.mark_non_differentiable(row_map, tpe, padded)
@@ -81,7 +34,7 @@ class _PermutePadFn(torch.autograd.Function):
         (row_map,) = ctx.saved_tensors
         need_rows = ctx.needs_input_grad[0]
         g_pp = grad_pprobs if (ctx.probs_dtype is not None and ctx.needs_input_grad[1]) else None
-        d_tokens, dprobs = P._gather(
+        d_tokens, dprobs = D._gather(
             grad_out if need_rows else None, row_map, ctx.num_tokens, g_pprobs=g_pp, dprobs_dtype=ctx.probs_dtype
         )
         return d_tokens, dprobs, None, None, None
@@ -124,8 +77,6 @@ def permute_and_pad(
         raise ValueError(f"{op}: up to {worst} padded rows would exceed the {V.MAX_ROWS} rows supported")
     V.same_device(op, tokens=tokens, routing_map=routing_map, probs=probs)
     if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
-        from moe_raw import _ops
-
         out, pprobs, row_map, tpe, padded = _ops.permute_and_pad(tokens, routing_map, probs, align, n_out)
         return out, (pprobs if probs is not None else None), row_map, tpe, padded
     differentiable = tokens.dtype in V.FLOAT_DTYPES
@@ -133,33 +84,7 @@ def permute_and_pad(
         (differentiable and tokens.requires_grad) or (probs is not None and probs.requires_grad)
     ):
         return _PermutePadFn.apply(tokens, probs, routing_map, align, n_out)
-    return _permute_and_pad_rows(tokens, routing_map, probs, align, n_out)
-
-
-def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
-    rows = P._rows(x.reshape(num_tokens, -1) if x.dim() != 2 else x)
-    out = torch.empty((num_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    esize = x.element_size()
-    row_bytes = rows.shape[1] * esize
-    vb = P._vec_bytes(1, row_bytes, rows.stride(0) * esize, rows.data_ptr(), out.data_ptr())
-    num_experts = row_map.shape[1]
-    aligned = row_map.shape[0] == num_tokens + 3
-    launch(
-        "permute", f"moe_raw::scatter_rows<{vb}>", x.device,
-        num_tokens + P._cdiv(num_rows, P._TAIL_ROWS) + (num_experts if aligned else 0), P._ROW_THREADS,
-        (ptr(rows), rows.stride(0) * esize, ptr(out), row_bytes, num_tokens, num_experts, num_rows, ptr(row_map),
-         ptr(row_map[num_tokens + 1]) if aligned else 0),
-        shared_mem=4 * num_experts,
-    )  # fmt: skip
-    return out
-
-
-def _scatter_rows(x, row_map, num_rows):
-    """permute_with_row_map on the tensors' device: one scatter_rows launch, or its torch twin (the reference,
-    which also serves empty x on CUDA)."""
-    if x.is_cuda and x.numel() > 0:
-        return _scatter_rows_cuda(x, row_map, x.shape[0], num_rows)
-    return reference.permute_with_row_map(x, row_map, num_rows)
+    return D._permute_and_pad_rows(tokens, routing_map, probs, align, n_out)
 
 
 class _ScatterRowsFn(torch.autograd.Function):
@@ -167,7 +92,7 @@ class _ScatterRowsFn(torch.autograd.Function):
     def forward(ctx, x, row_map, num_rows):
         ctx.save_for_backward(row_map)
         ctx.num_tokens = x.shape[0]
-        return _scatter_rows(x, row_map, num_rows)
+        return D._scatter_rows(x, row_map, num_rows)
 
     @staticmethod
     @once_differentiable
@@ -177,7 +102,7 @@ class _ScatterRowsFn(torch.autograd.Function):
         if num_tokens == 0 or grad_out.numel() == 0:
             return grad_out.new_zeros((num_tokens, *row_shape)), None, None
         g = grad_out.reshape(grad_out.shape[0], -1)
-        d_x = P._gather(g, row_map[: num_tokens + 1], num_tokens)[0]
+        d_x = D._gather(g, row_map[: num_tokens + 1], num_tokens)[0]
         return d_x.view(num_tokens, *row_shape), None, None
 
 
@@ -211,12 +136,10 @@ def permute_with_row_map(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) 
     num_rows = V.size_arg(num_rows, "num_rows", op, allow_none=False)
     V.same_device(op, x=x, row_map=row_map)
     if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
-        from moe_raw import _ops
-
         return _ops.permute_with_row_map(x, row_map, num_rows)
     row_map = row_map.contiguous()
     if V.DEBUG:
         V.row_map_values(op, row_map[: num_tokens + 1], num_rows)
     if torch.is_grad_enabled() and x.requires_grad and x.dtype in V.FLOAT_DTYPES:
         return _ScatterRowsFn.apply(x, row_map, num_rows)
-    return _scatter_rows(x, row_map, num_rows)
+    return D._scatter_rows(x, row_map, num_rows)

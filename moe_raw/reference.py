@@ -35,21 +35,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "permute",
-    "unpermute",
-    "build_row_map",
-    "swiglu",
-    "weighted_swiglu",
-    "swiglu_back",
-    "weighted_swiglu_back",
-    "WeightedSwiGLUFunction",
-    "weighted_bias_swiglu_impl",
-    "sort_chunks_by_idxs",
-    "permute_and_pad",
-    "permute_with_row_map",
-]
-
 
 def _capacity(num_out_tokens: int, num_tokens: int, num_experts: int) -> int:
     # The seed slices argsort(...)[:, :capacity]; a slice past the end keeps num_tokens columns.

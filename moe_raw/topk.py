@@ -19,7 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from moe_raw import _validate as V
-from moe_raw._launch import launch, ptr
+from moe_raw._kernels import dispatch as D
 from moe_raw.permutation import permute, unpermute
 
 __all__ = ["topk_to_routing", "permute_topk", "unpermute_topk"]
@@ -49,11 +49,11 @@ def _routing(topk_indices, num_experts, topk_probs):
     bytes at a time. Both paths skip entries outside [0, E) and give an expert named twice its first probability."""
     if topk_indices.is_cuda and not torch.compiler.is_compiling():
         if topk_probs is None:
-            return _dense_cuda(topk_indices, num_experts, None)[0], None
+            return D._dense_cuda(topk_indices, num_experts, None)[0], None
         return _TopkDense.apply(topk_probs, topk_indices, num_experts)
     num_tokens = topk_indices.shape[0]
     valid = (topk_indices >= 0) & (topk_indices < num_experts)
-    slots = torch.where(valid & _first_of_each_expert(topk_indices), topk_indices, num_experts).long()
+    slots = torch.where(valid & D._first_of_each_expert(topk_indices), topk_indices, num_experts).long()
     width = -(-(num_experts + 1) // 16) * 16  # column E collects the skipped entries
     dev = topk_indices.device
     routing_map = torch.zeros((num_tokens, width), dtype=torch.bool, device=dev).scatter_(1, slots, True)
@@ -64,47 +64,13 @@ def _routing(topk_indices, num_experts, topk_probs):
     return routing_map[:, :num_experts], probs
 
 
-def _first_of_each_expert(topk_indices):
-    """[T, K] bool: False where the same index appeared earlier in the row (K x K compare; K is small)."""
-    k = topk_indices.shape[1]
-    same = topk_indices.unsqueeze(2) == topk_indices.unsqueeze(1)  # [T, K, K]: same[t, i, j] = idx[i] == idx[j]
-    earlier = torch.ones(k, k, dtype=torch.bool, device=topk_indices.device).tril(-1)
-    return ~(same & earlier).any(2)
-
-
-_WORDS = {2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
-_TOKENS_PER_BLOCK = 8  # kernels/topk.cu kTokensPerBlock
-
-
-def _dense_cuda(topk_indices, num_experts, topk_probs):
-    """One topk_dense launch: (routing_map [T, E] bool view, probs [T, E] | None)."""
-    num_tokens, k = topk_indices.shape
-    idx = topk_indices.contiguous()
-    width = -(-num_experts // 16) * 16
-    dev = idx.device
-    routing_map = torch.empty((num_tokens, width), dtype=torch.bool, device=dev)
-    probs = p = None
-    if topk_probs is not None:
-        p = topk_probs.detach().contiguous()
-        probs = torch.empty((num_tokens, num_experts), dtype=p.dtype, device=dev)
-    if num_tokens:
-        index = "int32_t" if idx.dtype == torch.int32 else "int64_t"
-        word = _WORDS[p.element_size()] if p is not None else "uint32_t"
-        launch(
-            "topk", f"moe_raw::topk_dense<{index}, {word}>", dev, -(-num_tokens // _TOKENS_PER_BLOCK),
-            32 * _TOKENS_PER_BLOCK,
-            (ptr(idx), ptr(p), num_tokens, k, num_experts, ptr(routing_map), width, ptr(probs)),
-        )  # fmt: skip
-    return routing_map[:, :num_experts], probs
-
-
 class _TopkDense(torch.autograd.Function):
     """The dense routing from top-k (CUDA); d probs[t, e] / d topk_probs[t, k] = 1 where e is idx[t, k]'s first
     occurrence in the row (the value the kernel copied), so the gradient is a gather of those entries."""
 
     @staticmethod
     def forward(ctx, topk_probs, topk_indices, num_experts):
-        routing_map, probs = _dense_cuda(topk_indices, num_experts, topk_probs)
+        routing_map, probs = D._dense_cuda(topk_indices, num_experts, topk_probs)
         ctx.save_for_backward(topk_indices)
         ctx.mark_non_differentiable(routing_map)
         return routing_map, probs
@@ -114,7 +80,7 @@ class _TopkDense(torch.autograd.Function):
     def backward(ctx, _grad_map, grad_probs):
         (idx,) = ctx.saved_tensors
         num_experts = grad_probs.shape[1]
-        used = (idx >= 0) & (idx < num_experts) & _first_of_each_expert(idx)
+        used = (idx >= 0) & (idx < num_experts) & D._first_of_each_expert(idx)
         grad = grad_probs.gather(1, torch.where(used, idx, 0).long())
         return torch.where(used, grad, 0), None, None
 

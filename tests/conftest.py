@@ -2,6 +2,7 @@
 
 * ``seed`` (autouse): every test starts from ``torch.manual_seed(0)`` (all devices), so a failure reproduces.
 * ``side_stream``: a fresh non-default CUDA stream (skips the test without CUDA).
+* ``needs_cuda`` / ``needs_two_gpus``: the skip markers (import them: ``from conftest import needs_cuda``).
 * ``make_routing`` / ``make_probs``: random routing maps and router probabilities. They are drawn on the CPU from
   the seeded global generator and then moved, so a case has the same data on every device.
 
@@ -20,6 +21,13 @@ import pytest
 import torch
 
 ROUTING_KINDS = ("topk", "empty_expert", "one_expert", "sparse", "balanced")
+
+# The one CUDA skip marker of the suite (GPU tests also carry the ``gpu`` marker, registered in setup.cfg).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device needed")
+needs_two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="needs two CUDA devices (torch.cuda.device_count() >= 2)",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -200,16 +208,16 @@ def kernels(monkeypatch):
         pytest.skip("runs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1")
     import importlib
 
-    swiglu_module = importlib.import_module("moe_raw.swiglu")  # ``moe_raw.swiglu`` is also the function
-    monkeypatch.setattr(swiglu_module, "_on_kernels", lambda *t: True)
+    GL = importlib.import_module("moe_raw._kernels.glu_launch")
+    monkeypatch.setattr(GL, "_on_kernels", lambda *t: True)
     launches = []
-    launch = swiglu_module._launch_kernel
+    launch = GL._launch_kernel
 
     def spy(spec, *args):
         launches.append(spec)
         return launch(spec, *args)
 
-    monkeypatch.setattr(swiglu_module, "_launch_kernel", spy)
+    monkeypatch.setattr(GL, "_launch_kernel", spy)
     # The simulator's block manager polls its threads while holding the GIL; a short switch interval makes each
     # syncthreads of the weighted backward ~10x faster.
     interval = sys.getswitchinterval()
@@ -244,13 +252,13 @@ def numba_launch(spec, tensors, spans, scalars, n_rows):
     import numpy as np
     from numba import cuda
 
-    S = importlib.import_module("moe_raw.swiglu")  # the module (moe_raw.swiglu is also the function)
+    GC = importlib.import_module("moe_raw._kernels.glu_codegen")
     arrays = []
-    for t, span, (_, np_type) in zip(tensors, spans, S._layout(spec), strict=True):
+    for t, span, (_, np_type) in zip(tensors, spans, GC._layout(spec), strict=True):
         if t is None:
             arrays.append(cuda.device_array(1, dtype=np_type))
             continue
         desc = {"shape": (span,), "typestr": np.dtype(np_type).str, "data": (t.data_ptr(), False), "version": 3}
         arrays.append(cuda.from_cuda_array_interface(desc, owner=t, sync=False))
     stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-    S._dispatcher(spec)[S._cdiv(n_rows, S._ROWS_PER_BLOCK), S._BLOCK, stream](*arrays, *scalars)
+    GC._dispatcher(spec)[GC._cdiv(n_rows, GC._ROWS_PER_BLOCK), GC._BLOCK, stream](*arrays, *scalars)

@@ -1,4 +1,4 @@
-"""Quick-GEGLU and gpt-oss's clamped SwiGLU: the SwiGLU kernels with another activation (moe_raw.swiglu ``act``).
+"""Quick-GEGLU and gpt-oss's clamped SwiGLU: the SwiGLU kernels with another activation (moe_raw.activations ``act``).
 
 Semantics: Megatron-LM megatron/core/fusions/fused_bias_geglu.py (quick_geglu, weighted_quick_geglu, their _back,
 WeightedQuickGeGLUFunction, weighted_bias_quick_geglu_impl with clamp_value; NeMo Automodel's moe_utils has the same
@@ -28,17 +28,18 @@ import textwrap
 
 import pytest
 import torch
-from conftest import numba_launch
+from conftest import needs_cuda, numba_launch
 
 import moe_raw
 from moe_raw import reference as R
 
-S = importlib.import_module("moe_raw.swiglu")  # the module; ``moe_raw.swiglu`` is also the function
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 U32 = 2.0**-24
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device needed")
 
 # Each family's four functions, their keyword constants for one case, and that case's act (alpha, offset, limit).
 FAMILIES = {
@@ -445,7 +446,9 @@ _ENV = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
 
 _PTX_CHECK = r"""
 import importlib, re, sys
-S = importlib.import_module("moe_raw.swiglu")
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 clamped, quick = (1.702, 1.0, 7.0), (1.702, 0.0, None)
 # per dtype: both kinds on both paths (the act's element and word code), weighted and not
 specs = []
@@ -462,14 +465,14 @@ specs += [
 sizes = {"u64": 8, "b64": 8, "s64": 8, "f64": 8}
 for spec in specs:
     try:
-        ptx = S._ptx(spec)
+        ptx = GC._ptx(spec)
     except Exception as e:  # noqa
         if "nvvm" in str(e).lower() or "NVVM" in type(e).__name__:
             print("NO_NVVM"); sys.exit(0)
         raise
     entry = ptx[ptx.index(".entry"):]
     params = re.findall(r"\.param \.(\w+)", entry[: entry.index(")")])
-    assert [sizes[p] for p in params] == [8] * len(S._abi(spec)), (spec, params)  # SwiGLU's launch layout
+    assert [sizes[p] for p in params] == [8] * len(GC._abi(spec)), (spec, params)  # SwiGLU's launch layout
     consts = set(re.findall(r"0f[0-9A-F]{8}", ptx))
     has = lambda c: c in consts
     # 1.702f = 0x3FD9DB23 (times log2(e) for ex2 on the fast path: folded into one constant there); 7.0f = 0x40E00000
@@ -620,10 +623,10 @@ def test_gpu_every_output_element_written(dtype):
     for n, f in ((7, 13), (1027, 768)):
         y, g, w = _inputs(n, f, dtype, device="cuda")
         out = torch.full((n, f), float("nan"), device="cuda", dtype=dtype)
-        S._fwd_into(y, w, out, act)
+        GL._fwd_into(y, w, out, act)
         dy = torch.full((n, 2 * f), float("nan"), device="cuda", dtype=dtype)
         dw = torch.full((n, 1), float("nan"), device="cuda")
-        S._bwd_into(g, y, w, dy, dw, act)
+        GL._bwd_into(g, y, w, dy, dw, act)
         assert not out.isnan().any() and not dy.isnan().any() and not dw.isnan().any()
 
 
@@ -716,11 +719,11 @@ def test_gpu_fast_launch_equalsnumba_launch(dtype):
     shifted = torch.zeros(n, 2 * f + 1, device="cuda", dtype=dtype)[:, 1:].copy_(y)
     for yy in (y, shifted):
         out_fast, out_numba = (torch.empty(n, f, device="cuda", dtype=dtype) for _ in range(2))
-        S._fwd_into(yy, w, out_fast, act)
-        numba_launch(*S._fwd_args(yy, w, out_numba, act), n)
+        GL._fwd_into(yy, w, out_fast, act)
+        numba_launch(*GL._fwd_args(yy, w, out_numba, act), n)
         dy_f, dy_n = torch.empty_like(y), torch.empty_like(y)
         dw_f, dw_n = torch.empty(n, 1, device="cuda"), torch.empty(n, 1, device="cuda")
-        S._bwd_into(g, yy, w, dy_f, dw_f, act)
-        numba_launch(*S._bwd_args(g, yy, w, dy_n, dw_n, act), n)
+        GL._bwd_into(g, yy, w, dy_f, dw_f, act)
+        numba_launch(*GL._bwd_args(g, yy, w, dy_n, dw_n, act), n)
         torch.cuda.synchronize()
         assert torch.equal(out_fast, out_numba) and torch.equal(dy_f, dy_n) and torch.equal(dw_f, dw_n)

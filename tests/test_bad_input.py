@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import needs_cuda, needs_two_gpus
 
 import moe_raw
 from moe_raw import _launch
@@ -37,10 +38,6 @@ from moe_raw import reference as R
 T, E, H, K = 6, 4, 8, 2
 N, F = 5, 4  # SwiGLU rows and width
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA device needed")
-needs_two_gpus = pytest.mark.skipif(
-    not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices (torch.cuda.device_count() >= 2)"
-)
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 
 

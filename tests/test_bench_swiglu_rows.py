@@ -1,6 +1,6 @@
 """CPU tests of bench/bench_swiglu.py's op table (the SwiGLU, Quick-GEGLU and clamped SwiGLU rows) and its CLI.
 
-The timing itself needs CUDA; here: every activation op of moe_raw.swiglu has a row, the argument builders fit the
+The timing itself needs CUDA; here: every activation op of moe_raw.activations has a row, the argument builders fit the
 seed's functions, the byte models equal the SwiGLU counterparts', the closeness check, and --activations.
 """
 
@@ -12,13 +12,16 @@ import inspect
 import pytest
 import torch
 
+import moe_raw
 from bench import __main__ as cli
 from bench import bench_swiglu as B
 from moe_raw import reference
 
-swiglu_module = importlib.import_module("moe_raw.swiglu")  # moe_raw.swiglu is also the function
+swiglu_module = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 
-# Forward / backward ops of moe_raw.swiglu without a row, and why. Everything else in its __all__ that is a plain
+# Forward / backward ops of moe_raw.activations without a row, and why. Everything else in its __all__ that is a plain
 # function (not a class, not a *_impl autograd wrapper) must be in B.OPS.
 NOT_BENCHED = {"swiglu_back": "the SwiGLU rows stay as python -m bench runs them (fwd, weighted fwd, weighted bwd)"}
 
@@ -26,7 +29,8 @@ NOT_BENCHED = {"swiglu_back": "the SwiGLU rows stay as python -m bench runs them
 def _activation_ops() -> set:
     return {
         name
-        for name in swiglu_module.__all__
+        for name in moe_raw.__all__
+        if hasattr(swiglu_module, name)
         if inspect.isfunction(getattr(swiglu_module, name)) and not name.endswith("_impl")
     }
 
@@ -36,7 +40,7 @@ def test_every_activation_op_has_a_row():
     assert {"quick_geglu", "weighted_clamped_swiglu_back"} <= ops  # the filter finds the variants
     benched = {op.fn for op in B.OPS.values()}
     missing = ops - benched - set(NOT_BENCHED)
-    assert not missing, f"moe_raw.swiglu ops without a bench_swiglu.OPS row: {sorted(missing)}"
+    assert not missing, f"moe_raw.activations ops without a bench_swiglu.OPS row: {sorted(missing)}"
     assert not set(NOT_BENCHED) & benched  # stale exclusion
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_cuda
 
 import moe_raw
 from bench.bench_dispatch import megatron_sort_chunks
 from moe_raw import _validate, reference
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device needed")
+cuda = needs_cuda
 
 
 def random_case(n_splits, n_rows, tail=0, hidden=8, dtype=torch.float32, zero_frac=0.3, gen_seed=0):

@@ -57,7 +57,7 @@ import torch
 
 pytest.importorskip("hypothesis")
 
-from conftest import assert_exact  # noqa: E402
+from conftest import assert_exact, needs_cuda  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -65,7 +65,9 @@ import moe_raw  # noqa: E402
 from bench import seed as SEED  # noqa: E402
 from moe_raw import reference as R  # noqa: E402
 
-S = importlib.import_module("moe_raw.swiglu")  # the module; ``moe_raw.swiglu`` is also the function
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 FLOATS = (F32, F16, BF16, F64)
@@ -80,7 +82,6 @@ FLOOR = {F32: 2.0**-150, F16: 2.0**-25, BF16: 2.0**-134, F64: 0.0}
 U32 = 2.0**-24
 
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA device needed: the GPU profile of the fuzz tests")
 needs_sim = pytest.mark.skipif(
     os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
     reason="runs moe_raw's Numba kernels under Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1",
@@ -691,7 +692,7 @@ def _dw_close(dw, dw64, dw_torch, terms64, what: str) -> None:
     assert bool(ok.all()), f"{what}: err {err_rows.max().item():.3g}, torch err {torch_err:.3g}"
 
 
-from tests.conftest import simulator_shared_memory_lock as _simulator_shared_memory_lock  # noqa: E402
+from conftest import simulator_shared_memory_lock as _simulator_shared_memory_lock  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -699,20 +700,20 @@ def _kernel_launches(device: torch.device):
     """Count moe_raw's SwiGLU kernel launches; on the CPU, run the kernels under the CUDA simulator (the dispatch
     rule of ``_on_kernels`` without its is_cuda test, as tests/test_swiglu.py's fixture does)."""
     launches = []
-    launch = S._launch_kernel
+    launch = GL._launch_kernel
 
     def spy(spec, *args):
         launches.append(spec)
         return launch(spec, *args)
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(S, "_launch_kernel", spy))
+        stack.enter_context(mock.patch.object(GL, "_launch_kernel", spy))
         if device.type == "cpu":
 
             def on_kernels(y, g=None, weights=None):
-                return all(t is None or t.dtype in S._CODE for t in (y, g, weights))
+                return all(t is None or t.dtype in GL._CODE for t in (y, g, weights))
 
-            stack.enter_context(mock.patch.object(S, "_on_kernels", on_kernels))
+            stack.enter_context(mock.patch.object(GL, "_on_kernels", on_kernels))
             stack.enter_context(_simulator_shared_memory_lock())
             # The simulator's block manager polls its threads holding the GIL: a short switch interval is faster.
             interval = sys.getswitchinterval()
@@ -735,7 +736,7 @@ def check_swiglu(c: SwigluCase, device: torch.device) -> None:
     # Oracle inputs: exactly the values the ops read (the layouts above can change them: broadcast grads).
     y64, g64, w64 = y.cpu().double(), g.cpu().double(), w.cpu().double()
     y_t, g_t, w_t = y.cpu(), g.cpu(), w.cpu()  # the same-dtype torch reference
-    kernel_dtypes = c.dtype in S._CODE
+    kernel_dtypes = c.dtype in GL._CODE
 
     with _kernel_launches(device) as launches:
         # Weights absent: swiglu and swiglu_back (2-D, or 3-D views of the same rows).

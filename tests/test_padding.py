@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_probs, make_routing, needs_cuda
 
 import moe_raw
 from moe_raw import reference
-from tests.conftest import make_probs, make_routing
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device needed")
+cuda = needs_cuda
 DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])]
 
 

@@ -644,8 +644,8 @@ def test_simulated_kernels_match_cpu(case, wanted, kernels):
     sim = _run(case, "cpu", wanted)
     if not (case.op.endswith("_back") and wanted):  # a differentiable *_back call runs torch ops, not kernels
         assert kernels, f"{case.id}: no kernel launched under the simulator"
-    swiglu_module = importlib.import_module("moe_raw.swiglu")
+    GL = importlib.import_module("moe_raw._kernels.glu_launch")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(swiglu_module, "_on_kernels", lambda *t: False)
+        mp.setattr(GL, "_on_kernels", lambda *t: False)
         cpu = _run(case, "cpu", wanted)
     _compare(sim, cpu, f"{case.id} simulated kernels vs CPU", False, TOL[cpu.dtype])

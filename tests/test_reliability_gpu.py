@@ -33,12 +33,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import needs_cuda
 
 from moe_raw import _launch
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA device needed")
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 
 
@@ -54,8 +54,8 @@ def _env(**extra) -> dict:
 
 
 def _host_cache_sizes() -> tuple:
-    S = sys.modules["moe_raw.swiglu"]
-    return tuple(len(c) for c in (_launch._modules, _launch._kernels, _launch._shared_allowed, S._compiled, S._PLANS))
+    GL = sys.modules["moe_raw._kernels.glu_launch"]
+    return tuple(len(c) for c in (_launch._modules, _launch._kernels, _launch._shared_allowed, GL._compiled, GL._PLANS))
 
 
 @pytest.mark.parametrize("loop", ["permute_unpermute", "swiglu"])
@@ -123,7 +123,9 @@ _THREADS_SCRIPT = textwrap.dedent(
     import moe_raw
     from moe_raw import _launch, reference as R
 
-    S = importlib.import_module("moe_raw.swiglu")
+    S = importlib.import_module("moe_raw.activations")
+    GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+    GL = importlib.import_module("moe_raw._kernels.glu_launch")
     counts = collections.Counter()
 
     def counted(module, name, key):

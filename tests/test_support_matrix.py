@@ -26,7 +26,9 @@ import torch
 
 from moe_raw import _launch
 
-S = importlib.import_module("moe_raw.swiglu")  # the module (moe_raw.swiglu is also the function's name)
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MIN_ARCH = 10 * _launch.MIN_COMPUTE_CAPABILITY[0] + _launch.MIN_COMPUTE_CAPABILITY[1]
@@ -99,10 +101,10 @@ def test_module_compile_refuses_before_compiling(fake_gpus, monkeypatch):
 def test_numba_compile_refuses_before_compiling(fake_gpus, monkeypatch):
     """The Numba path (swiglu._fast_kernel) checks before Numba compiles."""
     fake_gpus[7] = ("Quadro RTX 8000", (7, 5))
-    monkeypatch.setattr(S, "_numba_kernel", lambda spec, index: pytest.fail("compiled for an unsupported GPU"))
+    monkeypatch.setattr(GL, "_numba_kernel", lambda spec, index: pytest.fail("compiled for an unsupported GPU"))
     spec = ("fwd", False, True, "bf16", "bf16", "bf16", "f32")
     with pytest.raises(RuntimeError, match=r"cuda:7 is Quadro RTX 8000 \(7\.5\)"):
-        S._fast_kernel(spec, 7)
+        GL._fast_kernel(spec, 7)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +206,9 @@ _ENV = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
 
 _PTX_ARCHS = r"""
 import importlib, itertools, os, re, shutil, subprocess, sys, tempfile, time
-S = importlib.import_module("moe_raw.swiglu")
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 archs = [int(a) for a in sys.argv[1:]]
 codes = ("f32", "f16", "bf16")
 acts = (None, (1.702, 0.0, None), (1.702, 1.0, 7.0))  # SwiGLU (its own code), Quick-GEGLU, clamped SwiGLU
@@ -221,7 +225,7 @@ specs += [  # element kernels' dtype mixes
     ("bwd", False, False, "f16", "bf16", "f32", "f32"),  # dy promoted to fp32
 ]
 try:
-    S._ptx(specs[0], (9, 0))
+    GC._ptx(specs[0], (9, 0))
 except Exception as e:  # noqa
     if "nvvm" in str(e).lower() or "NVVM" in type(e).__name__:  # NvvmSupportError is an ImportError too
         print("NO_NVVM", type(e).__name__, e); sys.exit(0)
@@ -237,7 +241,7 @@ for arch in archs:
     t = time.perf_counter()
     procs = []
     for i, spec in enumerate(specs):
-        ptx = S._ptx(spec, (arch // 10, arch % 10))
+        ptx = GC._ptx(spec, (arch // 10, arch % 10))
         assert re.search(rf"^\.target sm_{arch}\b", ptx, flags=re.M), (arch, spec, ptx[:300])
         assert ".entry" in ptx, spec
         if ptxas:  # assembled while NVVM compiles the next one

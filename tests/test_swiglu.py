@@ -21,7 +21,9 @@ import torch
 
 from moe_raw import reference as R
 
-S = importlib.import_module("moe_raw.swiglu")  # the module; ``moe_raw.swiglu`` is also the function
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -198,11 +200,11 @@ def test_dtype_rules(kernels, ydtype, other):
 
 def test_float64_runs_the_reference(monkeypatch):
     """No fp64 kernel (its math is fp32): float64 anywhere goes to the torch reference, on any device."""
-    assert not S._on_kernels(torch.ones(1, 2, dtype=torch.float64))
+    assert not GL._on_kernels(torch.ones(1, 2, dtype=torch.float64))
     y = torch.randn(4, 6, dtype=torch.float64)
     w = torch.rand(4, 1, dtype=torch.float64)
     assert torch.equal(S.weighted_swiglu(y, w), R.weighted_swiglu(y, w))
-    assert not S._on_kernels(torch.ones(1, 2), torch.ones(1, 1, dtype=torch.float64))
+    assert not GL._on_kernels(torch.ones(1, 2), torch.ones(1, 1, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +222,7 @@ def _f32_from_bits(bits: list[int]) -> torch.Tensor:
 @needs_sim
 @pytest.mark.parametrize("code,dtype", [("bf16", torch.bfloat16), ("f16", torch.float16)])
 def test_widen_is_exact_on_every_bit_pattern(code, dtype):
-    dec = S._defs()["codecs"][code][0]
+    dec = GC._defs()["codecs"][code][0]
     patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
     expected = patterns.float()
     got = torch.tensor([float(dec(h)) for h in range(65536)], dtype=torch.float32)
@@ -232,7 +234,7 @@ def test_widen_is_exact_on_every_bit_pattern(code, dtype):
 @needs_sim
 @pytest.mark.parametrize("code,dtype", [("bf16", torch.bfloat16), ("f16", torch.float16)])
 def test_narrow_rounds_to_nearest_even(code, dtype):
-    dec, enc = S._defs()["codecs"][code]
+    dec, enc = GC._defs()["codecs"][code]
     # every 16-bit value round-trips bit-exactly (NaN stays NaN)
     for h in range(65536):
         back = int(enc(dec(h)))
@@ -259,7 +261,7 @@ def test_narrow_rounds_to_nearest_even(code, dtype):
 
 @needs_sim
 def test_nan_patterns_are_torchs_scalar_ones():
-    enc_bf16, enc_f16 = S._defs()["codecs"]["bf16"][1], S._defs()["codecs"]["f16"][1]
+    enc_bf16, enc_f16 = GC._defs()["codecs"]["bf16"][1], GC._defs()["codecs"]["f16"][1]
     nan = float("nan")
     # torch's scalar conversion (c10::BFloat16 / c10::Half); its vectorised CPU loops give other NaN patterns
     assert int(enc_bf16(nan)) == int(enc_bf16(-nan)) == 0x7FC0 == _bits_u16(torch.tensor(nan).bfloat16().reshape(1))[0]
@@ -424,9 +426,11 @@ def _skip_without_nvvm(proc):
 _ABI_CHECK = r"""
 import ctypes, importlib, re, struct, sys
 import numpy as np, torch
-S = importlib.import_module("moe_raw.swiglu")
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 try:
-    S._ptx(("fwd", False, False, "f32", "f32", "f32", "f32"))
+    GC._ptx(("fwd", False, False, "f32", "f32", "f32", "f32"))
 except Exception as e:  # noqa
     if "NVVM" in type(e).__name__ or "nvvm" in str(e).lower():
         print("NO_NVVM"); sys.exit(0)
@@ -439,8 +443,8 @@ class _Self:  # what _Kernel._prepare_args reads from its kernel: the argument e
     extensions = []
 
 def numba_words(spec, tensors, spans, scalars):
-    argtypes, _ = sigutils.normalize_signature(S._signature(spec))
-    arrays = S._sim_arrays(spec, tensors, spans)  # numpy views of the same memory, as the kernel arrays
+    argtypes, _ = sigutils.normalize_signature(GC._signature(spec))
+    arrays = GL._sim_arrays(spec, tensors, spans)  # numpy views of the same memory, as the kernel arrays
     values = [nargs.In(StridedMemoryView.from_dlpack(a, stream_ptr=-1)) for a in arrays] + list(scalars)
     out = []
     for ty, v in zip(argtypes, values):
@@ -449,7 +453,7 @@ def numba_words(spec, tensors, spans, scalars):
     return [w.value if isinstance(w, ctypes._SimpleCData) else int(w) for w in out], sizes
 
 def ptx_params(spec):
-    ptx = S._ptx(spec)
+    ptx = GC._ptx(spec)
     entry = ptx[ptx.index(".entry"):]
     return re.findall(r"\.param \.(\w+)", entry[: entry.index(")")])
 
@@ -459,15 +463,15 @@ for dt in (torch.bfloat16, torch.float32):
     y = torch.randn(n, 2 * f).to(dt); g = torch.randn(n, f).to(dt); w = torch.rand(n, 1)
     out = torch.empty(n, f, dtype=dt); dy = torch.empty(n, 2 * f, dtype=dt); dw = torch.empty(n, 1)
     y_odd = torch.zeros(n * 2 * f + 1, dtype=dt)[1:].view(n, 2 * f)  # element kernels
-    cases += [S._fwd_args(y, None, out), S._fwd_args(y_odd, w, out), S._bwd_args(g, y, w, dy, dw),
-              S._bwd_args(g, y_odd, None, dy, None), S._bwd_args(g.float(), y_odd, w.to(dt), dy, dw.to(dt))]
+    cases += [GL._fwd_args(y, None, out), GL._fwd_args(y_odd, w, out), GL._bwd_args(g, y, w, dy, dw),
+              GL._bwd_args(g, y_odd, None, dy, None), GL._bwd_args(g.float(), y_odd, w.to(dt), dy, dw.to(dt))]
 for spec, tensors, spans, scalars in cases:
-    ours = S._kernel_args(spec, tensors, spans, scalars)
-    layout = struct.Struct("@" + S._abi(spec))
+    ours = GL._kernel_args(spec, tensors, spans, scalars)
+    layout = struct.Struct("@" + GC._abi(spec))
     params = ptx_params(spec)
     # 1. the compiled kernel's parameter list: one 8-byte .param per struct code, in order
     sizes = {"u64": 8, "b64": 8, "s64": 8, "f64": 8, "u32": 4, "b32": 4, "s32": 4, "f32": 4}
-    assert [sizes[p] for p in params] == [struct.calcsize(c) for c in S._abi(spec)], (spec, params)
+    assert [sizes[p] for p in params] == [struct.calcsize(c) for c in GC._abi(spec)], (spec, params)
     assert layout.size == 8 * len(params)
     layout.pack(*ours)  # every word packs under its code
     # 2. the values Numba itself passes for the same arrays and scalars
@@ -481,7 +485,7 @@ for spec, tensors, spans, scalars in cases:
             assert a[:2] == (0, 0) and a[4] == 0 and a[3] == b[3], (spec, i, a, b)
     k = 7 * len(tensors)
     assert ours[k:] == tuple(theirs[k:]), (spec, ours[k:], theirs[k:])
-    assert widths == [struct.calcsize(c) for c in S._abi(spec)], (spec, widths)
+    assert widths == [struct.calcsize(c) for c in GC._abi(spec)], (spec, widths)
     print("OK", spec, len(params))
 """
 
@@ -514,9 +518,11 @@ except Exception as e:  # noqa
     if "nvvm" in str(e).lower() or "NVVM" in type(e).__name__:
         print("NO_NVVM"); sys.exit(0)
     raise
-S = importlib.import_module("moe_raw.swiglu")
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 assert not hasattr(np, "row_stack")
-ptx = S._ptx(("bwd", True, True, "bf16", "bf16", "bf16", "f32"))
+ptx = GC._ptx(("bwd", True, True, "bf16", "bf16", "bf16", "f32"))
 print("MOE_RAW_COMPILED", ".entry" in ptx, hasattr(np, "row_stack"))
 """
 
@@ -535,7 +541,7 @@ def test_row_stack_shim_is_a_noop_when_numpy_has_it(monkeypatch):
     import numpy as np
 
     before = np.row_stack
-    S._numba_numpy_compat()
+    GC._numba_numpy_compat()
     assert np.row_stack is before
 
 

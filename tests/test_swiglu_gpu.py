@@ -20,7 +20,9 @@ from conftest import numba_launch  # noqa: E402
 from bench.common import host_us  # noqa: E402
 from moe_raw import reference as R  # noqa: E402
 
-S = importlib.import_module("moe_raw.swiglu")
+S = importlib.import_module("moe_raw.activations")
+GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+GL = importlib.import_module("moe_raw._kernels.glu_launch")
 
 pytestmark = pytest.mark.gpu
 
@@ -101,11 +103,11 @@ def test_every_output_element_written(dtype):
     for n, f in ((7, 13), (1027, 768)):
         y, g, w = _inputs(n, f, dtype)
         out = torch.full((n, f), float("nan"), device=DEV, dtype=dtype)
-        S._fwd_into(y, w, out)
+        GL._fwd_into(y, w, out)
         assert not out.isnan().any()
         dy = torch.full((n, 2 * f), float("nan"), device=DEV, dtype=dtype)
         dw = torch.full((n, 1), float("nan"), device=DEV)
-        S._bwd_into(g, y, w, dy, dw)
+        GL._bwd_into(g, y, w, dy, dw)
         assert not dy.isnan().any() and not dw.isnan().any()
 
 
@@ -273,12 +275,12 @@ def test_fast_launch_equalsnumba_launch(dtype):
     shifted = torch.zeros(n, 2 * f + 1, device=DEV, dtype=dtype)[:, 1:].copy_(y)
     for yy in (y, shifted):
         out_fast, out_numba = torch.empty(n, f, device=DEV, dtype=dtype), torch.empty(n, f, device=DEV, dtype=dtype)
-        S._fwd_into(yy, w, out_fast)
-        numba_launch(*S._fwd_args(yy, w, out_numba), n)
+        GL._fwd_into(yy, w, out_fast)
+        numba_launch(*GL._fwd_args(yy, w, out_numba), n)
         dy_f, dw_f = torch.empty_like(y), torch.empty(n, 1, device=DEV)
         dy_n, dw_n = torch.empty_like(y), torch.empty(n, 1, device=DEV)
-        S._bwd_into(g, yy, w, dy_f, dw_f)
-        numba_launch(*S._bwd_args(g, yy, w, dy_n, dw_n), n)
+        GL._bwd_into(g, yy, w, dy_f, dw_f)
+        numba_launch(*GL._bwd_args(g, yy, w, dy_n, dw_n), n)
         torch.cuda.synchronize()
         assert torch.equal(out_fast, out_numba)
         assert torch.equal(dy_f, dy_n) and torch.equal(dw_f, dw_n)
@@ -288,7 +290,7 @@ def _codec_kernels(code):
     """Numba kernels (Numba's own launch) that run moe_raw's conversion device functions elementwise."""
     from numba import cuda
 
-    dec, enc = S._defs()["codecs"][code]
+    dec, enc = GC._defs()["codecs"][code]
 
     @cuda.jit
     def widen(src, dst):

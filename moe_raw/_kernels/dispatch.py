@@ -1,0 +1,457 @@
+"""Launchers of the CUDA C kernels (kernels/permute.cu, chunks.cu, topk.cu) and, for tensors on other devices, their
+torch twins (``moe_raw._cpu``): the one place each forward and backward formula of the dispatch ops lives.
+
+Every function here takes validated tensors, allocates its outputs and launches (or runs the twin); none validates
+its arguments or builds autograd nodes. The autograd Functions of ``permutation`` / ``padding`` / ``chunks`` /
+``topk`` and the custom ops of ``moe_raw._ops`` call the same functions, so CPU, CUDA, eager and torch.compile share
+one formula per op. Constants mirrored from the .cu files are checked against them by tests/test_kernel_constants.py.
+
+Layering: ``moe_raw._launch`` (compile, stream, launch) and ``moe_raw._cpu`` below; the op modules and ``_ops`` above.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from moe_raw import _cpu, reference
+from moe_raw import _validate as V
+from moe_raw._launch import CTYPES, SCALAR_CODE, launch, ptr
+
+_TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
+_ROW_THREADS = 128  # kRowThreads
+_TAIL_ROWS = 32  # kTailRows
+_STAGE_BYTES = 16384  # kStageBytes
+# Bytes past the row lists of gather_reduce / unpermute_bwd: nvcc loads the lists up to 4 entries ahead of the loop
+# bound (two float weights as one 8-byte load, past a 1-expert list: compute-sanitizer memcheck on an H100), so the
+# allocation covers 4 more fp64 entries.
+_SMEM_SLACK = 32
+# Diagnostic switch, read at import: compute-sanitizer initcheck does not see writes made by the bulk-copy engine
+# (permute_scatter's sm_90 path for 16-byte rows) and reports every row written that way as uninitialized when it
+# is read. MOE_RAW_NO_BULK_COPY=1 writes those rows with plain 8-byte stores instead (a few % slower).
+_BULK_COPY = os.environ.get("MOE_RAW_NO_BULK_COPY", "0") in ("", "0")
+
+
+MAX_SPLITS = 4096  # kernels/chunks.cu: two int32 tables of S entries in shared memory
+_CHUNK_ROWS = 32  # kChunkRows
+_CHUNK_THREADS = 256  # kChunkThreads
+_WORDS = {2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
+_TOKENS_PER_BLOCK = 8  # kernels/topk.cu kTokensPerBlock
+
+
+def _scatter_vec_bytes(vb: int) -> int:
+    """permute_scatter's vector width: 16 takes the bulk-copy path on sm_90, unless MOE_RAW_NO_BULK_COPY=1."""
+    return vb if vb != 16 or _BULK_COPY else 8
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _vec_bytes(elem: int, *byte_quantities: int) -> int:
+    """Widest vector (16, 8, 4, 2 or 1 bytes, at least one element) dividing every row size, stride and address."""
+    q = 0
+    for b in byte_quantities:
+        q |= b  # a power of two divides every quantity iff it divides their bitwise OR
+    vb = 16
+    while vb > elem and q % vb:
+        vb >>= 1
+    return vb
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows the kernels can read: last dim contiguous (any row stride, even 0), else a contiguous copy."""
+    return x if x.stride(-1) == 1 and x.stride(0) >= 0 else x.contiguous()
+
+
+def _scalar_args(p: torch.Tensor | None):
+    """(address, dtype code, stride 0, stride 1) of a [T, E] scalar tensor, or nulls."""
+    if p is None:
+        return (0, 0, 0, 0)
+    return (p.data_ptr(), SCALAR_CODE[p.dtype], p.stride(0), p.stride(1))
+
+
+def _workspace_ints(num_tokens: int, num_experts: int) -> int:
+    """int32 words of kernels/permute.cu's routing workspace."""
+    n_words, n_tiles = _cdiv(num_tokens, 32), _cdiv(num_tokens, _TILE_TOKENS)
+    return 2 * num_experts * (n_words + n_tiles) + num_experts + 1
+
+
+def _tables(routing_map: torch.Tensor, ws: int) -> None:
+    """Launch routing_pack (+ routing_scan) filling the int32 workspace at device address ``ws``. No host sync."""
+    num_tokens, num_experts = routing_map.shape
+    n_tiles = _cdiv(num_tokens, _TILE_TOKENS)
+    # One block does everything for T <= 256 (one launch); otherwise tiles x 32-expert groups, then the scan.
+    grid = (1, 1) if n_tiles == 1 else (n_tiles, _cdiv(num_experts, 32))
+    dev = routing_map.device
+    launch(
+        "permute", "moe_raw::routing_pack<256>", dev, grid, _TILE_TOKENS,
+        (routing_map.data_ptr(), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
+         num_tokens, num_experts, ws),
+    )  # fmt: skip
+    if n_tiles > 1:
+        launch("permute", "moe_raw::routing_scan<1024>", dev, 1, 1024, (ws, num_tokens, num_experts))
+
+
+def _map_and_workspace(routing_map: torch.Tensor):
+    """One int32 allocation: the row map [T+1, E] (returned as a view) and, after it, the routing workspace
+    (returned as its device address, plus the tensor holding it). One allocation and one view per call: on the
+    small-call path each costs microseconds."""
+    num_tokens, num_experts = routing_map.shape
+    extra_rows = _cdiv(_workspace_ints(num_tokens, num_experts), num_experts)
+    buf = torch.empty((num_tokens + 1 + extra_rows, num_experts), dtype=torch.int32, device=routing_map.device)
+    ws = buf.data_ptr() + 4 * (num_tokens + 1) * num_experts
+    return buf[: num_tokens + 1], ws, buf
+
+
+def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_rows=True, want_indices=True):
+    """(permuted [N, H] | None, permuted_probs [N] | None, row_map [T+1, E] int32, sorted_indices [N] | None)."""
+    num_tokens, hidden = tokens.shape
+    num_experts = routing_map.shape[1]
+    dev = tokens.device
+    row_map, ws, buf = _map_and_workspace(routing_map)
+    _tables(routing_map, ws)
+    n_rows = num_out_tokens
+    if n_rows is None:
+        # the routed count (expert_start[E], the workspace's last word): the one device-to-host read
+        n_rows = int(buf.view(-1)[(num_tokens + 1) * num_experts + _workspace_ints(num_tokens, num_experts) - 1].item())
+        if n_rows > V.MAX_ROWS:
+            raise ValueError(f"moe_raw.permute: {n_rows} routed pairs exceed the {V.MAX_ROWS} rows supported")
+    capacity = 0
+    if drop_and_pad:
+        capacity = min(n_rows // num_experts, num_tokens)  # the seed slices argsort(...)[:, :capacity]
+        n_rows = num_experts * capacity
+    tail_blocks = _cdiv(n_rows, _TAIL_ROWS) if (num_out_tokens is not None and not drop_and_pad) else 0
+    out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev) if want_rows else None
+    indices = torch.empty(n_rows, dtype=torch.int64, device=dev) if want_indices else None
+    pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
+    src, row_bytes, vb = None, 0, 16
+    if want_rows:
+        src = _rows(tokens)
+        esize = tokens.element_size()
+        row_bytes = hidden * esize
+        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
+    launch(
+        "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + tail_blocks, _ROW_THREADS,
+        (ptr(src), (src.stride(0) * src.element_size() if src is not None else 0), ptr(out), (row_bytes),
+         (num_tokens), (num_experts), (n_rows), (drop_and_pad), (capacity),
+         ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
+         ws, row_map.data_ptr(), ptr(indices), *_scalar_args(probs), ptr(pprobs), (n_rows), 0),
+        # the row list and scratch, plus (16-byte rows) the kernel's 128-aligned stage of up to 16 KiB of the row
+        shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 and want_rows else 0),
+    )  # fmt: skip
+    return out, pprobs, row_map, indices
+
+
+def _permute_empty(tokens, routing_map, probs, num_out_tokens, drop_and_pad):
+    """T = 0: nothing is routed; num_out_tokens rows of zeros (none with drop_and_pad: capacity is min(C, T) = 0)."""
+    n_rows = 0 if (drop_and_pad or num_out_tokens is None) else num_out_tokens
+    dev = tokens.device
+    row_map = torch.zeros((1, routing_map.shape[1]), dtype=torch.int32, device=dev)
+    out = torch.zeros((n_rows, tokens.shape[1]), dtype=tokens.dtype, device=dev)
+    pprobs = torch.zeros(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
+    return out, pprobs, row_map, torch.zeros(n_rows, dtype=torch.int64, device=dev)
+
+
+def _acc_size(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float64 else 4
+
+
+def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None, dprobs_dtype=None, out_dtype=None):
+    """out[t] = sum of token t's rows (weighted by probs where given). Returns (out [T, H], dprobs [T, E] | None).
+
+    rows None (no row gradient) computes dprobs only. dprobs[t, e] = g_pprobs[row] at routed pairs, else 0.
+    """
+    dev = row_map.device if row_map is not None else csr[0].device
+    num_experts = row_map.shape[1] if row_map is not None else 0
+    dprobs = None
+    if g_pprobs is not None:
+        dprobs = torch.empty((num_tokens, num_experts), dtype=dprobs_dtype, device=dev)
+    if rows is None:
+        if dprobs is None:
+            return None, None
+        dtype = out_dtype if out_dtype in CTYPES else torch.float32
+        # No row data, only dprobs: n_rows still bounds the row ids the kernel accepts.
+        hidden, n_rows, out, rows_stride, vb = 0, g_pprobs.shape[0], None, 0, 16
+    else:
+        rows = _rows(rows)
+        dtype = rows.dtype
+        if dtype not in CTYPES:
+            raise TypeError(f"moe_raw: summing rows needs a float dtype ({', '.join(map(str, CTYPES))}), got {dtype}")
+        n_rows, hidden = rows.shape
+        esize = rows.element_size()
+        out = torch.empty((num_tokens, hidden), dtype=dtype, device=dev)
+        rows_stride = rows.stride(0)
+        vb = _vec_bytes(esize, hidden * esize, rows_stride * esize, rows.data_ptr(), out.data_ptr())
+    smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
+    launch(
+        "permute", f"moe_raw::gather_reduce<{CTYPES[dtype]}, {vb}>", dev, num_tokens, _ROW_THREADS,
+        (ptr(rows), (rows_stride), (n_rows), ptr(out), (hidden), (hidden), (num_tokens),
+         (num_experts), ptr(row_map), ptr(csr[0] if csr else None), ptr(csr[1] if csr else None),
+         *_scalar_args(probs), ptr(g_pprobs), (SCALAR_CODE[g_pprobs.dtype] if g_pprobs is not None else 0),
+         ptr(dprobs), (SCALAR_CODE[dprobs_dtype] if dprobs is not None else 0)),
+        shared_mem=smem,
+    )  # fmt: skip
+    return out, dprobs
+
+
+def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, need_drows=True):
+    """Returns (d_rows [N, H], dprobs [T, E] | None); spare rows (and the aligned layout's padding rows) of d_rows are
+    zero."""
+    num_tokens, hidden = grad_out.shape
+    num_experts = row_map.shape[1]
+    aligned = row_map.shape[0] == num_tokens + 3  # permute_and_pad's layout: E more blocks zero the padding rows
+    dev = grad_out.device
+    g = _rows(grad_out)
+    dtype = g.dtype
+    esize = g.element_size()
+    d_rows = torch.empty((n_rows, hidden), dtype=dtype, device=dev)
+    rows = _rows(rows) if need_dprobs else None
+    dprobs = torch.empty((num_tokens, num_experts), dtype=probs.dtype, device=dev) if need_dprobs else None
+    quantities = [hidden * esize, g.stride(0) * esize, g.data_ptr(), d_rows.data_ptr()]
+    if rows is not None:
+        quantities += [rows.stride(0) * esize, rows.data_ptr()]
+    vb = _vec_bytes(esize, *quantities)
+    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
+    launch(
+        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev,
+        num_tokens + _cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
+        (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
+         (n_rows), (hidden), (num_tokens), (num_experts), ptr(row_map), *_scalar_args(probs),
+         ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0),
+         (row_map[num_tokens + 1].data_ptr() if aligned else 0)),
+        shared_mem=smem,
+    )  # fmt: skip
+    return d_rows, dprobs
+
+
+def _gather(rows, row_map, num_tokens, probs=None, g_pprobs=None, dprobs_dtype=None):
+    """gather_reduce on the tensors' device: (out [T, H] | None, dprobs [T, E] | None); see ``_gather_cuda``."""
+    if num_tokens == 0:
+        out = rows.new_zeros((0, rows.shape[1])) if rows is not None else None
+        dprobs = None
+        if g_pprobs is not None:
+            dprobs = torch.zeros((0, row_map.shape[1]), dtype=dprobs_dtype, device=row_map.device)
+        return out, dprobs
+    if row_map.is_cuda:
+        return _gather_cuda(rows, row_map, num_tokens, probs=probs, g_pprobs=g_pprobs, dprobs_dtype=dprobs_dtype)
+    if rows is not None and rows.dtype not in CTYPES:
+        raise TypeError(f"moe_raw: summing rows needs a float dtype ({', '.join(map(str, CTYPES))}), got {rows.dtype}")
+    return _cpu.gather(rows, row_map, num_tokens, probs=probs, g_pprobs=g_pprobs, dprobs_dtype=dprobs_dtype)
+
+
+def _unpermute_bwd(grad_out, rows, row_map, n_rows, probs, need_dprobs):
+    """unpermute_bwd on the tensors' device: (d_rows [N, H], dprobs [T, E] | None)."""
+    if grad_out.is_cuda:
+        return _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs)
+    return _cpu.unpermute_bwd(grad_out, rows, row_map, n_rows, probs, need_dprobs)
+
+
+def _permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, fused):
+    """Returns (permuted, permuted_probs, index returned to the user, row map), on the tensors' device."""
+    if tokens.shape[0] == 0:
+        out, pprobs, row_map, indices = _permute_empty(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
+    elif tokens.is_cuda:
+        out, pprobs, row_map, indices = _permute_cuda(
+            tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_indices=not fused
+        )
+    else:
+        out, pprobs, row_map, indices = _cpu.permute(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
+    return out, pprobs, (row_map if fused else indices), row_map
+
+
+def _unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens):
+    """row_map given: the row-map path; else the CSR path over sorted_indices (no probs)."""
+    if num_tokens == 0:
+        return permuted.new_zeros((0, permuted.shape[1]))
+    if row_map is not None:
+        return _gather(permuted, row_map, num_tokens, probs=probs)[0]
+    if not permuted.is_cuda:
+        return _cpu.gather_csr(permuted, sorted_indices, num_tokens)
+    # Generic seed semantics: rows grouped by token through a stable sort (deterministic, no host sync).
+    tok_sorted, perm = torch.sort(sorted_indices, stable=True)
+    bounds = torch.arange(num_tokens + 1, device=permuted.device, dtype=sorted_indices.dtype)
+    csr_ptr = torch.searchsorted(tok_sorted, bounds)
+    return _gather_cuda(permuted, None, num_tokens, csr=(csr_ptr, perm))[0]
+
+
+def _csr_rows_grad(grad_out: torch.Tensor, sorted_indices: torch.Tensor) -> torch.Tensor:
+    """d_rows[r] = grad_out[sorted_indices[r]], and 0 for an index outside [0, T): the forward's CSR summed such a
+    row into no token. Those rows gather a zero row appended at T, as a direct index_select would trip a device-side
+    assert that leaves the process's CUDA context unusable (the range is checked only under MOE_RAW_DEBUG=1)."""
+    num_tokens = grad_out.shape[0]
+    padded = torch.cat((grad_out, grad_out.new_zeros((1, grad_out.shape[1]))))
+    inside = (sorted_indices >= 0) & (sorted_indices < num_tokens)
+    return padded.index_select(0, torch.where(inside, sorted_indices, num_tokens))
+
+
+def _row_map_from_routing(routing_map: torch.Tensor, n_rows: int, drop_and_pad: bool) -> torch.Tensor:
+    """The row map that permute(routing_map, num_out_tokens=n_rows, drop_and_pad) produced, rebuilt without data."""
+    num_tokens, num_experts = routing_map.shape
+    if num_tokens == 0:
+        return torch.zeros((1, num_experts), dtype=torch.int32, device=routing_map.device)
+    if drop_and_pad:
+        n_rows = num_experts * (n_rows // num_experts)
+    if not routing_map.is_cuda:
+        return _cpu.row_map(routing_map, n_rows, drop_and_pad)
+    _, _, row_map, _ = _permute_cuda(
+        routing_map.new_empty((num_tokens, 0), dtype=torch.uint8), routing_map, None, n_rows, drop_and_pad,
+        want_rows=False, want_indices=False,
+    )  # fmt: skip
+    return row_map
+
+
+def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
+    """(permuted [N, H], permuted_probs [N] | None, row_map [T+3, E], tokens_per_expert [E], padded [E])."""
+    num_tokens, hidden = tokens.shape
+    num_experts = routing_map.shape[1]
+    dev = tokens.device
+    extra = -(-_workspace_ints(num_tokens, num_experts) // num_experts)
+    buf = torch.empty((num_tokens + 3 + extra, num_experts), dtype=torch.int32, device=dev)
+    row_map = buf[: num_tokens + 3]
+    ws = buf.data_ptr() + 4 * (num_tokens + 3) * num_experts
+    counts = torch.empty((2, num_experts), dtype=torch.int64, device=dev)
+    _tables(routing_map, ws)
+    n_keep = min(num_out_tokens, V.MAX_ROWS) if num_out_tokens is not None else V.MAX_ROWS
+    launch(
+        "permute", "moe_raw::pad_offsets<1024>", dev, 1, 1024,
+        (ws, num_tokens, num_experts, n_keep, align, ptr(row_map[num_tokens + 1]), ptr(row_map[num_tokens]),
+         ptr(counts[0]), ptr(counts[1])),
+    )  # fmt: skip
+    if num_out_tokens is None:
+        n_rows = int(row_map[num_tokens, 0].item())  # the padded total: the one device-to-host read
+    else:
+        n_rows = num_out_tokens + num_experts * (align - 1)  # the worst case: every expert pads align - 1 rows
+    out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev)
+    pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
+    src = _rows(tokens)
+    esize = tokens.element_size()
+    row_bytes = hidden * esize
+    vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
+    launch(
+        "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + _cdiv(n_rows, _TAIL_ROWS) + num_experts,
+        _ROW_THREADS,
+        (ptr(src), src.stride(0) * esize, ptr(out), row_bytes, num_tokens, num_experts, n_rows, 0, 0,
+         ptr(routing_map), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
+         ws, row_map.data_ptr(), 0, *_scalar_args(probs), ptr(pprobs), n_keep, ptr(row_map[num_tokens + 1])),
+        shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 else 0),
+    )  # fmt: skip
+    return out, pprobs, row_map, counts[0], counts[1]
+
+
+def _permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens):
+    """permute_and_pad's five outputs on the tensors' device (the CUDA kernels, or their torch twin: the reference,
+    which also serves T = 0 on CUDA: all zeros, no kernel needed)."""
+    if tokens.is_cuda and tokens.shape[0] > 0:
+        return _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens)
+    return reference.permute_and_pad(tokens, routing_map, probs, align, num_out_tokens)
+
+
+def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
+    rows = _rows(x.reshape(num_tokens, -1) if x.dim() != 2 else x)
+    out = torch.empty((num_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    esize = x.element_size()
+    row_bytes = rows.shape[1] * esize
+    vb = _vec_bytes(1, row_bytes, rows.stride(0) * esize, rows.data_ptr(), out.data_ptr())
+    num_experts = row_map.shape[1]
+    aligned = row_map.shape[0] == num_tokens + 3
+    launch(
+        "permute", f"moe_raw::scatter_rows<{vb}>", x.device,
+        num_tokens + _cdiv(num_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
+        (ptr(rows), rows.stride(0) * esize, ptr(out), row_bytes, num_tokens, num_experts, num_rows, ptr(row_map),
+         ptr(row_map[num_tokens + 1]) if aligned else 0),
+        shared_mem=4 * num_experts,
+    )  # fmt: skip
+    return out
+
+
+def _scatter_rows(x, row_map, num_rows):
+    """permute_with_row_map on the tensors' device: one scatter_rows launch, or its torch twin (the reference,
+    which also serves empty x on CUDA)."""
+    if x.is_cuda and x.numel() > 0:
+        return _scatter_rows_cuda(x, row_map, x.shape[0], num_rows)
+    return reference.permute_with_row_map(x, row_map, num_rows)
+
+
+def _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather: bool):
+    """One chunk_sort launch: (out [N, ...], probs_out [N] | None). gather=False is the forward regrouping, True its
+    inverse (the backward). x's rows must have a contiguous last dim; any row stride."""
+    n_rows = x.shape[0]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    probs_out = torch.empty(n_rows, dtype=probs.dtype, device=x.device) if probs is not None else None
+    if n_rows == 0:
+        return out, probs_out
+    rows_in = x.reshape(n_rows, math.prod(x.shape[1:]))
+    if rows_in.shape[1] and rows_in.stride(1) != 1:
+        rows_in = rows_in.contiguous()
+    rows_out = out.view(n_rows, rows_in.shape[1])
+    esize = x.element_size()
+    row_bytes = rows_in.shape[1] * esize
+    in_stride = rows_in.stride(0) * esize
+    vb = _vec_bytes(1, row_bytes, in_stride, rows_out.stride(0) * esize, rows_in.data_ptr(), rows_out.data_ptr())
+    n_splits = split_sizes.shape[0]
+    launch(
+        "chunks", f"moe_raw::chunk_sort<{vb}>", x.device, -(-n_rows // _CHUNK_ROWS), _CHUNK_THREADS,
+        (ptr(rows_in), in_stride, ptr(rows_out), rows_out.stride(0) * esize, n_rows, row_bytes,
+         ptr(split_sizes), split_sizes.element_size(), ptr(sorted_idxs), sorted_idxs.element_size(), n_splits,
+         ptr(probs), probs.stride(0) if probs is not None else 0, ptr(probs_out),
+         probs.element_size() if probs is not None else 0, int(gather)),
+        shared_mem=8 * n_splits,
+    )  # fmt: skip
+    return out, probs_out
+
+
+def _chunk_sort(x, probs, split_sizes, sorted_idxs, gather: bool):
+    """The regrouping (gather=False) or its inverse (True, the backward) on the tensors' device: one chunk_sort
+    launch, or its torch twin (the reference, which reads the sizes on the host)."""
+    if x.is_cuda:
+        return _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather)
+    if gather:  # the regrouped chunks have sizes sizes[order]; chunk i goes back to position argsort(order)[i]
+        return reference.sort_chunks_by_idxs(x, split_sizes[sorted_idxs], torch.argsort(sorted_idxs), probs)
+    return reference.sort_chunks_by_idxs(x, split_sizes, sorted_idxs, probs)
+
+
+def _first_of_each_expert(topk_indices):
+    """[T, K] bool: False where the same index appeared earlier in the row (K x K compare; K is small)."""
+    k = topk_indices.shape[1]
+    same = topk_indices.unsqueeze(2) == topk_indices.unsqueeze(1)  # [T, K, K]: same[t, i, j] = idx[i] == idx[j]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=topk_indices.device).tril(-1)
+    return ~(same & earlier).any(2)
+
+
+def _dense_cuda(topk_indices, num_experts, topk_probs):
+    """One topk_dense launch: (routing_map [T, E] bool view, probs [T, E] | None)."""
+    num_tokens, k = topk_indices.shape
+    idx = topk_indices.contiguous()
+    width = -(-num_experts // 16) * 16
+    dev = idx.device
+    routing_map = torch.empty((num_tokens, width), dtype=torch.bool, device=dev)
+    probs = p = None
+    if topk_probs is not None:
+        p = topk_probs.detach().contiguous()
+        probs = torch.empty((num_tokens, num_experts), dtype=p.dtype, device=dev)
+    if num_tokens:
+        index = "int32_t" if idx.dtype == torch.int32 else "int64_t"
+        word = _WORDS[p.element_size()] if p is not None else "uint32_t"
+        launch(
+            "topk", f"moe_raw::topk_dense<{index}, {word}>", dev, -(-num_tokens // _TOKENS_PER_BLOCK),
+            32 * _TOKENS_PER_BLOCK,
+            (ptr(idx), ptr(p), num_tokens, k, num_experts, ptr(routing_map), width, ptr(probs)),
+        )  # fmt: skip
+    return routing_map[:, :num_experts], probs
+
+
+def _unpermute_backward(grad_out, rows, row_map, sorted_indices, probs, n_rows, need_dprobs):
+    """unpermute's backward, for the autograd Function and the custom op alike: (d_rows [N, H], dprobs [T, E] |
+    None). T = 0: zero rows (and a zero [0, E] dprobs). row_map None: the CSR path over sorted_indices (each row
+    takes its token's gradient; no probs). Else unpermute_bwd on the tensors' device; rows are read (dprobs) only
+    when need_dprobs."""
+    num_tokens, hidden = grad_out.shape
+    if num_tokens == 0:
+        dprobs = torch.zeros_like(probs) if need_dprobs else None
+        return grad_out.new_zeros((n_rows, hidden)), dprobs
+    if row_map is None:
+        return _csr_rows_grad(grad_out, sorted_indices), None
+    return _unpermute_bwd(grad_out, rows, row_map.contiguous(), n_rows, probs, need_dprobs)

@@ -1,0 +1,623 @@
+"""Code generation of the gated-activation kernels (Numba CUDA): device functions, the activation's math, the kernel
+template, the kernel's parameter list, compile (Numba / NVVM) and PTX.
+
+Kernels (one file, built lazily so ``import moe_raw`` needs no Numba). Launch: block = 256 threads = 8 warps,
+**one warp per row**, grid.x = cdiv(N, 8). Lanes stride over the row's F columns in *units*: a 16-byte vector
+(``ld.global.v4.u32`` / ``st.global.v4.u32``, 8 bf16/fp16 or 4 fp32 values) when every row start, the
+gate/up split and every stride are 16-byte aligned and y, g and the output share one dtype; else one element
+(any F, any dtype mix). All math in fp32. The weighted backward writes ``dy`` and reduces the per-row dot
+``sum(swiglu(y) * g)`` for ``dweights`` in the same pass: each lane sums its columns in order, then a fixed
+pairwise tree over the 32 lanes in shared memory: no atomics, bitwise deterministic.
+bf16 and fp16 are handled as uint16 bit patterns (Numba has no reliable bf16 type): bf16 widens by a 16-bit
+shift and narrows with round-to-nearest-even in integer code (NaN -> 0x7FC0, as torch's scalar conversion);
+fp16 converts with the hardware cvt on the GPU and with exact integer code under the simulator (both checked
+against torch on every bit pattern). silu uses torch's accurate expf / division for fp32 data and
+``__expf`` / ``__fdividef`` for bf16 / fp16 data (their few-ulp fp32 error is far below a 16-bit rounding, and
+the cheaper math keeps the backward under the H100's issue rate at full bandwidth).
+Bytes (bench/bench_swiglu.py): forward reads 2F and writes F elements per row (+ one weight); the weighted
+backward reads g (F) and y (2F) and writes dy (2F) per row, plus a weight read and a dweight write.
+Measured on an H100 (bf16, copy 3018 GB/s): forward 93% / 95% of copy at N=32768 F=2048 / N=98304 F=768,
+weighted backward 93% / 97% (torch.compile of the seed: 97% / 55% and 53% / 24%).
+
+Launch cost. Numba's dispatcher costs 52-104 us a call with torch tensors (measured on an H100). Here each kernel is
+compiled once per (signature, device) and its loaded function handle is launched through
+``moe_raw._launch.launch_compiled``: one ``struct.pack_into`` of the argument words, one ``cuLaunchKernel`` on
+torch's current stream (CUDA-graph capturable). The packing reproduces Numba's kernel ABI (``_ARRAY_ABI``).
+The first call of each signature on a device compiles it (NVVM, about a second). Host time of one op at N=16
+on the H100 hosts: 14-20 us forward, 26-29 us weighted backward (its two output allocations, ~5 us each there,
+and the launch, ~8 us, are most of it); torch.compile of the seed: 49-72 us (bench/results/*-h100-swiglu).
+
+numpy >= 2.5 with numba-cuda 0.30: numba-cuda's ``numba/cuda/np/arrayobj.py`` runs ``overload(np.row_stack)``
+when its target is first set up (the first compile), and numpy 2.5 removed ``np.row_stack``, so that compile
+fails with ``AttributeError: module 'numpy' has no attribute 'row_stack'``. Before its first compile moe_raw
+imports that module with a stand-in ``np.row_stack`` and deletes the stand-in right after
+(``_numba_numpy_compat``): numpy is left as it was, Numba's registry is complete, and nothing else changes.
+
+Launching (argument packing, caches, the simulator) is ``glu_launch``; the public functions ``moe_raw.activations``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+_BLOCK = 256  # threads per block: 8 warps, one row each
+_ROWS_PER_BLOCK = _BLOCK // 32
+# The CUDA simulator runs every thread as a Python thread: 2 warps a block there (still several rows per block,
+# through the same shared-memory reduction) keeps CI's small cases fast.
+_SIM_BLOCK = 64
+_VEC_BYTES = 16
+# Numba array type of a tensor's storage in the element-wise kernels (bf16/fp16 as their bit patterns).
+_ELEM_TYPE = {"f32": "float32", "f16": "uint16", "bf16": "uint16"}
+_ELEM_NP = {"f32": np.float32, "f16": np.uint16, "bf16": np.uint16}
+
+# Numba's kernel ABI for an array argument: its data model (numba/cuda/datamodel/cuda_models.py::ArrayModel:
+# meminfo, parent, nitems, itemsize, data, shape[ndim], strides[ndim]) flattened into separate parameters, and
+# _Kernel._prepare_args (numba/cuda/dispatcher.py) passes them as meminfo=0, parent=0, devary.size,
+# dtype.itemsize, devary.ptr, *shape, *strides_in_bytes, each a Python int that cuda.core's ParamHolder
+# (cuda/core/_kernel_arg_handler.pyx) stores as an intptr_t. All our arrays are 1-D: 7 words. Our int64 scalars
+# are ctypes.c_int64 there: one 8-byte word. tests/test_swiglu.py checks both against Numba itself.
+_ARRAY_ABI = "PPqqPqq"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numpy 2.5 compatibility (module docstring)
+
+_compat_lock = threading.Lock()
+
+
+def _numba_numpy_compat() -> None:
+    """Import numba-cuda's array-function registry with a temporary ``np.row_stack`` where numpy lacks it.
+
+    numba-cuda 0.30 registers ``overload(np.row_stack)`` at import of ``numba.cuda.np.arrayobj``, which its target
+    imports on the first compile; numpy 2.5 removed ``row_stack``. The stand-in is a distinct function (so no
+    second ``np.vstack`` overload is registered) and is deleted again once the module is imported: numpy stays as
+    it was. No-op when numpy has ``row_stack`` or the module is already imported.
+    """
+    import sys
+
+    if hasattr(np, "row_stack") or "numba.cuda.np.arrayobj" in sys.modules:
+        return
+    with _compat_lock:
+        if "numba.cuda.np.arrayobj" in sys.modules:
+            return
+
+        def row_stack(tup):  # pragma: no cover - never called: only its identity is registered
+            return np.vstack(tup)
+
+        np.row_stack = row_stack
+        try:
+            import numba.cuda.np.arrayobj  # noqa: F401
+        finally:
+            del np.row_stack
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels (built on first use)
+
+cuda = None  # numba.cuda, bound by _defs(); a module global, as the CUDA simulator swaps it by identity
+_defs_lock = threading.RLock()
+_DEFS: dict = {}
+
+
+def _simulator() -> bool:
+    from numba.cuda.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def _defs() -> dict:
+    """Device functions shared by every kernel: bit casts, conversions, sigmoid, vector loads / stores."""
+    if _DEFS:
+        return _DEFS
+    with _defs_lock:
+        if _DEFS:
+            return _DEFS
+        global cuda
+        from numba import cuda as numba_cuda
+        from numba import float32, int32, uint16, uint32
+
+        cuda = numba_cuda
+        sim = _simulator()
+        # Under the simulator device functions are plain Python (its FakeCUDAKernel wrapper costs ~10x per call).
+        dev = (lambda fn: fn) if sim else cuda.jit(device=True, forceinline=True)
+        if sim:
+            # The simulator runs kernels as Python on numpy scalars: no libdevice, no LLVM intrinsics.
+            def bits_f32(u):
+                return np.uint32(u).view(np.float32)
+
+            def f32_bits(f):
+                return np.float32(f).view(np.uint32)
+
+            def expf(x):
+                with np.errstate(over="ignore"):
+                    return np.float32(np.exp(np.float32(x)))
+
+            fast_expf = expf
+
+            def fast_rcp(x):
+                with np.errstate(divide="ignore"):
+                    return np.float32(np.float32(1.0) / np.float32(x))
+
+            def add32(a, b):
+                return np.uint32((int(a) + int(b)) & 0xFFFFFFFF)
+
+            def ld4(a, i):
+                return a[i], a[i + 1], a[i + 2], a[i + 3]
+
+            def st4(a, i, w0, w1, w2, w3):
+                a[i] = w0
+                a[i + 1] = w1
+                a[i + 2] = w2
+                a[i + 3] = w3
+
+        else:
+            from numba.cuda import libdevice
+
+            @dev
+            def bits_f32(u):
+                return libdevice.int_as_float(int32(u))
+
+            @dev
+            def f32_bits(f):
+                return uint32(libdevice.float_as_int(f))
+
+            expf = math.exp  # float32 in -> __nv_expf (accurate, as torch's fp32 silu / sigmoid)
+            fast_expf = libdevice.fast_expf  # __expf: ex2.approx; error far below a bf16 / fp16 rounding
+
+            @dev
+            def fast_rcp(x):
+                return libdevice.fast_fdividef(float32(1.0), x)  # MUFU.RCP; 1/inf = 0, NaN stays NaN
+
+            ld4, st4, add32, hw_dec_f16, hw_enc_f16 = _vector_intrinsics()
+
+        @dev
+        def dec_bf16(h):
+            return bits_f32(uint32(h) << uint32(16))
+
+        @dev
+        def enc_bf16(f):
+            # Round to nearest even on the upper half; NaN -> 0x7FC0 as torch (c10::BFloat16).
+            if f != f:
+                return uint16(0x7FC0)
+            b = f32_bits(f)
+            return uint16(add32(add32(b, uint32(0x7FFF)), (b >> uint32(16)) & uint32(1)) >> uint32(16))
+
+        @dev
+        def dec_f16(h):
+            h = uint32(h)
+            sign = (h & uint32(0x8000)) << uint32(16)
+            em = h & uint32(0x7FFF)
+            if em >= uint32(0x7C00):  # inf / NaN (payload kept)
+                return bits_f32(sign | uint32(0x7F800000) | ((em & uint32(0x3FF)) << uint32(13)))
+            # exponent and mantissa moved into place read as a float are the value times 2^-112 (exact, also
+            # for subnormal halves, which land on fp32 denormals: Numba compiles without flush-to-zero)
+            f = bits_f32(em << uint32(13)) * float32(5.192296858534828e33)
+            return bits_f32(f32_bits(f) | sign)
+
+        @dev
+        def enc_f16(f):
+            # Round to nearest even (F. Giesen's float_to_half_fast3_rtne), NaN -> sign | 0x7E00 as torch.
+            b = f32_bits(f)
+            sign = (b >> uint32(16)) & uint32(0x8000)
+            a = b & uint32(0x7FFFFFFF)
+            if a >= uint32(0x47800000):  # |f| >= 65536: inf, or NaN
+                o = uint32(0x7E00) if a > uint32(0x7F800000) else uint32(0x7C00)
+            elif a < uint32(0x38800000):  # |f| < 2^-14: a subnormal half or zero; the fp32 add rounds (RNE)
+                o = add32(f32_bits(bits_f32(a) + float32(0.5)), uint32(0xC1000000))  # - 0x3F000000
+            else:
+                o = add32(add32(a, uint32(0xC8000FFF)), (a >> uint32(13)) & uint32(1)) >> uint32(13)
+            return uint16(o | sign)
+
+        @dev
+        def dec_f32(x):
+            return float32(x)
+
+        @dev
+        def enc_f32(x):
+            return float32(x)
+
+        @dev
+        def sigmoid(x):
+            return float32(1.0) / (float32(1.0) + expf(-x))
+
+        @dev
+        def sigmoid_fast(x):
+            # For bf16 / fp16 data: 2 MUFU ops instead of ~20 instructions; its few-ulp fp32 error vanishes in
+            # the 16-bit rounding, and the kernels stay under the issue rate at full bandwidth.
+            return fast_rcp(float32(1.0) + fast_expf(-x))
+
+        # fp32 data gets torch's accurate sigmoid; bf16 / fp16 data the fast one (torch rounds its own
+        # intermediates to 16 bits there, so its error is orders of magnitude above either).
+        sigmoids = {"f32": sigmoid, "f16": sigmoid_fast, "bf16": sigmoid_fast}
+        if not sim:
+            # On the GPU fp16 converts in hardware (one cvt each way, IEEE round to nearest even): the integer
+            # code above, which the simulator runs and tests/test_swiglu.py checks on every bit pattern, costs
+            # ~20 instructions with branches per value and made the fp16 backward issue-bound.
+            dec_f16, enc_f16 = hw_dec_f16, hw_enc_f16
+        codecs = {"f32": (dec_f32, enc_f32), "f16": (dec_f16, enc_f16), "bf16": (dec_bf16, enc_bf16)}
+        _DEFS.update(
+            sim=sim, dev=dev, ld4=ld4, st4=st4, codecs=codecs, sigmoids=sigmoids, bits_f32=bits_f32, f32_bits=f32_bits
+        )
+        return _DEFS
+
+
+def _vector_intrinsics():
+    """LLVM-level helpers: 16-byte vector load / store of 4 uint32 words at word index i of a 1-D uint32 array
+    (caller guarantees 16-byte alignment; one ld.global.v4.u32 / st.global.v4.u32 instead of four 4-byte
+    accesses), and a wrapping 32-bit add."""
+    from llvmlite import ir
+    from numba.cuda import types
+    from numba.cuda.extending import intrinsic
+
+    v4 = ir.VectorType(ir.IntType(32), 4)
+
+    def _address(context, builder, aryty, ary, index):
+        data = context.make_array(aryty)(context, builder, ary).data
+        return builder.bitcast(builder.gep(data, [index]), v4.as_pointer())
+
+    @intrinsic
+    def ld4(typingctx, arr, index):
+        sig = types.UniTuple(types.uint32, 4)(arr, index)
+
+        def codegen(context, builder, sig, args):
+            vec = builder.load(_address(context, builder, sig.args[0], args[0], args[1]), align=16)
+            words = [builder.extract_element(vec, ir.Constant(ir.IntType(32), k)) for k in range(4)]
+            return context.make_tuple(builder, sig.return_type, words)
+
+        return sig, codegen
+
+    @intrinsic
+    def st4(typingctx, arr, index, w0, w1, w2, w3):
+        sig = types.void(arr, index, types.uint32, types.uint32, types.uint32, types.uint32)
+
+        def codegen(context, builder, sig, args):
+            vec = ir.Constant(v4, ir.Undefined)
+            for k in range(4):
+                vec = builder.insert_element(vec, args[2 + k], ir.Constant(ir.IntType(32), k))
+            builder.store(vec, _address(context, builder, sig.args[0], args[0], args[1]), align=16)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def add32(typingctx, a, b):
+        # a + b mod 2^32 in one 32-bit add (Numba would widen uint32 + uint32 to 64 bits)
+        sig = types.uint32(types.uint32, types.uint32)
+
+        def codegen(context, builder, sig, args):
+            return builder.add(args[0], args[1])
+
+        return sig, codegen
+
+    @intrinsic
+    def f16_to_f32(typingctx, h):
+        # cvt.f32.f16 on the low 16 bits: exact (subnormals, inf, NaN payload)
+        sig = types.float32(h)
+
+        def codegen(context, builder, sig, args):
+            bits = builder.trunc(args[0], ir.IntType(16))
+            return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+
+        return sig, codegen
+
+    @intrinsic
+    def f32_to_f16(typingctx, f):
+        # cvt.rn.f16.f32: round to nearest even, overflow to inf, NaN stays NaN
+        sig = types.uint16(types.float32)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+        return sig, codegen
+
+    return ld4, st4, add32, f16_to_f32, f32_to_f16
+
+
+# Gated activations. act = (alpha, linear_offset, limit) names the elementwise function of a kernel:
+#   act(a, b) = a' * sigmoid(alpha * a') * (b' + linear_offset),  a' = min(a, limit),  b' = clamp(b, -limit, limit)
+# for the gate a and linear b of one column (limit None: no clamp). SwiGLU is (1, 0, None): silu(a) * b.
+# quick_geglu is (1.702, linear_offset, None), gpt-oss's clamped SwiGLU (alpha, 1, limit).
+_SWIGLU = (1.0, 0.0, None)
+_acts: dict = {}  # (code, act) -> (gate, linear, bwd, fwd_word, bwd_word)
+
+
+def _act_ops(code: str, act: tuple) -> tuple:
+    """Device functions of ``act`` for data of ``code``, math in fp32 (cached):
+
+    * gate(a) = a' * sigmoid(alpha * a') and linear(b) = b' + linear_offset: act(a, b) = gate(a) * linear(b);
+    * bwd(gg, a, b, scale) = (d gate, d linear, act(a, b) * gg): the gradients of act(a, b) * scale for the
+      incoming gradient gg (the seed's backward of g * weights) and the dweights term;
+    * fwd_word / bwd_word: the same on 32-bit words, 2 packed bf16 / fp16 values or 1 fp32 value.
+
+    The constants are compiled in and a term that does nothing (alpha 1, offset 0, no clamp) is not emitted, so
+    SwiGLU's kernels are plain silu(a) * b (the same PTX instructions as SwiGLU's own code before the act existed).
+    The clamp's gradient is torch.clamp's: the incoming one where lo <= x <= hi (bounds included), else 0 (NaN too).
+    """
+    key = (code, act)
+    ops = _acts.get(key)
+    if ops is not None:
+        return ops
+    d = _defs()
+    with _defs_lock:
+        if key in _acts:
+            return _acts[key]
+        from numba import float32, uint32
+
+        dev, sig, bits_f32, f32_bits = d["dev"], d["sigmoids"][code], d["bits_f32"], d["f32_bits"]
+        alpha, offset, limit = act
+        scaled, shifted, clamped = alpha != 1.0, offset != 0.0, limit is not None
+        k_alpha, k_offset = np.float32(alpha), np.float32(offset)
+        hi = np.float32(limit if clamped else 0.0)
+        lo = -hi
+
+        @dev
+        def gate(a):
+            if clamped:
+                a = hi if a > hi else a  # NaN stays NaN, as in torch.clamp
+            return a * (sig(k_alpha * a) if scaled else sig(a))
+
+        @dev
+        def linear(b):
+            if clamped:
+                b = hi if b > hi else (lo if b < lo else b)
+            return b + k_offset if shifted else b
+
+        @dev
+        def bwd(gg, a, b, scale):
+            pass_a = pass_b = True
+            if clamped:
+                pass_a = a <= hi
+                pass_b = lo <= b and b <= hi
+                a = hi if a > hi else a
+                b = hi if b > hi else (lo if b < lo else b)
+            x = k_alpha * a if scaled else a
+            s = sig(x)
+            q = a * s
+            if shifted:
+                b = b + k_offset
+            gs = gg * scale
+            dgate = gs * s * (float32(1.0) + x * (float32(1.0) - s)) * b
+            dlin = gs * q
+            if clamped:
+                dgate = dgate if pass_a else float32(0.0)
+                dlin = dlin if pass_b else float32(0.0)
+            return dgate, dlin, q * b * gg
+
+        if code == "f32":
+
+            @dev
+            def fwd_word(gw, uw, scale):
+                return f32_bits(gate(bits_f32(gw)) * linear(bits_f32(uw)) * scale)
+
+            @dev
+            def bwd_word(ggw, gw, uw, scale):
+                dg, du, p = bwd(bits_f32(ggw), bits_f32(gw), bits_f32(uw), scale)
+                return f32_bits(dg), f32_bits(du), p
+
+        else:
+            dec, enc = d["codecs"][code]
+            m16 = uint32(0xFFFF)
+
+            @dev
+            def fwd_word(gw, uw, scale):
+                a0 = dec(gw & m16)
+                a1 = dec(gw >> uint32(16))
+                o0 = enc(gate(a0) * linear(dec(uw & m16)) * scale)
+                o1 = enc(gate(a1) * linear(dec(uw >> uint32(16))) * scale)
+                return uint32(o0) | (uint32(o1) << uint32(16))
+
+            @dev
+            def bwd_word(ggw, gw, uw, scale):
+                dg0, du0, p0 = bwd(dec(ggw & m16), dec(gw & m16), dec(uw & m16), scale)
+                dg1, du1, p1 = bwd(dec(ggw >> uint32(16)), dec(gw >> uint32(16)), dec(uw >> uint32(16)), scale)
+                dgw = uint32(enc(dg0)) | (uint32(enc(dg1)) << uint32(16))
+                duw = uint32(enc(du0)) | (uint32(enc(du1)) << uint32(16))
+                return dgw, duw, p0 + p1
+
+        ops = _acts[key] = (gate, linear, bwd, fwd_word, bwd_word)
+        return ops
+
+
+# A kernel spec: (kind "fwd" | "bwd", weighted, vec, y code, g code, out code, w code[, act]): SwiGLU's specs are
+# these 7 fields, every other activation appends its act (``_act_ops``); all share the one template in _pyfunc.
+# vec kernels take y, g and out as uint32 word arrays (one dtype for all three); element kernels take each array in
+# its storage type.
+# Unweighted kernels still take (unused) weight arrays, so every kind has one parameter list:
+#   fwd(y, out, w, n_rows, n_cols, y_stride, half, out_stride, w_stride)
+#   bwd(g, y, w, dy, dw, n_rows, n_cols, g_stride, y_stride, half, dy_stride, w_stride)
+# n_cols: units per half row (16-byte vectors or elements); strides and ``half`` (offset of the up half in y and
+# in dy) in storage units (uint32 words or elements).
+_N_ARRAYS = {"fwd": 3, "bwd": 5}
+_N_SCALARS = {"fwd": 6, "bwd": 7}
+
+
+def _signature(spec) -> str:
+    """Numba signature of a spec's kernel."""
+    kind, weighted, vec, yc, gc, oc, wc = spec[:7]
+    w = _ELEM_TYPE[wc] + "[::1]" if weighted else "float32[::1]"
+    y = "uint32[::1]" if vec else _ELEM_TYPE[yc] + "[::1]"
+    o = "uint32[::1]" if vec else _ELEM_TYPE[oc] + "[::1]"
+    if kind == "fwd":
+        arrays = [y, o, w]
+    else:
+        g = "uint32[::1]" if vec else _ELEM_TYPE[gc] + "[::1]"
+        arrays = [g, y, w, o, w]
+    return f"void({', '.join(arrays + ['int64'] * _N_SCALARS[kind])})"
+
+
+def _abi(spec) -> str:
+    """struct codes of the kernel's parameters, as Numba lays them out (``_ARRAY_ABI``)."""
+    return _ARRAY_ABI * _N_ARRAYS[spec[0]] + "q" * _N_SCALARS[spec[0]]
+
+
+def _pyfunc(spec):
+    """The Python source of a spec's kernel (compiled by Numba, or run by the CUDA simulator)."""
+    d = _defs()
+    kind, weighted, vec, yc, gc, oc, wc = spec[:7]
+    from numba import float32, int64
+
+    ld4, st4 = d["ld4"], d["st4"]
+    gate, linear, bwd, fwd_word, bwd_word = _act_ops(yc, spec[7] if len(spec) > 7 else _SWIGLU)
+    wdec, wenc = d["codecs"][wc]
+    ydec = d["codecs"][yc][0]
+    oenc = d["codecs"][oc][1]
+    block = _SIM_BLOCK if d["sim"] else _BLOCK
+    if kind == "fwd":
+        # One unit of a row: a 16-byte vector of outputs from the gate's and up's vectors, or one element.
+        if vec:
+
+            @d["dev"]
+            def fwd_unit(y, out, yg, yu, ob, c, scale):
+                g0, g1, g2, g3 = ld4(y, yg + 4 * c)
+                u0, u1, u2, u3 = ld4(y, yu + 4 * c)
+                st4(
+                    out, ob + 4 * c,
+                    fwd_word(g0, u0, scale), fwd_word(g1, u1, scale), fwd_word(g2, u2, scale), fwd_word(g3, u3, scale),
+                )  # fmt: skip
+
+        else:
+
+            @d["dev"]
+            def fwd_unit(y, out, yg, yu, ob, c, scale):
+                out[ob + c] = oenc(gate(ydec(y[yg + c])) * linear(ydec(y[yu + c])) * scale)
+
+        def swiglu_fwd(y, out, w, n_rows, n_cols, y_stride, half, out_stride, w_stride):
+            tid = cuda.threadIdx.x
+            row = int64(cuda.blockIdx.x) * (block // 32) + (tid >> 5)
+            if row >= n_rows:
+                return
+            scale = wdec(w[row * w_stride]) if weighted else float32(1.0)
+            yg = row * y_stride
+            ob = row * out_stride
+            c = int64(tid & 31)
+            while c < n_cols:
+                fwd_unit(y, out, yg, yg + half, ob, c, scale)
+                c += 32
+
+        return swiglu_fwd
+
+    # Backward. Every thread reaches the barriers of the weighted reduction, rows past n_rows with a zero sum.
+    @d["dev"]
+    def store_row_sum(dw, acc, tid, lane, row, n_rows):
+        """dw[row] = the sum of the warp's 32 lane partials (acc): a fixed pairwise tree in shared memory, so the
+        weight gradient is bitwise deterministic (no atomics)."""
+        part = cuda.shared.array(block, float32)
+        part[tid] = acc
+        cuda.syncthreads()
+        s = 16
+        while s > 0:
+            if lane < s:
+                part[tid] += part[tid + s]
+            cuda.syncthreads()
+            s >>= 1
+        if lane == 0 and row < n_rows:
+            dw[row] = wenc(part[tid])
+
+    # One unit of a row (c: a 16-byte vector of the gate and up halves, or one element): writes dy's units, returns
+    # the unit's share of the weight gradient's dot product.
+    if vec:
+
+        @d["dev"]
+        def bwd_unit(g, y, dy, gb, yg, yu, dg, du, c, scale):
+            q0, q1, q2, q3 = ld4(g, gb + 4 * c)
+            a0, a1, a2, a3 = ld4(y, yg + 4 * c)
+            b0, b1, b2, b3 = ld4(y, yu + 4 * c)
+            dg0, du0, p0 = bwd_word(q0, a0, b0, scale)
+            dg1, du1, p1 = bwd_word(q1, a1, b1, scale)
+            dg2, du2, p2 = bwd_word(q2, a2, b2, scale)
+            dg3, du3, p3 = bwd_word(q3, a3, b3, scale)
+            st4(dy, dg + 4 * c, dg0, dg1, dg2, dg3)
+            st4(dy, du + 4 * c, du0, du1, du2, du3)
+            return (p0 + p1) + (p2 + p3)
+
+    else:
+        gdec = d["codecs"][gc][0]
+
+        @d["dev"]
+        def bwd_unit(g, y, dy, gb, yg, yu, dg, du, c, scale):
+            dgate, dup, p = bwd(gdec(g[gb + c]), ydec(y[yg + c]), ydec(y[yu + c]), scale)
+            dy[dg + c] = oenc(dgate)
+            dy[du + c] = oenc(dup)
+            return p
+
+    def swiglu_bwd(g, y, w, dy, dw, n_rows, n_cols, g_stride, y_stride, half, dy_stride, w_stride):
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        row = int64(cuda.blockIdx.x) * (block // 32) + (tid >> 5)
+        acc = float32(0.0)
+        if row < n_rows:
+            scale = wdec(w[row * w_stride]) if weighted else float32(1.0)
+            gb = row * g_stride
+            yg = row * y_stride
+            dg = row * dy_stride
+            c = int64(lane)
+            while c < n_cols:
+                acc += bwd_unit(g, y, dy, gb, yg, yg + half, dg, dg + half, c, scale)
+                c += 32
+        if weighted:
+            store_row_sum(dw, acc, tid, lane, row, n_rows)
+
+    return swiglu_bwd
+
+
+_kernel_lock = threading.RLock()
+_dispatchers: dict = {}  # spec -> Numba dispatcher (or the simulator's FakeCUDAKernel)
+
+
+def _dispatcher(spec):
+    disp = _dispatchers.get(spec)
+    if disp is None:
+        with _kernel_lock:
+            disp = _dispatchers.get(spec)
+            if disp is None:
+                fn = _pyfunc(spec)
+                disp = cuda.jit(fn) if _simulator() else cuda.jit(fn, lineinfo=False)
+                _dispatchers[spec] = disp
+    return disp
+
+
+def _numba_kernel(spec, index: int):
+    """Numba's compiled kernel (``numba.cuda.dispatcher._Kernel``) of a spec, bound to device ``index``."""
+    _numba_numpy_compat()
+    disp = _dispatcher(spec)
+    with _kernel_lock, cuda.gpus[index]:
+        return disp.compile(_signature(spec))  # compiles once (per compute capability), binds to the context
+
+
+def _layout(spec) -> tuple:
+    """(storage bytes, numpy type) of each array parameter of a spec's kernel, in order."""
+    kind, weighted, vec, yc, gc, oc, wc = spec[:7]
+    w = (2 if wc != "f32" else 4, _ELEM_NP[wc]) if weighted else (4, np.float32)
+
+    def data(code):
+        return (4, np.uint32) if vec else (2 if code != "f32" else 4, _ELEM_NP[code])
+
+    return (data(yc), data(oc), w) if kind == "fwd" else (data(gc), data(yc), w, data(oc), w)
+
+
+def _ptx(spec, cc=(9, 0)) -> str:
+    """PTX of a spec's kernel for compute capability ``cc``: NVVM only, so it works without a GPU (tests read the
+    kernel's real parameter list from it). Numba compiles device functions for the current device's compute
+    capability; with no device that lookup is answered with ``cc``."""
+    import numba.cuda.dispatcher as numba_dispatcher
+
+    _numba_numpy_compat()
+    _defs()
+    current = numba_dispatcher.get_current_device
+
+    class _Device:
+        compute_capability = cc
+
+    numba_dispatcher.get_current_device = _Device
+    try:
+        ptx, _ = cuda.compile_ptx(_pyfunc(spec), _signature(spec), cc=cc)
+    finally:
+        numba_dispatcher.get_current_device = current
+    return ptx
