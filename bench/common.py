@@ -6,12 +6,21 @@ import datetime
 import json
 import os
 import subprocess
+import sys
 import time
 
 import torch
 
 # Benchmark dtypes by their command-line names (every bench CLI takes --dtype from here).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+_T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    """A progress line on stderr with the seconds since the bench started (stdout keeps the tables)."""
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def do_bench(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:

@@ -53,6 +53,17 @@ SCALAR_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 _VEC_BYTES = (16, 8, 4, 2, 1)
 
 
+def row_view(x):
+    """x (2-D) as rows the kernels can read: unchanged when its last dim is contiguous (any row stride, 0 included)
+    or has at most one element, else a contiguous copy (the rare case). Both kernel families use this one rule."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grid sizes: the one copy (the launchers of both kernel families use it)."""
+    return -(-a // b)
+
+
 def _permute_instances() -> tuple[str, ...]:
     names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>", "moe_raw::pad_offsets<1024>"]
     names += [f"moe_raw::permute_scatter<{vb}>" for vb in _VEC_BYTES]

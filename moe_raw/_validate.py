@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 
-DEBUG = os.environ.get("MOE_RAW_DEBUG", "0") not in ("", "0")
+from moe_raw import _env
+
+DEBUG = _env.DEBUG  # MOE_RAW_DEBUG=1 (moe_raw/_env.py)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # 1-byte token dtypes that permute moves as bytes (fp8 activations); arithmetic ops reject them.

@@ -253,6 +253,7 @@ def numba_launch(spec, tensors, spans, scalars, n_rows):
     from numba import cuda
 
     GC = importlib.import_module("moe_raw._kernels.glu_codegen")
+    _launch = importlib.import_module("moe_raw._launch")
     arrays = []
     for t, span, (_, np_type) in zip(tensors, spans, GC._layout(spec), strict=True):
         if t is None:
@@ -261,4 +262,4 @@ def numba_launch(spec, tensors, spans, scalars, n_rows):
         desc = {"shape": (span,), "typestr": np.dtype(np_type).str, "data": (t.data_ptr(), False), "version": 3}
         arrays.append(cuda.from_cuda_array_interface(desc, owner=t, sync=False))
     stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-    GC._dispatcher(spec)[GC._cdiv(n_rows, GC._ROWS_PER_BLOCK), GC._BLOCK, stream](*arrays, *scalars)
+    GC._dispatcher(spec)[_launch.cdiv(n_rows, GC._ROWS_PER_BLOCK), GC._BLOCK, stream](*arrays, *scalars)

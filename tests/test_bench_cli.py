@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import bench_layer, bench_permute, bench_swiglu
+from bench import bench_layer, bench_permute, bench_swiglu, record, selfcheck
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 
@@ -117,7 +117,7 @@ def test_cpu_selfcheck_exits_0_and_prints_pass_lines(capsys, tmp_path):
                       "weighted_bias_swiglu_impl", "MoE layer"):  # fmt: skip
             assert any(f" {dt} " in ln and label in ln for ln in lines), (dt, label)
     rec = json.loads((tmp_path / "bench.json").read_text())
-    assert rec["format"] == cli.RECORD_FORMAT and rec["rows"] == [] and rec["copy_GBps"] is None
+    assert rec["format"] == record.RECORD_FORMAT and rec["rows"] == [] and rec["copy_GBps"] is None
     assert len(rec["selfcheck"]) == len(lines) and {c["status"] for c in rec["selfcheck"]} == {"PASS"}
 
 
@@ -137,7 +137,7 @@ def test_selfcheck_reports_a_failure(monkeypatch, capsys):
     import moe_raw
 
     monkeypatch.setattr(moe_raw, "weighted_swiglu", broken)
-    res = cli.selfcheck(("weighted_swiglu",), "cpu")
+    res = selfcheck.selfcheck(("weighted_swiglu",), "cpu")
     fwd = [r for r in res if r["op"].startswith("weighted_swiglu fwd")]
     assert len(fwd) == 3 and all(r["status"] == "FAIL" for r in fwd)
     assert "FAIL" in capsys.readouterr().out
@@ -155,7 +155,7 @@ def test_dispatch_checks_report_a_wrong_result(monkeypatch, name):
 
     monkeypatch.setattr(moe_raw, name, off_by_a_bit)
     op = {"sort_chunks_by_idxs": "sort_chunks", "permute_topk": "topk", "permute_and_pad": "pad"}[name]
-    res = cli.selfcheck((op,), "cpu")
+    res = selfcheck.selfcheck((op,), "cpu")
     assert len(res) == 3 and all(r["status"] == "FAIL" for r in res), res
 
 
@@ -181,11 +181,11 @@ def test_quick_selfcheck_runs_only_the_small_permute_cases(monkeypatch):
 
     seen = []
     monkeypatch.setattr(smoke, "check", lambda T, E, K, H, *a, **kw: seen.append((T, E, K, H)) or True)
-    assert cli.check_permute(torch.float32, "cuda", quick=True)[0]
-    assert set(seen) == set(cli.SMALL_PERMUTE_CASES)
+    assert selfcheck.check_permute(torch.float32, "cuda", quick=True)[0]
+    assert set(seen) == set(selfcheck.SMALL_PERMUTE_CASES)
     seen.clear()
-    assert cli.check_permute(torch.float32, "cuda", quick=False)[0]
-    assert set(seen) == set(cli.SMALL_PERMUTE_CASES + cli.LARGE_PERMUTE_CASES)
+    assert selfcheck.check_permute(torch.float32, "cuda", quick=False)[0]
+    assert set(seen) == set(selfcheck.SMALL_PERMUTE_CASES + selfcheck.LARGE_PERMUTE_CASES)
 
 
 def test_layer_providers_agree_on_cpu():
@@ -221,7 +221,7 @@ def test_speedups_and_markdown():
     rows = _fake_rows()
     assert rows[0]["speedup_vs_seed"] == pytest.approx(3.0)
     assert "speedup_vs_seed" not in rows[1] and "speedup_vs_seed" not in rows[2]
-    md = cli.markdown(rows, 2915.0)
+    md = record.markdown(rows, 2915.0)
     assert "| S | permute fwd | moe_raw | bf16 | 0.500 | 2600 | 89% | 3.00x |" in md
     assert "2915 GB/s" in md and "| T=16 | permute+unpermute | moe_raw | 40.0 |" in md and "| L | moe_raw |" in md
     assert "| S | permute+unpermute fwd+bwd peak memory | moe_raw | 0.250 | above inputs |" in md
@@ -232,7 +232,7 @@ def test_record_json_and_csv(tmp_path):
     env = {"gpu": "NVIDIA H100", "torch": "2.13", "cupy": "14.2", "numba": "0.68", "git_sha": "abc",
            "timestamp": "2026-11-27T00:00:00+00:00"}  # fmt: skip
     checks = [{"op": "swiglu fwd", "dtype": "bf16", "status": "PASS", "detail": "", "device": "cuda"}]
-    paths = cli.write_record(str(tmp_path / "rec"), env, {"quick": True}, checks, rows, 2915.0, 2000.0)
+    paths = record.write_record(str(tmp_path / "rec"), env, {"quick": True}, checks, rows, 2915.0, 2000.0)
     rec = json.loads(open(paths["json"]).read())
     assert rec["format"] == "moe_raw-bench/1"
     for key in ("gpu", "torch", "cupy", "numba", "git_sha", "timestamp"):
@@ -240,7 +240,7 @@ def test_record_json_and_csv(tmp_path):
     assert rec["copy_GBps"] == 2915.0 and rec["selfcheck"] == checks and len(rec["rows"]) == len(rows)
     with open(paths["csv"]) as f:
         got = list(csv.DictReader(f))
-    assert list(got[0]) == cli.CSV_FIELDS and len(got) == len(rows)
+    assert list(got[0]) == record.CSV_FIELDS and len(got) == len(rows)
     assert float(got[0]["GB/s"]) == 2600.0 and float(got[0]["speedup_vs_seed"]) == pytest.approx(3.0)
     assert got[2]["GB/s"] == "" and got[3]["us"] == "40.0" and got[4]["peak_mem_GB"] == "0.25"
     assert got[5]["tokens_per_s"] == "1800000.0"
@@ -249,5 +249,5 @@ def test_record_json_and_csv(tmp_path):
 
 def test_record_chart(tmp_path):
     pytest.importorskip("matplotlib")
-    paths = cli.write_record(str(tmp_path), {"gpu": "x"}, {}, [], _fake_rows(), 2915.0)
+    paths = record.write_record(str(tmp_path), {"gpu": "x"}, {}, [], _fake_rows(), 2915.0)
     assert paths["png"].endswith("bench.png") and (tmp_path / "bench.png").stat().st_size > 1000

@@ -13,8 +13,9 @@ MAX_LINES = 700
 
 # Lower number = lower layer. A module may import only modules of a strictly lower layer.
 LAYERS = {
+    "moe_raw._env": 0,
     "moe_raw.reference": 0,
-    "moe_raw._validate": 0,
+    "moe_raw._validate": 1,
     "moe_raw._launch": 0,
     "moe_raw._cpu": 1,
     "moe_raw._kernels": 1,

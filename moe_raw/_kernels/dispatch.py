@@ -12,13 +12,12 @@ Layering: ``moe_raw._launch`` (compile, stream, launch) and ``moe_raw._cpu`` bel
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from moe_raw import _cpu, reference
+from moe_raw import _cpu, _env, reference
 from moe_raw import _validate as V
-from moe_raw._launch import CTYPES, SCALAR_CODE, launch, ptr
+from moe_raw._launch import CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
 
 _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
 _ROW_THREADS = 128  # kRowThreads
@@ -28,10 +27,10 @@ _STAGE_BYTES = 16384  # kStageBytes
 # bound (two float weights as one 8-byte load, past a 1-expert list: compute-sanitizer memcheck on an H100), so the
 # allocation covers 4 more fp64 entries.
 _SMEM_SLACK = 32
-# Diagnostic switch, read at import: compute-sanitizer initcheck does not see writes made by the bulk-copy engine
-# (permute_scatter's sm_90 path for 16-byte rows) and reports every row written that way as uninitialized when it
-# is read. MOE_RAW_NO_BULK_COPY=1 writes those rows with plain 8-byte stores instead (a few % slower).
-_BULK_COPY = os.environ.get("MOE_RAW_NO_BULK_COPY", "0") in ("", "0")
+# compute-sanitizer initcheck does not see writes made by the bulk-copy engine (permute_scatter's sm_90 path for
+# 16-byte rows) and reports every row written that way as uninitialized when it is read; MOE_RAW_NO_BULK_COPY=1
+# (moe_raw/_env.py) writes those rows with plain 8-byte stores instead.
+_BULK_COPY = not _env.NO_BULK_COPY
 
 
 MAX_SPLITS = 4096  # kernels/chunks.cu: two int32 tables of S entries in shared memory
@@ -46,10 +45,6 @@ def _scatter_vec_bytes(vb: int) -> int:
     return vb if vb != 16 or _BULK_COPY else 8
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _vec_bytes(elem: int, *byte_quantities: int) -> int:
     """Widest vector (16, 8, 4, 2 or 1 bytes, at least one element) dividing every row size, stride and address."""
     q = 0
@@ -61,11 +56,6 @@ def _vec_bytes(elem: int, *byte_quantities: int) -> int:
     return vb
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows the kernels can read: last dim contiguous (any row stride, even 0), else a contiguous copy."""
-    return x if x.stride(-1) == 1 and x.stride(0) >= 0 else x.contiguous()
-
-
 def _scalar_args(p: torch.Tensor | None):
     """(address, dtype code, stride 0, stride 1) of a [T, E] scalar tensor, or nulls."""
     if p is None:
@@ -75,16 +65,16 @@ def _scalar_args(p: torch.Tensor | None):
 
 def _workspace_ints(num_tokens: int, num_experts: int) -> int:
     """int32 words of kernels/permute.cu's routing workspace."""
-    n_words, n_tiles = _cdiv(num_tokens, 32), _cdiv(num_tokens, _TILE_TOKENS)
+    n_words, n_tiles = cdiv(num_tokens, 32), cdiv(num_tokens, _TILE_TOKENS)
     return 2 * num_experts * (n_words + n_tiles) + num_experts + 1
 
 
 def _tables(routing_map: torch.Tensor, ws: int) -> None:
     """Launch routing_pack (+ routing_scan) filling the int32 workspace at device address ``ws``. No host sync."""
     num_tokens, num_experts = routing_map.shape
-    n_tiles = _cdiv(num_tokens, _TILE_TOKENS)
+    n_tiles = cdiv(num_tokens, _TILE_TOKENS)
     # One block does everything for T <= 256 (one launch); otherwise tiles x 32-expert groups, then the scan.
-    grid = (1, 1) if n_tiles == 1 else (n_tiles, _cdiv(num_experts, 32))
+    grid = (1, 1) if n_tiles == 1 else (n_tiles, cdiv(num_experts, 32))
     dev = routing_map.device
     launch(
         "permute", "moe_raw::routing_pack<256>", dev, grid, _TILE_TOKENS,
@@ -100,7 +90,7 @@ def _map_and_workspace(routing_map: torch.Tensor):
     (returned as its device address, plus the tensor holding it). One allocation and one view per call: on the
     small-call path each costs microseconds."""
     num_tokens, num_experts = routing_map.shape
-    extra_rows = _cdiv(_workspace_ints(num_tokens, num_experts), num_experts)
+    extra_rows = cdiv(_workspace_ints(num_tokens, num_experts), num_experts)
     buf = torch.empty((num_tokens + 1 + extra_rows, num_experts), dtype=torch.int32, device=routing_map.device)
     ws = buf.data_ptr() + 4 * (num_tokens + 1) * num_experts
     return buf[: num_tokens + 1], ws, buf
@@ -123,13 +113,13 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     if drop_and_pad:
         capacity = min(n_rows // num_experts, num_tokens)  # the seed slices argsort(...)[:, :capacity]
         n_rows = num_experts * capacity
-    tail_blocks = _cdiv(n_rows, _TAIL_ROWS) if (num_out_tokens is not None and not drop_and_pad) else 0
+    tail_blocks = cdiv(n_rows, _TAIL_ROWS) if (num_out_tokens is not None and not drop_and_pad) else 0
     out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev) if want_rows else None
     indices = torch.empty(n_rows, dtype=torch.int64, device=dev) if want_indices else None
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
     src, row_bytes, vb = None, 0, 16
     if want_rows:
-        src = _rows(tokens)
+        src = row_view(tokens)
         esize = tokens.element_size()
         row_bytes = hidden * esize
         vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
@@ -176,7 +166,7 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
         # No row data, only dprobs: n_rows still bounds the row ids the kernel accepts.
         hidden, n_rows, out, rows_stride, vb = 0, g_pprobs.shape[0], None, 0, 16
     else:
-        rows = _rows(rows)
+        rows = row_view(rows)
         dtype = rows.dtype
         if dtype not in CTYPES:
             raise TypeError(f"moe_raw: summing rows needs a float dtype ({', '.join(map(str, CTYPES))}), got {dtype}")
@@ -204,11 +194,11 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     num_experts = row_map.shape[1]
     aligned = row_map.shape[0] == num_tokens + 3  # permute_and_pad's layout: E more blocks zero the padding rows
     dev = grad_out.device
-    g = _rows(grad_out)
+    g = row_view(grad_out)
     dtype = g.dtype
     esize = g.element_size()
     d_rows = torch.empty((n_rows, hidden), dtype=dtype, device=dev)
-    rows = _rows(rows) if need_dprobs else None
+    rows = row_view(rows) if need_dprobs else None
     dprobs = torch.empty((num_tokens, num_experts), dtype=probs.dtype, device=dev) if need_dprobs else None
     quantities = [hidden * esize, g.stride(0) * esize, g.data_ptr(), d_rows.data_ptr()]
     if rows is not None:
@@ -217,7 +207,7 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
     launch(
         "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev,
-        num_tokens + _cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
+        num_tokens + cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
         (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
          (n_rows), (hidden), (num_tokens), (num_experts), ptr(row_map), *_scalar_args(probs),
          ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0),
@@ -326,12 +316,12 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
         n_rows = num_out_tokens + num_experts * (align - 1)  # the worst case: every expert pads align - 1 rows
     out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev)
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
-    src = _rows(tokens)
+    src = row_view(tokens)
     esize = tokens.element_size()
     row_bytes = hidden * esize
     vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
     launch(
-        "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + _cdiv(n_rows, _TAIL_ROWS) + num_experts,
+        "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + cdiv(n_rows, _TAIL_ROWS) + num_experts,
         _ROW_THREADS,
         (ptr(src), src.stride(0) * esize, ptr(out), row_bytes, num_tokens, num_experts, n_rows, 0, 0,
          ptr(routing_map), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
@@ -350,7 +340,7 @@ def _permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens):
 
 
 def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
-    rows = _rows(x.reshape(num_tokens, -1) if x.dim() != 2 else x)
+    rows = row_view(x.reshape(num_tokens, -1) if x.dim() != 2 else x)
     out = torch.empty((num_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
     esize = x.element_size()
     row_bytes = rows.shape[1] * esize
@@ -359,7 +349,7 @@ def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
     aligned = row_map.shape[0] == num_tokens + 3
     launch(
         "permute", f"moe_raw::scatter_rows<{vb}>", x.device,
-        num_tokens + _cdiv(num_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
+        num_tokens + cdiv(num_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
         (ptr(rows), rows.stride(0) * esize, ptr(out), row_bytes, num_tokens, num_experts, num_rows, ptr(row_map),
          ptr(row_map[num_tokens + 1]) if aligned else 0),
         shared_mem=4 * num_experts,

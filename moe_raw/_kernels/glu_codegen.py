@@ -62,10 +62,6 @@ _ELEM_NP = {"f32": np.float32, "f16": np.uint16, "bf16": np.uint16}
 _ARRAY_ABI = "PPqqPqq"
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # numpy 2.5 compatibility (module docstring)
 

@@ -19,12 +19,12 @@ from moe_raw._kernels.glu_codegen import (
     _SIM_BLOCK,
     _SWIGLU,
     _abi,
-    _cdiv,
     _dispatcher,
     _layout,
     _numba_kernel,
     _simulator,
 )
+from moe_raw._launch import row_view
 
 _CODE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}  # dtypes with kernels
 _compiled: dict = {}  # (spec, device index) -> _launch.compiled_kernel tuple
@@ -110,7 +110,7 @@ def _launch_kernel(spec, tensors, spans, scalars, n_rows: int, index: int) -> No
         return
     if not _simulator():
         raise RuntimeError("moe_raw.swiglu: the Numba kernels run on CUDA tensors (or under NUMBA_ENABLE_CUDASIM=1)")
-    _dispatcher(spec)[_cdiv(n_rows, _SIM_BLOCK // 32), _SIM_BLOCK](*_sim_arrays(spec, tensors, spans), *scalars)
+    _dispatcher(spec)[_launch.cdiv(n_rows, _SIM_BLOCK // 32), _SIM_BLOCK](*_sim_arrays(spec, tensors, spans), *scalars)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,11 +118,6 @@ def _launch_kernel(spec, tensors, spans, scalars, n_rows: int, index: int) -> No
 
 
 _ESIZE = {"f32": 4, "f16": 2, "bf16": 2}
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """A 2-D view with contiguous rows (any row stride, 0 included), else a contiguous copy (the rare case)."""
-    return x if x.stride()[1] == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
 _PLANS: dict = {}
@@ -229,7 +224,7 @@ def _bwd_into(g, y, weights, dy, dw, act: tuple = _SWIGLU) -> None:
 
 
 def _swiglu_fwd(y: torch.Tensor, weights: torch.Tensor | None, act: tuple) -> torch.Tensor:
-    y = _rows(y)
+    y = row_view(y)
     n_rows, two_f = y.shape
     out = y.new_empty((n_rows, two_f >> 1))
     if n_rows and two_f:
@@ -238,7 +233,7 @@ def _swiglu_fwd(y: torch.Tensor, weights: torch.Tensor | None, act: tuple) -> to
 
 
 def _swiglu_bwd(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, out_dtype: torch.dtype, act: tuple):
-    g, y = _rows(g), _rows(y)
+    g, y = row_view(g), row_view(y)
     n_rows, two_f = y.shape
     dy = y.new_empty((n_rows, two_f), dtype=out_dtype)
     dw = weights.new_empty((n_rows, 1)) if weights is not None else None
