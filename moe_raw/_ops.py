@@ -18,6 +18,7 @@ import torch
 
 from moe_raw._kernels import dispatch as D
 from moe_raw._kernels import glu_launch as GL
+from moe_raw._kernels.glu_codegen import Act
 
 _EMPTY = (0,)
 
@@ -196,7 +197,7 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 @torch.library.custom_op("moe_raw::glu", mutates_args=())
 def glu(y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
     """y [..., 2F] -> [..., F] in y.dtype (moe_raw.swiglu / quick_geglu / clamped_swiglu)."""
-    out = GL._glu_fwd(GL._as_2d(y), None, (alpha, linear_offset, limit))
+    out = GL._glu_fwd(GL._as_2d(y), None, Act(alpha, linear_offset, limit))
     return out.view(*y.shape[:-1], out.shape[1])
 
 
@@ -210,7 +211,7 @@ def weighted_glu(
     y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
 ) -> torch.Tensor:
     """y [N, 2F], weights [N, 1] -> act(y) * weights [N, F] in y.dtype."""
-    return GL._glu_fwd(y, weights, (alpha, linear_offset, limit))
+    return GL._glu_fwd(y, weights, Act(alpha, linear_offset, limit))
 
 
 @weighted_glu.register_fake
@@ -222,7 +223,7 @@ def _(y, weights, alpha, linear_offset, limit):
 def glu_back(g: torch.Tensor, y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
     """dy [..., 2F] in promote(g.dtype, y.dtype)."""
     out_dtype = torch.promote_types(g.dtype, y.dtype)
-    return GL._glu_bwd(GL._as_2d(g), GL._as_2d(y), None, (alpha, linear_offset, limit), out_dtype)[0].view(y.shape)
+    return GL._glu_bwd(GL._as_2d(g), GL._as_2d(y), None, Act(alpha, linear_offset, limit), out_dtype)[0].view(y.shape)
 
 
 @glu_back.register_fake
@@ -235,7 +236,7 @@ def weighted_glu_back(
     g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype)."""
-    return GL._glu_bwd(g, y, weights, (alpha, linear_offset, limit), y.dtype)
+    return GL._glu_bwd(g, y, weights, Act(alpha, linear_offset, limit), y.dtype)
 
 
 @weighted_glu_back.register_fake

@@ -3,7 +3,7 @@ their weighted forms, backward functions, autograd Functions and Megatron's ``we
 
 ``y [..., 2F]`` holds ``[gate | up]`` (``torch.chunk(y, 2, -1)``); ``weights [N, 1]``. Every one is
 ``gate' * sigmoid(alpha * gate') * (linear' + linear_offset)`` with an optional clamp, its constants an ``act``
-tuple ``(alpha, linear_offset, limit)`` (SwiGLU is ``(1, 0, None)``). CUDA tensors in float32 / float16 / bfloat16
+``Act(alpha, linear_offset, limit)`` (SwiGLU is ``(1, 0, None)``). CUDA tensors in float32 / float16 / bfloat16
 run the Numba kernels (``moe_raw._kernels.glu_launch``); CPU tensors and float64 run the same formulas in torch,
 in fp32 (fp64 for fp64). One autograd node per call when an input requires grad (``_GluFn``); none otherwise.
 """
@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from moe_raw import _ops, reference
 from moe_raw import _validate as V
-from moe_raw._kernels.glu_codegen import _SWIGLU
+from moe_raw._kernels.glu_codegen import _SWIGLU, Act
 from moe_raw._kernels.glu_launch import _as_2d, _glu_back_torch, _glu_bwd, _glu_fwd, _weighted_fn_backward
 
 # The public names are listed once, in moe_raw/__init__.py.
@@ -155,11 +155,11 @@ _QUICK_GELU_ALPHA = 1.702  # quick_gelu(x) = x * sigmoid(1.702 x), Megatron's co
 
 
 def _quick(linear_offset, op: str) -> tuple:
-    return (_QUICK_GELU_ALPHA, V.act_constant(linear_offset, "linear_offset", op), None)
+    return Act(_QUICK_GELU_ALPHA, V.act_constant(linear_offset, "linear_offset", op), None)
 
 
 def _clamped(alpha, limit, op: str) -> tuple:
-    return (V.act_constant(alpha, "alpha", op), 1.0, V.act_limit(limit, "limit", op))
+    return Act(V.act_constant(alpha, "alpha", op), 1.0, V.act_limit(limit, "limit", op))
 
 
 def quick_geglu(y: torch.Tensor, linear_offset: float = 0.0) -> torch.Tensor:
@@ -393,7 +393,7 @@ class WeightedQuickGeGLUFunction(torch.autograd.Function):
         V.glu_weights(weights, input, op)
         V.fp8_flag(fp8_input_store, op)
         limit = V.act_limit(clamp_value, "clamp_value", op) if clamp_value is not None else None
-        act = (V.act_constant(alpha, "alpha", op), V.act_constant(linear_offset, "linear_offset", op), limit)
+        act = Act(V.act_constant(alpha, "alpha", op), V.act_constant(linear_offset, "linear_offset", op), limit)
         saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
         ctx.save_for_backward(saved, weights)
         ctx.ori_input_dtype = input.dtype
@@ -454,7 +454,7 @@ def weighted_bias_quick_geglu_impl(
         fn_op = "moe_raw.WeightedQuickGeGLUFunction"  # what the Function checks
         V.glu_weights(weights, _as_2d(input), fn_op)
         limit = V.act_limit(clamp_value, "clamp_value", fn_op) if clamp_value is not None else None
-        act = (V.act_constant(alpha, "alpha", fn_op), V.act_constant(linear_offset, "linear_offset", fn_op), limit)
+        act = Act(V.act_constant(alpha, "alpha", fn_op), V.act_constant(linear_offset, "linear_offset", fn_op), limit)
         output = _ops.weighted_glu_fn(_as_2d(input), weights, bool(fp8_input_store), *act)
     else:
         output = WeightedQuickGeGLUFunction.apply(

@@ -40,6 +40,13 @@ _WORDS = {2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
 _TOKENS_PER_BLOCK = 8  # kernels/topk.cu kTokensPerBlock
 
 
+# The two row-map layouts (moe_raw.reference documents both): permute's [T + 1, E] and permute_and_pad's aligned
+# [T + 3, E], whose two extra lines give each expert's padding rows. The row map is the user's tensor (it travels to
+# unpermute(fused=True) and permute_with_row_map), so its height is the layout's tag: read here, nowhere else.
+def _aligned_layout(row_map: torch.Tensor, num_tokens: int) -> bool:
+    return row_map.shape[0] == num_tokens + 3
+
+
 def _scatter_vec_bytes(vb: int) -> int:
     """permute_scatter's vector width: 16 takes the bulk-copy path on sm_90, unless MOE_RAW_NO_BULK_COPY=1."""
     return vb if vb != 16 or _BULK_COPY else 8
@@ -192,7 +199,7 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     zero."""
     num_tokens, hidden = grad_out.shape
     num_experts = row_map.shape[1]
-    aligned = row_map.shape[0] == num_tokens + 3  # permute_and_pad's layout: E more blocks zero the padding rows
+    aligned = _aligned_layout(row_map, num_tokens)  # E more blocks zero the padding rows
     dev = grad_out.device
     g = row_view(grad_out)
     dtype = g.dtype
@@ -346,7 +353,7 @@ def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
     row_bytes = rows.shape[1] * esize
     vb = _vec_bytes(1, row_bytes, rows.stride(0) * esize, rows.data_ptr(), out.data_ptr())
     num_experts = row_map.shape[1]
-    aligned = row_map.shape[0] == num_tokens + 3
+    aligned = _aligned_layout(row_map, num_tokens)
     launch(
         "permute", f"moe_raw::scatter_rows<{vb}>", x.device,
         num_tokens + cdiv(num_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -320,7 +321,15 @@ def _vector_intrinsics():
 #   act(a, b) = a' * sigmoid(alpha * a') * (b' + linear_offset),  a' = min(a, limit),  b' = clamp(b, -limit, limit)
 # for the gate a and linear b of one column (limit None: no clamp). SwiGLU is (1, 0, None): silu(a) * b.
 # quick_geglu is (1.702, linear_offset, None), gpt-oss's clamped SwiGLU (alpha, 1, limit).
-_SWIGLU = (1.0, 0.0, None)
+class Act(NamedTuple):
+    """The constants of a gated activation (compiled into its kernels; a cache key, equal to the plain tuple)."""
+
+    alpha: float
+    linear_offset: float
+    limit: float | None
+
+
+_SWIGLU = Act(1.0, 0.0, None)
 _acts: dict = {}  # (code, act) -> (gate, linear, bwd, fwd_word, bwd_word)
 
 
