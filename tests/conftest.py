@@ -229,6 +229,21 @@ def kernels(monkeypatch):
 # ---- helpers shared by test files (import them: from conftest import ...)
 
 
+def run_on_side_stream(stream, fn, *fresh):
+    """(fn(*fresh) on the current stream, fn(*copies) run on ``stream``, where the copies are written behind a long
+    sleep): a kernel launched on any other stream than the current one reads zeros, so the two results differ."""
+    expected = fn(*fresh)
+    copies = [torch.zeros_like(t) for t in fresh]
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)
+        for c, t in zip(copies, fresh, strict=True):
+            c.copy_(t)
+        got = fn(*copies)
+    stream.synchronize()
+    return expected, got
+
+
 def assert_exact(got, expected, what: str) -> None:
     """got equals expected bit for bit (dtype, shape and every entry; 1-byte floats compared as bytes)."""
     assert got is not None and expected is not None, f"{what}: got {got is not None}, expected {expected is not None}"

@@ -28,7 +28,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import needs_cuda, numba_launch
+from conftest import needs_cuda, numba_launch, run_on_side_stream
 
 import moe_raw
 from moe_raw import reference as R
@@ -659,17 +659,7 @@ def _all_ops(y, g, w):
 @needs_cuda
 def test_gpu_side_stream(side_stream):
     """Inputs are written on the side stream behind a long sleep: a launch on any other stream reads zeros."""
-    y_new, g_new, w_new = _inputs(1027, 2048, torch.bfloat16, device="cuda")
-    expected = _all_ops(y_new, g_new, w_new)
-    y, g, w = torch.zeros_like(y_new), torch.zeros_like(g_new), torch.zeros_like(w_new)
-    torch.cuda.synchronize()
-    with torch.cuda.stream(side_stream):
-        torch.cuda._sleep(100_000_000)
-        y.copy_(y_new)
-        g.copy_(g_new)
-        w.copy_(w_new)
-        got = _all_ops(y, g, w)
-    side_stream.synchronize()
+    expected, got = run_on_side_stream(side_stream, _all_ops, *_inputs(1027, 2048, torch.bfloat16, device="cuda"))
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
 

@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("CUDA device needed", allow_module_level=True)
 
-from conftest import numba_launch  # noqa: E402
+from conftest import numba_launch, run_on_side_stream  # noqa: E402
 
 from bench.common import host_us  # noqa: E402
 from moe_raw import reference as R  # noqa: E402
@@ -214,18 +214,11 @@ def test_empty_and_zero_width():
 
 def test_side_stream(side_stream):
     """Inputs are written on the side stream behind a long sleep: a launch on any other stream reads zeros."""
-    n, f = 1027, 2048
-    y_new, g_new, w_new = _inputs(n, f, torch.bfloat16)
-    expected = (S.weighted_swiglu(y_new, w_new), *S.weighted_swiglu_back(g_new, y_new, w_new))
-    y, g, w = torch.zeros_like(y_new), torch.zeros_like(g_new), torch.zeros_like(w_new)
-    torch.cuda.synchronize()
-    with torch.cuda.stream(side_stream):
-        torch.cuda._sleep(100_000_000)
-        y.copy_(y_new)
-        g.copy_(g_new)
-        w.copy_(w_new)
-        got = (S.weighted_swiglu(y, w), *S.weighted_swiglu_back(g, y, w))
-    side_stream.synchronize()
+
+    def ops(y, g, w):
+        return (S.weighted_swiglu(y, w), *S.weighted_swiglu_back(g, y, w))
+
+    expected, got = run_on_side_stream(side_stream, ops, *_inputs(1027, 2048, torch.bfloat16))
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
 
