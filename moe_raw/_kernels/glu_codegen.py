@@ -430,8 +430,24 @@ def _act_ops(code: str, act: tuple) -> tuple:
         return ops
 
 
-# A kernel spec: (kind "fwd" | "bwd", weighted, vec, y code, g code, out code, w code[, act]): SwiGLU's specs are
-# these 7 fields, every other activation appends its act (``_act_ops``); all share the one template in _pyfunc.
+# A kernel spec names one compiled kernel; every gated activation shares the one template in _pyfunc. GluSpec is the
+# named form moe_raw builds; a plain 7-tuple (no act: SwiGLU) or 8-tuple in the same order is read the same way.
+class GluSpec(NamedTuple):
+    kind: str  # "fwd" | "bwd"
+    weighted: bool  # a weights [N, 1] array is read (and, backward, dweights written)
+    vec: bool  # 16-byte units (y, g and out share one dtype) rather than elements
+    y: str  # storage code of y: "f32" | "f16" | "bf16"
+    g: str  # of the incoming gradient (backward)
+    out: str  # of the output (forward) or dy (backward)
+    w: str  # of the weights
+    act: Act = None  # the activation (None: SwiGLU)
+
+
+def _spec_act(spec) -> Act:
+    act = spec[7] if len(spec) > 7 else None
+    return _SWIGLU if act is None else act
+
+
 # vec kernels take y, g and out as uint32 word arrays (one dtype for all three); element kernels take each array in
 # its storage type.
 # Unweighted kernels still take (unused) weight arrays, so every kind has one parameter list:
@@ -469,7 +485,7 @@ def _pyfunc(spec):
     from numba import float32, int64
 
     ld4, st4 = d["ld4"], d["st4"]
-    gate, linear, bwd, fwd_word, bwd_word = _act_ops(yc, spec[7] if len(spec) > 7 else _SWIGLU)
+    gate, linear, bwd, fwd_word, bwd_word = _act_ops(yc, _spec_act(spec))
     wdec, wenc = d["codecs"][wc]
     ydec = d["codecs"][yc][0]
     oenc = d["codecs"][oc][1]
