@@ -63,10 +63,13 @@ def _gated(op: str, y, weights, weighted: bool, act: tuple) -> torch.Tensor:
     return _glu_fwd(y, weights, act)
 
 
-def _gated_back(op: str, g, y, weights, weighted: bool, act: tuple):
+def _gated_back(op: str, g, y, weights, weighted: bool, act: tuple, need_weight_grad: bool = True):
     """Validated backward of ``act``: dy [..., 2F] in promote(g, y); with weights (2-D) (dy in y.dtype, dweights
-    [N, 1] in weights.dtype). Differentiable (twice-differentiable activations): when an input requires grad this
-    runs the torch formula in fp32, whose autograd gives the second derivatives, on every device."""
+    [N, 1] in weights.dtype, or None when not need_weight_grad). Differentiable (twice-differentiable activations):
+    when an input requires grad this runs the torch formula in fp32, whose autograd gives the second derivatives, on
+    every device."""
+    if weighted and not need_weight_grad:
+        return _gated_back(op, g, y, weights, True, act)[0], None
     if not weighted:
         f = V.glu_input(y, op, two_d=False)
         V.glu_grad(g, y, f, op)
@@ -130,7 +133,7 @@ def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _gated_back("moe_raw.swiglu_back", g, y, None, False, _SWIGLU)
 
 
-def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
+def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, *, need_weight_grad: bool = True):
     """Gradients of weighted_swiglu, in one pass over g and y.
 
     Args:
@@ -139,12 +142,21 @@ def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
         weights: [N, 1] float.
 
     Returns:
-        (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype). dy is swiglu_back(g * weights, y);
+        (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype, or None with need_weight_grad=False, as NeMo
+        Automodel's). dy is swiglu_back(g * weights, y);
         dweights[n] = sum_f swiglu(y)[n, f] * g[n, f], reduced in fp32 in a fixed order (bitwise deterministic).
         Differentiable w.r.t. g and y (and weights): with any of them requiring grad this runs torch ops in
         fp32, whose autograd gives the second derivatives.
     """
-    return _gated_back("moe_raw.weighted_swiglu_back", g, y, weights, True, _SWIGLU)
+    return _gated_back(
+        "moe_raw.weighted_swiglu_back",
+        g,
+        y,
+        weights,
+        True,
+        _SWIGLU,
+        V.flag(need_weight_grad, "need_weight_grad", "moe_raw.weighted_swiglu_back"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,7 +226,14 @@ def quick_geglu_back(g: torch.Tensor, y: torch.Tensor, linear_offset: float = 0.
     return _gated_back(op, g, y, None, False, act)
 
 
-def weighted_quick_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0):
+def weighted_quick_geglu_back(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    linear_offset: float = 0.0,
+    *,
+    need_weight_grad: bool = True,
+):
     """Gradients of weighted_quick_geglu, in one pass over g and y.
 
     Args:
@@ -231,7 +250,7 @@ def weighted_quick_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.T
     """
     op = "moe_raw.weighted_quick_geglu_back"
     act = _quick(linear_offset, op)
-    return _gated_back(op, g, y, weights, True, act)
+    return _gated_back(op, g, y, weights, True, act, V.flag(need_weight_grad, "need_weight_grad", op))
 
 
 def clamped_swiglu(y: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
@@ -286,7 +305,9 @@ def clamped_swiglu_back(g: torch.Tensor, y: torch.Tensor, alpha: float = 1.702, 
     return _gated_back(op, g, y, None, False, act)
 
 
-def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: float = 7.0):
+def weighted_clamped_swiglu_back(
+    g, y, weights, alpha: float = 1.702, limit: float = 7.0, *, need_weight_grad: bool = True
+):
     """Gradients of weighted_clamped_swiglu, in one pass over g and y.
 
     Args:
@@ -300,7 +321,7 @@ def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: flo
     """
     op = "moe_raw.weighted_clamped_swiglu_back"
     act = _clamped(alpha, limit, op)
-    return _gated_back(op, g, y, weights, True, act)
+    return _gated_back(op, g, y, weights, True, act, V.flag(need_weight_grad, "need_weight_grad", op))
 
 
 class WeightedSwiGLUFunction(torch.autograd.Function):
