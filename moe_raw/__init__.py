@@ -8,14 +8,18 @@ run the pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs n
 __version__ = "0.2.0"
 
 from moe_raw.activations import (
+    WeightedBiasQuickGeGLUFunction,
     WeightedQuickGeGLUFunction,
     WeightedSwiGLUFunction,
     clamped_swiglu,
     clamped_swiglu_back,
     quick_geglu,
     quick_geglu_back,
+    quick_gelu,
     swiglu,
     swiglu_back,
+    weighted_bias_quick_geglu,
+    weighted_bias_quick_geglu_back,
     weighted_bias_quick_geglu_impl,
     weighted_bias_swiglu_impl,
     weighted_clamped_swiglu,
@@ -25,6 +29,7 @@ from moe_raw.activations import (
     weighted_swiglu,
     weighted_swiglu_back,
 )
+from moe_raw.aux_loss import MoEAuxLossAutoScaler
 from moe_raw.chunks import sort_chunks_by_idxs
 from moe_raw.dispatcher import MoEAlltoAllDispatcher
 from moe_raw.padding import permute_and_pad, permute_with_row_map
@@ -53,6 +58,11 @@ __all__ = [
     "weighted_quick_geglu_back",
     "WeightedQuickGeGLUFunction",
     "weighted_bias_quick_geglu_impl",
+    "quick_gelu",
+    "weighted_bias_quick_geglu",
+    "weighted_bias_quick_geglu_back",
+    "WeightedBiasQuickGeGLUFunction",
+    "MoEAuxLossAutoScaler",
     "clamped_swiglu",
     "weighted_clamped_swiglu",
     "clamped_swiglu_back",

@@ -430,6 +430,76 @@ class WeightedQuickGeGLUFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def quick_gelu(y: torch.Tensor, alpha: float = 1.702) -> torch.Tensor:
+    """NeMo Automodel / Megatron's sigmoid approximation of GELU: y [..., F] -> ``y * sigmoid(alpha * y)`` [..., F],
+    same dtype (plain torch: the gated kernels apply it inside the activation; this is the elementwise helper of
+    their ``moe_utils``)."""
+    return y * torch.sigmoid(alpha * y)
+
+
+def weighted_bias_quick_geglu(
+    y: torch.Tensor, bias: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0
+) -> torch.Tensor:
+    """NeMo Automodel's ``weighted_bias_quick_geglu``: ``weighted_quick_geglu(y + bias, weights, linear_offset)``.
+
+    Args:
+        y: [N, 2F] float; bias: broadcast to y (e.g. [2F]); weights: [N, 1]; linear_offset: as quick_geglu.
+
+    Returns:
+        [N, F] in y.dtype (the bias add is a torch op; the activation runs the kernels). Differentiable w.r.t. y,
+        bias and weights.
+    """
+    op = "moe_raw.weighted_bias_quick_geglu"
+    V.glu_input(y, op, two_d=True)
+    V.glu_bias(bias, y, op)
+    return weighted_quick_geglu(y + bias, weights, linear_offset).to(y.dtype)
+
+
+def weighted_bias_quick_geglu_back(g, y, bias, weights, linear_offset: float = 0.0):
+    """NeMo Automodel's ``weighted_bias_quick_geglu_back``: gradients of weighted_bias_quick_geglu.
+
+    Returns:
+        (dy [N, 2F] in y.dtype, dbias in y.dtype, dweights [N, 1] in weights.dtype), from one kernel pass at
+        x = y + bias. dbias is dy itself, unreduced, as the package returns it (autograd sums it to bias' shape).
+    """
+    op = "moe_raw.weighted_bias_quick_geglu_back"
+    V.glu_input(y, op, two_d=True)
+    V.glu_bias(bias, y, op)
+    dy, dweights = weighted_quick_geglu_back(g, y + bias, weights, linear_offset)
+    dy = dy.to(y.dtype)
+    return dy, dy, dweights
+
+
+class WeightedBiasQuickGeGLUFunction(torch.autograd.Function):
+    """Autograd of weighted Quick-GEGLU with a bias (NeMo Automodel's ``WeightedBiasQuickGeGLUFunction``):
+    ``forward(ctx, input [N, 2F], bias, weights [N, 1], fp8_input_store, linear_offset)`` -> [N, F] in
+    input.dtype; backward (d input, d bias (summed to bias' shape), d weights). linear_offset: a float or a 0-d CPU
+    tensor (see ``WeightedQuickGeGLUFunction``). Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, input, bias, weights, fp8_input_store, linear_offset):
+        op = "moe_raw.WeightedBiasQuickGeGLUFunction"
+        V.glu_input(input, op, two_d=True, arg="input")
+        V.glu_bias(bias, input, op)
+        V.glu_weights(weights, input, op)
+        V.fp8_flag(fp8_input_store, op)
+        act = Act(_QUICK_GELU_ALPHA, V.act_constant(linear_offset, "linear_offset", op), None)
+        saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+        ctx.save_for_backward(saved, bias, weights)
+        ctx.ori_input_dtype, ctx.act = input.dtype, act
+        return _gated(op, input + bias, weights, True, act).to(input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, bias, weights = ctx.saved_tensors
+        x = input.to(ctx.ori_input_dtype) + bias
+        dx, dweights = _weighted_fn_backward(grad_output, x, weights, ctx.act, x.dtype, (True, ctx.needs_input_grad[2]))
+        dinput = dx.to(ctx.ori_input_dtype) if ctx.needs_input_grad[0] else None
+        dbias = dx.sum_to_size(bias.shape).to(bias.dtype) if ctx.needs_input_grad[1] else None
+        return dinput, dbias, dweights, None, None
+
+
 def weighted_bias_quick_geglu_impl(
     input: torch.Tensor,
     bias: torch.Tensor | None,

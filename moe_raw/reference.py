@@ -289,10 +289,12 @@ def swiglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     )
 
 
-def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
+def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, *, need_weight_grad: bool = True):
     input_dtype = y.dtype
     w_dtype = weights.dtype
     input_grad = swiglu_back(g * weights, y)
+    if not need_weight_grad:
+        return input_grad.to(input_dtype), None
     weights_grad = swiglu(y) * g.to(w_dtype)
     weights_grad = torch.sum(weights_grad, dim=-1, keepdim=True)
     return input_grad.to(input_dtype), weights_grad.to(w_dtype)
@@ -367,8 +369,10 @@ def quick_glu_back(g, y, alpha=1.702, linear_offset=0.0, limit=None):
     return _clamp_grad(dy, y, limit) if limit is not None else dy
 
 
-def weighted_quick_glu_back(g, y, weights, alpha=1.702, linear_offset=0.0, limit=None):
+def weighted_quick_glu_back(g, y, weights, alpha=1.702, linear_offset=0.0, limit=None, *, need_weight_grad=True):
     input_grad = quick_glu_back(g * weights, y, alpha, linear_offset, limit)
+    if not need_weight_grad:
+        return input_grad.to(y.dtype), None
     weights_grad = quick_glu(y, alpha, linear_offset, limit) * g.to(weights.dtype)
     weights_grad = torch.sum(weights_grad, dim=-1, keepdim=True)
     return input_grad.to(y.dtype), weights_grad.to(weights.dtype)
@@ -386,8 +390,15 @@ def quick_geglu_back(g: torch.Tensor, y: torch.Tensor, linear_offset: float = 0.
     return quick_glu_back(g, y, 1.702, linear_offset)
 
 
-def weighted_quick_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0):
-    return weighted_quick_glu_back(g, y, weights, 1.702, linear_offset)
+def weighted_quick_geglu_back(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    linear_offset: float = 0.0,
+    *,
+    need_weight_grad: bool = True,
+):
+    return weighted_quick_glu_back(g, y, weights, 1.702, linear_offset, need_weight_grad=need_weight_grad)
 
 
 class WeightedQuickGeGLUFunction(torch.autograd.Function):
@@ -438,5 +449,5 @@ def clamped_swiglu_back(g: torch.Tensor, y: torch.Tensor, alpha: float = 1.702, 
     return quick_glu_back(g, y, alpha, 1.0, limit)
 
 
-def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: float = 7.0):
-    return weighted_quick_glu_back(g, y, weights, alpha, 1.0, limit)
+def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: float = 7.0, *, need_weight_grad=True):
+    return weighted_quick_glu_back(g, y, weights, alpha, 1.0, limit, need_weight_grad=need_weight_grad)

@@ -510,13 +510,15 @@ SIGNATURES = {
     "quick_geglu": [("y", _), ("linear_offset", 0.0)],
     "weighted_quick_geglu": [("y", _), ("weights", _), ("linear_offset", 0.0)],
     "quick_geglu_back": [("g", _), ("y", _), ("linear_offset", 0.0)],
-    "weighted_quick_geglu_back": [("g", _), ("y", _), ("weights", _), ("linear_offset", 0.0)],
+    "weighted_quick_geglu_back": [("g", _), ("y", _), ("weights", _), ("linear_offset", 0.0),
+                                  ("need_weight_grad", True)],
     "weighted_bias_quick_geglu_impl": [("input", _), ("bias", _), ("weights", _), ("fp8_input_store", False),
                                        ("linear_offset", 0.0), ("clamp_value", None), ("alpha", 1.702)],
     "clamped_swiglu": [("y", _), ("alpha", 1.702), ("limit", 7.0)],
     "weighted_clamped_swiglu": [("y", _), ("weights", _), ("alpha", 1.702), ("limit", 7.0)],
     "clamped_swiglu_back": [("g", _), ("y", _), ("alpha", 1.702), ("limit", 7.0)],
-    "weighted_clamped_swiglu_back": [("g", _), ("y", _), ("weights", _), ("alpha", 1.702), ("limit", 7.0)],
+    "weighted_clamped_swiglu_back": [("g", _), ("y", _), ("weights", _), ("alpha", 1.702), ("limit", 7.0),
+                                     ("need_weight_grad", True)],
 }  # fmt: skip
 
 
@@ -526,7 +528,13 @@ def test_signatures(name):
     for module in (moe_raw, R):
         params = inspect.signature(getattr(module, name)).parameters.values()
         assert [(p.name, repr(p.default)) for p in params] == expected, module.__name__
-        assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+        # need_weight_grad is keyword-only, as in NeMo Automodel 0.7
+        kinds = [p.kind for p in params]
+        expected_kinds = [
+            inspect.Parameter.KEYWORD_ONLY if n == "need_weight_grad" else inspect.Parameter.POSITIONAL_OR_KEYWORD
+            for n, _d in SIGNATURES[name]
+        ]
+        assert kinds == expected_kinds, module.__name__
 
 
 def test_function_forward_starts_with_megatrons_parameters():

@@ -39,7 +39,13 @@ SEED_SIGNATURES = {
     "swiglu": [("y", _)],
     "weighted_swiglu": [("y", _), ("weights", _)],
     "swiglu_back": [("g", _), ("y", _)],
-    "weighted_swiglu_back": [("g", _), ("y", _), ("weights", _)],
+    # NeMo Automodel 0.7 added the keyword-only need_weight_grad
+    "weighted_swiglu_back": [
+        ("g", _),
+        ("y", _),
+        ("weights", _),
+        ("need_weight_grad", True, inspect.Parameter.KEYWORD_ONLY),
+    ],
     "weighted_bias_swiglu_impl": [("input", _), ("weights", _), ("fp8_input_store", False)],
     # Megatron moe_utils (issue #7): the regrouping after the expert-parallel all-to-all.
     "sort_chunks_by_idxs": [("input", _), ("split_sizes", _), ("sorted_idxs", _), ("probs", None), ("fused", False)],
@@ -62,6 +68,12 @@ EXTRAS = (
     "weighted_clamped_swiglu",
     "clamped_swiglu_back",
     "weighted_clamped_swiglu_back",
+    # NeMo Automodel 0.7's moe_utils (issue 17)
+    "quick_gelu",
+    "weighted_bias_quick_geglu",
+    "weighted_bias_quick_geglu_back",
+    "WeightedBiasQuickGeGLUFunction",
+    "MoEAuxLossAutoScaler",
 )
 PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction", "MoEAlltoAllDispatcher"} | set(EXTRAS)
 
@@ -75,7 +87,10 @@ def _params(fn) -> list[tuple]:
 
 
 def _seed(name: str) -> list[tuple]:
-    return [(n, repr(d), inspect.Parameter.POSITIONAL_OR_KEYWORD) for n, d in SEED_SIGNATURES[name]]
+    return [
+        (p[0], repr(p[1]), p[2] if len(p) > 2 else inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for p in SEED_SIGNATURES[name]
+    ]
 
 
 def test_all_is_exactly_the_public_api():

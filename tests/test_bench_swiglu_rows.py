@@ -23,7 +23,12 @@ GL = importlib.import_module("moe_raw._kernels.glu_launch")
 
 # Forward / backward ops of moe_raw.activations without a row, and why. Everything else in its __all__ that is a plain
 # function (not a class, not a *_impl autograd wrapper) must be in B.OPS.
-NOT_BENCHED = {"swiglu_back": "the SwiGLU rows stay as python -m bench runs them (fwd, weighted fwd, weighted bwd)"}
+NOT_BENCHED = {
+    "swiglu_back": "the SwiGLU rows stay as python -m bench runs them (fwd, weighted fwd, weighted bwd)",
+    "quick_gelu": "an elementwise torch helper (NeMo Automodel's), no kernel of moe_raw's",
+    "weighted_bias_quick_geglu": "a torch bias add, then weighted_quick_geglu's kernels (which have rows)",
+    "weighted_bias_quick_geglu_back": "a torch bias add, then weighted_quick_geglu_back's kernels (which have rows)",
+}
 
 
 def _activation_ops() -> set:

@@ -27,6 +27,7 @@ LAYERS = {
     "moe_raw.padding": 4,
     "moe_raw.chunks": 4,
     "moe_raw.activations": 4,
+    "moe_raw.aux_loss": 4,
     "moe_raw.topk": 5,
     "moe_raw.dispatcher": 5,
     "moe_raw": 6,

@@ -449,6 +449,43 @@ def _dispatcher_cases():
     return cases
 
 
+def _automodel_extra_cases():
+    """NeMo Automodel 0.7's helpers beside the gated activations (bias Quick-GEGLU, quick_gelu, the aux-loss scaler)."""
+    cases = []
+    shapes = [("bf16", 5, 8, torch.bfloat16), ("fp32-odd", 3, 3, torch.float32), ("N0", 0, 4, torch.float32)]
+    for name, n, f, dtype in shapes:
+
+        def make(n=n, f=f, dtype=dtype):
+            i = _act_inputs(n, f, dtype)
+            i["bias"] = torch.randn(2 * f).to(dtype)
+            i["aux"] = torch.rand(())
+            return i
+
+        def quick_glu_ref(y, b, w):
+            return R.weighted_quick_glu(y + b, w, 1.702, 0.5)
+
+        cases += [
+            Case("quick_gelu", name, make, lambda i: (moe_raw.quick_gelu(i["y"]),),
+                 lambda i: (R.quick_gelu(i["y"]),), ("y",)),
+            Case("weighted_bias_quick_geglu", name, make,
+                 lambda i: (moe_raw.weighted_bias_quick_geglu(i["y"], i["bias"], i["weights"], 0.5),),
+                 lambda i: (quick_glu_ref(i["y"], i["bias"], i["weights"]),), ("y", "bias", "weights"), kernels=True),
+            Case("weighted_bias_quick_geglu_back", name, make,
+                 lambda i: moe_raw.weighted_bias_quick_geglu_back(i["g"], i["y"], i["bias"], i["weights"], 0.5),
+                 lambda i: (lambda dy, dw: (dy, dy, dw))(
+                     *R.weighted_quick_glu_back(i["g"], i["y"] + i["bias"], i["weights"], 1.702, 0.5)),
+                 ("g", "y", "bias", "weights"), kernels=True),
+            Case("WeightedBiasQuickGeGLUFunction", name, make,
+                 lambda i: (moe_raw.WeightedBiasQuickGeGLUFunction.apply(i["y"], i["bias"], i["weights"], False, 0.5),),
+                 lambda i: (quick_glu_ref(i["y"], i["bias"], i["weights"]),), ("y", "bias", "weights"), kernels=True),
+            # the reference has no aux-loss scaler (its gradient is a constant, not a derivative): devices only here,
+            # NeMo Automodel's own class in tests/test_automodel.py
+            Case("MoEAuxLossAutoScaler", name, make,
+                 lambda i: (moe_raw.MoEAuxLossAutoScaler.apply(i["y"], i["aux"]),), None, ("y", "aux")),
+        ]  # fmt: skip
+    return cases
+
+
 CASES = (
     _permute_cases()
     + _unpermute_cases()
@@ -457,6 +494,7 @@ CASES = (
     + _padding_cases()
     + _activation_cases()
     + _dispatcher_cases()
+    + _automodel_extra_cases()
 )
 
 
