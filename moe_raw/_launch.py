@@ -123,8 +123,8 @@ _supported_devices: set = set()  # device indices check_device passed
 
 def check_device(index: int) -> None:
     """Raise RuntimeError if CUDA device ``index`` is older than MIN_COMPUTE_CAPABILITY. Called where kernels are
-    compiled for a device (``_module``, and moe_raw.swiglu's Numba compile), so a launch never pays for it; after
-    the first pass for a device it is one set lookup."""
+    compiled for a device (``_module``, and the Numba compile in moe_raw._kernels.glu_launch), so a launch never
+    pays for it; after the first pass for a device it is one set lookup."""
     if index in _supported_devices:
         return
     if not torch.cuda.is_available():  # a torch without CUDA can't tell (CPU tests with a stand-in CuPy)

@@ -110,7 +110,9 @@ def _launch_kernel(spec, tensors, spans, scalars, n_rows: int, index: int) -> No
         _launch.launch_compiled(kern, index, (n_rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, _BLOCK, args)
         return
     if not _simulator():
-        raise RuntimeError("moe_raw.swiglu: the Numba kernels run on CUDA tensors (or under NUMBA_ENABLE_CUDASIM=1)")
+        raise RuntimeError(
+            "moe_raw.activations: the Numba kernels run on CUDA tensors (or under NUMBA_ENABLE_CUDASIM=1)"
+        )
     _dispatcher(spec)[_launch.cdiv(n_rows, _SIM_BLOCK // 32), _SIM_BLOCK](*_sim_arrays(spec, tensors, spans), *scalars)
 
 
