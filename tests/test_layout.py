@@ -31,6 +31,7 @@ LAYERS = {
     "moe_raw.topk": 5,
     "moe_raw.dispatcher": 5,
     "moe_raw": 6,
+    "moe_raw.integrations": 7,
 }
 
 
