@@ -19,26 +19,15 @@ import sys
 import moe_raw
 
 AUTOMODEL_MODULE = "nemo_automodel.components.moe.megatron.moe_utils"
-# moe_raw's kernel-backed replacements for the package's functions of the same names.
-AUTOMODEL_NAMES = (
-    "permute",
-    "unpermute",
-    "swiglu",
-    "weighted_swiglu",
-    "swiglu_back",
-    "weighted_swiglu_back",
-    "WeightedSwiGLUFunction",
-    "weighted_bias_swiglu_impl",
-    "quick_geglu",
-    "weighted_quick_geglu",
-    "quick_geglu_back",
-    "weighted_quick_geglu_back",
-    "WeightedQuickGeGLUFunction",
-    "weighted_bias_quick_geglu",
-    "weighted_bias_quick_geglu_back",
-    "WeightedBiasQuickGeGLUFunction",
-    "weighted_bias_quick_geglu_impl",
-)
+# Names of the module that moe_raw also exports but does not swap: no kernel of moe_raw's behind them, or (the aux-loss
+# scaler) a class attribute the training loop sets on the package's own class.
+NOT_SWAPPED = frozenset({"quick_gelu", "MoEAuxLossAutoScaler"})
+
+
+def automodel_names(module) -> list[str]:
+    """The names ``apply_to_automodel`` swaps: moe_raw's public names that ``module`` has, less ``NOT_SWAPPED``."""
+    return [n for n in moe_raw.__all__ if n not in NOT_SWAPPED and n in vars(module)]
+
 
 # (module name, attribute) -> the original object, for every attribute patched and not yet restored.
 _ORIGINALS: dict = {}
@@ -56,7 +45,7 @@ def apply_to_automodel() -> list[str]:
     module = importlib.import_module(AUTOMODEL_MODULE)
     package = AUTOMODEL_MODULE.split(".", 1)[0]
     patched = []
-    for name in AUTOMODEL_NAMES:
+    for name in automodel_names(module):
         ours = getattr(moe_raw, name)
         original = getattr(module, name, None)
         if original is None:

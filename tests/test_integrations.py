@@ -26,11 +26,16 @@ def restore():
     integrations.undo_automodel()
 
 
+def test_the_swapped_names():
+    assert len(integrations.automodel_names(M)) == 17  # permute / unpermute, the SwiGLU and Quick-GEGLU families
+    assert "permute" in integrations.automodel_names(M) and "geglu" not in integrations.automodel_names(M)
+
+
 def test_apply_patches_the_module_and_its_importers(restore):
-    originals = {n: getattr(M, n) for n in integrations.AUTOMODEL_NAMES}
+    originals = {n: getattr(M, n) for n in integrations.automodel_names(M)}
     geglu = experts.weighted_bias_geglu_impl
     patched = integrations.apply_to_automodel()
-    for name in integrations.AUTOMODEL_NAMES:
+    for name in integrations.automodel_names(M):
         assert getattr(M, name) is getattr(moe_raw, name), name
         assert f"{M.__name__}:{name}" in patched
     assert experts.weighted_bias_swiglu_impl is moe_raw.weighted_bias_swiglu_impl
