@@ -27,10 +27,10 @@ tools=("$@")
 [ ${#tools[@]} -eq 0 ] && tools=(memcheck racecheck initcheck synccheck)
 export PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
 subset_b=(
-  tests/test_permute_gpu.py::test_zero_tokens tests/test_permute_gpu.py::test_special_routing_maps
-  tests/test_permute_gpu.py::test_routing_map_dtypes tests/test_permute_gpu.py::test_noncontiguous_inputs
-  tests/test_permute_gpu.py::test_byte_tokens tests/test_permute_gpu.py::test_num_out_tokens
-  tests/test_permute_gpu.py::test_drop_and_pad
+  tests/test_permute.py::test_zero_tokens tests/test_permute.py::test_special_routing_maps
+  tests/test_permute.py::test_routing_map_dtypes tests/test_permute.py::test_noncontiguous_inputs
+  tests/test_permute.py::test_byte_tokens tests/test_permute.py::test_num_out_tokens
+  tests/test_permute.py::test_drop_and_pad
   tests/test_swiglu_gpu.py::test_matches_reference tests/test_swiglu_gpu.py::test_dtype_mixes
   tests/test_swiglu_gpu.py::test_empty_and_zero_width tests/test_swiglu_gpu.py::test_noncontiguous_inputs_and_grads
   tests/test_chunks.py::test_gpu_bit_exact tests/test_chunks.py::test_gpu_bad_values_stay_in_bounds

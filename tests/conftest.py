@@ -3,6 +3,8 @@
 * ``seed`` (autouse): every test starts from ``torch.manual_seed(0)`` (all devices), so a failure reproduces.
 * ``side_stream``: a fresh non-default CUDA stream (skips the test without CUDA).
 * ``needs_cuda`` / ``needs_two_gpus``: the skip markers (import them: ``from conftest import needs_cuda``).
+* ``DEVICES`` / ``ON_CUDA`` / ``device_cases``: parametrize a check that is the same on every device over the CPU
+  (always run) and CUDA (marked ``gpu``, skipped without a device), with the CPU on smaller shapes where needed.
 * ``make_routing`` / ``make_probs``: random routing maps and router probabilities. They are drawn on the CPU from
   the seeded global generator and then moved, so a case has the same data on every device.
 
@@ -28,6 +30,22 @@ needs_two_gpus = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
     reason="needs two CUDA devices (torch.cuda.device_count() >= 2)",
 )
+
+# The marks of every CUDA case: skipped without a device, selected by ``-m gpu``.
+ON_CUDA = [needs_cuda, pytest.mark.gpu]
+# A check that is the same on every device: ``@pytest.mark.parametrize("device", DEVICES)``.
+DEVICES = ["cpu", pytest.param("cuda", marks=ON_CUDA)]
+
+
+def device_cases(cpu_cases, cuda_cases, ids=None):
+    """``(device, case)`` params: ``cpu_cases`` on the CPU, ``cuda_cases`` on CUDA (marked ``gpu``).
+
+    For a check that is the same on every device but whose large shapes are too slow for the CPU suite (2 cores in
+    CI): give the CPU the small cases and CUDA every case. ``ids`` names a case (the device is put in front)."""
+    name = ids if ids is not None else str
+    return [pytest.param("cpu", c, id=f"cpu-{name(c)}") for c in cpu_cases] + [
+        pytest.param("cuda", c, id=f"cuda-{name(c)}", marks=ON_CUDA) for c in cuda_cases
+    ]
 
 
 @pytest.fixture(autouse=True)

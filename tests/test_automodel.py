@@ -18,7 +18,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import make_probs, make_routing
+from conftest import DEVICES, make_probs, make_routing
 
 import moe_raw
 
@@ -27,7 +27,6 @@ M = pytest.importorskip(
     reason="NeMo Automodel is not installed: pip install --no-deps nemo_automodel==0.7.0",
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import needs_cuda, needs_two_gpus
+from conftest import DEVICES, needs_cuda, needs_two_gpus
 
 import moe_raw
 from moe_raw import _launch
@@ -38,7 +38,6 @@ from moe_raw import reference as R
 T, E, H, K = 6, 4, 8, 2
 N, F = 5, 4  # SwiGLU rows and width
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 
 
 def _inputs(dev="cpu") -> SimpleNamespace:
@@ -466,7 +465,7 @@ def test_debug_flag_accepts_every_valid_output(dev, monkeypatch):
             assert torch.equal(u, v)
 
 
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+@pytest.mark.parametrize("dev", DEVICES)
 def test_without_flag_bad_values_same_on_every_device(monkeypatch, dev):
     """Without the flag the same bad values give the same results on CPU and CUDA, with no error (and on CUDA no
     host sync and no CUDA error): a map value 2 or -1 is routed, out-of-range sorted_indices rows are summed into no

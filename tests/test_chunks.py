@@ -11,8 +11,6 @@ import moe_raw
 from bench.bench_dispatch import megatron_sort_chunks
 from moe_raw import _validate, reference
 
-cuda = needs_cuda
-
 
 def random_case(n_splits, n_rows, tail=0, hidden=8, dtype=torch.float32, zero_frac=0.3, gen_seed=0):
     """split sizes (some zero) summing to n_rows, a random permutation, input [n_rows + tail, hidden], probs."""
@@ -115,7 +113,7 @@ def _equal(a, b):
     return torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
@@ -132,7 +130,7 @@ def test_gpu_bit_exact(dtype, n_splits, n_rows, tail, hidden):
         assert out.dtype == dtype and _equal(out, _on(exp, dtype)) and torch.equal(pout.cpu(), pexp)
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_strided_and_3d_rows_and_cpu_indices():
     x, sizes, order, probs = random_case(9, 120, 4, 2 * 24)
@@ -149,7 +147,7 @@ def test_gpu_strided_and_3d_rows_and_cpu_indices():
     assert torch.equal(out.cpu(), reference.sort_chunks_by_idxs(three.cpu(), sizes, order)[0])
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_backward_matches_reference():
     x, sizes, order, probs = random_case(16, 500, 11, 96, dtype=torch.float64)
@@ -163,7 +161,7 @@ def test_gpu_backward_matches_reference():
     assert torch.equal(xg.grad.cpu(), xc.grad) and torch.equal(pg.grad.cpu(), pc.grad)
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_gradcheck():
     sizes, order = torch.tensor([3, 0, 5, 2], device="cuda"), torch.tensor([2, 3, 0, 1], device="cuda")
@@ -172,7 +170,7 @@ def test_gpu_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: moe_raw.sort_chunks_by_idxs(a, sizes, order, b), (x, p))
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_no_host_sync_and_graph_replay_follows_device_sizes():
     x, sizes, order, probs = random_case(8, 200, 6, 32)
@@ -199,7 +197,7 @@ def test_gpu_no_host_sync_and_graph_replay_follows_device_sizes():
     assert torch.equal(out.cpu(), reference.sort_chunks_by_idxs(x2, sizes2, order2)[0])
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("sizes,order", [([3, -1, 8], [0, 1, 2]), ([500, 500, 500], [0, 1, 2]),
                                          ([3, 3, 3], [0, 0, 2]), ([3, 3, 3], [7, -9, 1])])  # fmt: skip
@@ -216,7 +214,7 @@ def test_gpu_bad_values_stay_in_bounds(sizes, order, monkeypatch):
         moe_raw.sort_chunks_by_idxs(x, s, o)
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_device_mismatch():
     x = torch.randn(4, 8, device="cuda")

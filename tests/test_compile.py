@@ -16,16 +16,11 @@ import functools
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import moe_raw
 from moe_raw import _ops
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA needed")]
-    ),
-]
 T, H, E, K, F = 8, 16, 4, 2, 8
 
 

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_probs, make_routing, needs_cuda
+from conftest import DEVICES, make_probs, make_routing, needs_cuda
 
 import moe_raw
 from moe_raw import reference
-
-cuda = needs_cuda
-DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])]
 
 
 def test_reference_by_hand():
@@ -56,7 +53,7 @@ def _case(T, E, K, H, dtype, device, kind="topk"):
     return x, rm, probs
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("align", [1, 16, 128])
@@ -77,7 +74,7 @@ def test_gpu_matches_reference(dtype, align, T, E, K, H, kind, n_out):
     assert torch.allclose(y.cpu().double(), y_ref, rtol=tol, atol=tol)
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_backward_and_padding_rows_get_zero_gradient():
     x, rm, probs = _case(200, 8, 2, 32, torch.float64, "cuda")
@@ -111,7 +108,7 @@ def test_gpu_backward_and_padding_rows_get_zero_gradient():
     assert torch.allclose(xa.grad.cpu(), xb.grad) and torch.allclose(pa.grad.cpu(), pb.grad)
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_no_host_sync_and_graph_replay():
     x, rm, probs = _case(512, 32, 4, 256, torch.bfloat16, "cuda")

@@ -3,7 +3,7 @@
 GPU tests (``@pytest.mark.gpu``, each skipped without CUDA):
 * Long: 10,000 autograd round trips of permute -> unpermute, and 10,000 iterations of the SwiGLU family, leave
   ``torch.cuda.memory_allocated()`` exactly where it was after a warm-up, and moe_raw's host caches unchanged.
-  (Large: T * K * H > 2^31 elements is ``tests/test_permute_gpu.py::test_offsets_past_2_31_elements``, slow.)
+  (Large: T * K * H > 2^31 elements is ``tests/test_permute.py::test_offsets_past_2_31_elements``, slow.)
 * Threads: first calls from 8 Python threads at once, in a fresh process (a subprocess, so every moe_raw cache
   starts empty), compile the CUDA C module once and each Numba kernel once, and all threads get the right answers.
 * Second GPU (``torch.cuda.device_count() >= 2``): every op on cuda:1 tensors, with cuda:0 current, gives the right

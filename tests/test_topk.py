@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import needs_cuda
+from conftest import DEVICES, needs_cuda
 
 import moe_raw
 from moe_raw import _validate
-
-cuda = needs_cuda
-DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])]
 
 
 def topk_case(T, E, K, drop_frac=0.0, dtype=torch.float32, device="cpu", seed=0):
@@ -139,7 +136,7 @@ def test_argument_errors():
         moe_raw.unpermute_topk(out, sidx, x.shape, probs, idx)
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_no_host_sync_with_num_out_tokens_and_graph_replay():
     x, idx, probs, rm, dense = topk_case(256, 16, 4, device="cuda")
@@ -183,7 +180,7 @@ def test_repeated_expert_takes_its_first_probability_and_gradient():
     assert probs.grad.tolist() == [[3.0, 1.0, 0.0], [5.0, 0.0, 0.0]]
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("prob_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
@@ -206,7 +203,7 @@ def test_gpu_kernel_equals_torch_path(prob_dtype, idx_dtype, T, E, K):
     assert none is None and torch.equal(rm_only.cpu(), rm_cpu)
 
 
-@cuda
+@needs_cuda
 @pytest.mark.gpu
 def test_gpu_non_contiguous_inputs_and_side_stream():
     idx, probs = bad_ids_case(33, 20, 4, torch.float32, seed=5)

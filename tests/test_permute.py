@@ -1,4 +1,6 @@
-"""GPU tests of ``moe_raw.permute`` / ``moe_raw.unpermute`` (kernels/permute.cu) against ``moe_raw.reference``.
+"""``moe_raw.permute`` / ``moe_raw.unpermute`` against ``moe_raw.reference``, on the CPU (the torch twins of
+moe_raw/_cpu.py, run in CI) and on CUDA (kernels/permute.cu): the same checks on both, through the same autograd
+Functions.
 
 Rules (the project's test rules):
 * Pure moves are bit-exact (``torch.equal``): permuted tokens, permuted probs, sorted_indices, the fused row map,
@@ -6,15 +8,19 @@ Rules (the project's test rules):
 * Arithmetic (sums of rows, products with probs, dot products) follows flash-attention's rule against the reference
   run on ``.double()`` inputs: ``err(kernel) <= 2 * err(reference in the same dtype) + atol``, where atol is a few
   fp32 roundings of the largest term (the kernels accumulate in fp32), so fp32 outputs get a tight stated bound.
-* Outputs cannot be poisoned from outside, so ``_poison`` fills freed allocator blocks of the outputs' sizes with
-  0xFF bytes (NaN / -1) right before each call (the caching allocator hands them back), and the forward grid runs
-  every case twice on fresh data: a row the kernel never writes shows up as NaN or as the first trial's value.
-* The reference runs on the GPU for speed (its fp64 row-map unpermute loops over experts: 30 s on 2 CPU cores at
-  T=1027, H=7168, E=256), but on the CPU whenever T or N is 0: it then index_selects row 0 of an empty tensor,
-  which the CPU tolerates and torch's CUDA kernel would trap as a device-side assert, killing the session.
+* Outputs cannot be poisoned from outside, so on CUDA ``_poison`` fills freed allocator blocks of the outputs' sizes
+  with 0xFF bytes (NaN / -1) right before each call (the caching allocator hands them back), and the forward grid
+  runs every case twice on fresh data: a row the kernel never writes shows up as NaN or as the first trial's value.
+* The reference runs on the tensors' device: on the GPU for speed, but on the CPU whenever T or N is 0 (it then
+  index_selects row 0 of an empty tensor, which the CPU tolerates and torch's CUDA kernel would trap as a
+  device-side assert, killing the session).
+* Its fp64 row-map unpermute loops over experts (30 s on 2 CPU cores at T=1027, H=7168, E=256), so the CPU runs
+  the small cases of each list (``_cases``) or the same check at a smaller shape (``_shape``), keeping the CPU
+  suite fast; CUDA runs every case at the original sizes. The sweeps and the > 2^31-element test are CUDA only.
+* GPU only: side streams, CUDA-graph capture and replay, no host sync, 64-bit offsets, CPU / CUDA mismatches.
 
-Run on a CUDA machine: ``python -m pytest -q tests/test_permute_gpu.py`` (add ``-m "not slow"`` to skip the sweep
-and the > 2^31-element test).
+Run on a CUDA machine: ``python -m pytest -q -m gpu tests/test_permute.py`` (add ``-m "gpu and not slow"`` to skip
+the sweep and the > 2^31-element test); ``python -m pytest -q tests/test_permute.py`` anywhere runs the CPU cases.
 """
 
 from __future__ import annotations
@@ -23,18 +29,11 @@ import itertools
 
 import pytest
 import torch
+from conftest import DEVICES, ON_CUDA, assert_exact, device_cases, make_probs, make_routing, needs_cuda
 
-if not torch.cuda.is_available():
-    pytest.skip("CUDA device needed", allow_module_level=True)
+import moe_raw
+from moe_raw import reference as R
 
-from conftest import assert_exact, make_probs, make_routing  # noqa: E402
-
-import moe_raw  # noqa: E402
-from moe_raw import reference as R  # noqa: E402
-
-pytestmark = pytest.mark.gpu
-
-DEV = torch.device("cuda")
 CPU = torch.device("cpu")
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 EPS32 = torch.finfo(F32).eps
@@ -129,6 +128,25 @@ GRAD_CASES = [
 ]
 
 
+# The CPU runs the cases of a list whose reference is cheap there, by a cost of T H max(E, 8) (the fp64 unpermute is
+# O(E T H) on the CPU: up to 70 s a case at T=1027, H=7168, E=256 on 2 cores); CUDA runs every case. Permute alone
+# (no unpermute) affords the larger FORWARD_BUDGET: every case up to H = 1001.
+_CPU_BUDGET = 2_100_000
+_FORWARD_BUDGET = 1027 * 1001 * 256
+
+
+def _cases(cases, cpu_extra=(), budget=_CPU_BUDGET):
+    """(device, case) params: every case on CUDA; on the CPU the ones within ``budget`` and ``cpu_extra`` (smaller
+    stand-ins for the large ones)."""
+    cpu = [c for c in cases if c[1] * c[2] * max(c[3], 8) <= budget]
+    return device_cases(cpu + list(cpu_extra), cases, ids=_case_id)
+
+
+def _shape(device, cuda_shape, cpu_shape):
+    """A test's sizes: the original ones on CUDA, smaller ones for the same check on the CPU (see the docstring)."""
+    return cuda_shape if device == "cuda" else cpu_shape
+
+
 def _sweep_cases():
     """The full cross product of dtype, T, H, E, K (K <= E); probs and routing kind cycle along it."""
     cases = []
@@ -146,21 +164,21 @@ def _sweep_cases():
 # Helpers.
 
 
-def _randn(shape, dtype, device=DEV) -> torch.Tensor:
+def _randn(shape, dtype, device) -> torch.Tensor:
     """Standard normal data drawn on the CPU (same values on every device), rounded to dtype."""
     return torch.randn(shape).to(dtype).to(device)
 
 
-def _case(dtype, T, H, E, K, kind, pdtype, off_route=0.0):
-    rm = make_routing(T, E, K, DEV, kind)
-    x = _randn((T, H), dtype)
+def _case(device, dtype, T, H, E, K, kind, pdtype, off_route=0.0):
+    rm = make_routing(T, E, K, device, kind)
+    x = _randn((T, H), dtype, device)
     p = make_probs(rm, pdtype, off_route) if pdtype is not None else None
     return x, rm, p
 
 
-def _rdev(*sizes) -> torch.device:
-    """Where the reference runs: the CPU when a size is 0 (see the module docstring), else the GPU."""
-    return CPU if min(sizes) == 0 else DEV
+def _rdev(device, *sizes) -> torch.device:
+    """Where the reference runs: the CPU when a size is 0 (see the module docstring), else the tensors' device."""
+    return CPU if min(sizes) == 0 else device
 
 
 def _to(t, device, dtype=None):
@@ -169,12 +187,13 @@ def _to(t, device, dtype=None):
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
 
-def _poison(*tensors_or_nbytes) -> None:
-    """Fill freed allocator blocks of these byte sizes with 0xFF, so outputs allocated next start as garbage."""
-    if DEV.type != "cuda":
+def _poison(device, *tensors_or_nbytes) -> None:
+    """On CUDA, fill freed allocator blocks of these byte sizes with 0xFF, so outputs allocated next start as garbage
+    (the CPU allocator hands back no such blocks)."""
+    if device.type != "cuda":
         return
     sizes = [t if isinstance(t, int) else t.numel() * t.element_size() for t in tensors_or_nbytes if t is not None]
-    blocks = [torch.full((max(n, 1),), 0xFF, dtype=torch.uint8, device=DEV) for n in sizes]
+    blocks = [torch.full((max(n, 1),), 0xFF, dtype=torch.uint8, device=device) for n in sizes]
     del blocks
 
 
@@ -204,27 +223,27 @@ def _rows_per_token(idx, num_tokens) -> int:
 
 def _grad_like(t, kind="contiguous"):
     """An upstream gradient shaped like t, with the layout `kind` (values random unless kind == "sum")."""
-    shape, dtype = tuple(t.shape), t.dtype
+    shape, dtype, dev = tuple(t.shape), t.dtype, t.device
     if kind == "contiguous":
-        return _randn(shape, dtype)
+        return _randn(shape, dtype, dev)
     if kind == "sum":  # what out.sum().backward() passes: ones, stride 0 everywhere
-        return torch.ones((), dtype=dtype, device=DEV).expand(shape)
+        return torch.ones((), dtype=dtype, device=dev).expand(shape)
     if len(shape) == 1:
         n = shape[0]
         if kind == "row_broadcast":
-            return _randn((), dtype).expand(n)
+            return _randn((), dtype, dev).expand(n)
         if kind == "transposed":
-            return _randn((2 * n,), dtype)[::2]
+            return _randn((2 * n,), dtype, dev)[::2]
         if kind == "row_strided":
-            return _randn((3 * n + 1,), dtype)[1::3]
+            return _randn((3 * n + 1,), dtype, dev)[1::3]
     else:
         n, h = shape
         if kind == "row_broadcast":  # stride (0, 1): every row the same
-            return _randn((1, h), dtype).expand(n, h)
+            return _randn((1, h), dtype, dev).expand(n, h)
         if kind == "transposed":  # stride (1, n): column-major
-            return _randn((h, n), dtype).T
+            return _randn((h, n), dtype, dev).T
         if kind == "row_strided":  # stride (h + 3, 1): rows not 16-byte aligned
-            return _randn((n, h + 3), dtype)[:, :h]
+            return _randn((n, h + 3), dtype, dev)[:, :h]
     raise ValueError(kind)
 
 
@@ -255,14 +274,14 @@ def _check_permute(x, rm, p, n_out=None, dp=False, what=""):
     """permute(fused=False) and permute(fused=True) vs the reference, bit for bit. Returns the kernel's
     (permuted, permuted_probs, sorted_indices, row_map)."""
     T = x.shape[0]
-    rdev = _rdev(T, n_out if n_out is not None else 1, x.shape[1] if T else 1)
+    rdev = _rdev(x.device, T, n_out if n_out is not None else 1, x.shape[1] if T else 1)
     ref_out, ref_pp, ref_idx = R.permute(_to(x, rdev), _to(rm, rdev), _to(p, rdev), n_out, False, dp)
     ref_map, n_rows = R.build_row_map(_to(rm, rdev), n_out, dp)
     assert ref_out.shape[0] == n_rows
     results = {}
     for fused in (False, True):
         tag = f"{what} fused={fused}"
-        _poison(ref_out, ref_pp, ref_map if fused else ref_idx)
+        _poison(x.device, ref_out, ref_pp, ref_map if fused else ref_idx)
         out, pp, index = moe_raw.permute(x, rm, p, n_out, fused, dp)
         assert_exact(out, ref_out, f"{tag} permuted tokens")
         if p is None:
@@ -296,7 +315,7 @@ def _unpermute_paths(y, rm, p, idx, row_map, dp):
 def _check_unpermute(y, rm, p, idx, row_map, dp=False, what=""):
     """Every unpermute path on rows y vs the fp64 reference (2x rule), and the paths against each other bitwise."""
     T, H = rm.shape[0], y.shape[1]
-    rdev = _rdev(T, y.shape[0])
+    rdev = _rdev(y.device, T, y.shape[0])
     ref64 = R.unpermute(_to(y, rdev, F64), _to(idx, rdev), (T, H), _to(p, rdev, F64), _to(rm, rdev), False, dp)
     ref_same = R.unpermute(_to(y, rdev), _to(idx, rdev), (T, H), _to(p, rdev), _to(rm, rdev), False, dp)
     terms = max(_rows_per_token(idx, T), 1)
@@ -304,7 +323,7 @@ def _check_unpermute(y, rm, p, idx, row_map, dp=False, what=""):
     atol = 2 * terms * EPS32 * scale
     outs = {}
     for name, run in _unpermute_paths(y, rm, p, idx, row_map, dp).items():
-        _poison(T * H * y.element_size())
+        _poison(y.device, T * H * y.element_size())
         outs[name] = run()
         _close(outs[name], ref64, ref_same, f"{what} unpermute[{name}]", atol)
         if p is None and terms == 1:  # at most one row per token: a pure move
@@ -331,7 +350,7 @@ def _check_permute_backward(x, rm, p, n_out=None, dp=False, kind="contiguous", n
     out, pp, idx = moe_raw.permute(x, rm, p, n_out, False, dp)
     g_out = _grad_like(out, kind)
     g_pp = _grad_like(pp, kind) if pp is not None else None
-    rdev = _rdev(T, out.shape[0])
+    rdev = _rdev(x.device, T, out.shape[0])
     ref = {}
     for name, dt in (("64", F64), ("same", None)):
         ref[name] = _permute_grads(
@@ -370,8 +389,8 @@ def _check_unpermute_backward(y, rm, p, idx, row_map, dp=False, kind="contiguous
     """unpermute's gradients on every path vs reference autograd on fp64 copies."""
     T, H = rm.shape[0], y.shape[1]
     N = y.shape[0]
-    g = _grad_like(torch.empty((T, H), dtype=y.dtype), kind)
-    rdev = _rdev(T, N)
+    g = _grad_like(torch.empty((T, H), dtype=y.dtype, device=y.device), kind)
+    rdev = _rdev(y.device, T, N)
     ref = {}
     for name, dt in (("64", F64), ("same", None)):
         ref[name] = _unpermute_grads(
@@ -424,7 +443,7 @@ def _check_unpermute_backward(y, rm, p, idx, row_map, dp=False, kind="contiguous
 def _check_round_trip(x, rm, p, n_out=None, dp=False, what="", grads=True):
     """permute exact; unpermute of random expert rows on every path; both backward passes."""
     out, pp, idx, row_map = _check_permute(x, rm, p, n_out, dp, what)
-    y = _randn(tuple(out.shape), x.dtype)
+    y = _randn(tuple(out.shape), x.dtype, x.device)
     y[_kept(row_map) :] = 0  # spare rows as permute leaves them
     _check_unpermute(y, rm, p, idx, row_map, dp, what)
     if grads:
@@ -439,29 +458,30 @@ def _check_round_trip(x, rm, p, n_out=None, dp=False, what="", grads=True):
 # Forward.
 
 
-@pytest.mark.parametrize("case", PERMUTE_CASES, ids=_case_id)
-def test_permute_forward_bit_exact(case):
+@pytest.mark.parametrize("device,case", _cases(PERMUTE_CASES, budget=_FORWARD_BUDGET))
+def test_permute_forward_bit_exact(device, case):
     for trial in range(2):  # fresh map and data: a row left unwritten would still hold trial 0's values
-        x, rm, p = _case(*case)
+        x, rm, p = _case(device, *case)
         _check_permute(x, rm, p, what=f"{_case_id(case)} trial {trial}")
 
 
+# The sweeps are CUDA only: hundreds of cases up to H = 7168, hours of fp64 reference on the CPU.
 @pytest.mark.slow
-@pytest.mark.parametrize("case", _sweep_cases(), ids=_case_id)
+@pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c), marks=ON_CUDA) for c in _sweep_cases()])
 def test_permute_forward_sweep(case):
-    x, rm, p = _case(*case)
+    x, rm, p = _case("cuda", *case)
     _check_permute(x, rm, p, what=_case_id(case))
     _check_permute(x, rm, p, n_out=int(rm.sum()) + 5, what=_case_id(case) + " spare rows")
 
 
-@pytest.mark.parametrize("case", UNPERMUTE_CASES, ids=_case_id)
-def test_unpermute_forward(case):
+@pytest.mark.parametrize("device,case", _cases(UNPERMUTE_CASES, [(BF16, 259, 40, 32, 8, "topk", F32)]))
+def test_unpermute_forward(device, case):
     dtype, T, H, E, K, kind, pdtype = case
-    x, rm, p = _case(*case)
+    x, rm, p = _case(device, *case)
     _, _, idx = moe_raw.permute(x, rm)
     _, _, row_map = moe_raw.permute(x, rm, fused=True)
     assert_exact(row_map, R.build_row_map(rm)[0], "row map")
-    y = _randn((idx.numel(), H), dtype)  # the experts' output
+    y = _randn((idx.numel(), H), dtype, device)  # the experts' output
     _check_unpermute(y, rm, p, idx, row_map, what=_case_id(case))
     if p is not None:
         _check_unpermute(y, rm, None, idx, row_map, what=_case_id(case) + " no probs")
@@ -470,45 +490,50 @@ def test_unpermute_forward(case):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
-    [c for c in _sweep_cases() if c[1] == 1027 and c[2] in (13, 1000, 7168)],
-    ids=_case_id,
+    [
+        pytest.param(c, id=_case_id(c), marks=ON_CUDA)
+        for c in _sweep_cases()
+        if c[1] == 1027 and c[2] in (13, 1000, 7168)
+    ],
 )
 def test_round_trip_sweep(case):
-    x, rm, p = _case(*case)
+    x, rm, p = _case("cuda", *case)
     _check_round_trip(x, rm, p, what=_case_id(case))
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
-def test_unpermute_arbitrary_sorted_indices(dtype, index_dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpermute_arbitrary_sorted_indices(device, dtype, index_dtype):
     """fused=False without routing_map: any token id list (repeats, unused tokens), as the seed's scatter_add."""
-    T, H, N = 1027, 1000, 3000
-    idx = torch.randint(0, T - 100, (N,)).to(index_dtype).to(DEV)  # the last 100 tokens get no row
-    y = _randn((N, H), dtype)
+    T, H, N = _shape(device, (1027, 1000, 3000), (300, 64, 900))
+    idx = torch.randint(0, T - 100, (N,)).to(index_dtype).to(device)  # the last 100 tokens get no row
+    y = _randn((N, H), dtype, device)
     out = moe_raw.unpermute(y, idx, (T, H))
     ref64 = R.unpermute(y.double(), idx.long(), (T, H))
     ref_same = R.unpermute(y, idx.long(), (T, H))
     atol = 2 * _rows_per_token(idx, T) * EPS32 * y.abs().max().item()
     _close(out, ref64, ref_same, "unpermute(csr)", atol)
     assert (out[T - 100 :] == 0).all()
-    g = _randn((T, H), dtype)
+    g = _randn((T, H), dtype, device)
     yl = y.clone().requires_grad_()
     moe_raw.unpermute(yl, idx, (T, H)).backward(g)
     assert_exact(yl.grad, g[idx.long()], "d rows")
 
 
-def test_fused_row_map_reused_across_calls():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_row_map_reused_across_calls(device):
     """A fused map made by one permute call (other tokens, dtype and H) serves another call's rows."""
-    T, E, K = 1027, 64, 8
-    rm = make_routing(T, E, K, DEV, "sparse")
+    T, E, K, H = _shape(device, (1027, 64, 8, 1000), (259, 16, 4, 40))
+    rm = make_routing(T, E, K, device, "sparse")
     p = make_probs(rm, F32)
-    _, _, map_a = moe_raw.permute(_randn((T, 64), F32), rm, fused=True)
-    x = _randn((T, 1000), BF16)
+    _, _, map_a = moe_raw.permute(_randn((T, 64), F32, device), rm, fused=True)
+    x = _randn((T, H), BF16, device)
     perm, _, map_b = moe_raw.permute(x, rm, p, fused=True)
     assert_exact(map_a, map_b, "row map of another call")
-    y = _randn(tuple(perm.shape), BF16)
-    out_a = moe_raw.unpermute(y, map_a, (T, 1000), p, fused=True)
-    out_b = moe_raw.unpermute(y, map_b, (T, 1000), p, fused=True)
+    y = _randn(tuple(perm.shape), BF16, device)
+    out_a = moe_raw.unpermute(y, map_a, (T, H), p, fused=True)
+    out_b = moe_raw.unpermute(y, map_b, (T, H), p, fused=True)
     assert_exact(out_a, out_b, "unpermute with the other call's map")
     _, _, idx = moe_raw.permute(x, rm)
     _check_unpermute(y, rm, p, idx, map_a, what="map of another call")
@@ -525,10 +550,13 @@ NUM_OUT_CASES = [
 
 
 @pytest.mark.parametrize("mode", ["equal", "smaller", "larger", "zero"])
-@pytest.mark.parametrize("case", NUM_OUT_CASES, ids=_case_id)
-def test_num_out_tokens(case, mode):
+@pytest.mark.parametrize(
+    "device,case",
+    _cases(NUM_OUT_CASES, [(BF16, 259, 40, 16, 8, "topk", F32), (F32, 131, 24, 32, 2, "empty_expert", None)]),
+)
+def test_num_out_tokens(device, case, mode):
     dtype, T, H, E, K, kind, pdtype = case
-    x, rm, p = _case(*case)
+    x, rm, p = _case(device, *case)
     routed = int(rm.sum())
     n_out = {"equal": routed, "smaller": routed * 2 // 3, "larger": routed + 45, "zero": 0}[mode]
     out, pp, idx, row_map = _check_round_trip(x, rm, p, n_out, what=f"{_case_id(case)} N={n_out}")
@@ -549,7 +577,7 @@ def test_num_out_tokens(case, mode):
             assert (pp[kept:] == 0).all()
     if p is not None and n_out > kept:
         # Rows the map does not name are never read: NaN there must not reach any output (fused and map paths).
-        y = _randn((n_out, H), dtype)
+        y = _randn((n_out, H), dtype, device)
         y_nan = y.clone()
         y[kept:] = 0
         y_nan[kept:] = float("nan")
@@ -578,20 +606,24 @@ def _capacity_for(mode, counts, T, E):
     raise ValueError(mode)
 
 
+DROP_AND_PAD_CASES = [
+    (BF16, 1024, 1000, 8, 2, "balanced", F32),  # every expert has exactly T K / E = 256 tokens
+    (F16, 7, 13, 8, 2, "sparse", BF16),
+    (F32, 1027, 2048, 64, 8, "topk", None),
+    (BF16, 1027, 1001, 64, 2, "empty_expert", BF16),
+]
+DROP_AND_PAD_CPU = [  # the large cases' stand-ins on the CPU
+    (BF16, 256, 40, 8, 2, "balanced", F32),  # 64 tokens an expert
+    (F32, 259, 24, 16, 8, "topk", None),
+    (BF16, 259, 13, 16, 2, "empty_expert", BF16),
+]
+
+
 @pytest.mark.parametrize("mode", ["less", "equal", "greater", "over_T", "not_multiple"])
-@pytest.mark.parametrize(
-    "case",
-    [
-        (BF16, 1024, 1000, 8, 2, "balanced", F32),  # every expert has exactly T K / E = 256 tokens
-        (F16, 7, 13, 8, 2, "sparse", BF16),
-        (F32, 1027, 2048, 64, 8, "topk", None),
-        (BF16, 1027, 1001, 64, 2, "empty_expert", BF16),
-    ],
-    ids=_case_id,
-)
-def test_drop_and_pad(case, mode):
+@pytest.mark.parametrize("device,case", _cases(DROP_AND_PAD_CASES, DROP_AND_PAD_CPU))
+def test_drop_and_pad(device, case, mode):
     dtype, T, H, E, K, kind, pdtype = case
-    x, rm, p = _case(*case)
+    x, rm, p = _case(device, *case)
     counts = rm.sum(0).cpu()
     n_out = _capacity_for(mode, counts, T, E)
     capacity = min(n_out // E, T)
@@ -614,44 +646,52 @@ def test_drop_and_pad(case, mode):
 # Autograd.
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=_case_id)
-def test_backward_vs_fp64_reference(case):
-    x, rm, p = _case(*case)
+@pytest.mark.parametrize(
+    "device,case", _cases(GRAD_CASES, [(BF16, 259, 40, 16, 8, "topk", F32), (F32, 131, 24, 32, 8, "empty_expert", F32)])
+)
+def test_backward_vs_fp64_reference(device, case):
+    x, rm, p = _case(device, *case)
     _check_round_trip(x, rm, p, what=_case_id(case))
 
 
 @pytest.mark.parametrize("kind", ["sum", "row_broadcast", "transposed", "row_strided"])
 @pytest.mark.parametrize(
-    "case", [(BF16, 1027, 1000, 64, 8, "topk", F32), (F32, 7, 13, 8, 2, "sparse", F32)], ids=_case_id
+    "device,case",
+    _cases(
+        [(BF16, 1027, 1000, 64, 8, "topk", F32), (F32, 7, 13, 8, 2, "sparse", F32)],
+        [(BF16, 259, 40, 16, 8, "topk", F32)],
+    ),
 )
-def test_backward_noncontiguous_grads(case, kind):
-    x, rm, p = _case(*case)
+def test_backward_noncontiguous_grads(device, case, kind):
+    x, rm, p = _case(device, *case)
     _check_permute_backward(x, rm, p, kind=kind, what=_case_id(case))
     _, _, idx = moe_raw.permute(x, rm)
     _, _, row_map = moe_raw.permute(x, rm, fused=True)
-    y = _randn((idx.numel(), x.shape[1]), x.dtype)
+    y = _randn((idx.numel(), x.shape[1]), x.dtype, device)
     _check_unpermute_backward(y, rm, p, idx, row_map, kind=kind, what=_case_id(case))
     _check_unpermute_backward(y, rm, None, idx, row_map, kind=kind, what=_case_id(case) + " no probs")
 
 
 @pytest.mark.parametrize("need", [("x",), ("p",)], ids=["tokens_only", "probs_only"])
-def test_backward_one_input_requires_grad(need):
-    x, rm, p = _case(BF16, 1027, 1000, 64, 8, "sparse", F32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_one_input_requires_grad(device, need):
+    x, rm, p = _case(device, BF16, *_shape(device, (1027, 1000, 64), (259, 40, 16)), 8, "sparse", F32)
     _check_permute_backward(x, rm, p, need=need)
     _, _, idx = moe_raw.permute(x, rm)
     _, _, row_map = moe_raw.permute(x, rm, fused=True)
-    y = _randn((idx.numel(), x.shape[1]), x.dtype)
+    y = _randn((idx.numel(), x.shape[1]), x.dtype, device)
     _check_unpermute_backward(y, rm, p, idx, row_map, need=("y",) if need == ("x",) else ("p",))
 
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("layout", ["plain", "dropped", "spare", "drop_and_pad"])
-def test_nan_probs_off_route_never_read(layout, fused):
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_probs_off_route_never_read(device, layout, fused):
     """NaN in probs wherever the map is 0: no NaN in any output or gradient, and probs.grad is 0 there."""
-    T, H, E, K = 1027, 1000, 64, 8
-    rm = make_routing(T, E, K, DEV, "sparse")
+    T, H, E, K = _shape(device, (1027, 1000, 64, 8), (259, 40, 16, 8))
+    rm = make_routing(T, E, K, device, "sparse")
     p_nan = make_probs(rm, F32, off_route=float("nan"))
-    x = _randn((T, H), BF16)
+    x = _randn((T, H), BF16, device)
     routed = int(rm.sum())
     n_out, dp = {"plain": (None, False), "dropped": (routed // 2, False), "spare": (routed + 40, False),
                  "drop_and_pad": (8 * E, True)}[layout]  # fmt: skip
@@ -661,7 +701,7 @@ def test_nan_probs_off_route_never_read(layout, fused):
     h = perm * pp.unsqueeze(1).to(perm.dtype)  # an "expert" that uses the permuted probs
     out = moe_raw.unpermute(h, index, (T, H), pl, None if fused else rm, fused, dp)
     assert not out.isnan().any(), "unpermute read probs off the map"
-    g = _randn((T, H), BF16)
+    g = _randn((T, H), BF16, device)
     out.backward(g)
     assert not xl.grad.isnan().any()
     assert (pl.grad[~rm] == 0).all(), "probs grad must be exactly 0 (and not NaN) where the map is 0"
@@ -681,23 +721,24 @@ def test_nan_probs_off_route_never_read(layout, fused):
 GRADCHECK_LAYOUTS = ["plain", "dropped", "spare", "drop_and_pad"]
 
 
-def _tiny(layout):
+def _tiny(device, layout):
     """T=5, E=4, K=2, H=3 in fp64 with one unrouted token."""
     T, E, K, H = 5, 4, 2, 3
-    rm = make_routing(T, E, K, DEV, "topk")
+    rm = make_routing(T, E, K, device, "topk")
     rm[2] = False
     routed = int(rm.sum())
     n_out, dp = {"plain": (None, False), "dropped": (routed - 3, False), "spare": (routed + 2, False),
                  "drop_and_pad": (2 * E, True)}[layout]  # fmt: skip
-    x = _randn((T, H), F64).requires_grad_()
+    x = _randn((T, H), F64, device).requires_grad_()
     p = make_probs(rm, F64).requires_grad_()
     return T, H, rm, x, p, n_out, dp
 
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS)
-def test_gradcheck_permute(layout, fused):
-    T, H, rm, x, p, n_out, dp = _tiny(layout)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_permute(device, layout, fused):
+    T, H, rm, x, p, n_out, dp = _tiny(device, layout)
 
     def f(tokens, probs):
         out, pp, _ = moe_raw.permute(tokens, rm, probs, n_out, fused, dp)
@@ -709,10 +750,11 @@ def test_gradcheck_permute(layout, fused):
 @pytest.mark.parametrize("with_probs", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS)
-def test_gradcheck_unpermute(layout, fused, with_probs):
-    T, H, rm, x, p, n_out, dp = _tiny(layout)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_unpermute(device, layout, fused, with_probs):
+    T, H, rm, x, p, n_out, dp = _tiny(device, layout)
     perm, _, index = moe_raw.permute(x.detach(), rm, None, n_out, fused, dp)
-    y = _randn(tuple(perm.shape), F64).requires_grad_()
+    y = _randn(tuple(perm.shape), F64, device).requires_grad_()
     rm_arg = None if fused or not with_probs else rm
 
     if with_probs:
@@ -725,15 +767,16 @@ def test_gradcheck_unpermute(layout, fused, with_probs):
         )
 
 
-def test_deterministic_100_runs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_100_runs(device):
     """Forward and backward are bitwise repeatable (no atomics): 100 runs of each path."""
-    T, H, E, K = 1027, 2048, 64, 8
-    x, rm, p = _case(BF16, T, H, E, K, "topk", F32)
+    T, H, E, K = _shape(device, (1027, 2048, 64, 8), (259, 40, 16, 8))
+    x, rm, p = _case(device, BF16, T, H, E, K, "topk", F32)
     _, _, idx = moe_raw.permute(x, rm)
     _, _, row_map = moe_raw.permute(x, rm, fused=True)
-    y = _randn((idx.numel(), H), BF16)
-    g = _randn((T, H), BF16)
-    g_perm, g_pp = _randn((idx.numel(), H), BF16), _randn((idx.numel(),), F32)
+    y = _randn((idx.numel(), H), BF16, device)
+    g = _randn((T, H), BF16, device)
+    g_perm, g_pp = _randn((idx.numel(), H), BF16, device), _randn((idx.numel(),), F32, device)
 
     def unpermute_run(path):
         yl, pl = y.clone().requires_grad_(), p.clone().requires_grad_()
@@ -767,11 +810,12 @@ def test_deterministic_100_runs():
 
 
 @pytest.mark.parametrize("n_out,dp", [(None, False), (0, False), (5, False), (16, True)])
-def test_zero_tokens(n_out, dp):
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_tokens(device, n_out, dp):
     T, H, E = 0, 16, 8
-    x = torch.zeros((T, H), dtype=BF16, device=DEV)
-    rm = torch.zeros((T, E), dtype=torch.bool, device=DEV)
-    p = torch.zeros((T, E), dtype=F32, device=DEV)
+    x = torch.zeros((T, H), dtype=BF16, device=device)
+    rm = torch.zeros((T, E), dtype=torch.bool, device=device)
+    p = torch.zeros((T, E), dtype=F32, device=device)
     n_rows = n_out if (n_out is not None and not dp) else 0
     for fused in (False, True):
         xl, pl = x.clone().requires_grad_(), p.clone().requires_grad_()
@@ -795,14 +839,17 @@ def test_zero_tokens(n_out, dp):
 
 
 @pytest.mark.parametrize("kind", ["E1", "K_eq_E", "empty_expert", "one_expert", "all_unrouted", "all_unrouted_spare"])
-def test_special_routing_maps(kind):
-    T, H = 1027, 1000
+@pytest.mark.parametrize("device", DEVICES)
+def test_special_routing_maps(device, kind):
+    T, H = _shape(device, (1027, 1000), (259, 24))
     E, K, rkind = {"E1": (1, 1, "topk"), "K_eq_E": (8, 8, "topk"), "empty_expert": (64, 8, "empty_expert"),
                    "one_expert": (8, 1, "one_expert"), "all_unrouted": (8, 0, "topk"),
                    "all_unrouted_spare": (8, 0, "topk")}[kind]  # fmt: skip
-    rm = make_routing(T, E, K, DEV, rkind)
+    if device == "cpu" and E == 64:
+        E = 16  # the CPU's O(E T H) fp64 reference (see the docstring)
+    rm = make_routing(T, E, K, device, rkind)
     p = make_probs(rm, F32)
-    x = _randn((T, H), BF16)
+    x = _randn((T, H), BF16, device)
     n_out = 37 if kind == "all_unrouted_spare" else None
     _check_round_trip(x, rm, p, n_out, what=kind)
     if kind == "empty_expert":
@@ -821,13 +868,14 @@ _MAP_VALUES = {  # a routed entry's value: nonzero, and for the wide types zero 
 
 
 @pytest.mark.parametrize("map_dtype", list(_MAP_VALUES), ids=lambda d: _NAMES.get(d, str(d).replace("torch.", "")))
-def test_routing_map_dtypes(map_dtype):
-    T, H, E, K = 1027, 1000, 64, 8
-    x, rm, p = _case(BF16, T, H, E, K, "sparse", F32)
-    m = torch.zeros((T, E), dtype=map_dtype, device=DEV)
+@pytest.mark.parametrize("device", DEVICES)
+def test_routing_map_dtypes(device, map_dtype):
+    T, H, E, K = _shape(device, (1027, 1000, 64, 8), (259, 40, 16, 8))
+    x, rm, p = _case(device, BF16, T, H, E, K, "sparse", F32)
+    m = torch.zeros((T, E), dtype=map_dtype, device=device)
     m[rm] = _MAP_VALUES[map_dtype]
     if map_dtype not in (torch.bool, torch.uint8):
-        odd = rm & (torch.rand(T, E, device=DEV) < 0.5)
+        odd = rm & (torch.rand(T, E, device=device) < 0.5)
         m[odd] = 1 if map_dtype == torch.int8 else -1  # mixed nonzero values
     base = {fused: moe_raw.permute(x, rm, p, fused=fused) for fused in (False, True)}
     for fused in (False, True):
@@ -846,29 +894,30 @@ _LAYOUTS = [
 def _layout(layout, x, rm, p):
     """Views with the same values as (x, rm, p) but non-contiguous in the named way."""
     T, H = x.shape
+    dev = x.device
     if layout == "routing_map_T_view":  # strides (1, T)
         return x, rm.T.contiguous().T, p
     if layout == "routing_map_col_view":  # stride (E + 1, 1): rows not 16-byte aligned
-        big = torch.zeros((T, rm.shape[1] + 1), dtype=rm.dtype, device=DEV)
+        big = torch.zeros((T, rm.shape[1] + 1), dtype=rm.dtype, device=dev)
         big[:, 1:] = rm
         return x, big[:, 1:], p
-    if layout == "routing_map_misaligned":  # stride (E, 1) with E = 64, base address 1 byte past a boundary
-        flat = torch.zeros(rm.numel() + 1, dtype=rm.dtype, device=DEV)
+    if layout == "routing_map_misaligned":  # stride (E, 1) (E = 64 on CUDA), base address 1 byte past a boundary
+        flat = torch.zeros(rm.numel() + 1, dtype=rm.dtype, device=dev)
         v = flat[1:].view(rm.shape)
         v.copy_(rm)
         return x, v, p
     if layout == "probs_T_view":
         return x, rm, p.T.contiguous().T
     if layout == "tokens_row_view":  # stride (H + 8, 1): row starts stay 16-byte aligned for bf16
-        big = _randn((T, H + 8), x.dtype)
+        big = _randn((T, H + 8), x.dtype, dev)
         big[:, :H] = x
         return big[:, :H], rm, p
     if layout == "tokens_row_view_odd":  # stride (H + 1, 1): 2-byte alignment only
-        big = _randn((T, H + 1), x.dtype)
+        big = _randn((T, H + 1), x.dtype, dev)
         big[:, :H] = x
         return big[:, :H], rm, p
     if layout == "tokens_misaligned":  # contiguous rows, base address 2 bytes past an alignment boundary
-        flat = torch.empty(T * H + 1, dtype=x.dtype, device=DEV)
+        flat = torch.empty(T * H + 1, dtype=x.dtype, device=dev)
         v = flat[1:].view(T, H)
         v.copy_(x)
         return v, rm, p
@@ -880,19 +929,20 @@ def _layout(layout, x, rm, p):
 
 
 @pytest.mark.parametrize("layout", _LAYOUTS)
-def test_noncontiguous_inputs(layout):
-    T, H, E, K = 1027, 1000, 64, 8
-    x, rm, p = _case(BF16, T, H, E, K, "sparse", BF16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_inputs(device, layout):
+    T, H, E, K = _shape(device, (1027, 1000, 64, 8), (259, 40, 16, 8))
+    x, rm, p = _case(device, BF16, T, H, E, K, "sparse", BF16)
     xv, rmv, pv = _layout(layout, x, rm, p)
     xc, rmc, pc = xv.contiguous(), rmv.contiguous(), pv.contiguous()
     out, pp, idx, row_map = _check_permute(xv, rmv, pv, what=layout)
-    y = _randn(tuple(out.shape), BF16)
+    y = _randn(tuple(out.shape), BF16, device)
     outs = _check_unpermute(y, rmv, pv, idx, row_map, what=layout)
     assert_exact(
         outs["map"], moe_raw.unpermute(y, idx, (T, H), pc, routing_map=rmc), f"{layout}: unpermute vs contiguous"
     )
     # Gradients reach the strided view exactly as they reach a contiguous copy.
-    g_out, g_pp = _randn(tuple(out.shape), BF16), _randn(tuple(pp.shape), BF16)
+    g_out, g_pp = _randn(tuple(out.shape), BF16, device), _randn(tuple(pp.shape), BF16, device)
 
     def grads(tokens, routing_map, probs):
         # detach() keeps sizes, strides and offset: the leaves have exactly the layouts under test.
@@ -914,19 +964,20 @@ def test_noncontiguous_inputs(layout):
     [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8, torch.int8],
     ids=lambda d: str(d).replace("torch.", ""),
 )
-def test_byte_tokens(dtype, H, mode):
+@pytest.mark.parametrize("device", DEVICES)
+def test_byte_tokens(device, dtype, H, mode):
     """1-byte tokens (fp8 activations) are a pure byte move, NaN encodings included."""
     T, E, K = 1027, 64, 8
-    rm = make_routing(T, E, K, DEV, "sparse")
+    rm = make_routing(T, E, K, device, "sparse")
     p = make_probs(rm, F32)
-    raw = torch.randint(0, 256, (T, H), dtype=torch.uint8).to(DEV)
+    raw = torch.randint(0, 256, (T, H), dtype=torch.uint8).to(device)
     x = raw.view(dtype)
     routed = int(rm.sum())
     n_out, dp = {"plain": (None, False), "spare": (routed + 33, False), "drop_and_pad": (6 * E, True)}[mode]
     ref_out, ref_pp, ref_idx = R.permute(raw, rm, p, n_out, False, dp)
     ref_map = R.build_row_map(rm, n_out, dp)[0]
     for fused in (False, True):
-        _poison(ref_out, ref_pp)
+        _poison(rm.device, ref_out, ref_pp)
         out, pp, index = moe_raw.permute(x, rm, p, n_out, fused, dp)
         assert out.dtype == dtype
         assert_exact(out.view(torch.uint8), ref_out, f"{dtype} permuted bytes fused={fused}")
@@ -935,9 +986,13 @@ def test_byte_tokens(dtype, H, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Streams, CUDA graphs, host syncs.
+# Streams, CUDA graphs, host syncs: CUDA only.
+
+DEV = torch.device("cuda")
 
 
+@pytest.mark.gpu
+@needs_cuda
 def test_side_stream(side_stream):
     """permute -> unpermute (+ backward) enqueued on a side stream, on inputs made on that stream."""
     T, H, E, K = 1027, 2048, 64, 8
@@ -976,7 +1031,7 @@ _GRAPH_PATHS = ["fused", "map", "csr"]
 
 def _graph_inputs(T, H, E, K, kind, with_probs):
     rm = make_routing(T, E, K, DEV, kind)
-    return (_randn((T, H), BF16), rm, make_probs(rm, F32) if with_probs else None, _randn((T, H), BF16))
+    return (_randn((T, H), BF16, DEV), rm, make_probs(rm, F32) if with_probs else None, _randn((T, H), BF16, DEV))
 
 
 def _graph_step(path, T, H, n_out, x, rm, p, g):
@@ -987,6 +1042,8 @@ def _graph_step(path, T, H, n_out, x, rm, p, g):
     return out
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("path", _GRAPH_PATHS)
 def test_cuda_graph_capture_and_replay(path):
     """Capture permute -> unpermute and their backward with num_out_tokens given; replay on new data (more and
@@ -1038,6 +1095,8 @@ def test_cuda_graph_capture_and_replay(path):
             assert_exact(sp.grad, pl.grad, f"graph replay ({kind}) d probs")
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("path", _GRAPH_PATHS)
 def test_no_host_sync_with_num_out_tokens(path):
     """With num_out_tokens, permute -> unpermute -> backward never syncs the host (torch's sync debug mode raises
@@ -1062,9 +1121,11 @@ def test_no_host_sync_with_num_out_tokens(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 64-bit offsets.
+# 64-bit offsets: CUDA only (4.6 GB of rows; the CPU twins index with torch's int64 ops).
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.slow
 def test_offsets_past_2_31_elements():
     """T K H > 2^31 elements (4.6 GB of bf16 rows): rows past the 2^31st element land where they belong."""
@@ -1104,9 +1165,11 @@ def test_offsets_past_2_31_elements():
 # Validation on CUDA tensors.
 
 
+@pytest.mark.gpu
+@needs_cuda
 def test_device_mismatch_raises_value_error():
     T, H, E, K = 7, 16, 8, 2
-    x = _randn((T, H), BF16)
+    x = _randn((T, H), BF16, DEV)
     rm = make_routing(T, E, K, DEV, "topk")
     p = make_probs(rm, F32)
     with pytest.raises(ValueError, match=r"(routing_map.*tokens|tokens.*routing_map)"):
