@@ -2,7 +2,7 @@
 # Run on a CUDA machine (how moe_raw's GPU evidence is produced): install moe_raw, then the steps named on the
 # command line, each logged under $OUT (default bench/results/latest):
 #   smoke   python -m bench.smoke            quick self-check vs the fp64 reference
-#   tests   pytest -m "gpu and not slow"     the GPU test suite
+#   tests   pytest -m "gpu and not slow"     the GPU test suite (pytest-xdist, 6 processes), fuzz with its gpu profile
 #   parity  pytest -m gpu tests/test_parity.py   CPU vs CUDA: outputs and gradients of every public op
 #   slow    pytest -m slow                   large shapes (64-bit offsets)
 #   bench   python -m bench.bench_permute    the permute/unpermute side-by-side benchmark table
@@ -11,6 +11,9 @@
 #   full    python -m bench                  the CLI at every shape, MoE layer case included
 #   fuzz    pytest -m gpu tests/test_fuzz.py with MOE_RAW_HYPOTHESIS_PROFILE=gpu (150 random examples per property)
 #   sanitize  bench/sanitize.sh              compute-sanitizer memcheck / racecheck / initcheck / synccheck
+#   probe   python -m bench.probe_permute    permute fwd beside copy / write-only / broadcast-copy ceilings; also with
+#           MOE_RAW_NO_BULK_COPY=1 and, where .probe/old holds other kernels/*.cu, with those (A/B)
+#   ncu     Nsight Compute on permute_scatter (DeepSeek-V3, Qwen3 shapes) and torch's fill kernel
 # Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
 set -uo pipefail
 OUT=${OUT:-bench/results/latest}
@@ -27,7 +30,7 @@ for step in "$@"; do
   echo "=== $step"
   case $step in
     smoke) python3 -m bench.smoke 2>&1 | tee "$OUT/smoke.log" || status=1 ;;
-    tests) python3 -m pytest -q -m "gpu and not slow" tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
+    tests) MOE_RAW_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -n 6 -m "gpu and not slow" tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1 ;;
     parity) python3 -m pytest -q -m gpu tests/test_parity.py 2>&1 | tee "$OUT/gpu_parity.log" || status=1 ;;
     slow) python3 -m pytest -q -m slow tests 2>&1 | tee "$OUT/gpu_slow_tests.log" || status=1 ;;
     bench) python3 -m bench.bench_permute --out "$OUT/bench_permute.json" 2>&1 | tee "$OUT/bench_permute.md" || status=1 ;;
@@ -36,6 +39,22 @@ for step in "$@"; do
     full) python3 -m bench --out "$OUT" 2>&1 | tee "$OUT/bench_full.md" || status=1 ;;
     fuzz) MOE_RAW_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -m gpu tests/test_fuzz.py 2>&1 | tee "$OUT/gpu_fuzz.log" || status=1 ;;
     sanitize) OUT="$OUT" bash bench/sanitize.sh || status=1 ;;
+    probe)
+      { python3 -m bench.probe_permute --json "$OUT/probe.json"
+        echo "--- MOE_RAW_NO_BULK_COPY=1"; MOE_RAW_NO_BULK_COPY=1 python3 -m bench.probe_permute
+        if [ -d .probe/old ]; then echo "--- kernels from .probe/old"; python3 -m bench.probe_permute --kernels .probe/old; fi
+      } 2>&1 | tee "$OUT/probe.md" || status=1 ;;
+    ncu)
+      metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum.per_second,dram__bytes_write.sum.per_second,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
+      { for shape in DeepSeek-V3 Qwen3-30B-A3B; do
+          echo "--- permute_scatter $shape"
+          ncu --clock-control none -k regex:permute_scatter -c 1 --section SpeedOfLight --section Occupancy \
+            --section WarpStateStats --section MemoryWorkloadAnalysis --metrics $metrics python3 -m bench.ncu_permute $shape
+        done
+        echo "--- torch fill_ (write-only) and copy_"
+        ncu --clock-control none -k regex:"elementwise|fill|copy" -c 3 --metrics $metrics \
+          python3 -c "import torch; d=torch.empty(2<<30,dtype=torch.uint8,device='cuda'); s=torch.empty_like(d); d.fill_(1); d.copy_(s); torch.cuda.synchronize()"
+      } 2>&1 | tee "$OUT/ncu.txt" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

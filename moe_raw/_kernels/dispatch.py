@@ -92,15 +92,38 @@ def _tables(routing_map: torch.Tensor, ws: int) -> None:
         launch("permute", "moe_raw::routing_scan<1024>", dev, 1, 1024, (ws, num_tokens, num_experts))
 
 
-def _map_and_workspace(routing_map: torch.Tensor):
-    """One int32 allocation: the row map [T+1, E] (returned as a view) and, after it, the routing workspace
+def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
+    """One int32 allocation: the row map [T + lines, E] (returned as a view: lines 1 for permute's layout, 3 for
+    the aligned one) and, after it, the routing workspace
     (returned as its device address, plus the tensor holding it). One allocation and one view per call: on the
     small-call path each costs microseconds."""
     num_tokens, num_experts = routing_map.shape
     extra_rows = cdiv(_workspace_ints(num_tokens, num_experts), num_experts)
-    buf = torch.empty((num_tokens + 1 + extra_rows, num_experts), dtype=torch.int32, device=routing_map.device)
-    ws = buf.data_ptr() + 4 * (num_tokens + 1) * num_experts
-    return buf[: num_tokens + 1], ws, buf
+    buf = torch.empty((num_tokens + lines + extra_rows, num_experts), dtype=torch.int32, device=routing_map.device)
+    ws = buf.data_ptr() + 4 * (num_tokens + lines) * num_experts
+    return buf[: num_tokens + lines], ws, buf
+
+
+def _scatter(tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, blocks, n_keep, capacity, pads):
+    """Launch permute_scatter (kernels/permute.cu) over ``blocks`` blocks: token blocks, then blocks that zero spare
+    and padding rows. ``tokens`` None writes only the row map / indices / probs (no rows). ``capacity``: rows per
+    expert of drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
+    num_tokens, num_experts = routing_map.shape
+    src, row_bytes, vb = None, 0, 16
+    if tokens is not None:
+        src = row_view(tokens)
+        esize = tokens.element_size()
+        row_bytes = tokens.shape[1] * esize
+        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
+    launch(
+        "permute", f"moe_raw::permute_scatter<{vb}>", routing_map.device, blocks, _ROW_THREADS,
+        (ptr(src), (src.stride(0) * src.element_size() if src is not None else 0), ptr(out), row_bytes,
+         num_tokens, num_experts, n_rows, int(capacity is not None), capacity or 0,
+         ptr(routing_map), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
+         ws, row_map.data_ptr(), ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads)),
+        # the row list and scratch, plus (16-byte rows) the kernel's 128-aligned stage of up to 16 KiB of the row
+        shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 and src is not None else 0),
+    )  # fmt: skip
 
 
 def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_rows=True, want_indices=True):
@@ -124,21 +147,9 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev) if want_rows else None
     indices = torch.empty(n_rows, dtype=torch.int64, device=dev) if want_indices else None
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
-    src, row_bytes, vb = None, 0, 16
-    if want_rows:
-        src = row_view(tokens)
-        esize = tokens.element_size()
-        row_bytes = hidden * esize
-        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
-    launch(
-        "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + tail_blocks, _ROW_THREADS,
-        (ptr(src), (src.stride(0) * src.element_size() if src is not None else 0), ptr(out), (row_bytes),
-         (num_tokens), (num_experts), (n_rows), (drop_and_pad), (capacity),
-         ptr(routing_map), (routing_map.element_size()), (routing_map.stride(0)), (routing_map.stride(1)),
-         ws, row_map.data_ptr(), ptr(indices), *_scalar_args(probs), ptr(pprobs), (n_rows), 0),
-        # the row list and scratch, plus (16-byte rows) the kernel's 128-aligned stage of up to 16 KiB of the row
-        shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 and want_rows else 0),
-    )  # fmt: skip
+    src = tokens if want_rows else None
+    _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, num_tokens + tail_blocks, n_rows,
+             capacity if drop_and_pad else None, None)  # fmt: skip
     return out, pprobs, row_map, indices
 
 
@@ -305,10 +316,7 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
     num_tokens, hidden = tokens.shape
     num_experts = routing_map.shape[1]
     dev = tokens.device
-    extra = -(-_workspace_ints(num_tokens, num_experts) // num_experts)
-    buf = torch.empty((num_tokens + 3 + extra, num_experts), dtype=torch.int32, device=dev)
-    row_map = buf[: num_tokens + 3]
-    ws = buf.data_ptr() + 4 * (num_tokens + 3) * num_experts
+    row_map, ws, _ = _map_and_workspace(routing_map, lines=3)
     counts = torch.empty((2, num_experts), dtype=torch.int64, device=dev)
     _tables(routing_map, ws)
     n_keep = min(num_out_tokens, V.MAX_ROWS) if num_out_tokens is not None else V.MAX_ROWS
@@ -323,18 +331,9 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
         n_rows = num_out_tokens + num_experts * (align - 1)  # the worst case: every expert pads align - 1 rows
     out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev)
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
-    src = row_view(tokens)
-    esize = tokens.element_size()
-    row_bytes = hidden * esize
-    vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
-    launch(
-        "permute", f"moe_raw::permute_scatter<{vb}>", dev, num_tokens + cdiv(n_rows, _TAIL_ROWS) + num_experts,
-        _ROW_THREADS,
-        (ptr(src), src.stride(0) * esize, ptr(out), row_bytes, num_tokens, num_experts, n_rows, 0, 0,
-         ptr(routing_map), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
-         ws, row_map.data_ptr(), 0, *_scalar_args(probs), ptr(pprobs), n_keep, ptr(row_map[num_tokens + 1])),
-        shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 else 0),
-    )  # fmt: skip
+    blocks = num_tokens + cdiv(n_rows, _TAIL_ROWS) + num_experts  # tokens, spare rows, each expert's padding
+    _scatter(tokens, out, routing_map, ws, row_map, None, probs, pprobs, n_rows, blocks, n_keep, None,
+             row_map[num_tokens + 1])  # fmt: skip
     return out, pprobs, row_map, counts[0], counts[1]
 
 

@@ -1,0 +1,85 @@
+"""Where permute's bandwidth stops on this card: permute forward beside the write ceilings, in one run.
+
+    python -m bench.probe_permute [--kernels DIR] [--json PATH]
+
+Prints, per bench shape (bf16), the permute forward (with probs, fused, num_out_tokens given) and three peers of
+the same byte mix: the device copy (1 read : 1 write), the write-only fills (torch fill_, cudaMemsetAsync) and
+torch's broadcast copy ``out.view(T, K, H).copy_(x[:, None].expand(T, K, H))`` (1 read : K writes, no indexing:
+what a perfect permute of a sorted routing would cost). "mix roofline" is the time the permute's bytes need when
+reads go at the copy rate and writes at the best write-only rate: t = read / copy + write / write_only.
+``--kernels DIR`` loads the .cu files from DIR instead of the installed ones (an A/B of two kernel versions in two
+processes on one machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import torch
+
+import moe_raw
+from moe_raw import _launch
+
+from . import common
+from .bench_permute import SHAPES, bytes_permute_fwd, make_inputs
+
+
+def _memset_gbs(nbytes: int = 2 << 30) -> float:
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    cudart = torch.cuda.cudart()
+
+    def fn():
+        cudart.cudaMemsetAsync(dst.data_ptr(), 1, nbytes, torch.cuda.current_stream().cuda_stream)
+
+    ms = common.do_bench(fn)
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernels", help="directory holding permute.cu / common.cuh to load instead")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    if args.kernels:
+        _launch._kernels_dir = lambda: pathlib.Path(args.kernels).resolve()
+    copy = common.copy_bandwidth_gbs()
+    fill = common.write_bandwidth_gbs()
+    try:
+        memset = _memset_gbs()
+    except Exception as e:  # noqa: BLE001 - the probe reports what it could not measure
+        print(f"cudaMemsetAsync: {e}")
+        memset = 0.0
+    write = max(fill, memset)
+    print(f"copy {copy:.0f} GB/s | fill_ {fill:.0f} GB/s ({100 * fill / copy:.0f}% of copy) | "
+          f"cudaMemsetAsync {memset:.0f} GB/s ({100 * memset / copy:.0f}%)")  # fmt: skip
+    rows = []
+    print("| shape | permute ms | % copy | % mix roofline | expand-copy ms | expand % copy | permute / expand |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (T, E, H, K) in SHAPES.items():
+        x, rm, probs = make_inputs(T, E, H, K)
+        N = T * K
+        s = x.element_size()
+        ms = common.do_bench(lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True))  # noqa: B023
+        nbytes = bytes_permute_fwd(T, E, H, K, s)
+        read, written = T * H * s, N * H * s
+        roof_ms = (read / (copy * 1e9 / 2) + written / (write * 1e9)) * 1e3  # copy GB/s counts read + write
+        out = torch.empty((T, K, H), dtype=x.dtype, device="cuda")
+        ms_expand = common.do_bench(lambda: out.copy_(x[:, None].expand(T, K, H)))  # noqa: B023
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        gbs_expand = (read + written) / (ms_expand * 1e-3) / 1e9
+        row = {"shape": name, "ms": ms, "pct_copy": 100 * gbs / copy, "pct_mix_roofline": 100 * roof_ms / ms,
+               "expand_ms": ms_expand, "expand_pct_copy": 100 * gbs_expand / copy}  # fmt: skip
+        rows.append(row)
+        print(f"| {name} | {ms:.3f} | {row['pct_copy']:.1f}% | {row['pct_mix_roofline']:.1f}% | {ms_expand:.3f} | "
+              f"{row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} |")  # fmt: skip
+        x = rm = probs = out = None  # free this shape's tensors before the next one
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"copy_gbs": copy, "fill_gbs": fill, "memset_gbs": memset, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
