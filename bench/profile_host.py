@@ -8,7 +8,7 @@ import pstats
 import torch
 
 import moe_raw
-from moe_raw import _launch
+from moe_raw import _cupy_cache, _launch
 from moe_raw._kernels import dispatch
 
 from .common import host_us
@@ -29,7 +29,7 @@ def main():
         "torch eager op (x.add_(0))": lambda: x.add_(0),
         "_launch.function lookup": lambda: _launch.function("permute", "moe_raw::routing_pack<256>", 0),
         "_launch._raw_stream": lambda: _launch._raw_stream(0),
-        "cupy getDevice": lambda: _launch._cupy().cuda.runtime.getDevice(),
+        "cupy getDevice": lambda: _cupy_cache.cupy().cuda.runtime.getDevice(),
         "_launch.ptr(tensor)": lambda: _launch.ptr(x),
         "launch routing_pack (7 args)": lambda: _launch.launch(
             "permute", "moe_raw::routing_pack<256>", dev, 1, 256, (rm.data_ptr(), 1, E, 1, T, E, ws)

@@ -16,35 +16,21 @@
 
 cupy is imported lazily: ``import moe_raw`` works on a machine with no GPU.
 
-CuPy's disk cache (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``; cupy/cuda/compiler.py and
-_compiler_cache.py in CuPy 14). Each entry is one file, the SHA-1 of the payload followed by the payload; an entry
-whose hash does not match (truncated, overwritten) reads as a miss, so CuPy compiles again and replaces it
-atomically. What CuPy does not absorb is an OSError: its import creates the directory and fails where that is
-impossible (a path under a regular file, a read-only parent), leaving a half-imported ``cupy`` no retry can fix;
-and a compile raises when an entry can't be read (a directory in its place) or the new entry can't be written (a
-read-only directory or file system). moe_raw turns both into a compile without the disk cache, with one
-``RuntimeWarning`` naming the directory: ``_import_cupy`` imports CuPy with a private temporary directory, and
-``_module`` compiles again with ``CUPY_CACHE_IN_MEMORY=1``. The kernels then work, but every new process
-compiles them again (about 5 s). A read-only directory that already holds the entries still serves them.
+CuPy is imported, and its disk cache's failures absorbed, by ``moe_raw._cupy_cache``.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import importlib.resources
-import importlib.util
 import os
 import pathlib
-import shutil
 import struct
-import sys
-import tempfile
 import threading
-import warnings
 
 import numpy as np
 import torch
+
+from moe_raw import _cupy_cache
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float64: "double"}
 SCALAR_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # kernels/common.cuh
@@ -145,70 +131,6 @@ class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel source; the message carries the compiler log with real file:line locations."""
 
 
-def _cupy():
-    try:
-        if "cupy" not in sys.modules:
-            _import_cupy()
-        import cupy
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "moe_raw needs CuPy for CUDA tensors: pip install 'moe_raw[cuda13]' (or [cuda12], matching your CUDA)"
-        ) from e
-    return cupy
-
-
-_import_lock = threading.Lock()
-_cache_warned = False
-
-
-def _warn_cache(path: str, error: OSError) -> None:
-    global _cache_warned
-    if not _cache_warned:
-        _cache_warned = True
-        warnings.warn(
-            f"moe_raw: CuPy could not use its kernel cache directory {path!r} (CUPY_CACHE_DIR): {error}. Compiling "
-            "without it, so every new process compiles the kernels again (about 5 s). Point CUPY_CACHE_DIR at a "
-            "writable directory to keep them.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-
-def _import_cupy() -> None:
-    """The first import of CuPy. CuPy 14 creates its cache directory at import and a failure there leaves it
-    half-imported for good (module docstring), so the directory is made here first; where that fails, CuPy is
-    imported with a private temporary directory (removed at exit) and the environment is restored after."""
-    with _import_lock:
-        if "cupy" in sys.modules:
-            return
-        path = os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
-        try:
-            if importlib.util.find_spec("cupy") is not None:  # no directory for a CuPy that is not installed
-                os.makedirs(path, exist_ok=True)
-        except OSError as e:
-            _warn_cache(path, e)
-            tmp = tempfile.mkdtemp(prefix="moe_raw-cupy-cache-")
-            atexit.register(shutil.rmtree, tmp, True)
-            with _env("CUPY_CACHE_DIR", tmp):
-                import cupy  # noqa: F401
-        else:
-            import cupy  # noqa: F401
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """Set one environment variable for a ``with`` block (CuPy reads it at import / compile), then restore it."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 NVRTC_OPTIONS = ("-std=c++17",)
 
 
@@ -252,28 +174,16 @@ def _module(family: str, device_index: int):
         mod = _modules.get(key)
         if mod is not None:
             return mod
-        cupy = _cupy()
+        cupy = _cupy_cache.cupy()
         code = kernel_source(family)
         with cupy.cuda.Device(device_index):
             mod = cupy.RawModule(code=code, options=NVRTC_OPTIONS, name_expressions=KERNELS[family])
             try:
-                _compile(mod)
+                _cupy_cache.compile_module(mod)
             except cupy.cuda.compiler.CompileException as e:
                 raise KernelCompileError(f"moe_raw: compiling kernels/{family}.cu failed:\n{e}") from e
         _modules[key] = mod
         return mod
-
-
-def _compile(mod) -> None:
-    """mod.compile(), and where CuPy's disk cache can't be read or written (module docstring) once more in memory.
-    CuPy memoizes the compiled module per device by source and options, so that one serves every later
-    get_function without touching the disk again."""
-    try:
-        mod.compile()
-    except OSError as e:
-        _warn_cache(os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache"), e)
-        with _env("CUPY_CACHE_IN_MEMORY", "1"):
-            mod.compile()
 
 
 def function(family: str, name: str, device_index: int):
@@ -282,7 +192,7 @@ def function(family: str, name: str, device_index: int):
     kern = _kernels.get(key)
     if kern is None:
         mod = _module(family, device_index)
-        with _cupy().cuda.Device(device_index):
+        with _cupy_cache.cupy().cuda.Device(device_index):
             # RawKernel.kernel: the cupy.cuda.Function (its .ptr is the CUfunction) loaded in this device's context
             fn = mod.get_function(name).kernel
         base = name.split("<")[0].split("::")[-1]
@@ -351,7 +261,7 @@ def _allow_shared_mem(cufunction: int, index: int, nbytes: int) -> None:
     """Raise the function's dynamic shared memory limit to ``nbytes`` (once per size; Hopper allows 227 KiB)."""
     if _shared_allowed.get(cufunction, 0) >= nbytes:
         return
-    cupy = _cupy()
+    cupy = _cupy_cache.cupy()
     driver = cupy.cuda.driver
     with _lock, cupy.cuda.Device(index):
         nbytes = max(nbytes, _shared_allowed.get(cufunction, 0))  # never lower it under a racing launch
@@ -382,27 +292,27 @@ def launch_compiled(kern: tuple, index: int, grid, block: int, args: tuple, shar
     kern[1](buf, 40, kern[2], *args)
     gx, gy = grid if grid.__class__ is tuple else (grid, 1)
     if _get_device() != index:
-        with _cupy().cuda.Device(index):
+        with _cupy_cache.cupy().cuda.Device(index):
             _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
         return
     try:
         _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
-    except _cupy().cuda.driver.CUDADriverError as e:
+    except _cupy_cache.cupy().cuda.driver.CUDADriverError as e:
         if "CUDA_ERROR_INVALID_CONTEXT" not in str(e):
             raise
-        _cupy().cuda.runtime.setDevice(index)  # a thread with no current context yet: bind the primary one
+        _cupy_cache.cupy().cuda.runtime.setDevice(index)  # a thread with no current context yet: bind the primary one
         _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
 
 
 def _launch_kernel(*args):
     """cupy.cuda.driver.launchKernel, bound on first use (cupy is imported lazily)."""
     global _launch_kernel, _get_device
-    cupy = _cupy()
+    cupy = _cupy_cache.cupy()
     _launch_kernel, _get_device = cupy.cuda.driver.launchKernel, cupy.cuda.runtime.getDevice
     return _launch_kernel(*args)
 
 
 def _get_device() -> int:
     global _get_device
-    _get_device = _cupy().cuda.runtime.getDevice
+    _get_device = _cupy_cache.cupy().cuda.runtime.getDevice
     return _get_device()

@@ -36,7 +36,7 @@ import pytest
 import torch
 from conftest import needs_cuda
 
-from moe_raw import _launch
+from moe_raw import _cupy_cache, _launch
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
@@ -505,14 +505,14 @@ class _FakeCupy:
 @pytest.fixture
 def fresh_launcher(monkeypatch):
     monkeypatch.setattr(_launch, "_modules", {})
-    monkeypatch.setattr(_launch, "_cache_warned", False)
+    monkeypatch.setattr(_cupy_cache, "_warned", False)
     monkeypatch.setenv("CUPY_CACHE_DIR", "/ro/cache")
     monkeypatch.delenv("CUPY_CACHE_IN_MEMORY", raising=False)
 
 
 def test_unwritable_cache_compiles_in_memory_once_warned(monkeypatch, fresh_launcher):
     fake = _FakeCupy(PermissionError(13, "Permission denied", "/ro/cache/tmpabc"))
-    monkeypatch.setattr(_launch, "_cupy", lambda: fake)
+    monkeypatch.setattr(_cupy_cache, "cupy", lambda: fake)
     with pytest.warns(RuntimeWarning, match=r"'/ro/cache' \(CUPY_CACHE_DIR\): .*Permission denied") as caught:
         m0 = _launch._module("permute", 0)
         m1 = _launch._module("permute", 1)
@@ -526,7 +526,7 @@ def test_unwritable_cache_compiles_in_memory_once_warned(monkeypatch, fresh_laun
 def test_in_memory_failure_propagates(monkeypatch, fresh_launcher):
     """An OSError that is not about the cache (it fails in memory too) reaches the caller; nothing is cached."""
     fake = _FakeCupy(OSError(5, "Input/output error"), always=True)
-    monkeypatch.setattr(_launch, "_cupy", lambda: fake)
+    monkeypatch.setattr(_cupy_cache, "cupy", lambda: fake)
     with pytest.warns(RuntimeWarning), pytest.raises(OSError, match="Input/output error"):
         _launch._module("permute", 0)
     assert fake.compiles == [False, True]
@@ -558,10 +558,10 @@ def test_cupy_cache_backend_reads_corrupt_entries_as_misses(tmp_path):
 _IMPORT_SCRIPT = textwrap.dedent(
     """
     import json, os, warnings
-    from moe_raw import _launch
+    from moe_raw import _cupy_cache
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cupy = _launch._cupy()
+        cupy = _cupy_cache.cupy()
     from cupy.cuda import compiler
     backend = getattr(compiler, "_kernel_cache_backend", None)
     cache_dir = getattr(backend, "_cache_dir", None)
@@ -603,7 +603,7 @@ def test_shared_memory_opt_in_bookkeeping(monkeypatch):
         funcSetAttribute=lambda fn, attr, value: calls.append((fn, attr, value)),
     )
     fake = SimpleNamespace(cuda=SimpleNamespace(driver=driver, Device=lambda index: contextlib.nullcontext()))
-    monkeypatch.setattr(_launch, "_cupy", lambda: fake)
+    monkeypatch.setattr(_cupy_cache, "cupy", lambda: fake)
     monkeypatch.setattr(_launch, "_shared_allowed", {})
     monkeypatch.setattr(_launch, "launch_compiled", lambda *args: None)
     monkeypatch.setitem(_launch._kernels, ("permute", "k", 0), (1234, None, 0, None))
