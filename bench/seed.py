@@ -1,5 +1,6 @@
 """The seed's unfused torch path (NeMo Automodel / Megatron ``moe_utils``): the baseline of every benchmark and an
-independent oracle of tests/test_reference.py.
+independent oracle of tests/test_reference.py and tests/test_fuzz.py (tests/test_seed_oracle.py checks it against
+the installed package, bit for bit).
 
 Written from the seed's documented behaviour: masked_select order for permute, multiply-then-scatter_add for
 unpermute. (moe_raw.reference is the test oracle: same results, plus moe_raw's num_out_tokens contract.)
