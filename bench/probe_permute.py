@@ -27,11 +27,13 @@ from .bench_permute import SHAPES, bytes_permute_fwd, make_inputs
 
 
 def _memset_gbs(nbytes: int = 2 << 30) -> float:
+    from moe_raw import _cupy_cache
+
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    cudart = torch.cuda.cudart()
+    runtime = _cupy_cache.cupy().cuda.runtime
 
     def fn():
-        cudart.cudaMemsetAsync(dst.data_ptr(), 1, nbytes, torch.cuda.current_stream().cuda_stream)
+        runtime.memsetAsync(dst.data_ptr(), 1, nbytes, torch.cuda.current_stream().cuda_stream)
 
     ms = common.do_bench(fn)
     return nbytes / (ms * 1e-3) / 1e9

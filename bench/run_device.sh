@@ -52,8 +52,8 @@ for step in "$@"; do
             --section WarpStateStats --section MemoryWorkloadAnalysis --metrics $metrics python3 -m bench.ncu_permute $shape
         done
         echo "--- torch fill_ (write-only) and copy_"
-        ncu --clock-control none -k regex:"elementwise|fill|copy" -c 3 --metrics $metrics \
-          python3 -c "import torch; d=torch.empty(2<<30,dtype=torch.uint8,device='cuda'); s=torch.empty_like(d); d.fill_(1); d.copy_(s); torch.cuda.synchronize()"
+        ncu --clock-control none -k regex:"[Ff]ill|[Cc]opy" -c 3 --metrics $metrics \
+          python3 -c "import torch; d=torch.empty(2<<30,dtype=torch.uint8,device='cuda'); s=torch.empty_like(d); s.fill_(2); d.fill_(1); d.copy_(s); torch.cuda.synchronize()"
       } 2>&1 | tee "$OUT/ncu.txt" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
