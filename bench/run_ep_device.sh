@@ -25,7 +25,7 @@ step() {  # name, timeout seconds, command...
 }
 TWO_GPU_TESTS=(tests/test_bad_input.py::test_tensors_on_two_gpus
                tests/test_reliability_gpu.py::test_every_op_on_the_second_gpu_on_its_current_stream
-               tests/test_swiglu_gpu.py::test_second_device)
+               tests/test_activations.py::test_swiglu_second_device)
 step dispatcher_tests 200 python3 -m pytest -q -rs tests/test_dispatcher.py "${TWO_GPU_TESTS[@]}"
 step bench_ep 200 torchrun --standalone --nproc-per-node 2 -m bench.bench_ep --drop-and-pad --out "$OUT/bench_ep.json"
 step example 60 bash -c 'torchrun --standalone --nproc-per-node 2 examples/ep_moe_layer.py --dtype bf16 &&

@@ -31,8 +31,8 @@ subset_b=(
   tests/test_permute.py::test_routing_map_dtypes tests/test_permute.py::test_noncontiguous_inputs
   tests/test_permute.py::test_byte_tokens tests/test_permute.py::test_num_out_tokens
   tests/test_permute.py::test_drop_and_pad
-  tests/test_swiglu_gpu.py::test_matches_reference tests/test_swiglu_gpu.py::test_dtype_mixes
-  tests/test_swiglu_gpu.py::test_empty_and_zero_width tests/test_swiglu_gpu.py::test_noncontiguous_inputs_and_grads
+  tests/test_activations.py::test_swiglu_matches_reference tests/test_activations.py::test_swiglu_dtype_mixes
+  tests/test_activations.py::test_swiglu_empty_and_zero_width tests/test_activations.py::test_swiglu_noncontiguous_inputs_and_grads
   tests/test_chunks.py::test_gpu_bit_exact tests/test_chunks.py::test_gpu_bad_values_stay_in_bounds
   tests/test_padding.py::test_gpu_matches_reference tests/test_padding.py::test_gpu_backward_and_padding_rows_get_zero_gradient
   tests/test_topk.py

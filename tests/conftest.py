@@ -221,7 +221,7 @@ def _simulator_shared_arrays_made_once():
 @pytest.fixture
 def kernels(monkeypatch):
     """Run moe_raw's Numba kernels on CPU tensors (CUDA simulator) and record every launch's spec
-    (tests/test_swiglu.py, tests/test_activations.py). Skips unless NUMBA_ENABLE_CUDASIM=1."""
+    (tests/test_glu_kernels.py, tests/test_activations.py). Skips unless NUMBA_ENABLE_CUDASIM=1."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("runs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1")
     import importlib
@@ -296,3 +296,63 @@ def numba_launch(spec, tensors, spans, scalars, n_rows):
         arrays.append(cuda.from_cuda_array_interface(desc, owner=t, sync=False))
     stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
     GC._dispatcher(spec)[_launch.cdiv(n_rows, GC._ROWS_PER_BLOCK), GC._BLOCK, stream](*arrays, *scalars)
+
+
+# ---- the gated activations (tests/test_activations.py, tests/test_glu_kernels.py)
+
+GLU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U32 = 2.0**-24
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.to(x.device)).abs().max().item() if x.numel() else 0.0
+
+
+def assert_close_2x(out, ref64, torch_same, what=""):
+    """Flash-attention's rule: |out - ref64| <= 2 |torch_same - ref64| + half an ulp of the output dtype (scaled to
+    the output's magnitude: a one-element case can have torch land exactly by luck)."""
+    assert out.dtype == torch_same.dtype and out.shape == ref64.shape, what
+    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+    bound = 2 * max_err(torch_same, ref64) + (HALF_ULP[out.dtype] + 1e-7) * scale
+    err = max_err(out, ref64)
+    assert err <= bound, f"{what}: err {err:.3g} > bound {bound:.3g}"
+
+
+def assert_dw_close(dw, dw64, dw_torch, terms64, what="dweights"):
+    """dweights sums F products: the 2x rule, or the worst-case bound of moe_raw's fp32 order (F / 32 terms a lane,
+    then a 5-level tree, plus each product's rounding) where that is larger."""
+    assert dw.dtype == dw_torch.dtype and dw.shape == dw64.shape, what
+    depth = terms64.shape[-1] // 32 + 10
+    bound_rows = depth * U32 * terms64.abs().sum(-1, keepdim=True) + HALF_ULP[dw.dtype] * dw64.abs()
+    err_rows = (dw.double() - dw64).abs()
+    torch_err = max_err(dw_torch, dw64)
+    assert bool((err_rows <= torch.clamp(bound_rows, min=2 * torch_err) + 1e-30).all()), (
+        f"{what}: err {err_rows.max().item():.3g}, torch err {torch_err:.3g}"
+    )
+
+
+def glu_inputs(n, f, dtype, wdtype=torch.float32, lead=(), device="cpu", scale=2.0):
+    """y [*lead, n, 2F] (standard normal times ``scale``), g [*lead, n, F], weights [n, 1] in [0, 1), drawn on the
+    CPU (the same values on every device)."""
+    y = (torch.randn(*lead, n, 2 * f) * scale).to(dtype).to(device)
+    g = torch.randn(*lead, n, f).to(dtype).to(device)
+    w = torch.rand(n, 1).to(wdtype).to(device)
+    return y, g, w
+
+
+def run_nvvm_check(code: str, timeout: int = 300):
+    """Run ``code`` in a fresh Python without the CUDA simulator (real NVVM compiles, no GPU needed). Skips where
+    numba-cuda is not installed or the code prints NO_NVVM (libnvvm missing); returns the CompletedProcess."""
+    import subprocess
+    import textwrap
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if "No module named 'numba'" in proc.stderr:
+        pytest.skip("numba-cuda is not installed (it comes with the cuda12 / cuda13 extra)")
+    if "NO_NVVM" in proc.stdout:
+        pytest.skip("libnvvm not found: cannot compile PTX here")
+    return proc

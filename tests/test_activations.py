@@ -1,34 +1,41 @@
-"""Quick-GEGLU and gpt-oss's clamped SwiGLU: the SwiGLU kernels with another activation (moe_raw.activations ``act``).
+"""The gated activations' public ops (moe_raw.activations): SwiGLU, Quick-GEGLU and gpt-oss's clamped SwiGLU, their
+weighted forms, backwards, autograd Functions and ``*_impl`` wrappers: values against the fp64 reference, dtype
+rules, strided and 3-D inputs, autograd, determinism.
 
-Semantics: Megatron-LM megatron/core/fusions/fused_bias_geglu.py (quick_geglu, weighted_quick_geglu, their _back,
-WeightedQuickGeGLUFunction, weighted_bias_quick_geglu_impl with clamp_value; NeMo Automodel's moe_utils has the same
-functions) and gpt-oss's clamped SwiGLU (alpha, limit) on ``[gate | linear]`` halves.
+Semantics: Megatron-LM megatron/core/fusions/fused_bias_swiglu.py and fused_bias_geglu.py (NeMo Automodel's
+moe_utils has the same functions) and gpt-oss's clamped SwiGLU (alpha, limit) on ``[gate | linear]`` halves.
 
-CPU (CI):
-* the torch reference against autograd of the forward formula in fp64, Megatron's torch-op clamp and gpt-oss's
-  interleaved formula;
-* the kernels under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) against the fp64 reference, with the rule of
-  tests/test_swiglu.py: error <= 2x torch's own error in the same dtype + half an ulp;
-* PTX of every new kind of kernel compiled by real NVVM (a subprocess without the simulator; no GPU needed);
-* validation, names and signatures.
+The rule for values: flash-attention's, error <= 2x torch's own error in the same dtype + half an ulp
+(conftest.assert_close_2x; dweights: conftest.assert_dw_close).
 
-GPU (``python -m pytest -q -m gpu tests/test_activations.py``; skipped without CUDA): every op forward and backward
-vs fp64, 16-byte and element kernels, strided rows, fp32 / bf16 weights, an active clamp, deterministic dweights,
-a side stream, CUDA-graph replay, the autograd wrappers, the fast launch against Numba's own.
+* ``device`` params: the same check on the CPU (moe_raw/_cpu.py: the reference's formula in fp32, rounded once; run
+  in CI, on small shapes) and on CUDA (the Numba kernels; the original large shapes, marked ``gpu``).
+* ``kernels`` tests: the kernels on CPU tensors under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), with the
+  launch specs they pick.
+* GPU only: a side stream, CUDA-graph replay, a second device.
+
+The reference formulas, signatures and validation are tests/test_activations_api.py; the kernels themselves
+(simulated SwiGLU kernels, conversions, ABI, NVVM, fast launch) tests/test_glu_kernels.py.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-import inspect
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import needs_cuda, numba_launch, run_on_side_stream
+from conftest import (
+    DEVICES,
+    GLU_DTYPES,
+    assert_close_2x,
+    assert_dw_close,
+    device_cases,
+    glu_inputs,
+    needs_cuda,
+    needs_two_gpus,
+    run_on_side_stream,
+)
 
 import moe_raw
 from moe_raw import reference as R
@@ -37,9 +44,7 @@ S = importlib.import_module("moe_raw.activations")
 GC = importlib.import_module("moe_raw._kernels.glu_codegen")
 GL = importlib.import_module("moe_raw._kernels.glu_launch")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-U32 = 2.0**-24
+DTYPES = GLU_DTYPES
 
 # Each family's four functions, their keyword constants for one case, and that case's act (alpha, offset, limit).
 FAMILIES = {
@@ -50,38 +55,9 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (x.double() - ref).abs().max().item() if x.numel() else 0.0
-
-
-def _assert_close(out, ref64, torch_same, what=""):
-    """Flash-attention's rule: |out - ref64| <= 2 |torch_same - ref64| + half an ulp of the output dtype (scaled to
-    the output's magnitude: a one-element case can have torch land exactly by luck)."""
-    assert out.dtype == torch_same.dtype and out.shape == ref64.shape, what
-    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
-    bound = 2 * _err(torch_same, ref64) + (HALF_ULP[out.dtype] + 1e-7) * scale
-    assert _err(out, ref64) <= bound, f"{what}: err {_err(out, ref64):.3g} > bound {bound:.3g}"
-
-
-def _assert_dw_close(dw, dw64, dw_torch, terms64, what="dweights"):
-    """dweights sums F products: the 2x rule, or the worst-case bound of moe_raw's fp32 order (F / 32 terms a lane,
-    then a 5-level tree, plus each product's rounding) where that is larger (as tests/test_swiglu_gpu.py)."""
-    assert dw.dtype == dw_torch.dtype and dw.shape == dw64.shape, what
-    depth = terms64.shape[-1] // 32 + 10
-    bound_rows = depth * U32 * terms64.abs().sum(-1, keepdim=True) + HALF_ULP[dw.dtype] * dw64.abs()
-    err_rows = (dw.double() - dw64).abs()
-    torch_err = _err(dw_torch, dw64)
-    assert bool((err_rows <= torch.clamp(bound_rows, min=2 * torch_err) + 1e-30).all()), (
-        f"{what}: err {err_rows.max().item():.3g}, torch err {torch_err:.3g}"
-    )
-
-
-def _inputs(n, f, dtype, wdtype=torch.float32, lead=(), device="cpu", scale=5.0):
-    """y [*lead, n, 2F] spread to +-3 sigma = +-15, so a limit of 7 clamps about 16% of the values."""
-    y = (torch.randn(*lead, n, 2 * f) * scale).to(dtype).to(device)
-    g = torch.randn(*lead, n, f).to(dtype).to(device)
-    w = torch.rand(n, 1).to(wdtype).to(device)
-    return y, g, w
+# y spread to +-3 sigma = +-15, so a limit of 7 clamps about 16% of the values.
+_inputs = functools.partial(glu_inputs, scale=5.0)
+_assert_close, _assert_dw_close = assert_close_2x, assert_dw_close
 
 
 def _check_family(family, y, g, w, unweighted=True):
@@ -104,79 +80,7 @@ def _check_family(family, y, g, w, unweighted=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reference: the backward is the derivative of the forward, the clamp is Megatron's, the layout gpt-oss's
-
-
-def _formula(y, w, alpha, offset, limit):
-    """The forward written out once more (torch.clamp for the clamp, as Megatron's weighted_bias_quick_geglu_impl)."""
-    gate, linear = y.chunk(2, -1)
-    if limit is not None:
-        gate, linear = torch.clamp(gate, max=limit), torch.clamp(linear, -limit, limit)
-    return gate * torch.sigmoid(alpha * gate) * (linear + offset) * w
-
-
-ACTS = [(1.702, 0.0, None), (1.702, -1.25, None), (1.702, 1.0, 7.0), (1.0, 1.0, 3.5), (0.5, 0.25, 2.0)]
-
-
-@pytest.mark.parametrize("act", ACTS, ids=str)
-def test_reference_backward_is_autograd_of_the_formula(act):
-    y = torch.randn(6, 40, dtype=torch.float64) * 5
-    if act[2] is not None:  # torch.clamp passes the gradient at the bounds themselves: have some values there
-        y[0, :4] = torch.tensor([act[2], -act[2], act[2], 2 * act[2]], dtype=torch.float64)
-        y[1, 20:24] = torch.tensor([act[2], -act[2], -2 * act[2], act[2]], dtype=torch.float64)
-    w = torch.rand(6, 1, dtype=torch.float64)
-    g = torch.randn(6, 20, dtype=torch.float64)
-    y_, w_ = y.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    out = _formula(y_, w_, *act)
-    dy_auto, dw_auto = torch.autograd.grad(out, (y_, w_), g)
-    torch.testing.assert_close(R.weighted_quick_glu(y, w, *act), out.detach(), rtol=1e-13, atol=1e-13)
-    dy, dw = R.weighted_quick_glu_back(g, y, w, *act)
-    torch.testing.assert_close(dy, dy_auto, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dw, dw_auto, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(
-        R.quick_glu_back(g, y, *act), R.weighted_quick_glu_back(g, y, torch.ones_like(w), *act)[0]
-    )
-
-
-def test_reference_names_are_the_generic_form():
-    y, g, w = (t.double() for t in _inputs(3, 8, torch.float32))
-    assert torch.equal(R.quick_geglu(y, 0.5), R.quick_glu(y, 1.702, 0.5))
-    assert torch.equal(R.quick_geglu(y), y[:, :8] * torch.sigmoid(1.702 * y[:, :8]) * y[:, 8:])  # Megatron's default
-    assert torch.equal(R.clamped_swiglu_back(g, y, 1.5, 3.0), R.quick_glu_back(g, y, 1.5, 1.0, 3.0))
-    ours, generic = R.weighted_quick_geglu_back(g, y, w, 0.5), R.weighted_quick_glu_back(g, y, w, 1.702, 0.5)
-    assert all(torch.equal(a, b) for a, b in zip(ours, generic, strict=True))
-
-
-def test_gpt_oss_interleaved_layout_is_the_halves_deinterleaved():
-    """gpt-oss's own swiglu reads gate / linear from even / odd columns; moe_raw reads [gate | linear] halves."""
-    x = torch.randn(5, 24, dtype=torch.float64) * 6
-    x_glu, x_linear = x[..., ::2].clamp(min=None, max=7.0), x[..., 1::2].clamp(min=-7.0, max=7.0)
-    gpt_oss = x_glu * torch.sigmoid(1.702 * x_glu) * (x_linear + 1)
-    halves = torch.cat((x[..., ::2], x[..., 1::2]), -1)
-    torch.testing.assert_close(R.clamped_swiglu(halves, alpha=1.702, limit=7.0), gpt_oss, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-def test_reference_impl_is_megatrons_torch_clamp(fp8):
-    """The reference impl clamps with torch ops before the Function (Megatron's order); the generic reference fuses
-    the clamp. Same values and gradients in fp64, the bounds included."""
-    y = torch.randn(6, 16, dtype=torch.float64) * 5
-    y[0, :3] = torch.tensor([7.0, -7.0, 7.0])
-    y[1, 8:11] = torch.tensor([7.0, -7.0, 9.0])
-    w, g = torch.rand(6, 1, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
-    y_, w_ = y.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    R.weighted_bias_quick_geglu_impl(y_, None, w_, False, linear_offset=1.0, clamp_value=7.0).backward(g)
-    dy, dw = R.weighted_quick_glu_back(g, y, w, 1.702, 1.0, 7.0)
-    torch.testing.assert_close(y_.grad, dy, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(w_.grad, dw, rtol=1e-13, atol=1e-13)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Kernels under the CUDA simulator
-
-
-def _simulator() -> bool:
-    return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -440,216 +344,101 @@ def test_gradcheck_fp64_reference_path():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Real NVVM: every new kind of kernel compiles, with the act's constants in the code and the launch ABI unchanged
+# Quick-GEGLU and clamped SwiGLU on every device: the CPU on small shapes (CI), CUDA on the large ones (16-byte
+# kernels at F = 768, 2048 for every dtype; element kernels at F = 1, 13)
 
-_ENV = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-
-_PTX_CHECK = r"""
-import importlib, re, sys
-S = importlib.import_module("moe_raw.activations")
-GC = importlib.import_module("moe_raw._kernels.glu_codegen")
-GL = importlib.import_module("moe_raw._kernels.glu_launch")
-clamped, quick = (1.702, 1.0, 7.0), (1.702, 0.0, None)
-# per dtype: both kinds on both paths (the act's element and word code), weighted and not
-specs = []
-for c in ("f32", "f16", "bf16"):
-    for kind, vec, weighted in (("fwd", True, True), ("fwd", False, False), ("bwd", True, False), ("bwd", False, True)):
-        specs.append((kind, weighted, vec, c, c, c, c if weighted else "f32", clamped))
-specs += [
-    ("fwd", True, False, "bf16", "bf16", "bf16", "f32", clamped),  # weights fp32, y bf16
-    ("bwd", True, False, "bf16", "f32", "bf16", "f16", clamped),  # g fp32, weights fp16
-    ("bwd", False, False, "f16", "bf16", "f32", "f32", clamped),  # dy promoted to fp32
-    ("fwd", False, True, "bf16", "bf16", "bf16", "f32", quick),
-    ("bwd", True, True, "bf16", "bf16", "bf16", "f32", quick),
-]
-sizes = {"u64": 8, "b64": 8, "s64": 8, "f64": 8}
-for spec in specs:
-    try:
-        ptx = GC._ptx(spec)
-    except Exception as e:  # noqa
-        if "nvvm" in str(e).lower() or "NVVM" in type(e).__name__:
-            print("NO_NVVM"); sys.exit(0)
-        raise
-    entry = ptx[ptx.index(".entry"):]
-    params = re.findall(r"\.param \.(\w+)", entry[: entry.index(")")])
-    assert [sizes[p] for p in params] == [8] * len(GC._abi(spec)), (spec, params)  # SwiGLU's launch layout
-    consts = set(re.findall(r"0f[0-9A-F]{8}", ptx))
-    has = lambda c: c in consts
-    # 1.702f = 0x3FD9DB23 (times log2(e) for ex2 on the fast path: folded into one constant there); 7.0f = 0x40E00000
-    assert spec[7] is quick or (has("0f40E00000") and has("0fC0E00000")), spec  # +-limit
-    assert spec[7] is clamped or not has("0f40E00000"), spec  # no clamp compiled in
-    print("OK", spec)
-"""
+_FAMILY_CASES = [(fam, dt, wd) for fam in FAMILIES for dt in DTYPES for wd in ("fp32", "same")]
 
 
-def test_every_new_kernel_kind_compiles_with_nvvm():
-    """The clamped act (every term of the template: alpha, offset, clamp) in forward and backward kernels, 16-byte
-    and element, weighted and not, for fp32 / fp16 / bf16 data (each of the act's device functions for each dtype;
-    the rest of the template is SwiGLU's, compiled by tests/test_swiglu.py), dtype mixes, and the unclamped
-    Quick-GEGLU act: real PTX, SwiGLU's parameter list (moe_raw's packed launch), the clamp constants present exactly
-    when clamping. About 0.4 s a compile."""
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_PTX_CHECK)], env=_ENV, capture_output=True, text=True, timeout=300
-    )
-    if "No module named 'numba'" in proc.stderr:
-        pytest.skip("numba-cuda is not installed (it comes with the cuda12 / cuda13 extra)")
-    if "NO_NVVM" in proc.stdout:
-        pytest.skip("libnvvm not found: cannot compile PTX here")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("OK") == 17, proc.stdout
+def _case_id(case) -> str:
+    return "-".join(str(v) for v in case)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Names, signatures and validation
-
-
-_ = inspect.Parameter.empty
-# Megatron-LM's (megatron/core/fusions/fused_bias_geglu.py) and NeMo Automodel's (moe_utils) signatures; the impl
-# ends with Automodel's alpha. clamped_swiglu takes gpt-oss's (alpha, limit) in gpt-oss's order.
-SIGNATURES = {
-    "quick_geglu": [("y", _), ("linear_offset", 0.0)],
-    "weighted_quick_geglu": [("y", _), ("weights", _), ("linear_offset", 0.0)],
-    "quick_geglu_back": [("g", _), ("y", _), ("linear_offset", 0.0)],
-    "weighted_quick_geglu_back": [("g", _), ("y", _), ("weights", _), ("linear_offset", 0.0),
-                                  ("need_weight_grad", True)],
-    "weighted_bias_quick_geglu_impl": [("input", _), ("bias", _), ("weights", _), ("fp8_input_store", False),
-                                       ("linear_offset", 0.0), ("clamp_value", None), ("alpha", 1.702)],
-    "clamped_swiglu": [("y", _), ("alpha", 1.702), ("limit", 7.0)],
-    "weighted_clamped_swiglu": [("y", _), ("weights", _), ("alpha", 1.702), ("limit", 7.0)],
-    "clamped_swiglu_back": [("g", _), ("y", _), ("alpha", 1.702), ("limit", 7.0)],
-    "weighted_clamped_swiglu_back": [("g", _), ("y", _), ("weights", _), ("alpha", 1.702), ("limit", 7.0),
-                                     ("need_weight_grad", True)],
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("name", sorted(SIGNATURES))
-def test_signatures(name):
-    expected = [(n, repr(d)) for n, d in SIGNATURES[name]]
-    for module in (moe_raw, R):
-        params = inspect.signature(getattr(module, name)).parameters.values()
-        assert [(p.name, repr(p.default)) for p in params] == expected, module.__name__
-        # need_weight_grad is keyword-only, as in NeMo Automodel 0.7
-        kinds = [p.kind for p in params]
-        expected_kinds = [
-            inspect.Parameter.KEYWORD_ONLY if n == "need_weight_grad" else inspect.Parameter.POSITIONAL_OR_KEYWORD
-            for n, _d in SIGNATURES[name]
-        ]
-        assert kinds == expected_kinds, module.__name__
-
-
-def test_function_forward_starts_with_megatrons_parameters():
-    params = list(inspect.signature(moe_raw.WeightedQuickGeGLUFunction.forward).parameters)
-    assert params[:5] == ["ctx", "input", "weights", "fp8_input_store", "linear_offset"]
-    assert params[5:] == ["clamp_value", "alpha"]
-
-
-def _bad_calls():
-    y, w, g = torch.ones(3, 4), torch.ones(3, 1), torch.ones(3, 2)
-    impl = moe_raw.weighted_bias_quick_geglu_impl
-    return [
-        (lambda: moe_raw.quick_geglu(torch.ones(3, 5)), ValueError, "last dim of y must be even"),
-        (lambda: moe_raw.quick_geglu(torch.ones(3, 4, dtype=torch.int32)), TypeError, "y must be float32"),
-        (lambda: moe_raw.quick_geglu(y, "1.0"), TypeError, "linear_offset must be a float"),
-        (lambda: moe_raw.quick_geglu(y, True), TypeError, "linear_offset must be a float"),
-        (lambda: moe_raw.quick_geglu(y, float("nan")), ValueError, "linear_offset must be finite"),
-        (lambda: moe_raw.quick_geglu(y, torch.ones(2)), TypeError, "linear_offset must be a Python float or a 0-d"),
-        (lambda: moe_raw.quick_geglu(y, torch.tensor(1.0, device="meta")), TypeError, "would sync the host"),
-        (lambda: moe_raw.weighted_quick_geglu(torch.ones(2, 3, 4), w), ValueError, "y must be 2-D"),
-        (lambda: moe_raw.weighted_quick_geglu(y, torch.ones(3)), ValueError, r"weights must be \[N, 1\]"),
-        (lambda: moe_raw.weighted_quick_geglu(y, None), TypeError, "weights must be a torch.Tensor"),
-        (lambda: moe_raw.quick_geglu_back(torch.ones(3, 3), y), ValueError, r"g must be \[..., F\]"),
-        (lambda: moe_raw.weighted_quick_geglu_back(g, y, torch.ones(2, 1)), ValueError, "weights must be"),
-        (lambda: moe_raw.clamped_swiglu(y, limit=0.0), ValueError, "limit must be > 0"),
-        (lambda: moe_raw.clamped_swiglu(y, limit=-7.0), ValueError, "limit must be > 0"),
-        (lambda: moe_raw.clamped_swiglu(y, limit=float("inf")), ValueError, "limit must be finite"),
-        (lambda: moe_raw.clamped_swiglu(y, limit=None), TypeError, "limit must be a float"),
-        (lambda: moe_raw.clamped_swiglu(y, alpha=float("nan")), ValueError, "alpha must be finite"),
-        (lambda: moe_raw.weighted_clamped_swiglu(y, torch.ones(3, 1, device="meta")), ValueError, "device"),
-        (lambda: moe_raw.clamped_swiglu_back(torch.ones(3, 2, dtype=torch.int8), y), TypeError, "g must be"),
-        (lambda: moe_raw.weighted_clamped_swiglu_back(g, torch.ones(3, 5), w), ValueError, "even"),
-        (lambda: impl(torch.ones(2, 2, 2, 4), None, torch.ones(8, 1)), ValueError, "2-D"),
-        (lambda: impl(y, None, w, "yes"), TypeError, "fp8_input_store"),
-        (lambda: impl(y, None, w, clamp_value=-1.0), ValueError, "clamp_value must be > 0"),
-        (lambda: impl(y, torch.ones(3), w), ValueError, "bias must broadcast"),
-        (lambda: impl(y, [0.0] * 4, w), TypeError, "bias must be a torch.Tensor"),
-        (lambda: impl(y, torch.ones(4, dtype=torch.int64), w), TypeError, "bias must be float32"),
-        (lambda: impl(y, torch.ones(4, device="meta"), w), ValueError, "bias is on"),
-        (lambda: impl(y, w), TypeError, "missing 1 required positional argument: 'weights'"),  # SwiGLU's call shape
-        (lambda: moe_raw.WeightedQuickGeGLUFunction.apply(torch.ones(2, 3), torch.ones(2, 1), False, 0.0), ValueError,
-         "even"),
-        (lambda: moe_raw.WeightedQuickGeGLUFunction.apply(y, w, False, 0.0, 0.0), ValueError, "clamp_value must be"),
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", range(len(_bad_calls())))
-def test_validation_errors(case):
-    call, exc, match = _bad_calls()[case]
-    with pytest.raises(exc, match=match):
-        call()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# GPU: python -m pytest -q -m gpu tests/test_activations.py
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("f", [1, 13, 768, 2048])  # 768, 2048: 16-byte kernels for every dtype; 1, 13: element
-@pytest.mark.parametrize("n", [1, 7, 1027])
-@pytest.mark.parametrize("wdtype", ["fp32", "same"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_matches_reference(family, dtype, wdtype, n, f):
-    y, g, w = _inputs(n, f, dtype, torch.float32 if wdtype == "fp32" else dtype, device="cuda")
+@pytest.mark.parametrize(
+    "device,case",
+    device_cases(
+        [(*c, n, f) for c in _FAMILY_CASES for n, f in ((1, 1), (7, 13), (33, 64))],
+        [(*c, n, f) for c in _FAMILY_CASES for n in (1, 7, 1027) for f in (1, 13, 768, 2048)],
+        ids=_case_id,
+    ),
+)
+def test_family_matches_reference(device, case):
+    family, dtype, wdtype, n, f = case
+    y, g, w = _inputs(n, f, dtype, torch.float32 if wdtype == "fp32" else dtype, device=device)
     _check_family(family, y, g, w)
 
 
-@pytest.mark.gpu
-@needs_cuda
+# A known difference, found when these checks first ran on the CPU: moe_raw's CPU path (torch ops in fp32) gives
+# strided or misaligned fp32 rows results 1 ulp away from the contiguous rows' (torch's vectorised and scalar CPU
+# loops round differently); the CUDA kernels are bit-identical across layouts. Strict: passing means it was fixed.
+_CPU_FP32_LAYOUT_ULP = pytest.mark.xfail(
+    strict=True, reason="CPU path: fp32 results of strided rows differ by 1 ulp from contiguous rows (torch CPU loops)"
+)
+
+
+def _mark_cpu_fp32_layout(request, device, dtype):
+    if device == "cpu" and dtype is torch.float32:
+        request.applymarker(_CPU_FP32_LAYOUT_ULP)
+
+
+def _size(device, cuda_size, cpu_size):
+    """The original (large) size on CUDA, a small one for the same check on the CPU (CI's 2 cores)."""
+    return cuda_size if device == "cuda" else cpu_size
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_three_d_strided_and_dtype_mixes(dtype):
-    _three_d(5, 768, dtype, "cuda")
-    _strided(1027, 768, dtype, "cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_three_d_strided_and_dtype_mixes(request, device, dtype):
+    _mark_cpu_fp32_layout(request, device, dtype)
+    _three_d(5, _size(device, 768, 24), dtype, device)
+    _strided(_size(device, 1027, 33), _size(device, 768, 24), dtype, device)
     if dtype is torch.bfloat16:
-        _dtype_mixes(9, 768, "cuda")
+        _dtype_mixes(9, _size(device, 768, 24), device)
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_gpu_clamp_active_and_special_values():
-    y, _, _ = _inputs(1027, 768, torch.float32, device="cuda")
-    assert 0.1 < (y.abs() > 7.0).float().mean().item() < 0.3  # the GPU cases above clamp about 16% of the inputs
-    _special_values("cuda")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("device", DEVICES)
+def test_clamp_active_and_special_values(device):
+    y, _, _ = _inputs(1027, 768, torch.float32, device=device)
+    assert 0.1 < (y.abs() > 7.0).float().mean().item() < 0.3  # the cases above clamp about 16% of the inputs
+    _special_values(device)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_every_output_element_written(dtype):
-    """Outputs poisoned with NaN before the launch (the launchers take preallocated outputs)."""
-    act = FAMILIES["clamped"][2]
-    for n, f in ((7, 13), (1027, 768)):
-        y, g, w = _inputs(n, f, dtype, device="cuda")
-        out = torch.full((n, f), float("nan"), device="cuda", dtype=dtype)
-        GL._fwd_into(y, w, out, act)
-        dy = torch.full((n, 2 * f), float("nan"), device="cuda", dtype=dtype)
-        dw = torch.full((n, 1), float("nan"), device="cuda")
-        GL._bwd_into(g, y, w, dy, dw, act)
-        assert not out.isnan().any() and not dy.isnan().any() and not dw.isnan().any()
-
-
-@pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_dweights_bitwise_deterministic(dtype):
-    y, g, w = _inputs(1027, 2048, dtype, device="cuda")
-    shifted = torch.zeros(1027, 4097, device="cuda", dtype=dtype)[:, 1:].copy_(y)  # element kernels
+@pytest.mark.parametrize("device", DEVICES)
+def test_dweights_bitwise_deterministic(device, dtype):
+    n, f = _size(device, 1027, 33), _size(device, 2048, 64)
+    y, g, w = _inputs(n, f, dtype, device=device)
+    shifted = torch.zeros(n, 2 * f + 1, device=device, dtype=dtype)[:, 1:].copy_(y)  # element kernels
     for yy in (y, shifted):
         for back in (moe_raw.weighted_clamped_swiglu_back, moe_raw.weighted_quick_geglu_back):
             dy0, dw0 = back(g, yy, w)
             for _ in range(20):
                 dy, dw = back(g, yy, w)
                 assert torch.equal(dw, dw0) and torch.equal(dy, dy0)
+
+
+_AUTOGRAD_CASES = [(dt, lead, fp8) for dt in DTYPES for lead in ((), (4,)) for fp8 in (False, True)]
+
+
+def _autograd_id(case) -> str:
+    dtype, lead, fp8 = case
+    return f"{dtype}-{'3d' if lead else '2d'}-{fp8}"
+
+
+@pytest.mark.parametrize("device,case", device_cases(_AUTOGRAD_CASES, _AUTOGRAD_CASES, ids=_autograd_id))
+def test_autograd_vs_reference(device, case):
+    dtype, lead, fp8 = case
+    _impl_vs_megatron(_size(device, 257, 9), _size(device, 768, 24), dtype, fp8, lead, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_impl_with_bias_on_device(device):
+    _impl_with_bias(_size(device, 257, 9), _size(device, 768, 24), device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU only: streams, CUDA graphs
 
 
 def _all_ops(y, g, w):
@@ -691,37 +480,236 @@ def test_gpu_cuda_graph_capture_and_replay():
             assert torch.equal(a, b)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("lead", [(), (4,)], ids=["2d", "3d"])
+# ---------------------------------------------------------------------------------------------------------------
+# SwiGLU on every device: the CPU on small shapes (CI), CUDA on the large ones
+
+
+def _check_swiglu_ops(y, g, w):
+    y64, g64, w64 = y.double(), g.double(), w.double()
+    _assert_close(S.swiglu(y), R.swiglu(y64), R.swiglu(y), "swiglu")
+    _assert_close(S.weighted_swiglu(y, w), R.weighted_swiglu(y64, w64), R.weighted_swiglu(y, w), "weighted_swiglu")
+    _assert_close(S.swiglu_back(g, y), R.swiglu_back(g64, y64), R.swiglu_back(g, y), "swiglu_back")
+    dy, dw = S.weighted_swiglu_back(g, y, w)
+    dy_t, dw_t = R.weighted_swiglu_back(g, y, w)
+    dy_r, dw_r = R.weighted_swiglu_back(g64, y64, w64)
+    _assert_close(dy, dy_r, dy_t, "weighted_swiglu_back dy")
+    _assert_dw_close(dw, dw_r, dw_t, R.swiglu(y64) * g64)
+
+
+_SWIGLU_CASES = [(dt, wd) for dt in DTYPES for wd in ("fp32", "same")]
+
+
+@pytest.mark.parametrize(
+    "device,case",
+    device_cases(
+        [(*c, n, f) for c in _SWIGLU_CASES for n, f in ((1, 1), (7, 13), (33, 64))],
+        [(*c, n, f) for c in _SWIGLU_CASES for n in (1, 7, 1027) for f in (1, 13, 768, 2048)],
+        ids=_case_id,
+    ),
+)
+def test_swiglu_matches_reference(device, case):
+    dtype, wdtype, n, f = case
+    _check_swiglu_ops(*glu_inputs(n, f, dtype, torch.float32 if wdtype == "fp32" else dtype, device=device))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_autograd_vs_reference(dtype, lead, fp8):
-    _impl_vs_megatron(257, 768, dtype, fp8, lead, "cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_three_d(device, dtype):
+    y, g, w = glu_inputs(5, _size(device, 768, 24), dtype, lead=(3,), device=device)
+    _assert_close(S.swiglu(y), R.swiglu(y.double()), R.swiglu(y), "swiglu 3-D")
+    _assert_close(S.swiglu_back(g, y), R.swiglu_back(g.double(), y.double()), R.swiglu_back(g, y), "back 3-D")
+    out = S.weighted_bias_swiglu_impl(y, torch.rand(15, 1, device=device))
+    assert out.shape == (3, 5, y.shape[-1] // 2) and out.dtype == dtype
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_gpu_impl_with_bias():
-    _impl_with_bias(257, 768, "cuda")
-
-
-@pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_fast_launch_equalsnumba_launch(dtype):
-    """moe_raw's packed launch of an act kernel vs Numba's own launch of the same compiled kernel."""
-    n, f = 131, 768
-    act = FAMILIES["clamped"][2]
-    y, g, w = _inputs(n, f, dtype, device="cuda")
-    shifted = torch.zeros(n, 2 * f + 1, device="cuda", dtype=dtype)[:, 1:].copy_(y)
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_dtype_mixes(device, dtype):
+    """g / weights in another dtype than y: the seed's output dtypes (element kernels on CUDA)."""
+    f = _size(device, 768, 24)
+    for other in DTYPES:
+        y, _, _ = glu_inputs(9, f, dtype, device=device)
+        g = torch.randn(9, f).to(other).to(device)
+        w = torch.rand(9, 1).to(other).to(device)
+        dy = S.swiglu_back(g, y)
+        dy_t = R.swiglu_back(g, y)
+        _assert_close(dy, R.swiglu_back(g.double(), y.double()), dy_t, f"swiglu_back g {other}")
+        dyw, dw = S.weighted_swiglu_back(g, y, w)
+        dyw_t, dw_t = R.weighted_swiglu_back(g, y, w)
+        dyw_r, dw_r = R.weighted_swiglu_back(g.double(), y.double(), w.double())
+        _assert_close(dyw, dyw_r, dyw_t, "dy")
+        _assert_dw_close(dw, dw_r, dw_t, R.swiglu(y.double()) * g.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_noncontiguous_inputs_and_grads(request, device, dtype):
+    _mark_cpu_fp32_layout(request, device, dtype)
+    n, f = _size(device, 1027, 33), _size(device, 768, 24)
+    y, g, w = glu_inputs(n, f, dtype, device=device)
+    ref_out = S.weighted_swiglu(y, w)
+    ref_dy, ref_dw = S.weighted_swiglu_back(g, y, w)
+    pad = 16 // y.element_size()
+    aligned = torch.zeros(n, 2 * f + 2 * pad, device=device, dtype=dtype)[:, pad:-pad]  # strided rows, 16 B aligned
+    aligned.copy_(y)
+    shifted = torch.zeros(n, 2 * f + 1, device=device, dtype=dtype)[:, 1:]  # misaligned: element kernels
+    shifted.copy_(y)
+    col_major = y.t().contiguous().t()  # last stride != 1: copied
+    w_strided = torch.zeros(n, 4, device=device)[:, 2:3]
+    w_strided.copy_(w)
+    g_sliced = torch.zeros(n, 2 * f, device=device, dtype=dtype)[:, f:]
+    g_sliced.copy_(g)
+    for yy in (aligned, shifted, col_major):
+        torch.testing.assert_close(S.weighted_swiglu(yy, w_strided), ref_out, rtol=0, atol=0)
+        dy, dw = S.weighted_swiglu_back(g_sliced, yy, w_strided)
+        torch.testing.assert_close(dy, ref_dy, rtol=0, atol=0)
+        # misaligned rows take the element kernels: the same fp32 terms summed in another grouping
+        torch.testing.assert_close(dw, ref_dw, rtol=1e-4, atol=1e-4)
+    # stride-0 grads: what y.sum().backward() produces
+    g0 = torch.ones(n, f, device=device, dtype=dtype)
+    for g_exp in (g0[:1].expand(n, f), torch.ones((), device=device, dtype=dtype).expand(n, f)):
+        torch.testing.assert_close(S.swiglu_back(g_exp, y), S.swiglu_back(g0, y), rtol=0, atol=0)
+    yr = y.clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    S.weighted_bias_swiglu_impl(yr, wr).sum().backward()
+    dy0, dw0 = R.weighted_swiglu_back(g0.double(), y.double(), w.double())
+    _assert_close(yr.grad, dy0, R.weighted_swiglu_back(g0, y, w)[0], "d input from .sum()")
+
+
+@pytest.mark.parametrize("device,case", device_cases(_AUTOGRAD_CASES, _AUTOGRAD_CASES, ids=_autograd_id))
+def test_swiglu_autograd_vs_reference(device, case):
+    dtype, lead, fp8 = case
+    n, f = _size(device, 257, 9), _size(device, 768, 24)
+    y, g, w = glu_inputs(n * (lead[0] if lead else 1), f, dtype, device=device)
+    if lead:
+        y, g = y.view(lead[0], n, 2 * f), g.view(lead[0], n, f)
+    out, *grads = _autograd(lambda a, b: S.weighted_bias_swiglu_impl(a, b, fp8), y, w, g)
+    ref, *ref_grads = _autograd(lambda a, b: R.weighted_bias_swiglu_impl(a, b, fp8), y, w, g)
+    assert out.shape == ref.shape and grads[0].dtype == ref_grads[0].dtype and grads[1].dtype == ref_grads[1].dtype
+    _assert_close(out, R.weighted_bias_swiglu_impl(y.double(), w.double()), ref, "forward")
+    y_saved = (y.to(torch.float8_e4m3fn).to(dtype) if fp8 else y).reshape(-1, 2 * f)
+    g2 = g.reshape(-1, f)
+    dy_r, dw_r = R.weighted_swiglu_back(g2.double(), y_saved.double(), w.double())
+    _assert_close(grads[0].reshape(-1, 2 * f), dy_r, ref_grads[0].reshape(-1, 2 * f), "d input")
+    _assert_dw_close(grads[1], dw_r, ref_grads[1], R.swiglu(y_saved.double()) * g2.double(), "d weights")
+    # the Function itself
+    y3, w3 = y.reshape(-1, 2 * f).clone().requires_grad_(True), w.clone().requires_grad_(True)
+    S.WeightedSwiGLUFunction.apply(y3, w3, fp8).backward(g2)
+    assert torch.equal(y3.grad, grads[0].reshape(-1, 2 * f)) and torch.equal(w3.grad, grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_dweights_bitwise_deterministic(device, dtype):
+    n, f = _size(device, 1027, 33), _size(device, 2048, 64)
+    y, g, w = glu_inputs(n, f, dtype, device=device)
+    shifted = torch.zeros(n, 2 * f + 1, device=device, dtype=dtype)[:, 1:].copy_(y)  # 16-byte and element kernels
     for yy in (y, shifted):
-        out_fast, out_numba = (torch.empty(n, f, device="cuda", dtype=dtype) for _ in range(2))
-        GL._fwd_into(yy, w, out_fast, act)
-        numba_launch(*GL._fwd_args(yy, w, out_numba, act), n)
-        dy_f, dy_n = torch.empty_like(y), torch.empty_like(y)
-        dw_f, dw_n = torch.empty(n, 1, device="cuda"), torch.empty(n, 1, device="cuda")
-        GL._bwd_into(g, yy, w, dy_f, dw_f, act)
-        numba_launch(*GL._bwd_args(g, yy, w, dy_n, dw_n, act), n)
+        dy0, dw0 = S.weighted_swiglu_back(g, yy, w)
+        for _ in range(20):
+            dy, dw = S.weighted_swiglu_back(g, yy, w)
+            assert torch.equal(dw, dw0) and torch.equal(dy, dy0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_empty_and_zero_width(device):
+    y0 = torch.empty(0, 16, device=device, dtype=torch.bfloat16)
+    assert S.swiglu(y0).shape == (0, 8)
+    dy, dw = S.weighted_swiglu_back(
+        torch.empty(0, 8, device=device, dtype=torch.bfloat16), y0, torch.empty(0, 1, device=device)
+    )
+    assert dy.shape == (0, 16) and dw.shape == (0, 1)
+    dy, dw = S.weighted_swiglu_back(
+        torch.empty(4, 0, device=device), torch.empty(4, 0, device=device), torch.ones(4, 1, device=device)
+    )
+    assert torch.equal(dw, torch.zeros(4, 1, device=device))
+    if device == "cuda":
+        torch.cuda.synchronize()  # an asynchronous launch error surfaces here, in this test
+
+
+def test_swiglu_fp8_input_store_cpu_path_is_the_seeds():
+    """CPU tensors: moe_raw's Function gives the seed's (reference) outputs and gradients computed in fp32 and
+    rounded once, exactly (the fp8 copy of the input is the same from bf16 or from its fp32 widening)."""
+    y, g, w = glu_inputs(5, 6, torch.bfloat16)
+    ours = _autograd(lambda a, b: S.WeightedSwiGLUFunction.apply(a, b, True), y, w, g)
+    ref = _autograd(lambda a, b: R.WeightedSwiGLUFunction.apply(a.float(), b.float(), True).to(a.dtype), y, w, g)
+    for o, r in zip(ours, ref, strict=True):
+        assert torch.equal(o, r)
+    plain = _autograd(lambda a, b: S.WeightedSwiGLUFunction.apply(a, b, False), y, w, g)
+    assert torch.equal(ours[0], plain[0])  # forward unaffected
+    assert not torch.equal(ours[1], plain[1])  # the gradient sees the fp8 rounding
+
+
+def test_swiglu_gradcheck_fp64_reference_path():
+    y = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: S.WeightedSwiGLUFunction.apply(a, b, False), (y, w))
+
+
+def test_swiglu_cpu_tensors_run_the_reference_in_fp32():
+    """CPU tensors: the reference's formula computed in fp32 and rounded once (the kernels' arithmetic)."""
+    y, g, w = glu_inputs(4, 6, torch.float16)
+    assert torch.equal(S.swiglu(y), R.swiglu(y.float()).half())
+    assert torch.equal(S.swiglu_back(g, y), R.swiglu_back(g.float(), y.float()).half())
+    for a, b in zip(
+        S.weighted_swiglu_back(g, y, w), R.weighted_swiglu_back(g.float(), y.float(), w.float()), strict=True
+    ):
+        assert torch.equal(a, b.to(a.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SwiGLU, GPU only: streams, CUDA graphs, a second device
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_swiglu_side_stream(side_stream):
+    """Inputs are written on the side stream behind a long sleep: a launch on any other stream reads zeros."""
+
+    def ops(y, g, w):
+        return (S.weighted_swiglu(y, w), *S.weighted_swiglu_back(g, y, w))
+
+    expected, got = run_on_side_stream(side_stream, ops, *glu_inputs(1027, 2048, torch.bfloat16, device="cuda"))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_swiglu_cuda_graph_capture_and_replay():
+    n, f = 1027, 768
+    y, g, w = glu_inputs(n, f, torch.bfloat16, device="cuda")
+    S.weighted_swiglu(y, w)  # compile + load before capture
+    S.weighted_swiglu_back(g, y, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = S.weighted_swiglu(y, w)
+        dy, dw = S.weighted_swiglu_back(g, y, w)
+    for _ in range(3):
+        y.copy_(torch.randn_like(y, dtype=torch.float32).to(y.dtype))
+        g.copy_(torch.randn_like(g, dtype=torch.float32).to(g.dtype))
+        w.copy_(torch.rand_like(w))
+        graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out_fast, out_numba) and torch.equal(dy_f, dy_n) and torch.equal(dw_f, dw_n)
+        assert torch.equal(out, S.weighted_swiglu(y, w))
+        dy_e, dw_e = S.weighted_swiglu_back(g, y, w)
+        assert torch.equal(dy, dy_e) and torch.equal(dw, dw_e)
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_swiglu_second_device():
+    dev0, dev1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    torch.cuda.set_device(0)  # current device 0, tensors on device 1
+    y = (torch.randn(257, 1536, device=dev1) * 2).to(torch.bfloat16)
+    g = torch.randn(257, 768, device=dev1).to(torch.bfloat16)
+    w = torch.rand(257, 1, device=dev1)
+    out = S.weighted_swiglu(y, w)
+    dy, dw = S.weighted_swiglu_back(g, y, w)
+    assert out.device == dev1 and dy.device == dev1 and dw.device == dev1
+    ref = (S.weighted_swiglu(y.to(dev0), w.to(dev0)), *S.weighted_swiglu_back(g.to(dev0), y.to(dev0), w.to(dev0)))
+    for a, b in zip((out, dy, dw), ref, strict=True):
+        assert torch.equal(a.to(dev0), b)
+    with torch.cuda.device(1):  # and with device 1 current
+        assert torch.equal(S.weighted_swiglu(y, w), out)

@@ -3,8 +3,8 @@ never a CUDA error, and the process stays usable.
 
 * ``BAD`` lists wrong ranks, shapes, dtypes, layouts, devices, sizes and flag types for every public function, as
   builders over one set of valid inputs, so the same cases run on both devices. tests/test_validation.py and
-  tests/test_swiglu.py::test_validation_errors hold the original CPU cases; ``BAD`` holds new ones only, and the
-  GPU part also runs test_validation's permute cases on CUDA tensors.
+  tests/test_activations_api.py::test_swiglu_validation_errors hold the original CPU cases; ``BAD`` holds new ones
+  only, and the GPU part also runs test_validation's permute cases on CUDA tensors.
 * CPU part (CI): every case on CPU tensors (the reference path runs the same validation first).
 * GPU part (``@pytest.mark.gpu``, skipped without CUDA): every case on CUDA tensors under
   ``torch.cuda.set_sync_debug_mode("error")`` (validation never syncs) with the launcher patched to count launches

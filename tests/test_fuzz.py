@@ -23,7 +23,7 @@ Oracles, both devices (all on the CPU, fp64):
   (a multiple of eps32 times the sum of their magnitudes; for dprobs, a dot over H, scaled with sqrt(H) as
   bench/smoke.py does), plus the smallest fp16 subnormal. Pure moves (permute's dprobs, unpermute's d rows without
   probs) are exact; probs gradients are exactly 0 off-route and for dropped pairs.
-* SwiGLU family: ``moe_raw.reference`` on fp64 inputs under the rule of tests/test_swiglu*.py: the error is at most
+* SwiGLU family: ``moe_raw.reference`` on fp64 inputs under the rule of tests/test_activations.py: the error is at most
   2x the error of the same-dtype torch reference plus half an ulp (dweights: or moe_raw's stated fp32 reduction
   bound, whichever is larger).
 
@@ -672,7 +672,7 @@ def _err(x, ref) -> float:
 
 
 def _swiglu_close(out, ref64, torch_same, what: str) -> None:
-    """tests/test_swiglu*.py's rule: |out - ref64| <= 2 |torch in the same dtypes - ref64| + half an ulp."""
+    """conftest.assert_close_2x's rule: |out - ref64| <= 2 |torch in the same dtypes - ref64| + half an ulp."""
     assert out.dtype == torch_same.dtype, f"{what}: dtype {out.dtype} != {torch_same.dtype}"
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
@@ -682,7 +682,8 @@ def _swiglu_close(out, ref64, torch_same, what: str) -> None:
 
 def _dw_close(dw, dw64, dw_torch, terms64, what: str) -> None:
     """dweights sums F products: the 2x rule, or the worst-case error of moe_raw's fp32 reduction order (F / 32
-    terms per lane, then a 5-level tree; plus each product's rounding), whichever is larger (tests/test_swiglu_gpu)."""
+    terms per lane, then a 5-level tree; plus each product's rounding), whichever is larger (as
+    conftest.assert_dw_close)."""
     assert dw.dtype == dw_torch.dtype and dw.shape == dw64.shape, what
     depth = terms64.shape[-1] // 32 + 10
     bound_rows = depth * U32 * terms64.abs().sum(-1, keepdim=True) + HALF_ULP[dw.dtype] * dw64.abs()
@@ -698,7 +699,7 @@ from conftest import simulator_shared_memory_lock as _simulator_shared_memory_lo
 @contextlib.contextmanager
 def _kernel_launches(device: torch.device):
     """Count moe_raw's SwiGLU kernel launches; on the CPU, run the kernels under the CUDA simulator (the dispatch
-    rule of ``_on_kernels`` without its is_cuda test, as tests/test_swiglu.py's fixture does)."""
+    rule of ``_on_kernels`` without its is_cuda test, as the kernels fixture of tests/conftest.py does)."""
     launches = []
     launch = GL._launch_kernel
 
