@@ -368,19 +368,6 @@ def test_family_matches_reference(device, case):
     _check_family(family, y, g, w)
 
 
-# A known difference, found when these checks first ran on the CPU: moe_raw's CPU path (torch ops in fp32) gives
-# strided or misaligned fp32 rows results 1 ulp away from the contiguous rows' (torch's vectorised and scalar CPU
-# loops round differently); the CUDA kernels are bit-identical across layouts. Strict: passing means it was fixed.
-_CPU_FP32_LAYOUT_ULP = pytest.mark.xfail(
-    strict=True, reason="CPU path: fp32 results of strided rows differ by 1 ulp from contiguous rows (torch CPU loops)"
-)
-
-
-def _mark_cpu_fp32_layout(request, device, dtype):
-    if device == "cpu" and dtype is torch.float32:
-        request.applymarker(_CPU_FP32_LAYOUT_ULP)
-
-
 def _size(device, cuda_size, cpu_size):
     """The original (large) size on CUDA, a small one for the same check on the CPU (CI's 2 cores)."""
     return cuda_size if device == "cuda" else cpu_size
@@ -388,8 +375,7 @@ def _size(device, cuda_size, cpu_size):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_three_d_strided_and_dtype_mixes(request, device, dtype):
-    _mark_cpu_fp32_layout(request, device, dtype)
+def test_three_d_strided_and_dtype_mixes(device, dtype):
     _three_d(5, _size(device, 768, 24), dtype, device)
     _strided(_size(device, 1027, 33), _size(device, 768, 24), dtype, device)
     if dtype is torch.bfloat16:
@@ -543,8 +529,7 @@ def test_swiglu_dtype_mixes(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_swiglu_noncontiguous_inputs_and_grads(request, device, dtype):
-    _mark_cpu_fp32_layout(request, device, dtype)
+def test_swiglu_noncontiguous_inputs_and_grads(device, dtype):
     n, f = _size(device, 1027, 33), _size(device, 768, 24)
     y, g, w = glu_inputs(n, f, dtype, device=device)
     ref_out = S.weighted_swiglu(y, w)

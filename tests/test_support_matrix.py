@@ -24,7 +24,7 @@ import textwrap
 import pytest
 import torch
 
-from moe_raw import _launch
+from moe_raw import _cupy_cache, _launch
 
 S = importlib.import_module("moe_raw.activations")
 GC = importlib.import_module("moe_raw._kernels.glu_codegen")
@@ -91,7 +91,7 @@ def test_torch_without_cuda_checks_nothing(fake_gpus, monkeypatch):
 def test_module_compile_refuses_before_compiling(fake_gpus, monkeypatch):
     """The CUDA C path: _module checks before CuPy is touched (a T4 never reaches NVRTC or ptxas)."""
     fake_gpus[7] = ("Tesla T4", (7, 5))
-    monkeypatch.setattr(_launch, "_cupy", lambda: pytest.fail("compiled for an unsupported GPU"))
+    monkeypatch.setattr(_cupy_cache, "cupy", lambda: pytest.fail("compiled for an unsupported GPU"))
     with pytest.raises(RuntimeError, match="cuda:7 is Tesla T4"):
         _launch._module("permute", 7)
     with pytest.raises(RuntimeError, match="cuda:7 is Tesla T4"):

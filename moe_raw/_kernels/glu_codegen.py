@@ -55,7 +55,7 @@ _ELEM_NP = {"f32": np.float32, "f16": np.uint16, "bf16": np.uint16}
 # _Kernel._prepare_args (numba/cuda/dispatcher.py) passes them as meminfo=0, parent=0, devary.size,
 # dtype.itemsize, devary.ptr, *shape, *strides_in_bytes, each a Python int that cuda.core's ParamHolder
 # (cuda/core/_kernel_arg_handler.pyx) stores as an intptr_t. All our arrays are 1-D: 7 words. Our int64 scalars
-# are ctypes.c_int64 there: one 8-byte word. tests/test_swiglu.py checks both against Numba itself.
+# are ctypes.c_int64 there: one 8-byte word. tests/test_glu_kernels.py checks both against Numba itself.
 _ARRAY_ABI = "PPqqPqq"
 
 
@@ -231,7 +231,7 @@ def _defs() -> dict:
         sigmoids = {"f32": sigmoid, "f16": sigmoid_fast, "bf16": sigmoid_fast}
         if not sim:
             # On the GPU fp16 converts in hardware (one cvt each way, IEEE round to nearest even): the integer
-            # code above, which the simulator runs and tests/test_swiglu.py checks on every bit pattern, costs
+            # code above, which the simulator runs and tests/test_glu_kernels.py checks on every bit pattern, costs
             # ~20 instructions with branches per value and made the fp16 backward issue-bound.
             dec_f16, enc_f16 = hw_dec_f16, hw_enc_f16
         codecs = {"f32": (dec_f32, enc_f32), "f16": (dec_f16, enc_f16), "bf16": (dec_bf16, enc_bf16)}

@@ -259,14 +259,21 @@ def _acc_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype, contiguous: torch's CPU loops round some fp32 results 1 ulp differently on strided and contiguous
+    data (vectorised vs scalar paths), so every layout is brought to one before the math, as the kernels' results
+    do not depend on layout either."""
+    return x.to(dtype).contiguous()
+
+
 def _glu_torch(y, weights, act: tuple) -> torch.Tensor:
     """The kernels' forward in torch: act(y) (* weights) in fp32 (fp64 if an input is fp64), rounded once to
     y.dtype. Plain torch ops, so autograd differentiates it where that is asked for (the ``*_back`` functions)."""
     acc = _acc_dtype(y, weights)
-    y_acc = y.to(acc)
+    y_acc = _dense(y, acc)
     out = reference.swiglu(y_acc) if act == _SWIGLU else reference.quick_glu(y_acc, *act)
     if weights is not None:
-        out = out * weights.to(acc)
+        out = out * _dense(weights, acc)
     return out.to(y.dtype)
 
 
@@ -274,11 +281,11 @@ def _glu_back_torch(g, y, weights, act: tuple, out_dtype: torch.dtype):
     """The kernels' backward in torch, in fp32 (fp64 if an input is fp64): (dy in out_dtype, dweights in
     weights.dtype | None)."""
     acc = _acc_dtype(g, y, weights)
-    g_acc, y_acc = g.to(acc), y.to(acc)
+    g_acc, y_acc = _dense(g, acc), _dense(y, acc)
     if weights is None:
         dy = reference.swiglu_back(g_acc, y_acc) if act == _SWIGLU else reference.quick_glu_back(g_acc, y_acc, *act)
         return dy.to(out_dtype), None
-    w_acc = weights.to(acc)
+    w_acc = _dense(weights, acc)
     if act == _SWIGLU:
         dy, dw = reference.weighted_swiglu_back(g_acc, y_acc, w_acc)
     else:
