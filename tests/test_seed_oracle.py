@@ -1,7 +1,8 @@
 """bench/seed.py is the seed's own code path: the baseline every benchmark times and the independent oracle of
 tests/test_reference.py and tests/test_fuzz.py. It stays one file in bench (the benchmarks need it at run time and
 ship without tests); this test pins it to the package it transcribes, NeMo Automodel 0.7's ``moe_utils`` unfused
-``permute`` / ``unpermute``: the same outputs, bit for bit, and the same gradients, wherever the package runs.
+``permute`` / ``unpermute``: the same outputs and gradients, bit for bit (on CUDA, where the package's own sums use
+atomics, the sums within a rounding), wherever the package runs.
 (The one place the transcription departs: drop_and_pad with capacity above T, where the package's ``view`` raises;
 that case is not compared.)"""
 
@@ -44,6 +45,13 @@ def test_seed_is_the_packages_unfused_path(device, dtype, drop_and_pad):
         gen = torch.Generator().manual_seed(1)
         results.append(((out, pprobs, sidx, back), _grads((out, pprobs, back), (xi, pi), gen)))
     (want, want_g), (got, got_g) = results[1], results[0]
-    for a, b in zip(got + got_g, want + want_g, strict=True):
+    for a, b in zip(got[:3], want[:3], strict=True):  # permute: pure moves, bit for bit on every device
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    for a, b in zip(got[3:] + got_g, want[3:] + want_g, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a, b)
+        if device == "cpu":
+            assert torch.equal(a, b)
+        else:
+            # unpermute's scatter_add_ and the gradients' index_add_ sum a token's 3+ rows (padding copies) with
+            # atomics on CUDA, so the package itself does not repeat its own bits there: one rounding apart.
+            torch.testing.assert_close(a, b)
