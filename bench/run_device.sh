@@ -13,7 +13,8 @@
 #   sanitize  bench/sanitize.sh              compute-sanitizer memcheck / racecheck / initcheck / synccheck
 #   probe   python -m bench.probe_permute    permute fwd beside copy / write-only / broadcast-copy ceilings; also with
 #           MOE_RAW_NO_BULK_COPY=1 and, where .probe/old holds other kernels/*.cu, with those (A/B)
-#   ncu     Nsight Compute on permute_scatter (DeepSeek-V3, Qwen3 shapes) and torch's fill kernel
+#   ncu     Nsight Compute on permute_scatter (DeepSeek-V3, Qwen3 shapes), the SwiGLU forward (moe_raw and
+#           torch.compile's kernel) and torch's fill and copy kernels
 # Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
 set -uo pipefail
 OUT=${OUT:-bench/results/latest}
@@ -51,6 +52,9 @@ for step in "$@"; do
           ncu --clock-control none -k regex:permute_scatter -c 1 --section SpeedOfLight --section Occupancy \
             --section WarpStateStats --section MemoryWorkloadAnalysis --metrics $metrics python3 -m bench.ncu_permute $shape
         done
+        echo "--- swiglu fwd N 32768 F 2048: moe_raw, then torch.compile's triton kernel"
+        ncu --clock-control none -k regex:"swiglu|triton" -c 4 --section SpeedOfLight --section Occupancy \
+          --metrics $metrics python3 -m bench.ncu_swiglu
         echo "--- torch fill_ (write-only) and copy_"
         ncu --clock-control none -k regex:"[Ff]ill|[Cc]opy" -c 3 --metrics $metrics \
           python3 -c "import torch; d=torch.empty(2<<30,dtype=torch.uint8,device='cuda'); s=torch.empty_like(d); s.fill_(2); d.fill_(1); d.copy_(s); torch.cuda.synchronize()"
