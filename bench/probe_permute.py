@@ -43,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", help="directory holding permute.cu / common.cuh to load instead")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--shapes", default=None, help="comma list of bench shape names (default: all)")
     args = ap.parse_args()
     if args.kernels:
         _launch._kernels_dir = lambda: pathlib.Path(args.kernels).resolve()
@@ -59,7 +60,9 @@ def main() -> None:
     rows = []
     print("| shape | permute ms | % copy | % mix roofline | expand-copy ms | expand % copy | permute / expand |")
     print("|---|---|---|---|---|---|---|")
-    for name, (T, E, H, K) in SHAPES.items():
+    names = args.shapes.split(",") if args.shapes else list(SHAPES)
+    for name in names:
+        T, E, H, K = SHAPES[name]
         x, rm, probs = make_inputs(T, E, H, K)
         N = T * K
         s = x.element_size()

@@ -53,5 +53,8 @@ def test_seed_is_the_packages_unfused_path(device, dtype, drop_and_pad):
             assert torch.equal(a, b)
         else:
             # unpermute's scatter_add_ and the gradients' index_add_ sum a token's 3+ rows (padding copies) with
-            # atomics on CUDA, so the package itself does not repeat its own bits there: one rounding apart.
-            torch.testing.assert_close(a, b)
+            # atomics on CUDA, so the package itself does not repeat its own bits there: a sum's order changes its
+            # rounding, up to a few roundings of its largest term (seen on an H200: 1 bf16 ulp of 0.5 on an output
+            # of 0.016).
+            scale = b.abs().max().item() if b.numel() else 0.0
+            torch.testing.assert_close(a, b, rtol=0, atol=4 * torch.finfo(b.dtype).eps * scale)
