@@ -295,7 +295,8 @@ def numba_launch(spec, tensors, spans, scalars, n_rows):
         desc = {"shape": (span,), "typestr": np.dtype(np_type).str, "data": (t.data_ptr(), False), "version": 3}
         arrays.append(cuda.from_cuda_array_interface(desc, owner=t, sync=False))
     stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-    GC._dispatcher(spec)[_launch.cdiv(n_rows, GC._ROWS_PER_BLOCK), GC._BLOCK, stream](*arrays, *scalars)
+    warps = GC.warp_items(spec[0], n_rows, scalars[1])
+    GC._dispatcher(spec)[_launch.cdiv(warps, GC._WARPS_PER_BLOCK), GC._BLOCK, stream](*arrays, *scalars)
 
 
 # ---- the gated activations (tests/test_activations.py, tests/test_glu_kernels.py)

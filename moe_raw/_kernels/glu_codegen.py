@@ -44,8 +44,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-_BLOCK = 256  # threads per block: 8 warps, one row each
-_ROWS_PER_BLOCK = _BLOCK // 32
+_BLOCK = 256  # threads per block: 8 warps, one row (forward: one row segment) each
+_WARPS_PER_BLOCK = _BLOCK // 32
+# The forward's warp takes at most this many units of a row (a backward warp takes its whole row: the weight
+# gradient is one row's reduction), so a long row spreads over several warps.
+_FWD_SEGMENT_UNITS = 64
+
+
+def warp_items(kind: str, n_rows: int, n_cols: int) -> int:
+    """Warps a kernel's grid needs: one per row, the forward's one per row segment."""
+    return n_rows * (-(-n_cols // _FWD_SEGMENT_UNITS) if kind == "fwd" else 1)
+
+
 # The CUDA simulator runs every thread as a Python thread: 2 warps a block there (still several rows per block,
 # through the same shared-memory reduction) keeps CI's small cases fast.
 _SIM_BLOCK = 64
@@ -509,16 +519,23 @@ def _pyfunc(spec):
             def fwd_unit(y, out, yg, yu, ob, c, scale):
                 out[ob + c] = oenc(gate(ydec(y[yg + c])) * linear(ydec(y[yu + c])) * scale)
 
+        seg = _FWD_SEGMENT_UNITS
+
         def swiglu_fwd(y, out, w, n_rows, n_cols, y_stride, half, out_stride, w_stride):
+            # One warp per (row, segment of `seg` units): long rows are split so the grid stays fine-grained.
             tid = cuda.threadIdx.x
-            row = int64(cuda.blockIdx.x) * (block // 32) + (tid >> 5)
+            n_seg = (n_cols + seg - 1) // seg
+            item = int64(cuda.blockIdx.x) * (block // 32) + (tid >> 5)
+            row = item // n_seg
             if row >= n_rows:
                 return
+            c0 = (item - row * n_seg) * seg
             scale = wdec(w[row * w_stride]) if weighted else float32(1.0)
             yg = row * y_stride
             ob = row * out_stride
-            c = int64(tid & 31)
-            while c < n_cols:
+            c = c0 + int64(tid & 31)
+            end = min(n_cols, c0 + seg)
+            while c < end:
                 fwd_unit(y, out, yg, yg + half, ob, c, scale)
                 c += 32
 

@@ -15,15 +15,16 @@ from moe_raw import _launch, reference
 from moe_raw._kernels import glu_codegen
 from moe_raw._kernels.glu_codegen import (
     _BLOCK,
-    _ROWS_PER_BLOCK,
     _SIM_BLOCK,
     _SWIGLU,
+    _WARPS_PER_BLOCK,
     GluSpec,
     _abi,
     _dispatcher,
     _layout,
     _numba_kernel,
     _simulator,
+    warp_items,
 )
 from moe_raw._launch import row_view
 
@@ -101,19 +102,20 @@ def _sim_arrays(spec, tensors, spans) -> list:
 
 
 def _launch_kernel(spec, tensors, spans, scalars, n_rows: int, index: int) -> None:
-    """Launch a spec's kernel: one warp per row, ``_BLOCK`` threads a block. index >= 0: the CUDA device of the
-    tensors, the fast launch on torch's current stream there. index < 0: CPU tensors, Numba's simulator (only
-    under NUMBA_ENABLE_CUDASIM=1)."""
+    """Launch a spec's kernel: one warp per row (forward: per row segment, ``warp_items``), ``_BLOCK`` threads a
+    block. index >= 0: the CUDA device of the tensors, the fast launch on torch's current stream there. index < 0:
+    CPU tensors, Numba's simulator (only under NUMBA_ENABLE_CUDASIM=1). scalars[1] is the row's unit count."""
+    warps = warp_items(spec[0], n_rows, scalars[1])
     if index >= 0:
         kern = _compiled.get((spec, index)) or _fast_kernel(spec, index)
         args = _kernel_args(spec, tensors, spans, scalars)
-        _launch.launch_compiled(kern, index, (n_rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, _BLOCK, args)
+        _launch.launch_compiled(kern, index, _launch.cdiv(warps, _WARPS_PER_BLOCK), _BLOCK, args)
         return
     if not _simulator():
         raise RuntimeError(
             "moe_raw.activations: the Numba kernels run on CUDA tensors (or under NUMBA_ENABLE_CUDASIM=1)"
         )
-    _dispatcher(spec)[_launch.cdiv(n_rows, _SIM_BLOCK // 32), _SIM_BLOCK](*_sim_arrays(spec, tensors, spans), *scalars)
+    _dispatcher(spec)[_launch.cdiv(warps, _SIM_BLOCK // 32), _SIM_BLOCK](*_sim_arrays(spec, tensors, spans), *scalars)
 
 
 # ----------------------------------------------------------------------------------------------------------------
