@@ -254,7 +254,7 @@ def main(argv=None):
     write_gbs = common.write_bandwidth_gbs()
     print(f"# {env['gpu']}  torch {env['torch']}  cupy {env['cupy']}  sha {env['git_sha']}")
     print(
-        f"# measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write); write-only (fill_): "
+        f"# measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write); write-only (memset): "
         f"{write_gbs:.0f} GB/s"
     )
     shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES

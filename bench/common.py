@@ -55,10 +55,14 @@ def host_us(fn, iters: int = 200, repeats: int = 7) -> float:
 
 
 def write_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
-    """Measured write-only bandwidth in GB/s (dst.fill_): the roofline of write-heavy ops such as permute, which
-    writes K bytes for each byte it reads."""
+    """Measured write-only bandwidth in GB/s (cudaMemsetAsync): the roofline of write-heavy ops such as permute,
+    which writes K bytes for each byte it reads. (torch's uint8 ``fill_`` writes 4 bytes a store and reached only
+    79% of the H200's copy rate, memset 106%: bench/results/2026-12-04-h200-issue16.)"""
+    from moe_raw import _cupy_cache
+
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    ms = do_bench(lambda: dst.fill_(1))
+    runtime = _cupy_cache.cupy().cuda.runtime
+    ms = do_bench(lambda: runtime.memsetAsync(dst.data_ptr(), 1, nbytes, torch.cuda.current_stream().cuda_stream))
     return nbytes / (ms * 1e-3) / 1e9
 
 
