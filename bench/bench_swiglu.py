@@ -49,7 +49,7 @@ SHAPES = {  # name: (N, F); bf16 y [N, 2F], fp32 router weights [N, 1]
     "N98304-F768 (Qwen3-30B-A3B experts)": (98304, 768),
 }
 HOST_SHAPE = (16, 2048)
-ACTIVATIONS = ("swiglu", "quick_geglu", "clamped_swiglu")  # the --activations families, in row order
+ACTIVATIONS = ("swiglu", "geglu", "quick_geglu", "clamped_swiglu")  # the --activations families, in row order
 QUICK_GEGLU_OFFSET = 0.0  # linear_offset (Megatron-LM's default)
 CLAMPED_ALPHA, CLAMPED_LIMIT = 1.702, 7.0  # gpt-oss
 MISMATCH = "MISMATCH"
@@ -84,6 +84,10 @@ OPS = {  # the row's op name -> Op
     "swiglu fwd": _op("swiglu", "swiglu", "fwd"),
     "weighted_swiglu fwd": _op("swiglu", "weighted_swiglu", "weighted fwd"),
     "weighted_swiglu bwd": _op("swiglu", "weighted_swiglu_back", "weighted bwd"),
+    "geglu fwd": _op("geglu", "geglu", "fwd"),
+    "weighted_geglu fwd": _op("geglu", "weighted_geglu", "weighted fwd"),
+    "geglu bwd": _op("geglu", "geglu_back", "bwd"),
+    "weighted_geglu bwd": _op("geglu", "weighted_geglu_back", "weighted bwd"),
     "quick_geglu fwd": _op("quick_geglu", "quick_geglu", "fwd", *_Q),
     "weighted_quick_geglu fwd": _op("quick_geglu", "weighted_quick_geglu", "weighted fwd", *_Q),
     "quick_geglu bwd": _op("quick_geglu", "quick_geglu_back", "bwd", *_Q),

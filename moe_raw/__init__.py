@@ -1,29 +1,36 @@
 """moe_raw: no-compile GPU kernels for Mixture-of-Experts token dispatch.
 
-A drop-in for the permute / unpermute / SwiGLU / Quick-GEGLU functions of Megatron-style ``moe_utils``. CUDA tensors
-run moe_raw's kernels (compiled at first use by NVRTC through CuPy, launched on torch's current stream); CPU tensors
-run the pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs neither a GPU nor CuPy.
+A drop-in for the permute / unpermute / SwiGLU / GEGLU / Quick-GEGLU functions of Megatron-style ``moe_utils``.
+CUDA tensors run moe_raw's kernels (compiled at first use by NVRTC through CuPy, launched on torch's current
+stream); CPU tensors run the pure-torch reference (``moe_raw.reference``). ``import moe_raw`` needs neither a
+GPU nor CuPy.
 """
 
 __version__ = "0.2.0"
 
 from moe_raw.activations import (
     WeightedBiasQuickGeGLUFunction,
+    WeightedGEGLUFunction,
     WeightedQuickGeGLUFunction,
     WeightedSwiGLUFunction,
     clamped_swiglu,
     clamped_swiglu_back,
+    geglu,
+    geglu_back,
     quick_geglu,
     quick_geglu_back,
     quick_gelu,
     swiglu,
     swiglu_back,
+    weighted_bias_geglu_impl,
     weighted_bias_quick_geglu,
     weighted_bias_quick_geglu_back,
     weighted_bias_quick_geglu_impl,
     weighted_bias_swiglu_impl,
     weighted_clamped_swiglu,
     weighted_clamped_swiglu_back,
+    weighted_geglu,
+    weighted_geglu_back,
     weighted_quick_geglu,
     weighted_quick_geglu_back,
     weighted_swiglu,
@@ -52,6 +59,12 @@ __all__ = [
     "weighted_swiglu_back",
     "WeightedSwiGLUFunction",
     "weighted_bias_swiglu_impl",
+    "geglu",
+    "weighted_geglu",
+    "geglu_back",
+    "weighted_geglu_back",
+    "WeightedGEGLUFunction",
+    "weighted_bias_geglu_impl",
     "quick_geglu",
     "weighted_quick_geglu",
     "quick_geglu_back",

@@ -191,56 +191,65 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Gated activations: one op per form for the whole family (SwiGLU, Quick-GEGLU, clamped SwiGLU), the activation
-# given as (alpha, linear_offset, limit) as in moe_raw.activations (SwiGLU is (1, 0, None)).
+# given as (alpha, linear_offset, limit, cubic) as in moe_raw.activations (SwiGLU is (1, 0, None, 0)).
 
 
 @torch.library.custom_op("moe_raw::glu", mutates_args=())
-def glu(y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
+def glu(y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None, cubic: float) -> torch.Tensor:
     """y [..., 2F] -> [..., F] in y.dtype (moe_raw.swiglu / quick_geglu / clamped_swiglu)."""
-    out = GL._glu_fwd(GL._as_2d(y), None, Act(alpha, linear_offset, limit))
+    out = GL._glu_fwd(GL._as_2d(y), None, Act(alpha, linear_offset, limit, cubic))
     return out.view(*y.shape[:-1], out.shape[1])
 
 
 @glu.register_fake
-def _(y, alpha, linear_offset, limit):
+def _(y, alpha, linear_offset, limit, cubic):
     return y.new_empty((*y.shape[:-1], y.shape[-1] // 2))
 
 
 @torch.library.custom_op("moe_raw::weighted_glu", mutates_args=())
 def weighted_glu(
-    y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
+    y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None, cubic: float
 ) -> torch.Tensor:
     """y [N, 2F], weights [N, 1] -> act(y) * weights [N, F] in y.dtype."""
-    return GL._glu_fwd(y, weights, Act(alpha, linear_offset, limit))
+    return GL._glu_fwd(y, weights, Act(alpha, linear_offset, limit, cubic))
 
 
 @weighted_glu.register_fake
-def _(y, weights, alpha, linear_offset, limit):
+def _(y, weights, alpha, linear_offset, limit, cubic):
     return y.new_empty((y.shape[0], y.shape[1] // 2))
 
 
 @torch.library.custom_op("moe_raw::glu_back", mutates_args=())
-def glu_back(g: torch.Tensor, y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None) -> torch.Tensor:
+def glu_back(
+    g: torch.Tensor, y: torch.Tensor, alpha: float, linear_offset: float, limit: float | None, cubic: float
+) -> torch.Tensor:
     """dy [..., 2F] in promote(g.dtype, y.dtype)."""
     out_dtype = torch.promote_types(g.dtype, y.dtype)
-    return GL._glu_bwd(GL._as_2d(g), GL._as_2d(y), None, Act(alpha, linear_offset, limit), out_dtype)[0].view(y.shape)
+    act = Act(alpha, linear_offset, limit, cubic)
+    return GL._glu_bwd(GL._as_2d(g), GL._as_2d(y), None, act, out_dtype)[0].view(y.shape)
 
 
 @glu_back.register_fake
-def _(g, y, alpha, linear_offset, limit):
+def _(g, y, alpha, linear_offset, limit, cubic):
     return y.new_empty(y.shape, dtype=torch.promote_types(g.dtype, y.dtype))
 
 
 @torch.library.custom_op("moe_raw::weighted_glu_back", mutates_args=())
 def weighted_glu_back(
-    g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alpha: float, linear_offset: float, limit: float | None
+    g: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float,
+    linear_offset: float,
+    limit: float | None,
+    cubic: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype)."""
-    return GL._glu_bwd(g, y, weights, Act(alpha, linear_offset, limit), y.dtype)
+    return GL._glu_bwd(g, y, weights, Act(alpha, linear_offset, limit, cubic), y.dtype)
 
 
 @weighted_glu_back.register_fake
-def _(g, y, weights, alpha, linear_offset, limit):
+def _(g, y, weights, alpha, linear_offset, limit, cubic):
     return y.new_empty(y.shape), weights.new_empty((y.shape[0], 1))
 
 
@@ -252,13 +261,14 @@ def weighted_glu_fn(
     alpha: float,
     linear_offset: float,
     limit: float | None,
+    cubic: float,
 ) -> torch.Tensor:
     """weighted_glu with autograd: WeightedSwiGLUFunction / WeightedQuickGeGLUFunction (weighted_bias_*_impl)."""
-    return weighted_glu(input, weights, alpha, linear_offset, limit)
+    return weighted_glu(input, weights, alpha, linear_offset, limit, cubic)
 
 
 @weighted_glu_fn.register_fake
-def _(input, weights, fp8_input_store, alpha, linear_offset, limit):
+def _(input, weights, fp8_input_store, alpha, linear_offset, limit, cubic):
     return input.new_empty((input.shape[0], input.shape[1] // 2))
 
 
@@ -273,7 +283,7 @@ def _weighted_glu_backward(ctx, grad_output):
     input, weights = ctx.saved_tensors
     dinput, dweights = weighted_glu_back(grad_output, input.to(ctx.input_dtype), weights, *ctx.act)
     need = ctx.needs_input_grad
-    return (dinput if need[0] else None), (dweights if need[1] else None), None, None, None, None
+    return (dinput if need[0] else None), (dweights if need[1] else None), None, None, None, None, None
 
 
 weighted_glu_fn.register_autograd(_weighted_glu_backward, setup_context=_weighted_glu_setup)

@@ -1,11 +1,13 @@
-"""The gated activations moe_raw replaces: SwiGLU, Megatron-LM's Quick-GEGLU and gpt-oss's clamped SwiGLU, with
-their weighted forms, backward functions, autograd Functions and Megatron's ``weighted_bias_*_impl`` wrappers.
+"""The gated activations moe_raw replaces: SwiGLU, the tanh-GELU GEGLU, Megatron-LM's Quick-GEGLU and gpt-oss's
+clamped SwiGLU, with their weighted forms, backward functions, autograd Functions and ``weighted_bias_*_impl``.
 
 ``y [..., 2F]`` holds ``[gate | up]`` (``torch.chunk(y, 2, -1)``); ``weights [N, 1]``. Every one is
-``gate' * sigmoid(alpha * gate') * (linear' + linear_offset)`` with an optional clamp, its constants an ``act``
-``Act(alpha, linear_offset, limit)`` (SwiGLU is ``(1, 0, None)``). CUDA tensors in float32 / float16 / bfloat16
-run the Numba kernels (``moe_raw._kernels.glu_launch``); CPU tensors and float64 run the same formulas in torch,
-in fp32 (fp64 for fp64). One autograd node per call when an input requires grad (``_GluFn``); none otherwise.
+``gate' * sigmoid(alpha * (gate' + cubic gate'^3)) * (linear' + linear_offset)`` with an optional clamp, its
+constants an ``act`` ``Act(alpha, linear_offset, limit, cubic)`` (SwiGLU is ``(1, 0, None, 0)``). CUDA tensors
+in float32 / float16 / bfloat16 run the Numba kernels (``moe_raw._kernels.glu_launch``); CPU tensors and float64
+run the same formulas in torch, in fp32 (fp64 for fp64). One autograd node per call when an input requires grad
+(``_GluFn``); none otherwise.
+(``_GluFn``); none otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from moe_raw import _ops, reference
 from moe_raw import _validate as V
-from moe_raw._kernels.glu_codegen import _SWIGLU, Act
+from moe_raw._kernels.glu_codegen import _GEGLU, _SWIGLU, Act
 from moe_raw._kernels.glu_launch import _as_2d, _glu_back_torch, _glu_bwd, _glu_fwd, _weighted_fn_backward
 
 # The public names are listed once, in moe_raw/__init__.py.
@@ -157,6 +159,55 @@ def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
         _SWIGLU,
         V.flag(need_weight_grad, "need_weight_grad", "moe_raw.weighted_swiglu_back"),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GEGLU with the tanh GELU (NeMo Automodel 0.7, Gemma4 MoE experts): the same kernels with act _GEGLU
+
+
+def geglu(y: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up (NeMo Automodel's ``geglu``; torch's ``F.gelu(gate, approximate="tanh")``).
+
+    Args:
+        y: [..., 2F] float32 | float16 | bfloat16 (float64: the torch reference), ``[gate | up]`` halves; any
+            leading strides, the last dim read contiguously (else copied).
+
+    Returns:
+        [..., F] in y.dtype, computed in fp32 (as gate * sigmoid(2 z), z = sqrt(2 / pi) (gate + 0.044715 gate^3),
+        which is 0.5 gate (1 + tanh z)) and rounded once. Differentiable w.r.t. y (backward: one kernel pass).
+    """
+    return _gated("moe_raw.geglu", y, None, False, _GEGLU)
+
+
+def weighted_geglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """geglu(y) * weights, returned in y.dtype. y: [N, 2F] float (rows may be strided); weights: [N, 1] float.
+    Returns [N, F] in y.dtype, computed in fp32 and rounded once. Differentiable w.r.t. y and weights."""
+    return _gated("moe_raw.weighted_geglu", y, weights, True, _GEGLU)
+
+
+def geglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient of geglu: dy = [g * gelu_tanh'(gate) * up | g * gelu_tanh(gate)].
+
+    Args:
+        g: [..., F] float, the gradient of geglu(y) (any strides). y: [..., 2F] float, the forward input.
+
+    Returns:
+        dy [..., 2F] in torch.promote_types(g.dtype, y.dtype), computed in fp32. Differentiable w.r.t. g and y
+        (with either requiring grad this runs torch ops in fp32, whose autograd gives the second derivatives).
+    """
+    return _gated_back("moe_raw.geglu_back", g, y, None, False, _GEGLU)
+
+
+def weighted_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, *, need_weight_grad: bool = True):
+    """Gradients of weighted_geglu in one pass over g [N, F] and y [N, 2F], weights [N, 1].
+
+    Returns:
+        (dy [N, 2F] in y.dtype, dweights [N, 1] in weights.dtype, or None with need_weight_grad=False). dy is
+        geglu_back(g * weights, y); dweights[n] = sum_f geglu(y)[n, f] * g[n, f], reduced in fp32 in a fixed order
+        (bitwise deterministic). Differentiable w.r.t. g, y and weights (torch ops in fp32 when one requires grad).
+    """
+    op = "moe_raw.weighted_geglu_back"
+    return _gated_back(op, g, y, weights, True, _GEGLU, V.flag(need_weight_grad, "need_weight_grad", op))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,13 +375,37 @@ def weighted_clamped_swiglu_back(
     return _gated_back(op, g, y, weights, True, act, V.flag(need_weight_grad, "need_weight_grad", op))
 
 
-class WeightedSwiGLUFunction(torch.autograd.Function):
-    """Autograd of weighted_swiglu (the seed's ``WeightedSwiGLUFunction``): input [N, 2F], weights [N, 1].
+def _weighted_glu_function(name: str, act: Act, doc: str) -> type:
+    """The seed's ``Weighted<Act>Function`` for ``act``: ``forward(ctx, input [N, 2F], weights [N, 1],
+    fp8_input_store)`` -> [N, F] in input.dtype; ``backward`` -> (d input [N, 2F] in input.dtype, d weights [N, 1]
+    in weights.dtype, None) from one kernel pass (or its torch twin). One class body for every such activation."""
+    op = f"moe_raw.{name}"
 
-    ``forward(ctx, input, weights, fp8_input_store)`` returns weighted_swiglu(input, weights) [N, F];
-    ``backward`` returns (d input [N, 2F] in input.dtype, d weights [N, 1] in weights.dtype, None) from one
-    kernel pass. Not twice differentiable.
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, input, weights, fp8_input_store):
+            V.glu_input(input, op, two_d=True, arg="input")
+            V.glu_weights(weights, input, op)
+            V.fp8_flag(fp8_input_store, op)
+            saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+            ctx.save_for_backward(saved, weights)
+            ctx.ori_input_dtype = input.dtype
+            ctx.fp8_input_store = bool(fp8_input_store)
+            return _gated(op, input, weights, True, act)
 
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad_output):
+            input, weights = ctx.saved_tensors
+            grads = _weighted_fn_backward(grad_output, input, weights, act, ctx.ori_input_dtype, ctx.needs_input_grad)
+            return (*grads, None)
+
+    Function.__name__ = Function.__qualname__ = name
+    Function.__doc__ = doc
+    return Function
+
+
+_FP8_DOC = """
     fp8_input_store=True saves ``input`` for backward as ``torch.float8_e4m3fn`` (half the memory of bf16) and
     upcasts it in backward, as the seed does. The precision cost falls on the gradients only (the forward output
     uses the full input): e4m3 keeps 3 mantissa bits, so each saved value carries a relative rounding error of up
@@ -338,24 +413,51 @@ class WeightedSwiGLUFunction(torch.autograd.Function):
     2^-6 are subnormal with fewer bits still.
     """
 
-    @staticmethod
-    def forward(ctx, input, weights, fp8_input_store):
-        op = "moe_raw.WeightedSwiGLUFunction"
-        V.glu_input(input, op, two_d=True, arg="input")
-        V.glu_weights(weights, input, op)
-        V.fp8_flag(fp8_input_store, op)
-        saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
-        ctx.save_for_backward(saved, weights)
-        ctx.ori_input_dtype = input.dtype
-        ctx.fp8_input_store = bool(fp8_input_store)
-        return weighted_swiglu(input, weights)
+WeightedSwiGLUFunction = _weighted_glu_function(
+    "WeightedSwiGLUFunction",
+    _SWIGLU,
+    """Autograd of weighted_swiglu (the seed's ``WeightedSwiGLUFunction``): input [N, 2F], weights [N, 1].
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        input, weights = ctx.saved_tensors
-        grads = _weighted_fn_backward(grad_output, input, weights, _SWIGLU, ctx.ori_input_dtype, ctx.needs_input_grad)
-        return (*grads, None)
+    ``forward(ctx, input, weights, fp8_input_store)`` returns weighted_swiglu(input, weights) [N, F];
+    ``backward`` returns (d input [N, 2F] in input.dtype, d weights [N, 1] in weights.dtype, None) from one
+    kernel pass. Not twice differentiable.
+    """
+    + _FP8_DOC,
+)
+
+WeightedGEGLUFunction = _weighted_glu_function(
+    "WeightedGEGLUFunction",
+    _GEGLU,
+    """Autograd of weighted_geglu (NeMo Automodel's ``WeightedGEGLUFunction``): input [N, 2F], weights [N, 1].
+
+    ``forward(ctx, input, weights, fp8_input_store)`` returns weighted_geglu(input, weights) [N, F];
+    ``backward`` returns (d input [N, 2F] in input.dtype, d weights [N, 1] in weights.dtype, or None when weights
+    needs no gradient, None) from one kernel pass. Not twice differentiable.
+    """
+    + _FP8_DOC,
+)
+
+
+def _weighted_impl(op: str, function: type, act: Act, input, weights, fp8_input_store):
+    """The seed's ``weighted_bias_<act>_impl`` body: input [N, 2F] or [S, B, 2F] -> [N, F] or [S, B, F] through
+    ``function`` (or, traced by torch.compile, the custom op)."""
+    if isinstance(fp8_input_store, torch.Tensor):
+        raise NotImplementedError(
+            f"{op}: bias is not supported for this weighted fusion (as in the seed); the signature is "
+            "(input, weights, fp8_input_store=False), so a third tensor argument looks like Megatron's "
+            "(input, bias, weights) call"
+        )
+    V.fp8_flag(fp8_input_store, op)
+    V.glu_input(input, op, two_d=False, arg="input")  # before the reshape, so errors name this function's argument
+    ori_shape = input.shape
+    if len(ori_shape) not in (2, 3):
+        raise ValueError(f"{op}: input must be 2-D [N, 2F] or 3-D [S, B, 2F], got shape {tuple(ori_shape)}")
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        V.glu_weights(weights, _as_2d(input), f"moe_raw.{function.__name__}")  # what the Function checks
+        output = _ops.weighted_glu_fn(_as_2d(input), weights, bool(fp8_input_store), *act)
+    else:
+        output = function.apply(_as_2d(input), weights, bool(fp8_input_store))
+    return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], output.shape[1])
 
 
 def weighted_bias_swiglu_impl(input: torch.Tensor, weights: torch.Tensor, fp8_input_store: bool = False):
@@ -374,23 +476,17 @@ def weighted_bias_swiglu_impl(input: torch.Tensor, weights: torch.Tensor, fp8_in
     ``fp8_input_store`` and raises NotImplementedError.
     """
     op = "moe_raw.weighted_bias_swiglu_impl"
-    if isinstance(fp8_input_store, torch.Tensor):
-        raise NotImplementedError(
-            f"{op}: bias is not supported for weighted swiglu fusion (as in the seed); the signature is "
-            "(input, weights, fp8_input_store=False), so a third tensor argument looks like Megatron's "
-            "(input, bias, weights) call"
-        )
-    V.fp8_flag(fp8_input_store, op)
-    V.glu_input(input, op, two_d=False, arg="input")  # before the reshape, so errors name this function's argument
-    ori_shape = input.shape
-    if len(ori_shape) not in (2, 3):
-        raise ValueError(f"{op}: input must be 2-D [N, 2F] or 3-D [S, B, 2F], got shape {tuple(ori_shape)}")
-    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
-        V.glu_weights(weights, _as_2d(input), "moe_raw.WeightedSwiGLUFunction")  # what the Function checks
-        output = _ops.weighted_glu_fn(_as_2d(input), weights, bool(fp8_input_store), *_SWIGLU)
-    else:
-        output = WeightedSwiGLUFunction.apply(_as_2d(input), weights, bool(fp8_input_store))
-    return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], output.shape[1])
+    return _weighted_impl(op, WeightedSwiGLUFunction, _SWIGLU, input, weights, fp8_input_store)
+
+
+def weighted_bias_geglu_impl(input: torch.Tensor, weights: torch.Tensor, fp8_input_store: bool = False):
+    """Token-weighted GEGLU (tanh GELU) with autograd: NeMo Automodel's ``weighted_bias_geglu_impl`` (no bias).
+
+    Args / returns: as ``weighted_bias_swiglu_impl`` (input [N, 2F] or [S, B, 2F], weights [N, 1]; output [N, F]
+    or [S, B, F] in input.dtype), with GEGLU's activation.
+    """
+    op = "moe_raw.weighted_bias_geglu_impl"
+    return _weighted_impl(op, WeightedGEGLUFunction, _GEGLU, input, weights, fp8_input_store)
 
 
 class WeightedQuickGeGLUFunction(torch.autograd.Function):

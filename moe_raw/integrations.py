@@ -7,7 +7,7 @@ against the package by tests/test_automodel.py) with moe_raw's, in that module a
 get moe_raw's through the patched module. It returns what it patched, does nothing more when called again, and
 ``undo_automodel()`` puts the originals back.
 
-Left alone: what moe_raw has no kernel for (the GEGLU family, ``quick_gelu``) and ``MoEAuxLossAutoScaler``, whose
+Left alone: ``quick_gelu`` (plain torch in both; no kernel of moe_raw's behind it) and ``MoEAuxLossAutoScaler``, whose
 class attribute the training loop sets on the package's class.
 """
 

@@ -300,29 +300,42 @@ def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
     return input_grad.to(input_dtype), weights_grad.to(w_dtype)
 
 
-class WeightedSwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weights, fp8_input_store):
-        input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
-        ctx.save_for_backward(input_for_backward, weights)
-        ctx.ori_input_dtype = input.dtype
-        ctx.fp8_input_store = fp8_input_store
-        return weighted_swiglu(input, weights)
+def _weighted_function(forward_fn, backward_fn):
+    """The seed's Weighted<Act>Function for a weighted forward / backward pair (SwiGLU's; Automodel's GEGLU one is
+    the same body with need_weight_grad)."""
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weights = ctx.saved_tensors
-        input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
-        tmp, wgrad = weighted_swiglu_back(grad_output, input, weights)
-        return tmp, wgrad, None
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, input, weights, fp8_input_store):
+            input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+            ctx.save_for_backward(input_for_backward, weights)
+            ctx.ori_input_dtype = input.dtype
+            ctx.fp8_input_store = fp8_input_store
+            return forward_fn(input, weights)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            input, weights = ctx.saved_tensors
+            input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
+            tmp, wgrad = backward_fn(grad_output, input, weights, need_weight_grad=ctx.needs_input_grad[1])
+            return tmp, wgrad, None
+
+    return Function
 
 
-def weighted_bias_swiglu_impl(input, weights, fp8_input_store=False):
+def _weighted_impl(function, input, weights, fp8_input_store):
     ori_shape = input.shape
     assert len(ori_shape) in [2, 3]
     input = input.view(-1, ori_shape[-1])
-    output = WeightedSwiGLUFunction.apply(input, weights, fp8_input_store)
+    output = function.apply(input, weights, fp8_input_store)
     return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], -1)
+
+
+WeightedSwiGLUFunction = _weighted_function(weighted_swiglu, weighted_swiglu_back)
+
+
+def weighted_bias_swiglu_impl(input, weights, fp8_input_store=False):
+    return _weighted_impl(WeightedSwiGLUFunction, input, weights, fp8_input_store)
 
 
 # Quick-GEGLU family (Megatron-LM megatron/core/fusions/fused_bias_geglu.py, NeMo Automodel's moe_utils) and gpt-oss's
@@ -349,31 +362,39 @@ def _clamp_grad(dy: torch.Tensor, y: torch.Tensor, limit: float) -> torch.Tensor
     return torch.where(passed, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
 
 
-def quick_glu(y, alpha=1.702, linear_offset=0.0, limit=None):
+# cubic (moe_raw's kernels' form of the tanh-GELU gate, below): the gate is a * sigmoid(alpha * (a + cubic a^3)).
+
+
+def quick_glu(y, alpha=1.702, linear_offset=0.0, limit=None, cubic=0.0):
     if limit is not None:
         y = clamp_glu(y, limit)
     y_1, y_2 = torch.chunk(y, 2, -1)
-    return quick_gelu(y_1, alpha) * (y_2 + linear_offset)
+    arg = y_1 + cubic * y_1.pow(3) if cubic else y_1
+    return y_1 * torch.sigmoid(alpha * arg) * (y_2 + linear_offset)
 
 
-def weighted_quick_glu(y, weights, alpha=1.702, linear_offset=0.0, limit=None):
-    return (quick_glu(y, alpha, linear_offset, limit) * weights).to(y.dtype)
+def weighted_quick_glu(y, weights, alpha=1.702, linear_offset=0.0, limit=None, cubic=0.0):
+    return (quick_glu(y, alpha, linear_offset, limit, cubic) * weights).to(y.dtype)
 
 
-def quick_glu_back(g, y, alpha=1.702, linear_offset=0.0, limit=None):
+def quick_glu_back(g, y, alpha=1.702, linear_offset=0.0, limit=None, cubic=0.0):
     y_c = clamp_glu(y, limit) if limit is not None else y
     y_1, y_2 = torch.chunk(y_c, 2, -1)
-    sigmoid_out = torch.sigmoid(alpha * y_1)
-    dy_1 = g * sigmoid_out * (1 + alpha * y_1 * (1 - sigmoid_out)) * (y_2 + linear_offset)
+    arg = y_1 + cubic * y_1.pow(3) if cubic else y_1
+    sigmoid_out = torch.sigmoid(alpha * arg)
+    slope = alpha * y_1 * (1 + 3 * cubic * y_1.pow(2)) if cubic else alpha * y_1  # y_1 * d(alpha * arg)/dy_1
+    dy_1 = g * sigmoid_out * (1 + slope * (1 - sigmoid_out)) * (y_2 + linear_offset)
     dy = torch.cat((dy_1, g * y_1 * sigmoid_out), -1)
     return _clamp_grad(dy, y, limit) if limit is not None else dy
 
 
-def weighted_quick_glu_back(g, y, weights, alpha=1.702, linear_offset=0.0, limit=None, *, need_weight_grad=True):
-    input_grad = quick_glu_back(g * weights, y, alpha, linear_offset, limit)
+def weighted_quick_glu_back(
+    g, y, weights, alpha=1.702, linear_offset=0.0, limit=None, cubic=0.0, *, need_weight_grad=True
+):
+    input_grad = quick_glu_back(g * weights, y, alpha, linear_offset, limit, cubic)
     if not need_weight_grad:
         return input_grad.to(y.dtype), None
-    weights_grad = quick_glu(y, alpha, linear_offset, limit) * g.to(weights.dtype)
+    weights_grad = quick_glu(y, alpha, linear_offset, limit, cubic) * g.to(weights.dtype)
     weights_grad = torch.sum(weights_grad, dim=-1, keepdim=True)
     return input_grad.to(y.dtype), weights_grad.to(weights.dtype)
 
@@ -451,3 +472,40 @@ def clamped_swiglu_back(g: torch.Tensor, y: torch.Tensor, alpha: float = 1.702, 
 
 def weighted_clamped_swiglu_back(g, y, weights, alpha: float = 1.702, limit: float = 7.0, *, need_weight_grad=True):
     return weighted_quick_glu_back(g, y, weights, alpha, 1.0, limit, need_weight_grad=need_weight_grad)
+
+
+# GEGLU (tanh-approximated GELU gate; NeMo Automodel 0.7's moe_utils, used by Gemma4 MoE experts). Written as the
+# package writes it (F.gelu(approximate="tanh") and its explicit derivative); moe_raw's kernels compute the same
+# function as quick_glu with alpha = 2 sqrt(2 / pi), cubic = 0.044715 (0.5 (1 + tanh(z)) = sigmoid(2 z)).
+
+
+def geglu(y: torch.Tensor) -> torch.Tensor:
+    y_1, y_2 = torch.chunk(y, 2, -1)
+    return F.gelu(y_1, approximate="tanh") * y_2
+
+
+def weighted_geglu(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (geglu(y) * weights).to(y.dtype)
+
+
+def geglu_back(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    y_1, y_2 = torch.chunk(y, 2, -1)
+    k, c = 0.7978845608028654, 0.044715
+    tanh_inner = torch.tanh(k * (y_1 + c * y_1.pow(3)))
+    gelu_grad = 0.5 * (1.0 + tanh_inner) + 0.5 * y_1 * (1.0 - tanh_inner.pow(2)) * k * (1.0 + 3.0 * c * y_1.pow(2))
+    return torch.cat((g * gelu_grad * y_2, g * F.gelu(y_1, approximate="tanh")), -1)
+
+
+def weighted_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, *, need_weight_grad: bool = True):
+    input_grad = geglu_back(g * weights, y)
+    if not need_weight_grad:
+        return input_grad.to(y.dtype), None
+    weights_grad = torch.sum(geglu(y) * g.to(weights.dtype), dim=-1, keepdim=True)
+    return input_grad.to(y.dtype), weights_grad.to(weights.dtype)
+
+
+WeightedGEGLUFunction = _weighted_function(weighted_geglu, weighted_geglu_back)
+
+
+def weighted_bias_geglu_impl(input, weights, fp8_input_store=False):
+    return _weighted_impl(WeightedGEGLUFunction, input, weights, fp8_input_store)

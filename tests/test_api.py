@@ -74,6 +74,12 @@ EXTRAS = (
     "weighted_bias_quick_geglu_back",
     "WeightedBiasQuickGeGLUFunction",
     "MoEAuxLossAutoScaler",
+    "geglu",
+    "weighted_geglu",
+    "geglu_back",
+    "weighted_geglu_back",
+    "WeightedGEGLUFunction",
+    "weighted_bias_geglu_impl",
 )
 PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction", "MoEAlltoAllDispatcher"} | set(EXTRAS)
 

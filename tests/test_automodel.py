@@ -49,13 +49,9 @@ def _common_names():
 
 
 def test_the_shared_names_are_the_ones_expected():
-    # the GEGLU family (tanh GELU: geglu, weighted_geglu, geglu_back, weighted_geglu_back, WeightedGEGLUFunction,
-    # weighted_bias_geglu_impl) is not in moe_raw yet (issue 17); everything moe_raw has of the module is checked below
+    # every public function and class of the package's moe_utils is in moe_raw (its torch / TE helpers aside)
     missing = {n for n in vars(M) if not n.startswith("_") and callable(getattr(M, n, None))} - set(moe_raw.__all__)
-    assert missing - {"F", "torch", "safe_import_te", "transformer_engine"} == {
-        "geglu", "weighted_geglu", "geglu_back", "weighted_geglu_back", "WeightedGEGLUFunction",
-        "weighted_bias_geglu_impl",
-    }  # fmt: skip
+    assert missing - {"F", "torch", "safe_import_te", "transformer_engine"} == set()
 
 
 @pytest.mark.parametrize("name", _common_names())
@@ -115,6 +111,11 @@ ACTIVATION_CASES = [
     ("quick_gelu", lambda y, g, w: (y,), (0,)),
     ("weighted_bias_quick_geglu", lambda y, g, w: (y, y[0] * 0.5, w, 0.5), (0, 1, 2)),
     ("weighted_bias_quick_geglu_back", lambda y, g, w: (g, y, y[0] * 0.5, w, 0.5), ()),
+    ("geglu", lambda y, g, w: (y,), (0,)),
+    ("weighted_geglu", lambda y, g, w: (y, w), (0, 1)),
+    ("geglu_back", lambda y, g, w: (g, y), ()),
+    ("weighted_geglu_back", lambda y, g, w: (g, y, w), ()),
+    ("weighted_bias_geglu_impl", lambda y, g, w: (y, w, False), (0, 1)),
 ]
 
 
@@ -146,7 +147,9 @@ def test_activations_match_the_package(package, name, args, diff, dtype, device)
 @pytest.mark.parametrize("fp8", [False, True])
 def test_functions_match_the_package(package, device, fp8):
     y, g, w = _activation_inputs(device, torch.bfloat16)
-    for name, extra in (("WeightedSwiGLUFunction", ()), ("WeightedQuickGeGLUFunction", (torch.tensor(0.5),))):
+    functions = (("WeightedSwiGLUFunction", ()), ("WeightedGEGLUFunction", ()),
+                 ("WeightedQuickGeGLUFunction", (torch.tensor(0.5),)))  # fmt: skip
+    for name, extra in functions:
         ours = _outputs_and_grads(
             lambda a, b, n=name, e=extra: getattr(moe_raw, n).apply(a, b, fp8, *e), (y, w), [0, 1]
         )
@@ -172,6 +175,17 @@ def test_functions_match_the_package(package, device, fp8):
         [0, 1, 2],
     )  # fmt: skip
     _check("WeightedBiasQuickGeGLUFunction", ours[0] + ours[1], t64[0] + t64[1], same[0] + same[1], torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["weighted_swiglu_back", "weighted_quick_geglu_back", "weighted_geglu_back"])
+def test_need_weight_grad_false_matches_the_package(package, device, name):
+    y, g, w = _activation_inputs(device, torch.bfloat16)
+    ours = getattr(moe_raw, name)(g, y, w, need_weight_grad=False)
+    theirs = getattr(package, name)(g.double(), y.double(), w.double(), need_weight_grad=False)
+    same = getattr(package, name)(g, y, w, need_weight_grad=False)
+    assert ours[1] is None and theirs[1] is None
+    _check(name, ours[:1], theirs[:1], same[:1], torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

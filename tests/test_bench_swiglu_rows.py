@@ -180,14 +180,14 @@ def test_calls_run_on_cpu():
 
 
 def test_cli_activations_flag():
-    assert B.parse_args([]).activations == B.ACTIVATIONS == ("swiglu", "quick_geglu", "clamped_swiglu")
+    assert B.parse_args([]).activations == B.ACTIVATIONS == ("swiglu", "geglu", "quick_geglu", "clamped_swiglu")
     assert B.parse_args(["--activations", "all"]).activations == B.ACTIVATIONS
     assert B.parse_args(["--activations", "swiglu"]).activations == ("swiglu",)
     a = B.parse_args(["--activations", "clamped_swiglu, quick_geglu", "--quick", "--out", "x.json"])
     assert a.activations == ("quick_geglu", "clamped_swiglu") and a.quick and a.out == "x.json"
 
 
-@pytest.mark.parametrize("bad", ["geglu", "", "swiglu,nope"])
+@pytest.mark.parametrize("bad", ["gelu", "", "swiglu,nope"])
 def test_cli_rejects_unknown_activations(bad, capsys):
     with pytest.raises(SystemExit) as e:
         B.parse_args(["--activations", bad])

@@ -20,6 +20,7 @@ from conftest import DEVICES
 
 import moe_raw
 from moe_raw import _ops
+from moe_raw._kernels.glu_codegen import _GEGLU
 
 T, H, E, K, F = 8, 16, 4, 2, 8
 
@@ -152,7 +153,8 @@ def _quick_geglu_block(y, bias, weights, fp8_input_store):
     a = moe_raw.weighted_bias_quick_geglu_impl(y, None, weights, fp8_input_store, linear_offset=1.0, clamp_value=7.0)
     b = moe_raw.weighted_bias_quick_geglu_impl(y * 4, bias, weights, fp8_input_store, clamp_value=3.0)
     c = moe_raw.weighted_bias_swiglu_impl(y.view(2, -1, 2 * F), weights, fp8_input_store).view(-1, F)
-    return a + b + c
+    d = moe_raw.weighted_bias_geglu_impl(y, weights, fp8_input_store)
+    return a + b + c + d
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -178,6 +180,10 @@ def _gated_family(y, g, weights):
         moe_raw.weighted_clamped_swiglu(y * 4, weights, limit=3.0),
         moe_raw.clamped_swiglu_back(g, y * 4),
         *moe_raw.weighted_clamped_swiglu_back(g, y * 4, weights, limit=3.0),
+        moe_raw.geglu(y),
+        moe_raw.weighted_geglu(y, weights),
+        moe_raw.geglu_back(g, y),
+        *moe_raw.weighted_geglu_back(g, y, weights),
     )
 
 
@@ -251,7 +257,7 @@ def _opcheck_cases(device):
         (_ops.permute_with_row_map, (torch.rand(T, device=device), row_map, T * K)),
     ]
     y, g, w = torch.randn(T, 2 * F, device=device), torch.randn(T, F, device=device), torch.rand(T, 1, device=device)
-    for act in ((1.0, 0.0, None), (1.702, 0.5, None), (1.702, 1.0, 3.0)):
+    for act in ((1.0, 0.0, None, 0.0), (1.702, 0.5, None, 0.0), (1.702, 1.0, 3.0, 0.0), tuple(_GEGLU)):
         cases += [
             (_ops.glu, (y, *act)),
             (_ops.glu, (y.view(2, -1, 2 * F), *act)),

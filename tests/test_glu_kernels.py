@@ -462,7 +462,7 @@ import importlib, re, sys
 S = importlib.import_module("moe_raw.activations")
 GC = importlib.import_module("moe_raw._kernels.glu_codegen")
 GL = importlib.import_module("moe_raw._kernels.glu_launch")
-clamped, quick = (1.702, 1.0, 7.0), (1.702, 0.0, None)
+clamped, quick, geglu = (1.702, 1.0, 7.0), (1.702, 0.0, None), tuple(GC._GEGLU)
 # per dtype: both kinds on both paths (the act's element and word code), weighted and not
 specs = []
 for c in ("f32", "f16", "bf16"):
@@ -474,6 +474,11 @@ specs += [
     ("bwd", False, False, "f16", "bf16", "f32", "f32", clamped),  # dy promoted to fp32
     ("fwd", False, True, "bf16", "bf16", "bf16", "f32", quick),
     ("bwd", True, True, "bf16", "bf16", "bf16", "f32", quick),
+    # the tanh-GELU act (its cubic term) on both paths, forward and backward
+    ("fwd", True, True, "bf16", "bf16", "bf16", "f32", geglu),
+    ("bwd", True, False, "f32", "f32", "f32", "f32", geglu),
+    ("fwd", False, False, "f16", "f16", "f16", "f32", geglu),
+    ("bwd", False, True, "f16", "f16", "f16", "f32", geglu),
 ]
 sizes = {"u64": 8, "b64": 8, "s64": 8, "f64": 8}
 for spec in specs:
@@ -489,8 +494,9 @@ for spec in specs:
     consts = set(re.findall(r"0f[0-9A-F]{8}", ptx))
     has = lambda c: c in consts
     # 1.702f = 0x3FD9DB23 (times log2(e) for ex2 on the fast path: folded into one constant there); 7.0f = 0x40E00000
-    assert spec[7] is quick or (has("0f40E00000") and has("0fC0E00000")), spec  # +-limit
+    assert spec[7] is not clamped or (has("0f40E00000") and has("0fC0E00000")), spec  # +-limit
     assert spec[7] is clamped or not has("0f40E00000"), spec  # no clamp compiled in
+    assert (spec[7] is geglu) == has("0f3D372713"), spec  # 0.044715f: the cubic term exactly when it is asked for
     print("OK", spec)
 """
 
@@ -498,12 +504,12 @@ for spec in specs:
 def test_every_new_kernel_kind_compiles_with_nvvm():
     """The clamped act (every term of the template: alpha, offset, clamp) in forward and backward kernels, 16-byte
     and element, weighted and not, for fp32 / fp16 / bf16 data (each of the act's device functions for each dtype;
-    the rest of the template is SwiGLU's, compiled by test_fast_launch_abi_matches_numba above), dtype mixes, and
-    the unclamped Quick-GEGLU act: real PTX, SwiGLU's parameter list (moe_raw's packed launch), the clamp constants
-    present exactly when clamping. About 0.4 s a compile."""
+    the rest of the template is SwiGLU's, compiled by test_fast_launch_abi_matches_numba above), dtype mixes, the
+    unclamped Quick-GEGLU act and the tanh-GELU act (its cubic term): real PTX, SwiGLU's parameter list (moe_raw's
+    packed launch), each act's constants present exactly when asked for. About 0.4 s a compile."""
     proc = run_nvvm_check(_PTX_CHECK)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("OK") == 17, proc.stdout
+    assert proc.stdout.count("OK") == 21, proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------

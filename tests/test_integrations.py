@@ -27,13 +27,13 @@ def restore():
 
 
 def test_the_swapped_names():
-    assert len(integrations.automodel_names(M)) == 17  # permute / unpermute, the SwiGLU and Quick-GEGLU families
-    assert "permute" in integrations.automodel_names(M) and "geglu" not in integrations.automodel_names(M)
+    # permute / unpermute, the SwiGLU, GEGLU and Quick-GEGLU families (not MoEAuxLossAutoScaler: NOT_SWAPPED)
+    assert len(integrations.automodel_names(M)) == 23
+    assert {"permute", "geglu", "weighted_bias_geglu_impl"} <= set(integrations.automodel_names(M))
 
 
 def test_apply_patches_the_module_and_its_importers(restore):
     originals = {n: getattr(M, n) for n in integrations.automodel_names(M)}
-    geglu = experts.weighted_bias_geglu_impl
     patched = integrations.apply_to_automodel()
     for name in integrations.automodel_names(M):
         assert getattr(M, name) is getattr(moe_raw, name), name
@@ -42,7 +42,7 @@ def test_apply_patches_the_module_and_its_importers(restore):
     assert dispatcher.permute is moe_raw.permute and dispatcher.unpermute is moe_raw.unpermute
     assert f"{experts.__name__}:weighted_bias_swiglu_impl" in patched
     assert f"{dispatcher.__name__}:permute" in patched
-    assert experts.weighted_bias_geglu_impl is geglu  # no moe_raw kernel for GEGLU yet: left alone
+    assert experts.weighted_bias_geglu_impl is moe_raw.weighted_bias_geglu_impl  # Gemma4's experts
     assert M.MoEAuxLossAutoScaler is not moe_raw.MoEAuxLossAutoScaler
     assert integrations.apply_to_automodel() == []  # idempotent
     restored = integrations.undo_automodel()
@@ -50,6 +50,7 @@ def test_apply_patches_the_module_and_its_importers(restore):
     for name, fn in originals.items():
         assert getattr(M, name) is fn, name
     assert experts.weighted_bias_swiglu_impl is originals["weighted_bias_swiglu_impl"]
+    assert experts.weighted_bias_geglu_impl is originals["weighted_bias_geglu_impl"]
     assert dispatcher.permute is originals["permute"]
     assert integrations.undo_automodel() == []
 

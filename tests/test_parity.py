@@ -333,6 +333,7 @@ def _padding_cases():
 # and the reference's quick_glu constants.
 _ACTS = {
     "swiglu": (("swiglu", "weighted_swiglu", "swiglu_back", "weighted_swiglu_back"), {}),
+    "geglu": (("geglu", "weighted_geglu", "geglu_back", "weighted_geglu_back"), {}),
     "quick_geglu": (("quick_geglu", "weighted_quick_geglu", "quick_geglu_back", "weighted_quick_geglu_back"),
                     {"linear_offset": 0.5}),
     "clamped_swiglu": (("clamped_swiglu", "weighted_clamped_swiglu", "clamped_swiglu_back",
@@ -390,12 +391,13 @@ def _activation_cases():
         if lead is None:
             for fp8 in (False, True):
                 tag = f"{name}-fp8" if fp8 else name
-                cases.append(Case(
-                    "WeightedSwiGLUFunction", tag, make_biased,
-                    lambda i, fp8=fp8: (moe_raw.WeightedSwiGLUFunction.apply(i["y"], i["weights"], fp8),),
-                    lambda i, fp8=fp8: (R.WeightedSwiGLUFunction.apply(i["y"], i["weights"], fp8),),
-                    ("y", "weights"), views=views, kernels=True,
-                ))  # fmt: skip
+                for fn in ("WeightedSwiGLUFunction", "WeightedGEGLUFunction"):
+                    cases.append(Case(
+                        fn, tag, make_biased,
+                        lambda i, fp8=fp8, fn=fn: (getattr(moe_raw, fn).apply(i["y"], i["weights"], fp8),),
+                        lambda i, fp8=fp8, fn=fn: (getattr(R, fn).apply(i["y"], i["weights"], fp8),),
+                        ("y", "weights"), views=views, kernels=True,
+                    ))  # fmt: skip
                 cases.append(Case(
                     "WeightedQuickGeGLUFunction", tag, make_biased,
                     lambda i, fp8=fp8: (moe_raw.WeightedQuickGeGLUFunction.apply(i["y"], i["weights"], fp8, 0.5),),
@@ -404,12 +406,13 @@ def _activation_cases():
                 ))  # fmt: skip
         # the seed's *_impl reshape(-1, 2F) cannot take F = 0: those cases compare devices only
         seed_runs = f > 0
-        cases.append(Case(
-            "weighted_bias_swiglu_impl", name, make_biased,
-            lambda i: (moe_raw.weighted_bias_swiglu_impl(i["y"], i["weights"], False),),
-            (lambda i: (R.weighted_bias_swiglu_impl(i["y"], i["weights"], False),)) if seed_runs else None,
-            ("y", "weights"), views=views, kernels=True,
-        ))  # fmt: skip
+        for fn in ("weighted_bias_swiglu_impl", "weighted_bias_geglu_impl"):
+            cases.append(Case(
+                fn, name, make_biased,
+                lambda i, fn=fn: (getattr(moe_raw, fn)(i["y"], i["weights"], False),),
+                (lambda i, fn=fn: (getattr(R, fn)(i["y"], i["weights"], False),)) if seed_runs else None,
+                ("y", "weights"), views=views, kernels=True,
+            ))  # fmt: skip
         cases.append(Case(
             "weighted_bias_quick_geglu_impl", name, make_biased,
             lambda i: (moe_raw.weighted_bias_quick_geglu_impl(i["y"], i["bias"], i["weights"], False, 1.0, 2.0),),

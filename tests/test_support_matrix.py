@@ -211,7 +211,8 @@ GC = importlib.import_module("moe_raw._kernels.glu_codegen")
 GL = importlib.import_module("moe_raw._kernels.glu_launch")
 archs = [int(a) for a in sys.argv[1:]]
 codes = ("f32", "f16", "bf16")
-acts = (None, (1.702, 0.0, None), (1.702, 1.0, 7.0))  # SwiGLU (its own code), Quick-GEGLU, clamped SwiGLU
+acts = (None, (1.702, 0.0, None), (1.702, 1.0, 7.0), tuple(GC._GEGLU))  # SwiGLU (its own code), Quick-GEGLU,
+# clamped SwiGLU, GEGLU (tanh)
 specs = []
 # every kind (fwd / bwd, weighted or not, 16-byte vector or element) with every activation; the dtype rotates so
 # each kind meets all three and each activation all three
@@ -277,8 +278,8 @@ def numba_ptx_per_arch():
 
 @pytest.mark.parametrize("arch", _launch.CHECKED_ARCHS)
 def test_numba_kernels_compile_for_every_claimed_arch(numba_ptx_per_arch, arch):
-    """27 SwiGLU-family kernels (fwd / bwd x weighted or not x vector or element x SwiGLU / Quick-GEGLU / clamped,
-    fp32 / fp16 / bf16 and dtype mixes) to PTX targeting sm_<arch>, each assembled by ptxas for sm_<arch> with
+    """35 gated-activation kernels (fwd / bwd x weighted or not x vector or element x SwiGLU / Quick-GEGLU / clamped
+    / GEGLU, fp32 / fp16 / bf16 and dtype mixes) to PTX targeting sm_<arch>, each assembled by ptxas for sm_<arch> with
     warnings as errors. About 3 s an arch on 2 cores."""
     proc = numba_ptx_per_arch
     if "NO_NUMBA" in proc.stdout:

@@ -330,19 +330,24 @@ def _vector_intrinsics():
     return ld4, st4, add32, f16_to_f32, f32_to_f16
 
 
-# Gated activations. act = (alpha, linear_offset, limit) names the elementwise function of a kernel:
-#   act(a, b) = a' * sigmoid(alpha * a') * (b' + linear_offset),  a' = min(a, limit),  b' = clamp(b, -limit, limit)
-# for the gate a and linear b of one column (limit None: no clamp). SwiGLU is (1, 0, None): silu(a) * b.
-# quick_geglu is (1.702, linear_offset, None), gpt-oss's clamped SwiGLU (alpha, 1, limit).
+# Gated activations. act = (alpha, linear_offset, limit, cubic) names the elementwise function of a kernel:
+#   act(a, b) = a' * sigmoid(alpha * (a' + cubic a'^3)) * (b' + linear_offset),
+#   a' = min(a, limit),  b' = clamp(b, -limit, limit)
+# for the gate a and linear b of one column (limit None: no clamp). SwiGLU is (1, 0, None, 0): silu(a) * b.
+# quick_geglu is (1.702, linear_offset, None, 0), gpt-oss's clamped SwiGLU (alpha, 1, limit, 0), and the tanh-GELU
+# GEGLU (2 sqrt(2 / pi), 0, None, 0.044715): gelu_tanh(x) = 0.5 x (1 + tanh(z)) = x * sigmoid(2 z),
+# z = sqrt(2 / pi) (x + 0.044715 x^3).
 class Act(NamedTuple):
     """The constants of a gated activation (compiled into its kernels; a cache key, equal to the plain tuple)."""
 
     alpha: float
     linear_offset: float
     limit: float | None
+    cubic: float = 0.0
 
 
 _SWIGLU = Act(1.0, 0.0, None)
+_GEGLU = Act(2.0 * math.sqrt(2.0 / math.pi), 0.0, None, 0.044715)
 _acts: dict = {}  # (code, act) -> (gate, linear, bwd, fwd_word, bwd_word)
 
 
@@ -369,17 +374,23 @@ def _act_ops(code: str, act: tuple) -> tuple:
         from numba import float32, uint32
 
         dev, sig, bits_f32, f32_bits = d["dev"], d["sigmoids"][code], d["bits_f32"], d["f32_bits"]
-        alpha, offset, limit = act
-        scaled, shifted, clamped = alpha != 1.0, offset != 0.0, limit is not None
-        k_alpha, k_offset = np.float32(alpha), np.float32(offset)
+        alpha, offset, limit, cubic = Act(*act)
+        scaled, shifted, clamped, cubed = alpha != 1.0, offset != 0.0, limit is not None, cubic != 0.0
+        k_alpha, k_offset, k_cubic = np.float32(alpha), np.float32(offset), np.float32(cubic)
         hi = np.float32(limit if clamped else 0.0)
         lo = -hi
+
+        @dev
+        def arg(a):  # the sigmoid's argument
+            if cubed:
+                a = a + k_cubic * a * a * a
+            return k_alpha * a if scaled else a
 
         @dev
         def gate(a):
             if clamped:
                 a = hi if a > hi else a  # NaN stays NaN, as in torch.clamp
-            return a * (sig(k_alpha * a) if scaled else sig(a))
+            return a * sig(arg(a))
 
         @dev
         def linear(b):
@@ -395,13 +406,15 @@ def _act_ops(code: str, act: tuple) -> tuple:
                 pass_b = lo <= b and b <= hi
                 a = hi if a > hi else a
                 b = hi if b > hi else (lo if b < lo else b)
-            x = k_alpha * a if scaled else a
+            x = arg(a)
             s = sig(x)
             q = a * s
             if shifted:
                 b = b + k_offset
             gs = gg * scale
-            dgate = gs * s * (float32(1.0) + x * (float32(1.0) - s)) * b
+            # d(a s(x))/da = s (1 + a x'(a) (1 - s)); a x'(a) = x without the cubic term
+            xd = k_alpha * a * (float32(1.0) + float32(3.0) * k_cubic * a * a) if cubed else x
+            dgate = gs * s * (float32(1.0) + xd * (float32(1.0) - s)) * b
             dlin = gs * q
             if clamped:
                 dgate = dgate if pass_a else float32(0.0)
@@ -458,7 +471,7 @@ class GluSpec(NamedTuple):
 
 def _spec_act(spec) -> Act:
     act = spec[7] if len(spec) > 7 else None
-    return _SWIGLU if act is None else act
+    return _SWIGLU if act is None else Act(*act)
 
 
 # vec kernels take y, g and out as uint32 word arrays (one dtype for all three); element kernels take each array in
