@@ -381,28 +381,26 @@ def _weighted_glu_function(name: str, act: Act, doc: str) -> type:
     in weights.dtype, None) from one kernel pass (or its torch twin). One class body for every such activation."""
     op = f"moe_raw.{name}"
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, input, weights, fp8_input_store):
-            V.glu_input(input, op, two_d=True, arg="input")
-            V.glu_weights(weights, input, op)
-            V.fp8_flag(fp8_input_store, op)
-            saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
-            ctx.save_for_backward(saved, weights)
-            ctx.ori_input_dtype = input.dtype
-            ctx.fp8_input_store = bool(fp8_input_store)
-            return _gated(op, input, weights, True, act)
+    def forward(ctx, input, weights, fp8_input_store):
+        V.glu_input(input, op, two_d=True, arg="input")
+        V.glu_weights(weights, input, op)
+        V.fp8_flag(fp8_input_store, op)
+        saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+        ctx.save_for_backward(saved, weights)
+        ctx.ori_input_dtype = input.dtype
+        ctx.fp8_input_store = bool(fp8_input_store)
+        return _gated(op, input, weights, True, act)
 
-        @staticmethod
-        @once_differentiable
-        def backward(ctx, grad_output):
-            input, weights = ctx.saved_tensors
-            grads = _weighted_fn_backward(grad_output, input, weights, act, ctx.ori_input_dtype, ctx.needs_input_grad)
-            return (*grads, None)
+    def backward(ctx, grad_output):
+        input, weights = ctx.saved_tensors
+        grads = _weighted_fn_backward(grad_output, input, weights, act, ctx.ori_input_dtype, ctx.needs_input_grad)
+        return (*grads, None)
 
-    Function.__name__ = Function.__qualname__ = name
-    Function.__doc__ = doc
-    return Function
+    # type(), not a class statement, so that the Function and its autograd node carry the public name
+    # (grad_fn=<WeightedSwiGLUFunctionBackward>).
+    namespace = {"__doc__": doc, "__module__": __name__, "forward": staticmethod(forward),
+                 "backward": staticmethod(once_differentiable(backward))}  # fmt: skip
+    return type(name, (torch.autograd.Function,), namespace)
 
 
 _FP8_DOC = """
@@ -533,6 +531,12 @@ def quick_gelu(y: torch.Tensor, alpha: float = 1.702) -> torch.Tensor:
     return y * torch.sigmoid(alpha * y)
 
 
+def _plus_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """y + bias in at least fp32: the packages add the bias inside torch.compile'd code, in fp32 registers, so a 16-bit
+    y + bias is never rounded before the activation; here the kernels then run on the fp32 sum."""
+    return y.float() + bias.float() if y.dtype.itemsize < 4 else y + bias
+
+
 def weighted_bias_quick_geglu(
     y: torch.Tensor, bias: torch.Tensor, weights: torch.Tensor, linear_offset: float = 0.0
 ) -> torch.Tensor:
@@ -548,7 +552,7 @@ def weighted_bias_quick_geglu(
     op = "moe_raw.weighted_bias_quick_geglu"
     V.glu_input(y, op, two_d=True)
     V.glu_bias(bias, y, op)
-    return weighted_quick_geglu(y + bias, weights, linear_offset).to(y.dtype)
+    return weighted_quick_geglu(_plus_bias(y, bias), weights, linear_offset).to(y.dtype)
 
 
 def weighted_bias_quick_geglu_back(g, y, bias, weights, linear_offset: float = 0.0):
@@ -561,7 +565,7 @@ def weighted_bias_quick_geglu_back(g, y, bias, weights, linear_offset: float = 0
     op = "moe_raw.weighted_bias_quick_geglu_back"
     V.glu_input(y, op, two_d=True)
     V.glu_bias(bias, y, op)
-    dy, dweights = weighted_quick_geglu_back(g, y + bias, weights, linear_offset)
+    dy, dweights = weighted_quick_geglu_back(g, _plus_bias(y, bias), weights, linear_offset)
     dy = dy.to(y.dtype)
     return dy, dy, dweights
 
@@ -583,13 +587,13 @@ class WeightedBiasQuickGeGLUFunction(torch.autograd.Function):
         saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
         ctx.save_for_backward(saved, bias, weights)
         ctx.ori_input_dtype, ctx.act = input.dtype, act
-        return _gated(op, input + bias, weights, True, act).to(input.dtype)
+        return _gated(op, _plus_bias(input, bias), weights, True, act).to(input.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         input, bias, weights = ctx.saved_tensors
-        x = input.to(ctx.ori_input_dtype) + bias
+        x = _plus_bias(input.to(ctx.ori_input_dtype), bias)
         dx, dweights = _weighted_fn_backward(grad_output, x, weights, ctx.act, x.dtype, (True, ctx.needs_input_grad[2]))
         dinput = dx.to(ctx.ori_input_dtype) if ctx.needs_input_grad[0] else None
         dbias = dx.sum_to_size(bias.shape).to(bias.dtype) if ctx.needs_input_grad[1] else None
@@ -635,7 +639,7 @@ def weighted_bias_quick_geglu_impl(
         V.glu_bias(bias, input, op)
         if clamp_value is not None:
             input = reference.clamp_glu(input, V.act_limit(clamp_value, "clamp_value", op))
-        input = input + bias
+        input = _plus_bias(input, bias)
         clamp_value = None
     if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
         fn_op = "moe_raw.WeightedQuickGeGLUFunction"  # what the Function checks

@@ -7,14 +7,24 @@ against the package by tests/test_automodel.py) with moe_raw's, in that module a
 get moe_raw's through the patched module. It returns what it patched, does nothing more when called again, and
 ``undo_automodel()`` puts the originals back.
 
-Left alone: ``quick_gelu`` (plain torch in both; no kernel of moe_raw's behind it) and ``MoEAuxLossAutoScaler``, whose
-class attribute the training loop sets on the package's class.
+``apply_to_megatron()`` / ``undo_megatron()`` do the same for Megatron-LM (``megatron-core``): ``permute``,
+``unpermute`` and ``sort_chunks_by_idxs`` of ``megatron.core.transformer.moe.moe_utils``, the SwiGLU functions and
+``WeightedSwiGLUFunction`` of ``megatron.core.fusions.fused_bias_swiglu`` (Megatron's own
+``weighted_bias_swiglu_impl``, whose signature has a bias, then runs moe_raw's Function), and the GEGLU / Quick-GEGLU
+functions of ``megatron.core.fusions.fused_bias_geglu`` (tests/test_integrations.py checks each against Megatron's).
+
+Left alone: ``quick_gelu`` (plain torch in both; no kernel of moe_raw's behind it), ``MoEAuxLossAutoScaler``, whose
+class attribute the training loop sets on the package's class, and in Megatron the two Quick-GEGLU Functions, which
+Megatron calls with ``linear_offset`` as a tensor on the GPU (moe_raw compiles it into the kernel and would have to
+read it back), and the functions whose signatures differ (``weighted_bias_swiglu_impl``, the ``bias_*_impl``).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
+import warnings
 
 import moe_raw
 
@@ -22,6 +32,17 @@ AUTOMODEL_MODULE = "nemo_automodel.components.moe.megatron.moe_utils"
 # Names of the module that moe_raw also exports but does not swap: no kernel of moe_raw's behind them, or (the aux-loss
 # scaler) a class attribute the training loop sets on the package's own class.
 NOT_SWAPPED = frozenset({"quick_gelu", "MoEAuxLossAutoScaler"})
+# Megatron-LM: module -> the names swapped there (same signature and meaning as moe_raw's).
+MEGATRON_MODULES = {
+    "megatron.core.transformer.moe.moe_utils": ("permute", "unpermute", "sort_chunks_by_idxs"),
+    "megatron.core.fusions.fused_bias_swiglu": (
+        "swiglu", "swiglu_back", "weighted_swiglu", "weighted_swiglu_back", "WeightedSwiGLUFunction",
+    ),
+    "megatron.core.fusions.fused_bias_geglu": (
+        "geglu", "geglu_back", "quick_geglu", "quick_geglu_back", "weighted_quick_geglu", "weighted_quick_geglu_back",
+        "weighted_bias_quick_geglu", "weighted_bias_quick_geglu_back", "weighted_bias_quick_geglu_impl",
+    ),
+}  # fmt: skip
 
 
 def automodel_names(module) -> list[str]:
@@ -29,8 +50,74 @@ def automodel_names(module) -> list[str]:
     return [n for n in moe_raw.__all__ if n not in NOT_SWAPPED and n in vars(module)]
 
 
-# (module name, attribute) -> the original object, for every attribute patched and not yet restored.
-_ORIGINALS: dict = {}
+# stack ("automodel" | "megatron") -> {(module name, attribute): the original object}, for every attribute patched
+# and not yet restored.
+_ORIGINALS: dict = {"automodel": {}, "megatron": {}}
+
+
+def _apply(stack: str, package: str, swaps: dict) -> list[str]:
+    """Point each ``swaps`` module's names (module name -> names) at moe_raw's, there and in every imported module
+    of ``package`` holding the same original object. Returns ``"module:name"`` of each attribute patched."""
+    originals = _ORIGINALS[stack]
+    patched = []
+    for module_name, names in swaps.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            ours = getattr(moe_raw, name)
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+            if original is ours:  # already patched: the original is on record
+                original = originals[(module_name, name)]
+            elif not _same_parameters(original, ours):
+                warnings.warn(
+                    f"moe_raw.integrations: {module_name}.{name} has a signature moe_raw's does not take "
+                    f"({_signature(original)} vs {_signature(ours)}); left as it is",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            for mod_name, mod in list(sys.modules.items()):
+                if mod is None or not (mod_name == package or mod_name.startswith(package + ".")):
+                    continue
+                if vars(mod).get(name) is original:
+                    originals[(mod_name, name)] = original
+                    setattr(mod, name, ours)
+                    patched.append(f"{mod_name}:{name}")
+    return sorted(patched)
+
+
+def _signature(obj) -> inspect.Signature | None:
+    fn = obj.forward if inspect.isclass(obj) else obj
+    fn = getattr(fn, "_torchdynamo_orig_callable", fn)  # torch.compile's wrapper
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # e.g. a TorchScript function
+        return None
+
+
+def _same_parameters(original, ours) -> bool:
+    """ours takes the original's parameters, in order, with its defaults (and any more only with defaults): a newer
+    package whose function grew a parameter or changed a default is not patched."""
+    theirs, mine = _signature(original), _signature(ours)
+    if theirs is None or mine is None:
+        return False
+    t, m = list(theirs.parameters.values()), list(mine.parameters.values())
+    if [(p.name, p.kind, p.default) for p in m[: len(t)]] != [(p.name, p.kind, p.default) for p in t]:
+        return False
+    return all(p.default is not inspect.Parameter.empty for p in m[len(t) :])
+
+
+def _undo(stack: str) -> list[str]:
+    originals = _ORIGINALS[stack]
+    restored = []
+    for (mod_name, name), original in list(originals.items()):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and getattr(mod, name, None) is getattr(moe_raw, name):
+            setattr(mod, name, original)
+            restored.append(f"{mod_name}:{name}")
+        del originals[(mod_name, name)]
+    return sorted(restored)
 
 
 def apply_to_automodel() -> list[str]:
@@ -43,32 +130,27 @@ def apply_to_automodel() -> list[str]:
         ModuleNotFoundError: NeMo Automodel is not installed.
     """
     module = importlib.import_module(AUTOMODEL_MODULE)
-    package = AUTOMODEL_MODULE.split(".", 1)[0]
-    patched = []
-    for name in automodel_names(module):
-        ours = getattr(moe_raw, name)
-        original = getattr(module, name, None)
-        if original is None:
-            continue
-        if original is ours:  # already patched: the original is on record
-            original = _ORIGINALS[(AUTOMODEL_MODULE, name)]
-        for mod_name, mod in list(sys.modules.items()):
-            if mod is None or not (mod_name == package or mod_name.startswith(package + ".")):
-                continue
-            if vars(mod).get(name) is original:
-                _ORIGINALS[(mod_name, name)] = original
-                setattr(mod, name, ours)
-                patched.append(f"{mod_name}:{name}")
-    return sorted(patched)
+    return _apply("automodel", AUTOMODEL_MODULE.split(".", 1)[0], {AUTOMODEL_MODULE: automodel_names(module)})
 
 
 def undo_automodel() -> list[str]:
     """Put back every original that ``apply_to_automodel`` replaced. Returns ``"module:name"`` of each restored."""
-    restored = []
-    for (mod_name, name), original in list(_ORIGINALS.items()):
-        mod = sys.modules.get(mod_name)
-        if mod is not None and getattr(mod, name, None) is getattr(moe_raw, name):
-            setattr(mod, name, original)
-            restored.append(f"{mod_name}:{name}")
-        del _ORIGINALS[(mod_name, name)]
-    return sorted(restored)
+    return _undo("automodel")
+
+
+def apply_to_megatron() -> list[str]:
+    """Point Megatron-LM's ``moe_utils`` permute / unpermute / sort_chunks_by_idxs and its fused SwiGLU / GEGLU /
+    Quick-GEGLU functions (``MEGATRON_MODULES``), and the ``megatron`` modules that imported them, at moe_raw's.
+
+    Returns:
+        ``"module:name"`` for each attribute patched by this call, sorted (empty when everything was already).
+
+    Raises:
+        ModuleNotFoundError: megatron-core is not installed.
+    """
+    return _apply("megatron", "megatron", MEGATRON_MODULES)
+
+
+def undo_megatron() -> list[str]:
+    """Put back every original that ``apply_to_megatron`` replaced. Returns ``"module:name"`` of each restored."""
+    return _undo("megatron")

@@ -300,27 +300,25 @@ def weighted_swiglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
     return input_grad.to(input_dtype), weights_grad.to(w_dtype)
 
 
-def _weighted_function(forward_fn, backward_fn):
+def _weighted_function(name, forward_fn, backward_fn):
     """The seed's Weighted<Act>Function for a weighted forward / backward pair (SwiGLU's; Automodel's GEGLU one is
     the same body with need_weight_grad)."""
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, input, weights, fp8_input_store):
-            input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
-            ctx.save_for_backward(input_for_backward, weights)
-            ctx.ori_input_dtype = input.dtype
-            ctx.fp8_input_store = fp8_input_store
-            return forward_fn(input, weights)
+    def forward(ctx, input, weights, fp8_input_store):
+        input_for_backward = input.to(torch.float8_e4m3fn) if fp8_input_store else input
+        ctx.save_for_backward(input_for_backward, weights)
+        ctx.ori_input_dtype = input.dtype
+        ctx.fp8_input_store = fp8_input_store
+        return forward_fn(input, weights)
 
-        @staticmethod
-        def backward(ctx, grad_output):
-            input, weights = ctx.saved_tensors
-            input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
-            tmp, wgrad = backward_fn(grad_output, input, weights, need_weight_grad=ctx.needs_input_grad[1])
-            return tmp, wgrad, None
+    def backward(ctx, grad_output):
+        input, weights = ctx.saved_tensors
+        input = input.to(ctx.ori_input_dtype) if ctx.fp8_input_store else input
+        tmp, wgrad = backward_fn(grad_output, input, weights, need_weight_grad=ctx.needs_input_grad[1])
+        return tmp, wgrad, None
 
-    return Function
+    namespace = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), namespace)
 
 
 def _weighted_impl(function, input, weights, fp8_input_store):
@@ -331,7 +329,7 @@ def _weighted_impl(function, input, weights, fp8_input_store):
     return output if len(ori_shape) == 2 else output.view(ori_shape[0], ori_shape[1], -1)
 
 
-WeightedSwiGLUFunction = _weighted_function(weighted_swiglu, weighted_swiglu_back)
+WeightedSwiGLUFunction = _weighted_function("WeightedSwiGLUFunction", weighted_swiglu, weighted_swiglu_back)
 
 
 def weighted_bias_swiglu_impl(input, weights, fp8_input_store=False):
@@ -504,7 +502,7 @@ def weighted_geglu_back(g: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
     return input_grad.to(y.dtype), weights_grad.to(weights.dtype)
 
 
-WeightedGEGLUFunction = _weighted_function(weighted_geglu, weighted_geglu_back)
+WeightedGEGLUFunction = _weighted_function("WeightedGEGLUFunction", weighted_geglu, weighted_geglu_back)
 
 
 def weighted_bias_geglu_impl(input, weights, fp8_input_store=False):

@@ -49,9 +49,9 @@ DTYPES = GLU_DTYPES
 # Each family's four functions, their keyword constants for one case, and that case's act (alpha, offset, limit).
 FAMILIES = {
     "quick": (("quick_geglu", "weighted_quick_geglu", "quick_geglu_back", "weighted_quick_geglu_back"),
-              {"linear_offset": 0.5}, (1.702, 0.5, None)),
+              {"linear_offset": 0.5}, GC.Act(1.702, 0.5, None)),
     "clamped": (("clamped_swiglu", "weighted_clamped_swiglu", "clamped_swiglu_back", "weighted_clamped_swiglu_back"),
-                {"alpha": 1.702, "limit": 7.0}, (1.702, 1.0, 7.0)),
+                {"alpha": 1.702, "limit": 7.0}, GC.Act(1.702, 1.0, 7.0)),
 }  # fmt: skip
 
 
@@ -166,7 +166,7 @@ def _three_d(n, f, dtype, device):
 
 def test_three_d_and_default_constants(kernels):
     _three_d(3, 8, torch.float16, "cpu")
-    assert [spec[7] for spec in kernels[::4]] == [(1.702, 0.0, None), (1.702, 1.0, 7.0)]
+    assert [spec[7] for spec in kernels[::4]] == [GC.Act(1.702, 0.0, None), GC.Act(1.702, 1.0, 7.0)]
 
 
 def _dtype_mixes(n, f, device):
@@ -233,7 +233,7 @@ def test_constants_share_one_kernel(kernels):
     y = torch.randn(2, 16)
     outs = [moe_raw.quick_geglu(y, off) for off in (1, 1.0, np.float32(1.0), torch.tensor(1.0))]
     assert all(torch.equal(o, outs[0]) for o in outs)
-    assert len({spec for spec in kernels}) == 1 and kernels[0][7] == (1.702, 1.0, None)
+    assert len({spec for spec in kernels}) == 1 and kernels[0][7] == GC.Act(1.702, 1.0, None)
 
 
 def _autograd(fn, y, w, g, bias=None):
@@ -302,7 +302,7 @@ def _impl_with_bias(n, f, device):
 
 def test_impl_with_bias(kernels):
     _impl_with_bias(4, 8, "cpu")
-    assert all(spec[7] == (1.702, 1.0, None) for spec in kernels)  # the kernels get the biased input, clamp done
+    assert all(spec[7] == GC.Act(1.702, 1.0, None) for spec in kernels)  # the kernels get the biased input, clamp done
 
 
 def test_function_takes_megatrons_arguments(kernels):

@@ -338,7 +338,8 @@ def _vector_intrinsics():
 # GEGLU (2 sqrt(2 / pi), 0, None, 0.044715): gelu_tanh(x) = 0.5 x (1 + tanh(z)) = x * sigmoid(2 z),
 # z = sqrt(2 / pi) (x + 0.044715 x^3).
 class Act(NamedTuple):
-    """The constants of a gated activation (compiled into its kernels; a cache key, equal to the plain tuple)."""
+    """The constants of a gated activation (compiled into its kernels; a cache key). A plain (alpha, linear_offset,
+    limit) tuple is read as cubic 0 wherever an act enters the kernels (``Act(*act)``)."""
 
     alpha: float
     linear_offset: float
