@@ -13,15 +13,18 @@ check passes.
 
 Options:
   --ops     comma list of: permute, unpermute, sort_chunks, topk, pad, swiglu, weighted_swiglu,
-            weighted_swiglu_back, layer; or "all". "permute" and "swiglu" name their groups: permute = permute +
-            unpermute (measured together: one shape gives both, fwd, bwd and the autograd round trip) + sort_chunks
-            (sort_chunks_by_idxs) + topk (permute_topk / unpermute_topk) + pad (permute_and_pad,
+            weighted_swiglu_back, layer, automodel; or "all". "permute" and "swiglu" name their groups: permute =
+            permute + unpermute (measured together: one shape gives both, fwd, bwd and the autograd round trip) +
+            sort_chunks (sort_chunks_by_idxs) + topk (permute_topk / unpermute_topk) + pad (permute_and_pad,
             permute_with_row_map); swiglu = swiglu + weighted_swiglu + weighted_swiglu_back. layer = the
-            end-to-end MoE layer (bench/bench_layer.py). Default: all.
+            end-to-end MoE layer (bench/bench_layer.py). automodel = NeMo Automodel's own expert block, stock vs
+            after apply_to_automodel() (bench/automodel_block.py; skipped when nemo_automodel is not installed).
+            Default: all.
   --dtype   bf16 (default) | fp16 | fp32: the benchmark's token/activation dtype (the self-check runs all three).
   --shapes  comma list of shape names from bench_permute.SHAPES, bench_swiglu.SHAPES (the name up to the first
-            space, e.g. N32768-F2048, is enough) and bench_layer.LAYER_SHAPES; an op runs the listed shapes of its
-            own table (or, if none of them is in its table, its default). Default: every shape (--quick: the first).
+            space, e.g. N32768-F2048, is enough), bench_layer.LAYER_SHAPES and automodel_block.SHAPES; an op runs
+            the listed shapes of its own table (or, if none of them is in its table, its default). Default: every
+            shape (--quick: the first).
   --out DIR where the record goes (default bench/results/latest on CUDA; on CPU nothing is written unless given).
 
 Output: PASS/FAIL lines of the self-check and the benchmark's progress go to stdout/stderr as they happen; the
@@ -60,7 +63,7 @@ from .record import markdown, write_record
 from .selfcheck import selfcheck
 
 OPS = ("permute", "unpermute", "sort_chunks", "topk", "pad", "swiglu", "weighted_swiglu", "weighted_swiglu_back",
-       "layer")  # fmt: skip
+       "layer", "automodel")  # fmt: skip
 GROUPS = {
     "all": OPS,
     "permute": ("permute", "unpermute", "sort_chunks", "topk", "pad"),
@@ -76,9 +79,10 @@ progress = common.progress
 
 def shape_tables() -> dict:
     """{"permute": {name: shape}, "swiglu": {...}, "layer": {...}} (names as in the modules' tables)."""
-    from . import bench_layer, bench_permute, bench_swiglu
+    from . import automodel_block, bench_layer, bench_permute, bench_swiglu
 
-    return {"permute": bench_permute.SHAPES, "swiglu": bench_swiglu.SHAPES, "layer": bench_layer.LAYER_SHAPES}
+    return {"permute": bench_permute.SHAPES, "swiglu": bench_swiglu.SHAPES, "layer": bench_layer.LAYER_SHAPES,
+            "automodel": automodel_block.SHAPES}  # fmt: skip
 
 
 def _short(name: str) -> str:
@@ -235,6 +239,19 @@ def run_benchmarks(args) -> tuple[list, dict, bool]:
             lrows, lok = bench_layer.bench_layer_shape(name, *bench_layer.LAYER_SHAPES[name], dtype=dtype)
             ok &= lok
             rows += [{"dtype": args.dtype, **r} for r in lrows]
+    if "automodel" in args.ops:
+        from . import automodel_block
+
+        try:
+            automodel_block.modules()
+        except ImportError as e:
+            progress(f"automodel: skipped ({e}); pip install --no-deps nemo_automodel==0.7.0 to run it")
+        else:
+            for name in select_shapes(automodel_block.SHAPES, args.shapes, args.quick):
+                progress(f"NeMo Automodel expert block {name} (stock vs apply_to_automodel, fwd+bwd)")
+                arows = automodel_block.bench_shape(name, *automodel_block.SHAPES[name], dtype=dtype)
+                rows += [{"dtype": args.dtype, **r} for r in arows]
+                torch.cuda.empty_cache()
     _speedups(rows)
     return rows, {"copy_GBps": copy_gbs, "write_GBps": write_gbs}, ok
 
