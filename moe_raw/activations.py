@@ -65,6 +65,14 @@ def _gated(op: str, y, weights, weighted: bool, act: tuple) -> torch.Tensor:
     return _glu_fwd(y, weights, act)
 
 
+def _weighted_forward(y, weights, act: tuple) -> torch.Tensor:
+    """act(y) * weights [N, F] for an autograd Function's forward, whose own checks have run (not twice per call):
+    the custom op when torch.compile traces the Function, else the kernels (no grad inside forward: no node)."""
+    if torch.compiler.is_compiling():
+        return _ops.weighted_glu(y, weights, *act)
+    return _glu_fwd(y, weights, act)
+
+
 def _gated_back(op: str, g, y, weights, weighted: bool, act: tuple, need_weight_grad: bool = True):
     """Validated backward of ``act``: dy [..., 2F] in promote(g, y); with weights (2-D) (dy in y.dtype, dweights
     [N, 1] in weights.dtype, or None when not need_weight_grad). Differentiable (twice-differentiable activations):
@@ -389,7 +397,7 @@ def _weighted_glu_function(name: str, act: Act, doc: str) -> type:
         ctx.save_for_backward(saved, weights)
         ctx.ori_input_dtype = input.dtype
         ctx.fp8_input_store = bool(fp8_input_store)
-        return _gated(op, input, weights, True, act)
+        return _weighted_forward(input, weights, act)
 
     def backward(ctx, grad_output):
         input, weights = ctx.saved_tensors
@@ -514,7 +522,7 @@ class WeightedQuickGeGLUFunction(torch.autograd.Function):
         ctx.ori_input_dtype = input.dtype
         ctx.fp8_input_store = bool(fp8_input_store)
         ctx.act = act
-        return _gated(op, input, weights, True, act)
+        return _weighted_forward(input, weights, act)
 
     @staticmethod
     @once_differentiable
@@ -587,7 +595,7 @@ class WeightedBiasQuickGeGLUFunction(torch.autograd.Function):
         saved = input.to(torch.float8_e4m3fn) if fp8_input_store else input
         ctx.save_for_backward(saved, bias, weights)
         ctx.ori_input_dtype, ctx.act = input.dtype, act
-        return _gated(op, _plus_bias(input, bias), weights, True, act).to(input.dtype)
+        return _weighted_forward(_plus_bias(input, bias), weights, act).to(input.dtype)
 
     @staticmethod
     @once_differentiable

@@ -138,7 +138,8 @@ def _plan(kind: str, ydt, gdt, odt, wdt, act) -> tuple:
         yc, gc, oc = _CODE[ydt], _CODE[gdt], _CODE[odt]
         weighted = wdt is not None
         wc = _CODE[wdt] if weighted else "f32"
-        act = None if Act(*act) == _SWIGLU else Act(*act)  # SwiGLU's own code path
+        act = Act(*act)  # a plain 3-tuple reads as cubic 0
+        act = None if act == _SWIGLU else act  # SwiGLU's own code path
         vec = GluSpec(kind, weighted, True, yc, gc, oc, wc, act) if yc == gc == oc else None
         plan = _PLANS[key] = (_ESIZE[yc], (vec, GluSpec(kind, weighted, False, yc, gc, oc, wc, act)))
     return plan
