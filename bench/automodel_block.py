@@ -25,13 +25,14 @@ def modules():
 
 @contextlib.contextmanager
 def process_group(device: str = "cpu"):
-    """A one-rank process group (gloo on CPU, NCCL on CUDA; created here unless one exists) and its 1-D mesh."""
+    """A one-rank process group (gloo for CPU tensors, and NCCL for CUDA ones when ``device`` is "cuda"; created here
+    unless one exists) and its 1-D mesh on ``device``."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     created = not dist.is_initialized()
     if created:
-        backend = "nccl" if device == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield init_device_mesh(device, (1,))
