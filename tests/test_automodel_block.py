@@ -16,10 +16,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import moe_raw
 from bench import automodel_block as AB
-from conftest import DEVICES
 from moe_raw import integrations
 
 pytest.importorskip(
@@ -49,7 +49,7 @@ def test_patched_block_matches_the_stock_block(device, activation, impl):
         stock = AB.step(stock_block, x, logits, K)
         try:
             integrations.apply_to_automodel()
-            patched_block = AB.build(mesh, activation, weights, E, K, dtype)  # built after the switch, as the README says
+            patched_block = AB.build(mesh, activation, weights, E, K, dtype)  # built after the switch (README)
             assert patched_block.expert_activation is getattr(moe_raw, impl)
             assert T.permute is moe_raw.permute and T.unpermute is moe_raw.unpermute
             patched = AB.step(patched_block, x, logits, K)
