@@ -41,6 +41,12 @@ from moe_raw.chunks import sort_chunks_by_idxs
 from moe_raw.dispatcher import MoEAlltoAllDispatcher
 from moe_raw.padding import permute_and_pad, permute_with_row_map
 from moe_raw.permutation import permute, unpermute
+from moe_raw.router import (
+    compute_routing_scores_for_aux_loss,
+    switch_load_balancing_loss_func,
+    topk_routing_with_score_function,
+    z_loss_func,
+)
 from moe_raw.topk import permute_topk, topk_to_routing, unpermute_topk
 
 __all__ = [
@@ -76,6 +82,10 @@ __all__ = [
     "weighted_bias_quick_geglu_back",
     "WeightedBiasQuickGeGLUFunction",
     "MoEAuxLossAutoScaler",
+    "topk_routing_with_score_function",
+    "compute_routing_scores_for_aux_loss",
+    "switch_load_balancing_loss_func",
+    "z_loss_func",
     "clamped_swiglu",
     "weighted_clamped_swiglu",
     "clamped_swiglu_back",

@@ -50,6 +50,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# kernels/router.cu: experts a lane holds (E <= 32 * V); a launch takes the smallest V that covers E.
+ROUTER_LANE_SLOTS = (1, 2, 4, 8, 16, 32)
+
+
 def _permute_instances() -> tuple[str, ...]:
     names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>", "moe_raw::pad_offsets<1024>"]
     names += [f"moe_raw::permute_scatter<{vb}>" for vb in _VEC_BYTES]
@@ -70,6 +74,12 @@ KERNELS = {
         for index in ("int32_t", "int64_t")
         for word in ("uint16_t", "uint32_t", "uint64_t")
     ),
+    "router": tuple(
+        f"moe_raw::router_{way}<{acc}, {v}>"
+        for acc in ("float", "double")
+        for v in ROUTER_LANE_SLOTS
+        for way in ("fwd", "bwd")
+    ),
 }
 
 # Parameter layout of every kernel, as struct codes: P device pointer, q int64_t, i int. struct's native
@@ -87,6 +97,7 @@ SIGNATURES = {
     },
     "chunks": {"chunk_sort": "PqPqqqPiPiiPqPii"},
     "topk": {"topk_dense": "PPqiiPqP"},
+    "router": {"router_fwd": "PiqiPiiiiiidiPiPPP", "router_bwd": "PiqiiiidiPiiPP"},
 }
 
 _lock = threading.Lock()

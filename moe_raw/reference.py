@@ -507,3 +507,112 @@ WeightedGEGLUFunction = _weighted_function("WeightedGEGLUFunction", weighted_geg
 
 def weighted_bias_geglu_impl(input, weights, fp8_input_store=False):
     return _weighted_impl(WeightedGEGLUFunction, input, weights, fp8_input_store)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router (Megatron-LM main's moe_utils): score function, (group-limited) top-k, the aux-loss scores and losses.
+# ``select(scores, k) -> (values, indices)`` ranks: torch.topk (Megatron's, whose choice among equal values is
+# unspecified) or ``stable_topk`` (moe_raw's CPU path and kernel: the lower expert index first among equal values).
+
+
+def stable_topk(scores: torch.Tensor, k: int):
+    """torch.topk's values and indices, larger first, the lower index first among equal values (NaN first)."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def _torch_topk(scores: torch.Tensor, k: int):
+    return torch.topk(scores, k=k, dim=-1)
+
+
+def group_limited_topk(scores, topk, num_tokens, num_experts, num_groups, group_topk, select=_torch_topk):
+    """Top-k inside the ``group_topk`` groups (of E / num_groups consecutive experts) whose top (topk / group_topk)
+    scores sum highest: (values [T, K], indices [T, K])."""
+    # Megatron views [T, G, -1], which fails at T = 0; the group size is spelled out here
+    group_scores = select(scores.view(num_tokens, num_groups, num_experts // num_groups), topk // group_topk)[0]
+    group_scores = group_scores.sum(dim=-1)
+    group_idx = select(group_scores, group_topk)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(num_tokens, num_groups, num_experts // num_groups)
+    masked = scores.masked_fill(~score_mask.reshape(num_tokens, num_experts).bool(), float("-inf"))
+    return select(masked, topk)
+
+
+def _scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    """sigmoid or sqrt(softplus) of the logits, in fp32."""
+    if score_function == "sigmoid":
+        return torch.sigmoid(logits.float())
+    return F.softplus(logits.float()).sqrt()
+
+
+def topk_routing_with_score_function(
+    logits, topk, use_pre_softmax=False, num_groups=None, group_topk=None, scaling_factor=None,
+    score_function="softmax", expert_bias=None, dense_output=False, select=_torch_topk,
+):  # fmt: skip
+    """Megatron main: (probs [T, E], routing_map [T, E] bool), or with dense_output (probs [T, K], indices [T, K]).
+    fp32 in between, probs in the logits' dtype; expert_bias ranks sigmoid / sqrtsoftplus scores only."""
+    num_tokens, num_experts = logits.shape
+
+    def pick(scores):
+        if group_topk:
+            return group_limited_topk(scores, topk, num_tokens, num_experts, num_groups, group_topk, select)
+        return select(scores, topk)
+
+    if score_function == "softmax":
+        if use_pre_softmax:
+            probs, top_indices = pick(torch.softmax(logits, dim=-1, dtype=torch.float32))
+        else:
+            scores, top_indices = pick(logits)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    else:
+        scores = _scores(logits, score_function)
+        if expert_bias is not None:
+            top_indices = pick(scores + expert_bias.float())[1]
+            scores = torch.gather(scores, dim=1, index=top_indices)
+        else:
+            scores, top_indices = pick(scores)
+        probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20) if topk > 1 else scores
+    if scaling_factor:
+        probs = probs * scaling_factor
+    probs = probs.type_as(logits)
+    if dense_output:
+        return probs, top_indices
+    routing_probs = torch.zeros_like(logits).scatter(1, top_indices, probs)
+    routing_map = torch.zeros_like(logits, dtype=torch.int32).scatter(1, top_indices, 1).bool()
+    return routing_probs, routing_map
+
+
+def compute_routing_scores_for_aux_loss(logits, topk, score_function, padding_mask=None, select=_torch_topk):
+    """Megatron main: (routing_map [T, E] bool, scores [T, E] fp32): softmax, or the score over its row sum + 1e-20,
+    and the map of its top-k. ``padding_mask`` [T] bool, True = padding (the row is zeroed), as Megatron's code."""
+    if score_function == "softmax":
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    else:
+        scores = _scores(logits, score_function)
+        scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    top_indices = select(scores, topk)[1]
+    routing_map = torch.zeros_like(logits, dtype=torch.int32).scatter(1, top_indices, 1).bool()
+    if padding_mask is not None:
+        valid = (~padding_mask).unsqueeze(-1)
+        routing_map, scores = routing_map * valid, scores * valid
+    return routing_map, scores
+
+
+def switch_load_balancing_loss_func(
+    probs, tokens_per_expert, total_num_tokens, topk, num_experts, moe_aux_loss_coeff, padding_mask=None
+):
+    """Megatron: sum_e(sum_t probs[t, e] * tokens_per_expert[e]) * E * coeff / (K * T^2). ``padding_mask`` [T] bool,
+    True = a valid token here (Megatron's two functions read the mask with opposite meanings; both are kept)."""
+    if padding_mask is not None:
+        probs = probs * padding_mask.unsqueeze(-1)
+    scale = num_experts * moe_aux_loss_coeff / (topk * total_num_tokens * total_num_tokens)
+    return torch.sum(probs.sum(dim=0) * tokens_per_expert) * scale
+
+
+def z_loss_func(logits, z_loss_coeff, padding_mask=None):
+    """Megatron: mean over tokens of logsumexp(logits)^2, times the coefficient; ``padding_mask`` True = padding."""
+    z = torch.square(torch.logsumexp(logits, dim=-1))
+    if padding_mask is None:
+        return torch.mean(z) * z_loss_coeff
+    valid = ~padding_mask
+    return (z * valid).sum() / torch.clamp(valid.sum(), min=1.0) * z_loss_coeff

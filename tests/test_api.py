@@ -80,6 +80,11 @@ EXTRAS = (
     "weighted_geglu_back",
     "WeightedGEGLUFunction",
     "weighted_bias_geglu_impl",
+    # Megatron-LM main's router functions (issue 18)
+    "topk_routing_with_score_function",
+    "compute_routing_scores_for_aux_loss",
+    "switch_load_balancing_loss_func",
+    "z_loss_func",
 )
 PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction", "MoEAlltoAllDispatcher"} | set(EXTRAS)
 

@@ -489,6 +489,59 @@ def _automodel_extra_cases():
     return cases
 
 
+def _router_cases():
+    """The router (issue 18): random logits (no ties), each score function, groups, bias, both output forms."""
+    cases = []
+    shapes = [("bf16", 9, 16, torch.bfloat16), ("fp32-strided", 6, 24, torch.float32), ("T0", 0, 8, torch.float32)]
+    configs = {
+        "softmax": (2, {}),
+        "softmax-pre-groups": (4, {"use_pre_softmax": True, "num_groups": 4, "group_topk": 2}),
+        "sigmoid-bias-scaled": (3, {"score_function": "sigmoid", "scaling_factor": 2.5}),
+        "sqrtsoftplus-K1": (1, {"score_function": "sqrtsoftplus"}),
+    }
+    for (name, t, e, dtype), (cname, (k, kw)) in itertools.product(shapes, configs.items()):
+
+        def make(t=t, e=e, dtype=dtype, width=2 * e if "strided" in name else e):
+            logits = torch.randn(t, width).to(dtype)
+            return {"logits": logits, "bias": torch.randn(e) * 0.1, "mask": torch.arange(t) % 3 == 0}
+
+        views = {"logits": (lambda x, e=e: x[:, ::2])} if "strided" in name else {}
+        bias = "bias" in cname
+        for dense in (False, True):
+            cases.append(Case(
+                "topk_routing_with_score_function", f"{name}-{cname}-{'topk' if dense else 'map'}", make,
+                lambda i, k=k, kw=kw, dense=dense, bias=bias: moe_raw.topk_routing_with_score_function(
+                    i["logits"], k, **kw, expert_bias=i["bias"] if bias else None, dense_output=dense),
+                lambda i, k=k, kw=kw, dense=dense, bias=bias: R.topk_routing_with_score_function(
+                    i["logits"], k, **kw, expert_bias=i["bias"] if bias else None, dense_output=dense),
+                ("logits",), views=views,
+            ))  # fmt: skip
+        function = kw.get("score_function", "softmax")
+        cases.append(Case(
+            "compute_routing_scores_for_aux_loss", f"{name}-{cname}", make,
+            lambda i, k=k, f=function: moe_raw.compute_routing_scores_for_aux_loss(i["logits"], k, f,
+                                                                                  padding_mask=i["mask"]),
+            lambda i, k=k, f=function: R.compute_routing_scores_for_aux_loss(i["logits"], k, f, i["mask"]),
+            ("logits",), views=views,
+        ))  # fmt: skip
+    for name, t, e, dtype in shapes:
+
+        def make_loss(t=t, e=e, dtype=dtype):
+            return {"probs": torch.rand(t, e).to(dtype), "tpe": torch.randint(0, 9, (e,)), "logits": torch.randn(t, e)
+                    .to(dtype), "mask": torch.arange(t) % 3 == 0}  # fmt: skip
+
+        cases += [
+            Case("switch_load_balancing_loss_func", name, make_loss,
+                 lambda i: (moe_raw.switch_load_balancing_loss_func(i["probs"], i["tpe"], 40, 2, i["tpe"].numel(), 0.1,
+                                                                    padding_mask=i["mask"]),),
+                 lambda i: (R.switch_load_balancing_loss_func(i["probs"], i["tpe"], 40, 2, i["tpe"].numel(), 0.1,
+                                                              i["mask"]),), ("probs",)),
+            Case("z_loss_func", name, make_loss, lambda i: (moe_raw.z_loss_func(i["logits"], 1e-3, i["mask"]),),
+                 lambda i: (R.z_loss_func(i["logits"], 1e-3, i["mask"]),), ("logits",)),
+        ]  # fmt: skip
+    return cases
+
+
 CASES = (
     _permute_cases()
     + _unpermute_cases()
@@ -498,6 +551,7 @@ CASES = (
     + _activation_cases()
     + _dispatcher_cases()
     + _automodel_extra_cases()
+    + _router_cases()
 )
 
 

@@ -1,0 +1,68 @@
+"""Launchers of kernels/router.cu: the router's forward and backward, one launch each (no host sync)."""
+
+from __future__ import annotations
+
+import torch
+
+from moe_raw._launch import ROUTER_LANE_SLOTS, SCALAR_CODE, cdiv, launch, ptr
+
+SCORE_CODE = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # kernels/router.cu ScoreFn
+MAX_EXPERTS = 32 * ROUTER_LANE_SLOTS[-1]  # a lane holds at most 32 experts
+MAX_TOPK = 32  # lane k holds pick k
+MAX_GROUPS = 64  # the kept groups are one 64-bit mask
+_WARPS = 4  # kernels/router.cu kRouterWarps: tokens per block
+
+
+def covers(num_experts: int, topk: int, group_topk, num_groups) -> bool:
+    """Whether the kernel takes this router (else moe_raw/router.py runs the same formulas as torch ops)."""
+    return num_experts <= MAX_EXPERTS and topk <= MAX_TOPK and (not group_topk or num_groups <= MAX_GROUPS)
+
+
+def _name(way: str, logits: torch.Tensor) -> str:
+    slots = next(v for v in ROUTER_LANE_SLOTS if 32 * v >= logits.shape[1])
+    acc = "double" if logits.dtype == torch.float64 else "float"
+    return f"moe_raw::router_{way}<{acc}, {slots}>"
+
+
+def forward(logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux):
+    """(probs, routing_map, idx [T, K] int64, scores): probs [T, E] (dense) or [T, K] in the logits' dtype, and the
+    bool map [T, E] (dense); aux: no probs, the map and scores [T, E] fp32. logits: contiguous [T, E] on CUDA."""
+    num_tokens, num_experts = logits.shape
+    dev = logits.device
+    idx = torch.empty((num_tokens, topk), dtype=torch.int64, device=dev)
+    probs = routing_map = scores = None
+    if aux or dense:
+        routing_map = torch.empty((num_tokens, num_experts), dtype=torch.bool, device=dev)
+    if aux:
+        scores = torch.empty((num_tokens, num_experts), dtype=torch.float32, device=dev)
+    else:
+        probs = torch.empty((num_tokens, num_experts if dense else topk), dtype=logits.dtype, device=dev)
+    if num_tokens:
+        bias = expert_bias if expert_bias is not None and score_function != "softmax" and not aux else None
+        grouped = bool(group_topk) and not aux
+        acc_bytes = 8 if logits.dtype == torch.float64 else 4  # grouped routing stages the keys in shared memory
+        shared = _WARPS * num_experts * acc_bytes if grouped else 0
+        launch(
+            "router", _name("fwd", logits), dev, cdiv(num_tokens, _WARPS), 32 * _WARPS,
+            (ptr(logits), SCALAR_CODE[logits.dtype], num_tokens, num_experts, ptr(bias),
+             SCALAR_CODE[bias.dtype] if bias is not None else 0, topk, SCORE_CODE[score_function], int(pre_softmax),
+             num_groups if grouped else 0, group_topk if grouped else 0, float(scaling or 0.0), int(aux), ptr(probs),
+             int(dense), ptr(routing_map), ptr(idx), ptr(scores)),
+            shared,
+        )  # fmt: skip
+    return probs, routing_map, idx, scores
+
+
+def backward(logits, idx, grad, topk, score_function, pre_softmax, scaling, dense, aux):
+    """d logits [T, E] (the logits' dtype) from d probs (dense [T, E] or [T, K]) or, aux, d scores [T, E]."""
+    num_tokens, num_experts = logits.shape
+    grad = grad.contiguous()
+    grad_logits = torch.empty_like(logits)
+    if num_tokens:
+        launch(
+            "router", _name("bwd", logits), logits.device, cdiv(num_tokens, _WARPS), 32 * _WARPS,
+            (ptr(logits), SCALAR_CODE[logits.dtype], num_tokens, num_experts, topk, SCORE_CODE[score_function],
+             int(pre_softmax), float(scaling or 0.0), int(aux), ptr(grad), SCALAR_CODE[grad.dtype], int(dense),
+             ptr(idx), ptr(grad_logits)),
+        )  # fmt: skip
+    return grad_logits
