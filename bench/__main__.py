@@ -13,10 +13,12 @@ check passes.
 
 Options:
   --ops     comma list of: permute, unpermute, sort_chunks, topk, pad, swiglu, weighted_swiglu,
-            weighted_swiglu_back, layer, automodel; or "all". "permute" and "swiglu" name their groups: permute =
-            permute + unpermute (measured together: one shape gives both, fwd, bwd and the autograd round trip) +
-            sort_chunks (sort_chunks_by_idxs) + topk (permute_topk / unpermute_topk) + pad (permute_and_pad,
-            permute_with_row_map); swiglu = swiglu + weighted_swiglu + weighted_swiglu_back. layer = the
+            weighted_swiglu_back, router, layer, automodel; or "all". "permute" and "swiglu" name their groups:
+            permute = permute + unpermute (measured together: one shape gives both, fwd, bwd and the autograd round
+            trip) + sort_chunks (sort_chunks_by_idxs) + topk (permute_topk / unpermute_topk) + pad (permute_and_pad,
+            permute_with_row_map); swiglu = swiglu + weighted_swiglu + weighted_swiglu_back. router =
+            topk_routing_with_score_function fwd / fwd+bwd beside Megatron's torch router (bench/bench_router.py,
+            fp32 logits). layer = the
             end-to-end MoE layer (bench/bench_layer.py). automodel = NeMo Automodel's own expert block, stock vs
             after apply_to_automodel() (bench/automodel_block.py; skipped when nemo_automodel is not installed).
             Default: all.
@@ -63,7 +65,7 @@ from .record import markdown, write_record
 from .selfcheck import selfcheck
 
 OPS = ("permute", "unpermute", "sort_chunks", "topk", "pad", "swiglu", "weighted_swiglu", "weighted_swiglu_back",
-       "layer", "automodel")  # fmt: skip
+       "router", "layer", "automodel")  # fmt: skip
 GROUPS = {
     "all": OPS,
     "permute": ("permute", "unpermute", "sort_chunks", "topk", "pad"),
@@ -228,6 +230,15 @@ def run_benchmarks(args) -> tuple[list, dict, bool]:
         progress("swiglu host time at N=16")
         rows += [{"kind": "host", "dtype": "bf16", **r} for r in bench_swiglu.host_time_rows(providers)
                  if r["op"] in sw_ops]  # fmt: skip
+    if "router" in args.ops:
+        from . import bench_router
+
+        progress("router host time at T=16")
+        rows += [{"kind": "host", "dtype": "fp32", **r} for r in bench_router.host_time_rows()]
+        progress("router fwd / fwd+bwd (the first call of each shape compiles torch.compile(seed))")
+        tokens = bench_router.TOKENS[:1] if args.quick else bench_router.TOKENS
+        rows += [{"kind": "kernel", "dtype": "fp32", **r} for r in bench_router.bench_rows(copy_gbs, tokens=tokens)]
+        torch.cuda.empty_cache()
     if "layer" in args.ops:
         names = (
             [bench_layer.QUICK_LAYER_SHAPE]

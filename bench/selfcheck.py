@@ -122,6 +122,8 @@ def selfcheck(ops, device, quick: bool = False) -> list:
         for check, (op, label) in SWIGLU_CHECKS.items():
             if op in ops or (check == "autograd" and "weighted_swiglu" in ops):
                 todo.append((label, lambda c=check, dt=dtype: check_swiglu(c, dt, device)))
+        if "router" in ops:
+            todo.append(("router fwd+bwd (DeepSeek-V3, Qwen3 settings)", lambda dt=dtype: check_router(dt, device)))
         if "layer" in ops:
             todo.append(("MoE layer fwd+bwd, moe_raw vs seed", lambda dt=dtype: check_layer(dt, device)))
         for label, fn in todo:
@@ -146,3 +148,39 @@ def check_layer(dtype, device) -> tuple[bool, str]:
     err = bench_layer.compare(inputs)
     tol = bench_layer.LAYER_RTOL[dtype]
     return err <= tol, f"T=37 E=6 H=32 K=2 F=24: max rel err of y, dx, dlogits {err:.1e} (tol {tol:.0e})"
+
+
+def check_router(dtype, device) -> tuple[bool, str]:
+    """topk_routing_with_score_function at DeepSeek-V3's and Qwen3's settings, T = 257: the map equals the torch
+    router's in the same dtype (random logits: no ties), probs and d logits within 2x its error vs fp64."""
+    import moe_raw
+    from moe_raw import reference
+
+    from . import bench_router
+
+    ok, worst = True, 0.0
+    for name in ("DeepSeek-V3", "Qwen3-30B-A3B"):
+        num_experts, topk, cfg = bench_router.ROUTERS[name]
+        kw = {k: v for k, v in cfg.items() if k != "bias"}
+        if cfg.get("bias"):
+            kw["expert_bias"] = torch.randn(num_experts, device=device) * 0.01
+        # distinct values per row, exact in every dtype (k / 16, |k| <= 128): random bf16 logits would tie
+        logits = ((torch.rand(257, num_experts).argsort(-1) - num_experts // 2) / 16).to(device, dtype)
+
+        def run(fn, x, topk=topk, kw=kw):
+            x = x.detach().clone().requires_grad_(True)
+            probs, routing_map = fn(x, topk, **kw)
+            w = torch.linspace(-1, 1, probs.numel(), device=device, dtype=torch.float64).view(probs.shape)
+            return probs, routing_map, torch.autograd.grad((probs.double() * w).sum(), x)[0]
+
+        ours, same = (
+            run(moe_raw.topk_routing_with_score_function, logits),
+            run(reference.topk_routing_with_score_function, logits),
+        )
+        exact = run(reference.topk_routing_with_score_function, logits.double())
+        ok &= bool(torch.equal(ours[1], same[1]))
+        for i in (0, 2):
+            err, ref_err = _max_err(ours[i], exact[i]), _max_err(same[i], exact[i])
+            ok &= err <= 2 * ref_err + 1e-6
+            worst = max(worst, err)
+    return ok, f"maps equal the torch router's; max |err| vs fp64 {worst:.1e}"
