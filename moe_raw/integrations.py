@@ -8,7 +8,9 @@ get moe_raw's through the patched module. It returns what it patched, does nothi
 ``undo_automodel()`` puts the originals back.
 
 ``apply_to_megatron()`` / ``undo_megatron()`` do the same for Megatron-LM (``megatron-core``): ``permute``,
-``unpermute`` and ``sort_chunks_by_idxs`` of ``megatron.core.transformer.moe.moe_utils``, the SwiGLU functions and
+``unpermute`` and ``sort_chunks_by_idxs`` of ``megatron.core.transformer.moe.moe_utils`` (where the installed
+``permute`` / ``unpermute`` have Megatron-LM main's signatures, with ``tokens_per_expert`` / ``align_size`` /
+``pad_offsets`` / the batch-invariant inverse map, ``moe_raw.megatron``'s take their place), the SwiGLU functions and
 ``WeightedSwiGLUFunction`` of ``megatron.core.fusions.fused_bias_swiglu`` (Megatron's own
 ``weighted_bias_swiglu_impl``, whose signature has a bias, then runs moe_raw's Function), and the GEGLU / Quick-GEGLU
 functions of ``megatron.core.fusions.fused_bias_geglu`` (tests/test_integrations.py checks each against Megatron's).
@@ -27,6 +29,7 @@ import sys
 import warnings
 
 import moe_raw
+from moe_raw import megatron as megatron_main
 
 AUTOMODEL_MODULE = "nemo_automodel.components.moe.megatron.moe_utils"
 # Names of the module that moe_raw also exports but does not swap: no kernel of moe_raw's behind them, or (the aux-loss
@@ -45,6 +48,14 @@ MEGATRON_MODULES = {
 }  # fmt: skip
 
 
+# Megatron-LM main's 5-value permute and its unpermute: swapped for these where the installed function's signature is
+# theirs rather than moe_raw's own (megatron-core 0.16.1 has moe_raw's).
+MEGATRON_MAIN = {"permute": megatron_main.permute, "unpermute": megatron_main.unpermute}
+# Defaults that differ between Megatron versions without changing the meaning: align_size 0 and -1 both mean "no
+# alignment" (moe_raw.megatron pads only for align_size > 0).
+_SAME_MEANING = {"align_size": frozenset({0, -1})}
+
+
 def automodel_names(module) -> list[str]:
     """The names ``apply_to_automodel`` swaps: moe_raw's public names that ``module`` has, less ``NOT_SWAPPED``."""
     return [n for n in moe_raw.__all__ if n not in NOT_SWAPPED and n in vars(module)]
@@ -55,24 +66,35 @@ def automodel_names(module) -> list[str]:
 _ORIGINALS: dict = {"automodel": {}, "megatron": {}}
 
 
-def _apply(stack: str, package: str, swaps: dict) -> list[str]:
-    """Point each ``swaps`` module's names (module name -> names) at moe_raw's, there and in every imported module
-    of ``package`` holding the same original object. Returns ``"module:name"`` of each attribute patched."""
+def _ours(name: str, alternatives: dict) -> list:
+    """moe_raw's objects that may replace ``name``: its own, then the alternative for another signature."""
+    return [getattr(moe_raw, name)] + ([alternatives[name]] if name in alternatives else [])
+
+
+def _apply(stack: str, package: str, swaps: dict, alternatives: dict | None = None) -> list[str]:
+    """Point each ``swaps`` module's names (module name -> names) at moe_raw's (or at ``alternatives[name]`` where
+    the original has its signature instead), there and in every imported module of ``package`` holding the same
+    original object. Returns ``"module:name"`` of each attribute patched."""
     originals = _ORIGINALS[stack]
+    alternatives = alternatives or {}
     patched = []
     for module_name, names in swaps.items():
         module = importlib.import_module(module_name)
         for name in names:
-            ours = getattr(moe_raw, name)
+            candidates = _ours(name, alternatives)
+            ours = candidates[0]
             original = getattr(module, name, None)
             if original is None:
                 continue
-            if original is ours:  # already patched: the original is on record
-                original = originals[(module_name, name)]
-            elif not _same_parameters(original, ours):
+            if any(original is c for c in candidates):  # already patched: the original is on record
+                ours, original = original, originals[(module_name, name)]
+            elif any(_same_parameters(original, c) for c in candidates):
+                ours = next(c for c in candidates if _same_parameters(original, c))
+            else:
                 warnings.warn(
                     f"moe_raw.integrations: {module_name}.{name} has a signature moe_raw's does not take "
-                    f"({_signature(original)} vs {_signature(ours)}); left as it is",
+                    f"({_signature(original)} vs {' or '.join(str(_signature(c)) for c in candidates)}); left as "
+                    f"it is",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -98,13 +120,21 @@ def _signature(obj) -> inspect.Signature | None:
 
 def _same_parameters(original, ours) -> bool:
     """ours takes the original's parameters, in order, with its defaults (and any more only with defaults): a newer
-    package whose function grew a parameter or changed a default is not patched."""
+    package whose function grew a parameter or changed a default is not patched (``_SAME_MEANING`` lists the
+    defaults that may differ)."""
     theirs, mine = _signature(original), _signature(ours)
     if theirs is None or mine is None:
         return False
     t, m = list(theirs.parameters.values()), list(mine.parameters.values())
-    if [(p.name, p.kind, p.default) for p in m[: len(t)]] != [(p.name, p.kind, p.default) for p in t]:
+    if len(m) < len(t):
         return False
+    for a, b in zip(m, t, strict=False):
+        if (a.name, a.kind) != (b.name, b.kind):
+            return False
+        if a.default != b.default:
+            same = _SAME_MEANING.get(a.name)
+            if same is None or a.default not in same or b.default not in same:
+                return False
     return all(p.default is not inspect.Parameter.empty for p in m[len(t) :])
 
 
@@ -113,7 +143,8 @@ def _undo(stack: str) -> list[str]:
     restored = []
     for (mod_name, name), original in list(originals.items()):
         mod = sys.modules.get(mod_name)
-        if mod is not None and getattr(mod, name, None) is getattr(moe_raw, name):
+        current = getattr(mod, name, None) if mod is not None else None
+        if mod is not None and any(current is c for c in _ours(name, MEGATRON_MAIN)):
             setattr(mod, name, original)
             restored.append(f"{mod_name}:{name}")
         del originals[(mod_name, name)]
@@ -141,6 +172,7 @@ def undo_automodel() -> list[str]:
 def apply_to_megatron() -> list[str]:
     """Point Megatron-LM's ``moe_utils`` permute / unpermute / sort_chunks_by_idxs and its fused SwiGLU / GEGLU /
     Quick-GEGLU functions (``MEGATRON_MODULES``), and the ``megatron`` modules that imported them, at moe_raw's.
+    A ``permute`` / ``unpermute`` with Megatron-LM main's signature (5-value permute) gets ``moe_raw.megatron``'s.
 
     Returns:
         ``"module:name"`` for each attribute patched by this call, sorted (empty when everything was already).
@@ -148,7 +180,7 @@ def apply_to_megatron() -> list[str]:
     Raises:
         ModuleNotFoundError: megatron-core is not installed.
     """
-    return _apply("megatron", "megatron", MEGATRON_MODULES)
+    return _apply("megatron", "megatron", MEGATRON_MODULES, MEGATRON_MAIN)
 
 
 def undo_megatron() -> list[str]:

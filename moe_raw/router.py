@@ -64,9 +64,7 @@ class _RouterFunction(torch.autograd.Function):
 
 def _use_kernel(logits: torch.Tensor, topk: int, group_topk, num_groups) -> bool:
     return (
-        logits.is_cuda
-        and not torch.compiler.is_compiling()
-        and K.covers(logits.shape[1], topk, group_topk, num_groups)
+        logits.is_cuda and not torch.compiler.is_compiling() and K.covers(logits.shape[1], topk, group_topk, num_groups)
     )
 
 

@@ -143,9 +143,9 @@ def test_swapped_permute_unpermute_sort_chunks_match_megatron(device, drop_and_p
 
 
 def test_a_grown_signature_is_left_alone(restore, monkeypatch):
-    # newer Megatron-LM: permute grew tokens_per_expert / align_size and returns 5 values; moe_raw's does not
+    # a permute that grew a parameter neither moe_raw.permute nor moe_raw.megatron.permute takes
     def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False,
-                tokens_per_expert=None, align_size=0):  # fmt: skip
+                tokens_per_expert=None, align_size=0, capacity_factor=None):  # fmt: skip
         raise AssertionError("not called")
 
     monkeypatch.setattr(MOE, "permute", permute)
@@ -153,3 +153,61 @@ def test_a_grown_signature_is_left_alone(restore, monkeypatch):
         patched = integrations.apply_to_megatron()
     assert MOE.permute is permute and f"{MOE.__name__}:permute" not in patched
     assert MOE.unpermute is moe_raw.unpermute
+
+
+# Megatron-LM main's signatures (moe_utils.py): the 5-value permute with and without the batch-invariant flag (the
+# align_size default is -1 in one version, 0 in another), and the unpermute with pad_offsets (and the inverse map).
+def _main_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False,
+                  tokens_per_expert=None, align_size=-1, return_batch_invariant_inverse_map=False):  # fmt: skip
+    raise AssertionError("not called")
+
+
+def _main_permute_no_inverse(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False,
+                             tokens_per_expert=None, align_size=0):  # fmt: skip
+    raise AssertionError("not called")
+
+
+def _main_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False,
+                    drop_and_pad=False, pad_offsets=None, batch_invariant_inverse_map=None):  # fmt: skip
+    raise AssertionError("not called")
+
+
+def _main_unpermute_no_inverse(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None,
+                               fused=False, drop_and_pad=False, pad_offsets=None):  # fmt: skip
+    raise AssertionError("not called")
+
+
+@pytest.mark.parametrize(
+    "fns", [(_main_permute, _main_unpermute), (_main_permute_no_inverse, _main_unpermute_no_inverse)],
+    ids=["with-inverse-map", "without"],
+)  # fmt: skip
+def test_main_signatures_get_moe_raw_megatron(restore, monkeypatch, fns):
+    from moe_raw import megatron
+
+    permute, unpermute = fns
+    monkeypatch.setattr(MOE, "permute", permute)
+    monkeypatch.setattr(MOE, "unpermute", unpermute)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left alone
+        patched = integrations.apply_to_megatron()
+    assert MOE.permute is megatron.permute and MOE.unpermute is megatron.unpermute
+    assert {f"{MOE.__name__}:permute", f"{MOE.__name__}:unpermute"} <= set(patched)
+    assert MOE.sort_chunks_by_idxs is moe_raw.sort_chunks_by_idxs  # the 0.16.1 names beside them as before
+    x, rm = torch.randn(4, 8), make_routing(4, 3, 2)
+    out, _, idx, fourth, fifth = MOE.permute(x, rm, None, 8)  # main's 5 values
+    assert fourth is None and fifth is None and torch.equal(MOE.unpermute(out, idx, x.shape), 2 * x)
+    assert integrations.apply_to_megatron() == []  # idempotent
+    restored = integrations.undo_megatron()
+    assert restored == patched
+    assert MOE.permute is permute and MOE.unpermute is unpermute
+
+
+def test_a_changed_main_default_is_left_alone(restore, monkeypatch):
+    def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False,
+                tokens_per_expert=None, align_size=16, return_batch_invariant_inverse_map=False):  # fmt: skip
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(MOE, "permute", permute)
+    with pytest.warns(RuntimeWarning, match=r"moe_utils\.permute has a signature"):
+        integrations.apply_to_megatron()
+    assert MOE.permute is permute
