@@ -225,7 +225,8 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
   A p = my_val;
   if (!aux) {
     if (score_fn == kSoftmax && !pre_softmax) {  // the K-way softmax of the picked logits; pick 0 is their max
-      const A ex = picked ? exp_(my_val - __shfl_sync(0xffffffffu, my_key, 0)) : A(0);
+      const A top = __shfl_sync(0xffffffffu, my_key, 0);  // every lane shuffles: a shuffle is not a branch's
+      const A ex = picked ? exp_(my_val - top) : A(0);
       p = ex / warp_sum(ex);
     } else if (score_fn != kSoftmax && topk > 1) {
       p = my_val / (warp_sum(picked ? my_val : A(0)) + A(1e-20));
@@ -325,7 +326,8 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
   // Only the picks get a gradient.
   A d = A(0);
   if (score_fn == kSoftmax) {
-    const A ex = picked ? exp_(x_pick - __shfl_sync(0xffffffffu, x_pick, 0)) : A(0);
+    const A top = __shfl_sync(0xffffffffu, x_pick, 0);
+    const A ex = picked ? exp_(x_pick - top) : A(0);
     const A p = ex / warp_sum(ex);
     d = p * (g - warp_sum(p * g));
   } else {
