@@ -15,8 +15,10 @@
 // bool routing_map [T, E] (dense: zero except the picks). Aux mode (compute_routing_scores_for_aux_loss): scores
 // [T, E] fp32 = softmax(x), or s / (sum over all E of s + 1e-20), and the map of their top-k (no bias, no groups).
 // Backward: d logits [T, E] (logits' dtype) from d probs (dense [T, E], or compact [T, K]) or, in aux mode, from
-// d scores [T, E] fp32; the bias gets none (it only ranks). Math in A = fp32 (fp64 for fp64 logits); every warp sum
-// runs in one fixed butterfly order, so results repeat bit for bit and no atomics are used.
+// d scores [T, E] fp32; the bias gets none (it only ranks). Math in A = fp32 for every logits dtype, fp64 included
+// (Megatron main converts the logits to fp32 for the score functions and keeps every intermediate in fp32; moe_raw
+// instantiates A = float only); every warp sum runs in one fixed butterfly order, so results repeat bit for bit and
+// no atomics are used.
 //
 // Launch shape: grid = ceil(T / kRouterWarps), block = 32 * kRouterWarps: one warp per token. Lane l holds experts
 // l, l + 32, ... (V = ceil(E / 32) registers, V a template parameter: 1, 2, 4, 8, 16 or 32, so E <= 1024). Top-k is
@@ -362,11 +364,5 @@ MOE_RAW_ROUTER(float, 4)
 MOE_RAW_ROUTER(float, 8)
 MOE_RAW_ROUTER(float, 16)
 MOE_RAW_ROUTER(float, 32)
-MOE_RAW_ROUTER(double, 1)
-MOE_RAW_ROUTER(double, 2)
-MOE_RAW_ROUTER(double, 4)
-MOE_RAW_ROUTER(double, 8)
-MOE_RAW_ROUTER(double, 16)
-MOE_RAW_ROUTER(double, 32)
 }  // namespace moe_raw
 #endif

@@ -3,7 +3,8 @@ score function, (group-limited) top-k, expert bias, scaling, the dense map and p
 load-balancing and z losses.
 
 On CUDA ``topk_routing_with_score_function`` and ``compute_routing_scores_for_aux_loss`` are one kernel launch
-forward and one backward each (kernels/router.cu: fp32 math, fp64 for fp64 logits; deterministic; no host sync),
+forward and one backward each (kernels/router.cu: fp32 math for every logits dtype, as Megatron main; deterministic;
+no host sync),
 where Megatron's torch code takes 6-15 launches. Elsewhere (CPU, under ``torch.compile``, and past the kernel's
 limits: more than 1024 experts, top-k over 32, more than 64 groups) they run ``moe_raw.reference``'s transcription
 of Megatron as torch ops. Both rank the same way: the larger score first and, among equal scores, the lower expert

@@ -73,9 +73,11 @@ def _kwargs(cfg, expert_bias):
 
 
 def _close(out, ref64, same, what):
-    """The 2x rule; fp64 runs against the fp64 reference within a few fp64 roundings."""
+    """The 2x rule. fp64 logits: Megatron computes the scores in fp32 there too (so does moe_raw), so the fp64 run
+    is held to a few fp32 roundings of the transcription."""
     if out.dtype == torch.float64:
-        torch.testing.assert_close(out, ref64, rtol=1e-12, atol=1e-14, msg=what)
+        err = (out - same).abs().max().item() if out.numel() else 0.0
+        assert err <= 4e-7 * max(1.0, same.abs().max().item() if same.numel() else 1.0), f"{what}: err {err:.2e}"
     else:
         assert_close_2x(out, ref64, same, what)
 

@@ -20,8 +20,7 @@ def covers(num_experts: int, topk: int, group_topk, num_groups) -> bool:
 
 def _name(way: str, logits: torch.Tensor) -> str:
     slots = next(v for v in ROUTER_LANE_SLOTS if 32 * v >= logits.shape[1])
-    acc = "double" if logits.dtype == torch.float64 else "float"
-    return f"moe_raw::router_{way}<{acc}, {slots}>"
+    return f"moe_raw::router_{way}<float, {slots}>"  # fp32 math for every dtype, fp64 too, as Megatron
 
 
 def forward(logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux):
@@ -40,8 +39,7 @@ def forward(logits, expert_bias, topk, score_function, pre_softmax, num_groups, 
     if num_tokens:
         bias = expert_bias if expert_bias is not None and score_function != "softmax" and not aux else None
         grouped = bool(group_topk) and not aux
-        acc_bytes = 8 if logits.dtype == torch.float64 else 4  # grouped routing stages the keys in shared memory
-        shared = _WARPS * num_experts * acc_bytes if grouped else 0
+        shared = _WARPS * num_experts * 4 if grouped else 0  # grouped routing stages the fp32 keys there
         launch(
             "router", _name("fwd", logits), dev, cdiv(num_tokens, _WARPS), 32 * _WARPS,
             (ptr(logits), SCALAR_CODE[logits.dtype], num_tokens, num_experts, ptr(bias),
