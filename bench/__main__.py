@@ -19,7 +19,9 @@ Options:
             permute_with_row_map); swiglu = swiglu + weighted_swiglu + weighted_swiglu_back. router =
             topk_routing_with_score_function fwd / fwd+bwd beside Megatron's torch router (bench/bench_router.py,
             fp32 logits). layer = the
-            end-to-end MoE layer (bench/bench_layer.py). automodel = NeMo Automodel's own expert block, stock vs
+            end-to-end MoE layer (bench/bench_layer.py), and at DeepSeek-V3 / Qwen3-30B-A3B the dropless layer of
+            examples/dropless_moe_layer.py (router + trainable experts, eager vs one CUDA graph vs Megatron's torch
+            router and the seed). automodel = NeMo Automodel's own expert block, stock vs
             after apply_to_automodel() (bench/automodel_block.py; skipped when nemo_automodel is not installed).
             Default: all.
   --dtype   bf16 (default) | fp16 | fp32: the benchmark's token/activation dtype (the self-check runs all three).
@@ -31,7 +33,7 @@ Options:
 
 Output: PASS/FAIL lines of the self-check and the benchmark's progress go to stdout/stderr as they happen; the
 markdown tables come at the end on stdout. Exit status: 0 when every check passed (and, with the layer case, both
-providers agreed), 1 otherwise, 2 for bad arguments.
+providers agreed and the dropless layer's graph replay equalled eager bit for bit), 1 otherwise, 2 for bad arguments.
 
 Record (under --out):
   bench.json  {"format": "moe_raw-bench/1",
@@ -248,6 +250,15 @@ def run_benchmarks(args) -> tuple[list, dict, bool]:
         for name in names:
             progress(f"MoE layer {name} (moe_raw vs seed, fwd+bwd)")
             lrows, lok = bench_layer.bench_layer_shape(name, *bench_layer.LAYER_SHAPES[name], dtype=dtype)
+            ok &= lok
+            rows += [{"dtype": args.dtype, **r} for r in lrows]
+        dropless = [n for n in names if n in bench_layer.DROPLESS_PRESETS]
+        if dropless and bench_layer.dropless_module() is None:
+            progress("dropless MoE layer: skipped (examples/dropless_moe_layer.py is not next to bench/: a checkout)")
+            dropless = []
+        for name in dropless:
+            progress(f"dropless MoE layer {name} (router + experts fwd+bwd: eager, CUDA graph, seed)")
+            lrows, lok = bench_layer.bench_dropless_shape(name, *bench_layer.LAYER_SHAPES[name], dtype=dtype)
             ok &= lok
             rows += [{"dtype": args.dtype, **r} for r in lrows]
     if "automodel" in args.ops:

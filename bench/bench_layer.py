@@ -23,12 +23,29 @@ needs the per-expert counts on the host (read once in make_layer, outside the ti
 one, so the difference between them is the dispatch (permute, SwiGLU, unpermute) and its autograd.
 Reported: layer ms (fwd+bwd, median), tokens/s, peak memory above the inputs and weights
 (torch.cuda.max_memory_allocated), and the largest relative error (norm) between the two providers' y, dx, dlogits.
+
+The dropless layer (op "dropless layer fwd+bwd", bench_dropless_shape): examples/dropless_moe_layer.py, the whole
+block with its router on moe_raw's kernel (fp32 logits = x @ W_router at the model's router settings) and trainable
+experts, so the backward also gives d W_router, d w1 and d w2; nothing in it syncs the host, so one CUDA graph holds
+forward and backward. Rows at the shapes of DROPLESS_PRESETS, same run, same weights and tokens:
+  moe_raw dropless eager       the layer, eager autograd
+  moe_raw dropless CUDA graph  the same step captured once (examples' capture()), replayed (bf16 on CUDA only); its
+                               replay on other tokens must equal eager on them bit for bit
+  seed dropless                the reference layer: Megatron's torch router (installed megatron-core, else
+                               moe_raw.reference's transcription of main), moe_raw.reference's permute / weighted
+                               SwiGLU / unpermute (the seed), the same torch grouped GEMM
+The graph row's "peak GB" is the memory the captured graph holds (its pool and static outputs). Where the weights
+and their gradients would not fit the card, F is scaled down by powers of 2 (the shape and note say so). The example
+is loaded from examples/ next to bench/ (a checkout); an installed moe_raw.bench has no examples and skips the rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import sys
+from pathlib import Path
 
 import torch
 
@@ -165,6 +182,145 @@ def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
     return rows, ok
 
 
+# ------------------------------------------------------------------------------ the dropless layer (examples/)
+
+# LAYER_SHAPES name -> the example's router preset (E and K must agree with the shape)
+DROPLESS_PRESETS = {"DeepSeek-V3": "deepseek-v3", "Qwen3-30B-A3B": "qwen3"}
+DROPLESS_OP = "dropless layer fwd+bwd"
+_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "dropless_moe_layer.py"
+
+
+def dropless_module():
+    """examples/dropless_moe_layer.py as the module ``dropless_moe_layer`` (loaded once), or None where the file is
+    not next to bench/ (an installed wheel ships bench/ without examples/)."""
+    name = "dropless_moe_layer"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not _EXAMPLE.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(name, _EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def dropless_bytes(T, E, H, K, F, itemsize=2) -> int:
+    """Device memory the dropless rows need at most: the expert weights, their gradients in the graph's static
+    outputs, in one eager step and in the step compared with it (4 x 3 E H F), plus a step's activations and their
+    gradients (rows, h, a, o and the reference's copies: about 4 N (2H + 3F) elements)."""
+    return itemsize * (4 * 3 * E * H * F + 4 * T * K * (2 * H + 3 * F))
+
+
+def fit_ffn(T, E, H, K, F, free_bytes, itemsize=2) -> int:
+    """F, halved (kept a multiple of 8) until dropless_bytes fits in 90% of free_bytes."""
+    while F > 8 and dropless_bytes(T, E, H, K, F, itemsize) > 0.9 * free_bytes:
+        F = max(8, F // 2 // 8 * 8)
+    return F
+
+
+def _step_rows_equal(a, b) -> bool:
+    """(y, grads) pairs equal bit for bit."""
+    return all(torch.equal(u, v) for u, v in zip((a[0], *a[1]), (b[0], *b[1]), strict=True))
+
+
+def bench_dropless_shape(name, T, E, H, K, F, dtype=torch.bfloat16, device="cuda", timer=None):
+    """Rows of the dropless layer at one shape: eager, CUDA graph replay (CUDA, bf16), and the seed reference layer.
+
+    Returns (rows, ok): ok when the eager layer's y and gradients (x, W_router, w1, w2) are within LAYER_RTOL of the
+    reference's and the graph's replay on new tokens equals eager on them bit for bit. timer(fn) -> ms (default:
+    common.do_bench, CUDA); on the CPU pass one (the CPU tests do) and there are no graph or memory figures."""
+    dl = dropless_module()
+    if dl is None:
+        return [], True
+    preset = dl.PRESETS[DROPLESS_PRESETS[name]]
+    if (preset.num_experts, preset.router.topk) != (E, K):
+        raise ValueError(f"{name}: shape E={E} K={K} but preset {DROPLESS_PRESETS[name]!r} routes "
+                         f"E={preset.num_experts} K={preset.router.topk}")  # fmt: skip
+    cuda = torch.device(device).type == "cuda"
+    if timer is None:
+        from . import common
+
+        timer = common.do_bench
+    F0, notes = F, []
+    if cuda:
+        torch.cuda.empty_cache()
+        F = fit_ffn(T, E, H, K, F, torch.cuda.mem_get_info(device)[0], dtype.itemsize)
+        if F != F0:
+            notes.append(f"F scaled from {F0} to {F} to fit the card's memory")
+    layer = dl.DroplessMoELayer(H, F, E, preset.router, dtype=dtype, device=device, seed=0)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x, gy, x2 = (torch.randn(T, H, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    router_name = dl.reference_router()[1]
+
+    ours, theirs = dl.train_step(layer, x, gy), dl.train_step(layer, x, gy, reference=True)
+    err = max(rel_err(a, b) for a, b in zip((ours[0], *ours[1]), (theirs[0], *theirs[1]), strict=True))
+    del ours, theirs
+    tol = LAYER_RTOL[dtype]
+    ok = err <= tol
+
+    def measure(fn):
+        if not cuda:
+            return timer(fn), float("nan")
+        fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        return timer(fn), peak
+
+    shape = f"{name} T={T} E={E} H={H} K={K} F={F}"
+    results = {
+        "moe_raw dropless eager": measure(functools.partial(dl.train_step, layer, x, gy)),
+        "seed dropless": measure(functools.partial(dl.train_step, layer, x, gy, reference=True)),
+    }
+    graph_note = "CUDA graph: CUDA only"
+    if cuda and dtype != torch.bfloat16:
+        graph_note = "CUDA graph: bf16 only (torch's grouped GEMM reads offs on the host in other dtypes)"
+    elif cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved()
+        step = dl.capture(layer, x, gy)
+        torch.cuda.empty_cache()  # the warm-up's cache; the graph's pool stays
+        held = (torch.cuda.memory_reserved() - reserved) / 1e9
+        identical = True
+        for tokens in (x2, x):  # replay on new tokens, then on the first ones again: each equals eager on them
+            replayed = step.replay(tokens)
+            identical &= _step_rows_equal(replayed, dl.train_step(layer, tokens, gy))
+        ok &= identical
+        graph_note = f"CUDA graph replay {'==' if identical else 'DIFFERS FROM'} eager, bit for bit"
+        results["moe_raw dropless CUDA graph"] = (timer(step.graph.replay), held)
+        del step
+    rows = []
+    seed_ms = results["seed dropless"][0]
+    for provider, (ms, peak) in results.items():
+        row = {"kind": "layer", "shape": shape, "op": DROPLESS_OP, "provider": provider, "ms": ms,
+               "tokens_per_s": T / (ms * 1e-3), "peak_mem_GB": peak, "max_rel_err": err}  # fmt: skip
+        if provider.startswith("moe_raw"):
+            row["speedup_vs_seed"] = seed_ms / ms
+        note = [f"router {router_name}" if provider.startswith("seed") else "router moe_raw kernel", *notes]
+        if provider.startswith("moe_raw"):
+            note.append(f"{row['speedup_vs_seed']:.2f}x faster than seed")
+        if provider == "moe_raw dropless eager":
+            note.append(f"vs seed {'match' if err <= tol else 'DIFFER'} (max rel err of y, dx, dW_router, dw1, dw2 "
+                        f"{err:.1e}, tol {tol:.0e}); {graph_note}")  # fmt: skip
+        if provider == "moe_raw dropless CUDA graph":
+            note.append("peak GB = memory the graph holds")
+        row["note"] = "; ".join(note)
+        rows.append(row)
+    del layer, x, gy, x2
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows, ok
+
+
 def main(argv=None):
     from .common import DTYPES
 
@@ -180,6 +336,9 @@ def main(argv=None):
     print("| shape | provider | ms | tokens/s | peak GB | note |\n|---|---|---|---|---|---|")
     for name in names:
         rows, ok = bench_layer_shape(name, *LAYER_SHAPES[name], dtype=DTYPES[args.dtype])
+        if name in DROPLESS_PRESETS:
+            drows, dok = bench_dropless_shape(name, *LAYER_SHAPES[name], dtype=DTYPES[args.dtype])
+            rows, ok = rows + drows, ok and dok
         rc |= 0 if ok else 1
         for r in rows:
             print(f"| {r['shape']} | {r['provider']} | {r['ms']:.2f} | {r['tokens_per_s']:.3g} | "

@@ -15,18 +15,21 @@
 // bool routing_map [T, E] (dense: zero except the picks). Aux mode (compute_routing_scores_for_aux_loss): scores
 // [T, E] fp32 = softmax(x), or s / (sum over all E of s + 1e-20), and the map of their top-k (no bias, no groups).
 // Backward: d logits [T, E] (logits' dtype) from d probs (dense [T, E], or compact [T, K]) or, in aux mode, from
-// d scores [T, E] fp32; the bias gets none (it only ranks). Math in A = fp32 for every logits dtype, fp64 included
-// (Megatron main converts the logits to fp32 for the score functions and keeps every intermediate in fp32; moe_raw
-// instantiates A = float only); every warp sum runs in one fixed butterfly order, so results repeat bit for bit and
-// no atomics are used.
+// d scores [T, E] fp32; the bias gets none (it only ranks). fp32 math for every logits dtype, fp64 included
+// (Megatron main converts the logits to fp32 for the score functions and keeps every intermediate in fp32); every
+// warp sum runs in one fixed butterfly order, so results repeat bit for bit, and no atomics are used.
 //
-// Launch shape: grid = ceil(T / kRouterWarps), block = 32 * kRouterWarps: one warp per token. Lane l holds experts
-// l, l + 32, ... (V = ceil(E / 32) registers, V a template parameter: 1, 2, 4, 8, 16 or 32, so E <= 1024). Top-k is
-// K rounds of a warp arg-max over the lanes' candidates; grouped routing stages the keys in dynamic shared memory
-// (kRouterWarps * E * sizeof(A) bytes; none otherwise).
+// Launch shape: grid = ceil(T / kRouterWarps), block = 32 * kRouterWarps: one warp per token. Lane l holds the V
+// consecutive experts l * V .. l * V + V - 1 (V a template parameter: 1, 2, 4, 8, 16 or 32, the smallest with
+// 32 V >= E, so E <= 1024), read and written 16 bytes at a time where its run is whole and aligned. A candidate is
+// one 64-bit key (order-preserving float bits, then the inverted expert index), so the warp arg-max of a top-k round
+// is a 64-bit max over the lanes' own best keys, and only the winning lane rescans its V keys. Grouped routing:
+// when a group is a power-of-two run of whole lanes (DeepSeek-V3: 32 experts = 4 lanes of 8) each lane keeps its
+// top (K / group_topk) keys and the group's lanes merge them by shuffles; other layouts stage the keys in dynamic
+// shared memory (kRouterWarps * E * 4 bytes) and one lane a group sums them.
 // Preconditions (moe_raw/router.py checks them): logits [T, E] contiguous, 1 <= K <= min(E, 32); groups: E % G == 0,
 // G <= 64, 1 <= group_topk <= G, group_topk <= K, group_topk * E / G >= K; outputs contiguous; T * E < 2^63.
-// Bytes moved: forward reads T * E * logits bytes (+ E * 4 of bias) and writes T * K * 8 (idx) plus T * K * probs
+// Bytes moved: forward reads T * E * logits bytes (+ E * bias bytes) and writes T * K * 8 (idx) plus T * K * probs
 // bytes (compact) or T * E * (probs bytes + 1) (dense) or T * E * 5 (aux); backward reads T * E * logits bytes (the
 // pre-softmax and aux forms; the others read K entries a token) and the gradient, and writes T * E * logits bytes.
 
@@ -35,232 +38,381 @@
 namespace moe_raw {
 
 constexpr int kRouterWarps = 4;
+constexpr int kMaxGroupPicks = 8;  // the shuffle-merged group path keeps at most 8 keys a lane
 enum ScoreFn : int { kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2 };
-constexpr int kNoIndex = 0x7fffffff;
+enum PickProb : int { kAsScored = 0, kSoftmaxOfPicks = 1, kNormalized = 2 };
+constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
-__device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
-__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
-__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
-__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
-template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(__int_as_float(0x7f800000)); }
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
 // The score s(x) of sigmoid / sqrtsoftplus and its derivative ds/dx given s (torch's softplus: threshold 20).
-template <typename A>
-__device__ __forceinline__ A score_of(A x, int fn) {
-  if (fn == kSigmoid) return A(1) / (A(1) + exp_(-x));
-  return sqrt_(x > A(20) ? x : log1p_(exp_(x)));
+__device__ __forceinline__ float score_of(float x, int fn) {
+  if (fn == kSigmoid) return 1.0f / (1.0f + expf(-x));
+  return sqrtf(x > 20.0f ? x : log1pf(expf(x)));
 }
-template <typename A>
-__device__ __forceinline__ A score_slope(A x, A s, int fn) {
-  if (fn == kSigmoid) return s * (A(1) - s);
-  const A dsoftplus = x > A(20) ? A(1) : A(1) / (A(1) + exp_(-x));
-  return dsoftplus / (A(2) * s);
+__device__ __forceinline__ float score_slope(float x, float s, int fn) {
+  if (fn == kSigmoid) return s * (1.0f - s);
+  const float dsoftplus = x > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-x));
+  return dsoftplus / (2.0f * s);
 }
 
-// Rank order: (v1, i1) comes before (v2, i2). Larger first, NaN above everything (torch.topk's order), the lower
-// index first among equal values; i == kNoIndex is "no candidate" and comes after every real one.
-template <typename A>
-__device__ __forceinline__ bool before(A v1, int i1, A v2, int i2) {
-  const bool n1 = isnan(v1), n2 = isnan(v2);
-  if (n1 != n2) return n1;
-  if (!n1 && v1 != v2) return v1 > v2;
-  return i1 < i2;
+// Rank key of (value, expert): a larger key ranks first. Larger value first (a positive NaN above +inf, as torch.topk
+// ranks NaN), then the lower expert; 0 is "no candidate", below every real key.
+__device__ __forceinline__ uint64_t rank_key(float v, int e) {
+  uint32_t u = __float_as_uint(v);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~e);
+}
+__device__ __forceinline__ int key_expert(uint64_t k) { return static_cast<int>(~static_cast<uint32_t>(k)); }
+__device__ __forceinline__ float key_value(uint64_t k) {
+  uint32_t u = static_cast<uint32_t>(k >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  return __uint_as_float(u);
 }
 
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
+__device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFull, x, off);
   return x;
 }
-
-template <typename A>
-__device__ __forceinline__ A warp_max(A x) {
+__device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, off));
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, off));
   return x;
 }
-
-// Warp arg-max in rank order: every lane ends with the best (v, i) of the warp and its payload p.
-template <typename A>
-__device__ __forceinline__ void warp_best(A& v, int& i, A& p) {
+__device__ __forceinline__ uint64_t warp_max_key(uint64_t k) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    const A ov = __shfl_xor_sync(0xffffffffu, v, off), op = __shfl_xor_sync(0xffffffffu, p, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
-    if (before(ov, oi, v, i)) v = ov, i = oi, p = op;
+    const uint64_t o = __shfl_xor_sync(kFull, k, off);
+    k = o > k ? o : k;
   }
+  return k;
 }
 
-// x rounded to the dtype of code (the group scores of softmax-after-top-k rank logits: Megatron sums them in the
-// logits' dtype).
-template <typename A>
-__device__ __forceinline__ A round_to(A x, int code) {
-  if (code == kF16) return static_cast<A>(__half2float(__float2half_rn(static_cast<float>(x))));
-  if (code == kBF16) return static_cast<A>(__bfloat162float(__float2bfloat16_rn(static_cast<float>(x))));
-  return code == kF32 ? static_cast<A>(static_cast<float>(x)) : x;
+// x rounded to the dtype of code (Megatron sums softmax-after-top-k's group scores in the logits' dtype).
+__device__ __forceinline__ float round_to(float x, int code) {
+  if (code == kF16) return __half2float(__float2half_rn(x));
+  if (code == kBF16) return __bfloat162float(__float2bfloat16_rn(x));
+  return x;
 }
 
-// Sum of the m largest of keys[0, n) (shared memory), taken in rank order.
-template <typename A>
-__device__ A top_sum(const A* keys, int n, int m) {
-  A total = A(0), pv = A(0);
-  int pi = -1;
-  for (int r = 0; r < m; ++r) {
-    A bv = neg_inf<A>();
-    int bi = kNoIndex;
-    for (int e = 0; e < n; ++e)
-      if ((pi < 0 || before(pv, pi, keys[e], e)) && before(keys[e], e, bv, bi)) bv = keys[e], bi = e;
-    total += bv;
-    pv = bv, pi = bi;
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// x[j] = p[first + j] in fp32 for j < valid (-inf after): a lane's run of V elements, 16 bytes a load where whole.
+template <int V>
+__device__ __forceinline__ void load_run(const void* p, int code, int64_t first, int valid, float (&x)[V]) {
+  if (valid == V) {
+    if constexpr (V % 4 == 0) {
+      const float* q = static_cast<const float*>(p) + first;
+      if (code == kF32 && aligned16(q)) {
+#pragma unroll
+        for (int b = 0; b < V / 4; ++b) {
+          const uint4 w = reinterpret_cast<const uint4*>(q)[b];
+          x[4 * b] = __uint_as_float(w.x), x[4 * b + 1] = __uint_as_float(w.y);
+          x[4 * b + 2] = __uint_as_float(w.z), x[4 * b + 3] = __uint_as_float(w.w);
+        }
+        return;
+      }
+    }
+    if constexpr (V % 8 == 0) {
+      const __half* q = static_cast<const __half*>(p) + first;  // 2-byte elements: fp16 or bf16
+      if ((code == kBF16 || code == kF16) && aligned16(q)) {
+#pragma unroll
+        for (int b = 0; b < V / 8; ++b) {
+          Pack<__half, 16> pk;
+          pk.raw = reinterpret_cast<const uint4*>(q)[b];
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            x[8 * b + i] = code == kF16 ? __half2float(pk.v[i])
+                                        : __bfloat162float(__ushort_as_bfloat16(__half_as_ushort(pk.v[i])));
+        }
+        return;
+      }
+    }
   }
-  return total;
+#pragma unroll
+  for (int j = 0; j < V; ++j) x[j] = j < valid ? load_scalar<float>(p, code, first + j) : neg_inf();
 }
 
-// Bit g of the result: group g is kept (the group_topk best group scores, sum of each group's top m keys).
-template <typename A, int V>
-__device__ unsigned long long kept_groups(const A (&key)[V], A* stage, int num_experts, int num_groups,
-                                          int group_topk, int m, int key_code, int lane) {
+// p[first + j] = x[j] in code's dtype for j < valid, 16 bytes a store where the run is whole and aligned.
+template <int V>
+__device__ __forceinline__ void store_run(void* p, int code, int64_t first, int valid, const float (&x)[V]) {
+  if (valid == V) {
+    if constexpr (V % 4 == 0) {
+      float* q = static_cast<float*>(p) + first;
+      if (code == kF32 && aligned16(q)) {
+#pragma unroll
+        for (int b = 0; b < V / 4; ++b)
+          reinterpret_cast<uint4*>(q)[b] = make_uint4(__float_as_uint(x[4 * b]), __float_as_uint(x[4 * b + 1]),
+                                                      __float_as_uint(x[4 * b + 2]), __float_as_uint(x[4 * b + 3]));
+        return;
+      }
+    }
+    if constexpr (V % 8 == 0) {
+      __half* q = static_cast<__half*>(p) + first;
+      if ((code == kBF16 || code == kF16) && aligned16(q)) {
+#pragma unroll
+        for (int b = 0; b < V / 8; ++b) {
+          Pack<__half, 16> pk;
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            pk.v[i] = code == kF16 ? __float2half_rn(x[8 * b + i])
+                                   : __ushort_as_half(__bfloat16_as_ushort(__float2bfloat16_rn(x[8 * b + i])));
+          reinterpret_cast<uint4*>(q)[b] = pk.raw;
+        }
+        return;
+      }
+    }
+  }
 #pragma unroll
   for (int j = 0; j < V; ++j)
-    if (j * 32 + lane < num_experts) stage[j * 32 + lane] = key[j];
+    if (j < valid) store_scalar<float>(p, code, first + j, x[j]);
+}
+
+// Four map bytes (0 / 1) from bits start .. start + 3.
+__device__ __forceinline__ uint32_t flag_word(unsigned bits, int start) {
+  return ((bits >> start) & 1u) | (((bits >> (start + 1)) & 1u) << 8) | (((bits >> (start + 2)) & 1u) << 16) |
+         (((bits >> (start + 3)) & 1u) << 24);
+}
+
+// m[first + j] = bit j of bits for j < valid: one 4-, 8- or 16-byte store a lane where whole and aligned.
+template <int V>
+__device__ __forceinline__ void store_flags(unsigned char* m, int64_t first, int valid, unsigned bits) {
+  unsigned char* q = m + first;
+  if (valid == V) {
+    if constexpr (V % 16 == 0) {
+      if (aligned16(q)) {
+#pragma unroll
+        for (int b = 0; b < V / 16; ++b)
+          reinterpret_cast<uint4*>(q)[b] = make_uint4(flag_word(bits, 16 * b), flag_word(bits, 16 * b + 4),
+                                                      flag_word(bits, 16 * b + 8), flag_word(bits, 16 * b + 12));
+        return;
+      }
+    }
+    if constexpr (V == 8) {
+      if ((reinterpret_cast<uintptr_t>(q) & 7) == 0) {
+        *reinterpret_cast<uint2*>(q) = make_uint2(flag_word(bits, 0), flag_word(bits, 4));
+        return;
+      }
+    }
+    if constexpr (V == 4) {
+      if ((reinterpret_cast<uintptr_t>(q) & 3) == 0) {
+        *reinterpret_cast<uint32_t*>(q) = flag_word(bits, 0);
+        return;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (j < valid) q[j] = static_cast<unsigned char>((bits >> j) & 1u);
+}
+
+// keys: sorted (descending) list of kMaxGroupPicks; keeps the m largest of itself and k.
+__device__ __forceinline__ void insert_key(uint64_t (&top)[kMaxGroupPicks], uint64_t k, int m) {
+#pragma unroll
+  for (int i = 0; i < kMaxGroupPicks; ++i)
+    if (i < m && k > top[i]) {
+      const uint64_t held = top[i];
+      top[i] = k;
+      k = held;
+    }
+}
+
+// Whether this lane's experts' group is kept, for groups that are a power-of-two run of whole lanes.
+template <int V>
+__device__ bool group_kept_by_shuffles(const uint64_t (&key)[V], int num_groups, int group_topk, int lanes, int m,
+                                       int key_code, int lane) {
+  uint64_t top[kMaxGroupPicks];
+#pragma unroll
+  for (int i = 0; i < kMaxGroupPicks; ++i) top[i] = 0;
+#pragma unroll
+  for (int j = 0; j < V; ++j) insert_key(top, key[j], m);
+  for (int off = 1; off < lanes; off <<= 1) {
+    uint64_t other[kMaxGroupPicks];
+#pragma unroll
+    for (int i = 0; i < kMaxGroupPicks; ++i) other[i] = __shfl_xor_sync(kFull, top[i], off);
+#pragma unroll
+    for (int i = 0; i < kMaxGroupPicks; ++i)
+      if (i < m) insert_key(top, other[i], m);
+  }
+  float score = 0.0f;  // the group's top m in rank order, as the reference sums its sorted top-k values
+#pragma unroll
+  for (int i = 0; i < kMaxGroupPicks; ++i)
+    if (i < m) score += key_value(top[i]);
+  score = round_to(score, key_code);
+  const int g = lane / lanes;
+  int rank = 0;  // groups ahead of g: a higher score, or the same score and a lower index
+  for (int h = 0; h < num_groups; ++h) {
+    const float other = __shfl_sync(kFull, score, h * lanes);
+    rank += other > score || (other == score && h < g);
+  }
+  return g < num_groups && rank < group_topk;
+}
+
+// Groups of any layout: the keys' values staged in shared memory, group g summed by lane g % 32, the group_topk best
+// chosen by warp arg-max rounds. Bit g of the result: group g is kept.
+template <int V>
+__device__ unsigned long long groups_kept_by_staging(const uint64_t (&key)[V], float* stage, int num_experts,
+                                                     int num_groups, int group_topk, int m, int key_code, int lane) {
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (lane * V + j < num_experts) stage[lane * V + j] = key_value(key[j]);
   __syncwarp();
   const int size = num_experts / num_groups;
-  A gscore[2];
+  uint64_t gkey[2];
   for (int h = 0; h < 2; ++h) {
     const int g = lane + 32 * h;
-    gscore[h] = g < num_groups ? round_to(top_sum(stage + g * size, size, m), key_code) : A(0);
+    gkey[h] = 0;
+    if (g >= num_groups) continue;
+    uint64_t top[kMaxGroupPicks + 24];  // m <= K <= 32
+    for (int i = 0; i < m; ++i) top[i] = 0;
+    for (int e = 0; e < size; ++e) {  // insertion keeps the m largest, in rank order
+      uint64_t k = rank_key(stage[g * size + e], g * size + e);
+      for (int i = 0; i < m; ++i)
+        if (k > top[i]) {
+          const uint64_t held = top[i];
+          top[i] = k;
+          k = held;
+        }
+    }
+    float score = 0.0f;
+    for (int i = 0; i < m; ++i) score += key_value(top[i]);
+    gkey[h] = rank_key(round_to(score, key_code), g);
   }
-  __syncwarp();  // stage is reused by nobody else, but keep its reads ahead of any later writes
   unsigned long long kept = 0ull;
   for (int r = 0; r < group_topk; ++r) {
-    A bv = neg_inf<A>(), unused = A(0);
-    int bi = kNoIndex;
-    for (int h = 0; h < 2; ++h) {
-      const int g = lane + 32 * h;
-      if (g < num_groups && !((kept >> g) & 1ull) && before(gscore[h], g, bv, bi)) bv = gscore[h], bi = g;
-    }
-    warp_best(bv, bi, unused);
-    kept |= 1ull << bi;
+    const uint64_t best = warp_max_key(gkey[0] > gkey[1] ? gkey[0] : gkey[1]);
+    const int g = key_expert(best);
+    kept |= 1ull << g;
+    for (int h = 0; h < 2; ++h)
+      if (gkey[h] == best) gkey[h] = 0;
   }
   return kept;
 }
 
-template <typename A, int V>
+// The probability of a pick with score v: kAsScored v; kSoftmaxOfPicks exp(v - top) / sum; kNormalized v / sum.
+__device__ __forceinline__ float pick_prob(float v, int mode, float top, float sum, double scaling) {
+  float p = v;
+  if (mode == kSoftmaxOfPicks) p = expf(v - top) / sum;
+  if (mode == kNormalized) p = v / sum;
+  return scaling != 0.0 ? p * static_cast<float>(scaling) : p;
+}
+
+template <int V>
 __global__ void __launch_bounds__(32 * kRouterWarps)
     router_fwd(const void* __restrict__ logits, int logits_code, int64_t num_tokens, int num_experts,
                const void* __restrict__ bias, int bias_code, int topk, int score_fn, int pre_softmax, int num_groups,
                int group_topk, double scaling, int aux, void* __restrict__ probs, int dense,
                unsigned char* __restrict__ routing_map, int64_t* __restrict__ idx, float* __restrict__ scores) {
-  extern __shared__ unsigned char router_smem[];
+  extern __shared__ float router_stage[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp;
   if (t >= num_tokens) return;  // whole warps leave together
   const int64_t row = t * num_experts;
-  A key[V], val[V];  // val: the score a pick contributes; key: what ranks it
-  unsigned out = 0u;  // bit j: expert j * 32 + lane is no candidate (past E, in a dropped group, or picked)
+  const int e0 = lane * V, valid = max(0, min(V, num_experts - e0));
+  float val[V];  // the score a pick contributes (its key may add the bias)
+  load_run<V>(logits, logits_code, row + e0, valid, val);
+  if (score_fn == kSoftmax && (pre_softmax || aux)) {
+    float m = neg_inf(), sum = 0.0f;
 #pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const int e = j * 32 + lane;
-    val[j] = e < num_experts ? load_scalar<A>(logits, logits_code, row + e) : neg_inf<A>();
-    if (e >= num_experts) out |= 1u << j;
-  }
-  const bool full_softmax = score_fn == kSoftmax && (pre_softmax || aux);
-  if (full_softmax) {
-    A m = neg_inf<A>(), sum = A(0);
-#pragma unroll
-    for (int j = 0; j < V; ++j) m = fmax(m, val[j]);
+    for (int j = 0; j < V; ++j) m = fmaxf(m, val[j]);
     m = warp_max(m);
 #pragma unroll
-    for (int j = 0; j < V; ++j) sum += (out >> j) & 1u ? A(0) : exp_(val[j] - m);
+    for (int j = 0; j < V; ++j) sum += j < valid ? expf(val[j] - m) : 0.0f;
     sum = warp_sum(sum);
 #pragma unroll
-    for (int j = 0; j < V; ++j) val[j] = exp_(val[j] - m) / sum;
+    for (int j = 0; j < V; ++j) val[j] = j < valid ? expf(val[j] - m) / sum : 0.0f;
   } else if (score_fn != kSoftmax) {
-    A sum = A(0);
+    float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      val[j] = (out >> j) & 1u ? A(0) : score_of(val[j], score_fn);
+      val[j] = j < valid ? score_of(val[j], score_fn) : 0.0f;
       sum += val[j];
     }
     if (aux) {
-      sum = warp_sum(sum) + A(1e-20);
+      sum = warp_sum(sum) + 1e-20f;
 #pragma unroll
       for (int j = 0; j < V; ++j) val[j] = val[j] / sum;
     }
   }
+  const bool biased = !aux && score_fn != kSoftmax && bias != nullptr;
+  uint64_t key[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    key[j] = j < valid ? rank_key(biased ? val[j] + load_scalar<float>(bias, bias_code, e0 + j) : val[j], e0 + j) : 0;
+  if (!aux && group_topk > 0) {
+    const int size = num_experts / num_groups, m = topk / group_topk, lanes = size / V;
+    const int key_code = score_fn == kSoftmax && !pre_softmax ? logits_code : kF32;
+    if (size % V == 0 && (lanes & (lanes - 1)) == 0 && num_groups * lanes <= 32 && m <= kMaxGroupPicks) {
+      if (!group_kept_by_shuffles<V>(key, num_groups, group_topk, lanes, m, key_code, lane)) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) key[j] = 0;
+      }
+    } else {
+      const unsigned long long kept = groups_kept_by_staging<V>(
+          key, router_stage + static_cast<int64_t>(warp) * num_experts, num_experts, num_groups, group_topk, m,
+          key_code, lane);
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (j < valid && !((kept >> ((e0 + j) / size)) & 1ull)) key[j] = 0;
+    }
+  }
+  // Top-k: a round takes the warp's largest key; its owner drops it and rescans. Lane r keeps pick r.
+  uint64_t best = 0;
+#pragma unroll
+  for (int j = 0; j < V; ++j) best = key[j] > best ? key[j] : best;
+  unsigned picked = 0u;  // bit j: expert e0 + j is picked
+  int my_idx = 0;
+  for (int r = 0; r < topk; ++r) {
+    const uint64_t win = warp_max_key(best);
+    const int e = key_expert(win);
+    if (e / V == lane) {
+      best = 0;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (key[j] == win) key[j] = 0, picked |= 1u << j;
+        best = key[j] > best ? key[j] : best;
+      }
+    }
+    if (lane == r) my_idx = e;
+  }
+  float my_val = 0.0f;  // lane r: the score of pick r, from its owner
+  const int src = my_idx / V, slot = my_idx % V;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    const int e = j * 32 + lane;
-    key[j] = val[j];
-    if (!aux && score_fn != kSoftmax && bias != nullptr && e < num_experts)
-      key[j] += load_scalar<A>(bias, bias_code, e);
+    const float v = __shfl_sync(kFull, val[j], src);
+    if (j == slot) my_val = v;
   }
-  if (!aux && group_topk > 0) {
-    A* stage = reinterpret_cast<A*>(router_smem) + static_cast<int64_t>(warp) * num_experts;
-    const unsigned long long kept =
-        kept_groups<A, V>(key, stage, num_experts, num_groups, group_topk, topk / group_topk,
-                          score_fn == kSoftmax && !pre_softmax ? logits_code : (sizeof(A) == 8 ? kF64 : kF32), lane);
-    const int size = num_experts / num_groups;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int e = j * 32 + lane;
-      if (e < num_experts && !((kept >> (e / size)) & 1ull)) out |= 1u << j;
-    }
+  const bool holds_pick = lane < topk;
+  int mode = kAsScored;
+  float top = 0.0f, sum = 1.0f;
+  if (score_fn == kSoftmax && !pre_softmax) {  // pick 0 is the largest logit
+    mode = kSoftmaxOfPicks;
+    top = __shfl_sync(kFull, my_val, 0);
+    sum = warp_sum(holds_pick ? expf(my_val - top) : 0.0f);
+  } else if (score_fn != kSoftmax && topk > 1) {
+    mode = kNormalized;
+    sum = warp_sum(holds_pick ? my_val : 0.0f) + 1e-20f;
   }
-  // Top-k: lane r keeps pick r.
-  int my_idx = 0;
-  A my_key = A(0), my_val = A(0);
-  for (int r = 0; r < topk; ++r) {
-    A bv = neg_inf<A>(), bval = A(0);
-    int bi = kNoIndex;
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      if (!((out >> j) & 1u) && before(key[j], j * 32 + lane, bv, bi)) bv = key[j], bi = j * 32 + lane, bval = val[j];
-    warp_best(bv, bi, bval);
-    if ((bi & 31) == lane) out |= 1u << (bi >> 5);
-    if (lane == r) my_idx = bi, my_key = bv, my_val = bval;
-  }
-  const bool picked = lane < topk;
-  A p = my_val;
-  if (!aux) {
-    if (score_fn == kSoftmax && !pre_softmax) {  // the K-way softmax of the picked logits; pick 0 is their max
-      const A top = __shfl_sync(0xffffffffu, my_key, 0);  // every lane shuffles: a shuffle is not a branch's
-      const A ex = picked ? exp_(my_val - top) : A(0);
-      p = ex / warp_sum(ex);
-    } else if (score_fn != kSoftmax && topk > 1) {
-      p = my_val / (warp_sum(picked ? my_val : A(0)) + A(1e-20));
-    }
-    if (scaling != 0.0) p = p * static_cast<A>(scaling);
-  }
-  if (picked) idx[t * topk + lane] = my_idx;
+  if (holds_pick) idx[t * topk + lane] = my_idx;
   if (aux) {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      if (j * 32 + lane < num_experts) scores[row + j * 32 + lane] = static_cast<float>(val[j]);
-  }
-  if (!dense && !aux) {
-    if (picked) store_scalar<A>(probs, logits_code, t * topk + lane, p);
+    store_run<V>(scores, kF32, row + e0, valid, val);
+    store_flags<V>(routing_map, row + e0, valid, picked);
     return;
   }
+  if (!dense) {
+    if (holds_pick) store_scalar<float>(probs, logits_code, t * topk + lane, pick_prob(my_val, mode, top, sum, scaling));
+    return;
+  }
+  float out[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const int e = j * 32 + lane;
-    if (e >= num_experts) continue;
-    routing_map[row + e] = 0;
-    if (!aux) store_scalar<A>(probs, logits_code, row + e, A(0));
-  }
-  __syncwarp();  // orders the zero fill before the picks' stores (other lanes' addresses)
-  if (picked) {
-    routing_map[row + my_idx] = 1;
-    if (!aux) store_scalar<A>(probs, logits_code, row + my_idx, p);
-  }
+  for (int j = 0; j < V; ++j) out[j] = (picked >> j) & 1u ? pick_prob(val[j], mode, top, sum, scaling) : 0.0f;
+  store_run<V>(probs, logits_code, row + e0, valid, out);
+  store_flags<V>(routing_map, row + e0, valid, picked);
 }
 
 // d logits from d probs (dense [T, E] or compact [T, K], grad_code its dtype) or, in aux mode, d scores [T, E].
-template <typename A, int V>
+template <int V>
 __global__ void __launch_bounds__(32 * kRouterWarps)
     router_bwd(const void* __restrict__ logits, int logits_code, int64_t num_tokens, int num_experts, int topk,
                int score_fn, int pre_softmax, double scaling, int aux, const void* __restrict__ grad, int grad_code,
@@ -269,83 +421,80 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp;
   if (t >= num_tokens) return;
   const int64_t row = t * num_experts;
-  const bool picked = lane < topk;
-  const A scale = scaling != 0.0 ? static_cast<A>(scaling) : A(1);
+  const int e0 = lane * V, valid = max(0, min(V, num_experts - e0));
+  const bool holds_pick = lane < topk;
+  const float scale = scaling != 0.0 ? static_cast<float>(scaling) : 1.0f;
   int e_pick = 0;
-  A x_pick = A(0), g = A(0);
-  if (picked && !aux) {
+  float x_pick = 0.0f, g = 0.0f;
+  if (holds_pick && !aux) {
     e_pick = static_cast<int>(idx[t * topk + lane]);
-    x_pick = load_scalar<A>(logits, logits_code, row + e_pick);
-    g = load_scalar<A>(grad, grad_code, dense ? row + e_pick : t * topk + lane) * scale;
+    x_pick = load_scalar<float>(logits, logits_code, row + e_pick);
+    g = load_scalar<float>(grad, grad_code, dense ? row + e_pick : t * topk + lane) * scale;
   }
+  float d[V];
   if (aux || (score_fn == kSoftmax && pre_softmax)) {  // every logit gets a gradient
-    A x[V], s[V], gs[V];
-    A m = neg_inf<A>(), sum = A(0), dot = A(0);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int e = j * 32 + lane;
-      x[j] = e < num_experts ? load_scalar<A>(logits, logits_code, row + e) : neg_inf<A>();
-      gs[j] = aux && e < num_experts ? load_scalar<A>(grad, grad_code, row + e) : A(0);
-      m = fmax(m, x[j]);
-    }
+    float x[V], s[V], gs[V];
+    load_run<V>(logits, logits_code, row + e0, valid, x);
+    if (aux) load_run<V>(grad, grad_code, row + e0, valid, gs);
+    float m = neg_inf(), sum = 0.0f, dot = 0.0f;
     if (score_fn == kSoftmax) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) m = fmaxf(m, x[j]);
       m = warp_max(m);
 #pragma unroll
-      for (int j = 0; j < V; ++j) sum += j * 32 + lane < num_experts ? exp_(x[j] - m) : A(0);
+      for (int j = 0; j < V; ++j) sum += j < valid ? expf(x[j] - m) : 0.0f;
       sum = warp_sum(sum);
 #pragma unroll
-      for (int j = 0; j < V; ++j) s[j] = j * 32 + lane < num_experts ? exp_(x[j] - m) / sum : A(0);
-    } else {  // aux sigmoid / sqrtsoftplus: s = v / (sum v + 1e-20)
+      for (int j = 0; j < V; ++j) s[j] = j < valid ? expf(x[j] - m) / sum : 0.0f;
+    } else {  // aux sigmoid / sqrtsoftplus: scores v / (sum v + 1e-20)
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        s[j] = j * 32 + lane < num_experts ? score_of(x[j], score_fn) : A(0);
+        s[j] = j < valid ? score_of(x[j], score_fn) : 0.0f;
         sum += s[j];
       }
-      sum = warp_sum(sum) + A(1e-20);
+      sum = warp_sum(sum) + 1e-20f;
     }
     if (aux) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) dot += gs[j] * (score_fn == kSoftmax ? s[j] : s[j] / sum);
+      for (int j = 0; j < V; ++j)
+        if (j < valid) dot += gs[j] * (score_fn == kSoftmax ? s[j] : s[j] / sum);
       dot = warp_sum(dot);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const int e = j * 32 + lane;
-        if (e >= num_experts) continue;
-        const A d = score_fn == kSoftmax ? s[j] * (gs[j] - dot) : (gs[j] - dot) / sum * score_slope(x[j], s[j], score_fn);
-        store_scalar<A>(grad_logits, logits_code, row + e, d);
-      }
+      for (int j = 0; j < V; ++j)
+        d[j] = score_fn == kSoftmax ? s[j] * (gs[j] - dot) : (gs[j] - dot) / sum * score_slope(x[j], s[j], score_fn);
+      store_run<V>(grad_logits, logits_code, row + e0, valid, d);
       return;
     }
-    const A s_pick = picked ? exp_(x_pick - m) / sum : A(0);  // the forward's value of this pick
+    const float s_pick = holds_pick ? expf(x_pick - m) / sum : 0.0f;  // the forward's value of this pick
     dot = warp_sum(s_pick * g);
 #pragma unroll
-    for (int j = 0; j < V; ++j)
-      if (j * 32 + lane < num_experts) store_scalar<A>(grad_logits, logits_code, row + j * 32 + lane, -s[j] * dot);
-    __syncwarp();
-    if (picked) store_scalar<A>(grad_logits, logits_code, row + e_pick, s_pick * (g - dot));
+    for (int j = 0; j < V; ++j) d[j] = -s[j] * dot;
+    store_run<V>(grad_logits, logits_code, row + e0, valid, d);
+    __syncwarp();  // orders the row's stores before the picks' (other lanes' addresses)
+    if (holds_pick) store_scalar<float>(grad_logits, logits_code, row + e_pick, s_pick * (g - dot));
     return;
   }
   // Only the picks get a gradient.
-  A d = A(0);
+  float dpick = 0.0f;
   if (score_fn == kSoftmax) {
-    const A top = __shfl_sync(0xffffffffu, x_pick, 0);
-    const A ex = picked ? exp_(x_pick - top) : A(0);
-    const A p = ex / warp_sum(ex);
-    d = p * (g - warp_sum(p * g));
+    const float top = __shfl_sync(kFull, x_pick, 0);  // pick 0: the largest logit
+    const float ex = holds_pick ? expf(x_pick - top) : 0.0f;
+    const float p = ex / warp_sum(ex);
+    dpick = p * (g - warp_sum(p * g));
   } else {
-    const A v = picked ? score_of(x_pick, score_fn) : A(0);
-    A dv = g;
+    const float v = holds_pick ? score_of(x_pick, score_fn) : 0.0f;
+    float dv = g;
     if (topk > 1) {
-      const A sum = warp_sum(v) + A(1e-20);
+      const float sum = warp_sum(v) + 1e-20f;
       dv = (g - warp_sum(g * (v / sum))) / sum;
     }
-    d = picked ? dv * score_slope(x_pick, v, score_fn) : A(0);
+    dpick = holds_pick ? dv * score_slope(x_pick, v, score_fn) : 0.0f;
   }
 #pragma unroll
-  for (int j = 0; j < V; ++j)
-    if (j * 32 + lane < num_experts) store_scalar<A>(grad_logits, logits_code, row + j * 32 + lane, A(0));
+  for (int j = 0; j < V; ++j) d[j] = 0.0f;
+  store_run<V>(grad_logits, logits_code, row + e0, valid, d);
   __syncwarp();
-  if (picked) store_scalar<A>(grad_logits, logits_code, row + e_pick, d);
+  if (holds_pick) store_scalar<float>(grad_logits, logits_code, row + e_pick, dpick);
 }
 
 }  // namespace moe_raw
@@ -353,16 +502,16 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
 // CI compiles this file with nvcc (warnings as errors); NVRTC instantiates through name_expressions at run time.
 #ifdef MOE_RAW_NVCC_CHECK
 namespace moe_raw {
-#define MOE_RAW_ROUTER(A, V)                                                                                      \
-  template __global__ void router_fwd<A, V>(const void*, int, int64_t, int, const void*, int, int, int, int, int,  \
-                                            int, double, int, void*, int, unsigned char*, int64_t*, float*);       \
-  template __global__ void router_bwd<A, V>(const void*, int, int64_t, int, int, int, int, double, int,           \
-                                            const void*, int, int, const int64_t*, void*);
-MOE_RAW_ROUTER(float, 1)
-MOE_RAW_ROUTER(float, 2)
-MOE_RAW_ROUTER(float, 4)
-MOE_RAW_ROUTER(float, 8)
-MOE_RAW_ROUTER(float, 16)
-MOE_RAW_ROUTER(float, 32)
+#define MOE_RAW_ROUTER(V)                                                                                         \
+  template __global__ void router_fwd<V>(const void*, int, int64_t, int, const void*, int, int, int, int, int, int, \
+                                         double, int, void*, int, unsigned char*, int64_t*, float*);              \
+  template __global__ void router_bwd<V>(const void*, int, int64_t, int, int, int, int, double, int, const void*,  \
+                                         int, int, const int64_t*, void*);
+MOE_RAW_ROUTER(1)
+MOE_RAW_ROUTER(2)
+MOE_RAW_ROUTER(4)
+MOE_RAW_ROUTER(8)
+MOE_RAW_ROUTER(16)
+MOE_RAW_ROUTER(32)
 }  // namespace moe_raw
 #endif

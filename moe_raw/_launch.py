@@ -74,7 +74,7 @@ KERNELS = {
         for index in ("int32_t", "int64_t")
         for word in ("uint16_t", "uint32_t", "uint64_t")
     ),
-    "router": tuple(f"moe_raw::router_{way}<float, {v}>" for v in ROUTER_LANE_SLOTS for way in ("fwd", "bwd")),
+    "router": tuple(f"moe_raw::router_{way}<{v}>" for v in ROUTER_LANE_SLOTS for way in ("fwd", "bwd")),
 }
 
 # Parameter layout of every kernel, as struct codes: P device pointer, q int64_t, i int. struct's native

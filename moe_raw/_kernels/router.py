@@ -20,7 +20,7 @@ def covers(num_experts: int, topk: int, group_topk, num_groups) -> bool:
 
 def _name(way: str, logits: torch.Tensor) -> str:
     slots = next(v for v in ROUTER_LANE_SLOTS if 32 * v >= logits.shape[1])
-    return f"moe_raw::router_{way}<float, {slots}>"  # fp32 math for every dtype, fp64 too, as Megatron
+    return f"moe_raw::router_{way}<{slots}>"
 
 
 def forward(logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux):
