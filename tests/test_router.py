@@ -43,6 +43,9 @@ CONFIGS = {
         {"score_function": "sigmoid", "bias": True, "num_groups": 8, "group_topk": 4, "scaling_factor": 2.5},
     ),  # fmt: skip
     "qwen3": (128, 8, {"use_pre_softmax": True}),
+    # group layouts the kernel stages in shared memory: groups of 24 = 6 lanes of 4; 9 keys a group summed
+    "sigmoid-groups-staged": (96, 4, {"score_function": "sigmoid", "num_groups": 4, "group_topk": 2}),
+    "softmax-pre-groups-m9": (64, 18, {"use_pre_softmax": True, "num_groups": 2, "group_topk": 2}),
     "E1000-K32": (1000, 32, {"score_function": "sigmoid"}),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
