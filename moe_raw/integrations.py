@@ -37,7 +37,10 @@ AUTOMODEL_MODULE = "nemo_automodel.components.moe.megatron.moe_utils"
 NOT_SWAPPED = frozenset({"quick_gelu", "MoEAuxLossAutoScaler"})
 # Megatron-LM: module -> the names swapped there (same signature and meaning as moe_raw's).
 MEGATRON_MODULES = {
-    "megatron.core.transformer.moe.moe_utils": ("permute", "unpermute", "sort_chunks_by_idxs"),
+    "megatron.core.transformer.moe.moe_utils": (
+        "permute", "unpermute", "sort_chunks_by_idxs", "topk_routing_with_score_function",
+        "compute_routing_scores_for_aux_loss", "switch_load_balancing_loss_func", "z_loss_func",
+    ),
     "megatron.core.fusions.fused_bias_swiglu": (
         "swiglu", "swiglu_back", "weighted_swiglu", "weighted_swiglu_back", "WeightedSwiGLUFunction",
     ),

@@ -96,7 +96,13 @@ def _run(fn, args, diff):
 
 def test_cases_cover_every_swapped_activation():
     swapped = {n for names in integrations.MEGATRON_MODULES.values() for n in names}
-    assert swapped - set(CASES) == {"permute", "unpermute", "sort_chunks_by_idxs", "WeightedSwiGLUFunction"}
+    router = {
+        "topk_routing_with_score_function",
+        "compute_routing_scores_for_aux_loss",
+        "switch_load_balancing_loss_func",
+        "z_loss_func",
+    }  # checked against Megatron in test_router.py
+    assert swapped - set(CASES) == {"permute", "unpermute", "sort_chunks_by_idxs", "WeightedSwiGLUFunction"} | router
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -211,3 +217,21 @@ def test_a_changed_main_default_is_left_alone(restore, monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"moe_utils\.permute has a signature"):
         integrations.apply_to_megatron()
     assert MOE.permute is permute
+
+
+def test_apply_to_megatron_switches_the_router_where_megatron_imported_it():
+    """Megatron's TopKRouter module imports the router functions by name: both it and moe_utils get moe_raw's."""
+    router = pytest.importorskip("megatron.core.transformer.moe.router")
+    names = ("topk_routing_with_score_function", "compute_routing_scores_for_aux_loss",
+             "switch_load_balancing_loss_func", "z_loss_func")  # fmt: skip
+    before = {n: getattr(router, n) for n in names if hasattr(router, n)}
+    assert before, "megatron's router module imports none of the router functions"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            patched = integrations.apply_to_megatron()
+            for n in before:
+                assert getattr(router, n) is getattr(moe_raw, n) and f"{router.__name__}:{n}" in patched
+        finally:
+            integrations.undo_megatron()
+    assert {n: getattr(router, n) for n in before} == before
