@@ -207,11 +207,10 @@ __device__ __forceinline__ void store_flags(unsigned char* m, int64_t first, int
     if (j < valid) q[j] = static_cast<unsigned char>((bits >> j) & 1u);
 }
 
-// top: sorted (descending) list of M slots, the first m in use; keeps the m largest of itself and k.
-template <int M>
-__device__ __forceinline__ void insert_key(uint64_t (&top)[M], uint64_t k, int m) {
+// keys: sorted (descending) list of kMaxGroupPicks; keeps the m largest of itself and k.
+__device__ __forceinline__ void insert_key(uint64_t (&top)[kMaxGroupPicks], uint64_t k, int m) {
 #pragma unroll
-  for (int i = 0; i < M; ++i)
+  for (int i = 0; i < kMaxGroupPicks; ++i)
     if (i < m && k > top[i]) {
       const uint64_t held = top[i];
       top[i] = k;
@@ -219,27 +218,26 @@ __device__ __forceinline__ void insert_key(uint64_t (&top)[M], uint64_t k, int m
     }
 }
 
-// Whether this lane's experts' group is kept, for groups that are a power-of-two run of whole lanes. M: the list
-// length, a compile-time bound on m (1, 2, 4 or 8), so DeepSeek-V3's m = 2 costs two slots, not kMaxGroupPicks.
-template <int V, int M>
+// Whether this lane's experts' group is kept, for groups that are a power-of-two run of whole lanes.
+template <int V>
 __device__ bool group_kept_by_shuffles(const uint64_t (&key)[V], int num_groups, int group_topk, int lanes, int m,
                                        int key_code, int lane) {
-  uint64_t top[M];
+  uint64_t top[kMaxGroupPicks];
 #pragma unroll
-  for (int i = 0; i < M; ++i) top[i] = 0;
+  for (int i = 0; i < kMaxGroupPicks; ++i) top[i] = 0;
 #pragma unroll
-  for (int j = 0; j < V; ++j) insert_key<M>(top, key[j], m);
+  for (int j = 0; j < V; ++j) insert_key(top, key[j], m);
   for (int off = 1; off < lanes; off <<= 1) {
-    uint64_t other[M];
+    uint64_t other[kMaxGroupPicks];
 #pragma unroll
-    for (int i = 0; i < M; ++i) other[i] = __shfl_xor_sync(kFull, top[i], off);
+    for (int i = 0; i < kMaxGroupPicks; ++i) other[i] = __shfl_xor_sync(kFull, top[i], off);
 #pragma unroll
-    for (int i = 0; i < M; ++i)
-      if (i < m) insert_key<M>(top, other[i], m);
+    for (int i = 0; i < kMaxGroupPicks; ++i)
+      if (i < m) insert_key(top, other[i], m);
   }
   float score = 0.0f;  // the group's top m in rank order, as the reference sums its sorted top-k values
 #pragma unroll
-  for (int i = 0; i < M; ++i)
+  for (int i = 0; i < kMaxGroupPicks; ++i)
     if (i < m) score += key_value(top[i]);
   score = round_to(score, key_code);
   const int g = lane / lanes;
@@ -346,12 +344,7 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
     const int size = num_experts / num_groups, m = topk / group_topk, lanes = size / V;
     const int key_code = score_fn == kSoftmax && !pre_softmax ? logits_code : kF32;
     if (size % V == 0 && (lanes & (lanes - 1)) == 0 && num_groups * lanes <= 32 && m <= kMaxGroupPicks) {
-      bool kept;
-      if (m == 1) kept = group_kept_by_shuffles<V, 1>(key, num_groups, group_topk, lanes, m, key_code, lane);
-      else if (m == 2) kept = group_kept_by_shuffles<V, 2>(key, num_groups, group_topk, lanes, m, key_code, lane);
-      else if (m <= 4) kept = group_kept_by_shuffles<V, 4>(key, num_groups, group_topk, lanes, m, key_code, lane);
-      else kept = group_kept_by_shuffles<V, 8>(key, num_groups, group_topk, lanes, m, key_code, lane);
-      if (!kept) {
+      if (!group_kept_by_shuffles<V>(key, num_groups, group_topk, lanes, m, key_code, lane)) {
 #pragma unroll
         for (int j = 0; j < V; ++j) key[j] = 0;
       }
