@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from moe_raw import reference as R
 from moe_raw._kernels import dispatch as D
 from moe_raw._kernels import glu_launch as GL
+from moe_raw._kernels import router as RK
 from moe_raw._kernels.glu_codegen import Act
 
 _EMPTY = (0,)
@@ -395,3 +397,98 @@ def _permute_with_row_map_backward(ctx, grad_out):
 
 
 permute_with_row_map.register_autograd(_permute_with_row_map_backward, setup_context=_permute_with_row_map_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# router (topk_routing_with_score_function, compute_routing_scores_for_aux_loss)
+
+
+def _router_reference(logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, aux):
+    """The torch formulas (moe_raw.reference, ties to the lower expert): (values, routing_map, indices [T, K])."""
+    if aux:
+        routing_map, scores = R.compute_routing_scores_for_aux_loss(logits, topk, score_function, None, R.stable_topk)
+        return scores, routing_map, R.stable_topk(scores, topk)[1]
+    probs, idx = R.topk_routing_with_score_function(
+        logits, topk, pre_softmax, num_groups, group_topk, scaling, score_function, expert_bias, True, R.stable_topk
+    )
+    return probs, idx
+
+
+@torch.library.custom_op("moe_raw::router", mutates_args=())
+def router(
+    logits: torch.Tensor, expert_bias: torch.Tensor | None, topk: int, score_function: str, pre_softmax: bool,
+    num_groups: int | None, group_topk: int | None, scaling: float | None, dense: bool, aux: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(values, routing_map, indices [T, K] int64): values = probs [T, E] (dense) or [T, K], or aux scores [T, E]
+    fp32; routing_map [T, E] bool (empty in the compact form). The kernel on CUDA within its limits, else the torch
+    formulas, as the eager path."""
+    if logits.is_cuda and RK.covers(logits.shape[1], topk, group_topk, num_groups):
+        probs, routing_map, idx, scores = RK.forward(
+            logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux
+        )
+        values = scores if aux else probs
+    elif aux:
+        values, routing_map, idx = _router_reference(
+            logits, None, topk, score_function, pre_softmax, None, None, None, True
+        )
+    else:
+        probs_k, idx = _router_reference(
+            logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, False
+        )
+        values, routing_map = probs_k, None
+        if dense:
+            values = torch.zeros_like(logits).scatter(1, idx, probs_k)
+            routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+    if routing_map is None:
+        routing_map = torch.empty(_EMPTY, dtype=torch.bool, device=logits.device)
+    return values.contiguous(), routing_map, idx.contiguous()  # top-k slices of a sort are strided; the fake is not
+
+
+@router.register_fake
+def _(logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux):
+    num_tokens, num_experts = logits.shape
+    idx = logits.new_empty((num_tokens, topk), dtype=torch.int64)
+    if aux:
+        return logits.new_empty((num_tokens, num_experts), dtype=torch.float32), logits.new_empty(
+            (num_tokens, num_experts), dtype=torch.bool), idx  # fmt: skip
+    if dense:
+        return logits.new_empty((num_tokens, num_experts)), logits.new_empty(
+            (num_tokens, num_experts), dtype=torch.bool), idx  # fmt: skip
+    return logits.new_empty((num_tokens, topk)), logits.new_empty(_EMPTY, dtype=torch.bool), idx
+
+
+@torch.library.custom_op("moe_raw::router_backward", mutates_args=())
+def router_backward(
+    logits: torch.Tensor, expert_bias: torch.Tensor | None, idx: torch.Tensor, grad: torch.Tensor, topk: int,
+    score_function: str, pre_softmax: bool, num_groups: int | None, group_topk: int | None, scaling: float | None,
+    dense: bool, aux: bool,
+) -> torch.Tensor:  # fmt: skip
+    """d logits [T, E] from the gradient of router's values: the kernel on CUDA within its limits, else the torch
+    formulas' own autograd (recomputed; their picks are the forward's: the same rule, the same inputs)."""
+    if logits.is_cuda and RK.covers(logits.shape[1], topk, group_topk, num_groups):
+        return RK.backward(logits, idx, grad, topk, score_function, pre_softmax, scaling, dense, aux)
+
+    def values(x):  # autograd is off inside an op's implementation: torch.func's vjp does not need it
+        out = _router_reference(x, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, aux)
+        return torch.zeros_like(x).scatter(1, idx, out[0]) if dense and not aux else out[0]
+
+    return torch.func.vjp(values, logits)[1](grad)[0]
+
+
+@router_backward.register_fake
+def _(logits, expert_bias, idx, grad, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux):
+    return logits.new_empty(logits.shape)
+
+
+def _router_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[2])
+    ctx.cfg = inputs[2:]
+
+
+def _router_backward(ctx, grad_values, _grad_map, _grad_idx):
+    logits, expert_bias, idx = ctx.saved_tensors
+    d_logits = router_backward(logits, expert_bias, idx, grad_values, *ctx.cfg)
+    return (d_logits,) + (None,) * 9
+
+
+router.register_autograd(_router_backward, setup_context=_router_setup)

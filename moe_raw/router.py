@@ -4,10 +4,10 @@ load-balancing and z losses.
 
 On CUDA ``topk_routing_with_score_function`` and ``compute_routing_scores_for_aux_loss`` are one kernel launch
 forward and one backward each (kernels/router.cu: fp32 math for every logits dtype, as Megatron main; deterministic;
-no host sync),
-where Megatron's torch code takes 6-15 launches. Elsewhere (CPU, under ``torch.compile``, and past the kernel's
-limits: more than 1024 experts, top-k over 32, more than 64 groups) they run ``moe_raw.reference``'s transcription
-of Megatron as torch ops. Both rank the same way: the larger score first and, among equal scores, the lower expert
+no host sync; under ``torch.compile`` the same launches as the custom ops ``moe_raw::router`` / ``router_backward``),
+where Megatron's torch code takes 6-15 launches. Elsewhere (CPU, and past the kernel's limits: more than 1024
+experts, top-k over 32, more than 64 groups) they run ``moe_raw.reference``'s transcription of Megatron as torch
+ops. Both rank the same way: the larger score first and, among equal scores, the lower expert
 index (``torch.topk``, which Megatron calls, leaves ties unspecified, so on exact ties the maps may differ from
 Megatron's; without ties they are equal). The two losses are torch ops here too: each reads its input once in one
 or two reductions, as Megatron's does.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from moe_raw import _ops
 from moe_raw import _validate as V
 from moe_raw import reference as R
 from moe_raw._kernels import router as K
@@ -152,6 +153,12 @@ def topk_routing_with_score_function(
         if expert_bias.shape[0] != num_experts:
             raise ValueError(f"{op}: expert_bias must be [E] = [{num_experts}], got {tuple(expert_bias.shape)}")
         V.same_device(op, logits=logits, expert_bias=expert_bias)
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
+        values, routing_map, idx = _ops.router(
+            logits.contiguous(), expert_bias, topk, score_function, use_pre_softmax, num_groups if group_topk else None,
+            group_topk or None, float(scaling_factor) if scaling_factor else None, not dense_output, False,
+        )  # fmt: skip
+        return (values, idx) if dense_output else (values, routing_map)
     if not _use_kernel(logits, topk, group_topk, num_groups):  # dense rows: torch's CPU loops round by layout
         return R.topk_routing_with_score_function(
             logits.contiguous(), topk, use_pre_softmax, num_groups, group_topk, scaling_factor, score_function,
@@ -179,12 +186,17 @@ def compute_routing_scores_for_aux_loss(
     _, topk = _check_router(op, logits, topk, score_function)
     V.flag(fused, "fused", op)
     _check_padding_mask(op, padding_mask, num_tokens, {"logits": logits})
-    if not _use_kernel(logits, topk, None, None):
+    if torch.compiler.is_compiling():  # the custom op (moe_raw/_ops.py)
+        scores, routing_map, _ = _ops.router(
+            logits.contiguous(), None, topk, score_function, True, None, None, None, True, True
+        )
+    elif not _use_kernel(logits, topk, None, None):
         return R.compute_routing_scores_for_aux_loss(
             logits.contiguous(), topk, score_function, padding_mask, R.stable_topk
         )
-    cfg = (topk, score_function, True, None, None, None, True, True)
-    routing_map, scores = _RouterFunction.apply(logits.contiguous(), None, cfg)
+    else:
+        cfg = (topk, score_function, True, None, None, None, True, True)
+        routing_map, scores = _RouterFunction.apply(logits.contiguous(), None, cfg)
     if padding_mask is not None:
         valid = (~padding_mask).unsqueeze(-1)
         routing_map, scores = routing_map & valid, scores * valid

@@ -332,3 +332,40 @@ def test_past_the_kernel_limits_the_torch_formulas_run_on_the_device(device):
     cpu = moe_raw.topk_routing_with_score_function(logits.cpu(), 40, score_function="sigmoid")
     assert torch.equal(routing_map.cpu(), cpu[1])
     torch.testing.assert_close(probs.cpu(), cpu[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["deepseek-v3", "softmax-post", "sqrtsoftplus-bias"])
+def test_torch_compile_fullgraph_gives_the_eager_results(device, name):
+    """Under torch.compile both router functions run as the custom ops moe_raw::router / router_backward (the
+    kernel on CUDA): no graph break, and the eager values, maps and gradients, bit for bit."""
+    num_experts, topk, cfg = CONFIGS[name]
+    logits, bias = _inputs(24, num_experts, torch.float32, device, cfg.get("bias", False))
+    kw = _kwargs(cfg, bias)
+
+    def step(x, dense_output):
+        probs, second = moe_raw.topk_routing_with_score_function(x, topk, **kw, dense_output=dense_output)
+        routing_map, scores = moe_raw.compute_routing_scores_for_aux_loss(x, topk, "softmax")
+        return probs, second, routing_map, scores
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    for dense_output in (False, True):
+        runs = []
+        for fn in (step, compiled):
+            x = logits.clone().requires_grad_(True)
+            out = fn(x, dense_output)
+            w = torch.linspace(-1, 1, out[0].numel(), device=device).view(out[0].shape)
+            (grad,) = torch.autograd.grad((out[0] * w).sum() + (out[3] * out[3]).sum(), x)
+            runs.append((*(o.detach() for o in out), grad))
+        for a, b in zip(*runs, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dense, aux", [(True, False), (False, False), (True, True)], ids=["dense", "topk", "aux"])
+def test_router_custom_op_passes_opcheck(device, dense, aux):
+    from moe_raw import _ops
+
+    logits, bias = _inputs(12, 32, torch.float32, device, bias=True)
+    args = (logits.requires_grad_(True), None if aux else bias, 4, "sigmoid", False, 4, 2, 2.5, dense, aux)
+    torch.library.opcheck(_ops.router, args)
