@@ -15,6 +15,7 @@ import numbers
 import torch
 
 from moe_raw import _env
+from moe_raw import reference_fp8 as RF
 
 DEBUG = _env.DEBUG  # MOE_RAW_DEBUG=1 (moe_raw/_env.py)
 
@@ -25,6 +26,7 @@ BYTE_DTYPES = tuple(
     for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, n)
 ) + (torch.uint8, torch.int8)
+QUANT_DTYPES = RF.INPUT_DTYPES  # what permute_quantized quantizes (fp32 / fp16 / bf16; fp64 would be a silent cast)
 MAP_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 MAX_EXPERTS = 4096  # the row kernels keep a token's row list (one int per expert) in shared memory
 MAX_ROWS = 2**31 - 3  # row ids are int32, and -2 - row must fit too
@@ -297,3 +299,40 @@ def glu_bias(bias, input, op: str) -> None:
     if not fits:
         raise ValueError(f"{op}: bias must broadcast to input {tuple(input.shape)}, got {tuple(bias.shape)}")
     same_device_as(bias, input, "bias", op)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 quantization (moe_raw.quantize): recipes and dtypes of moe_raw.reference_fp8
+
+
+def fp8_recipe(recipe, fp8_dtype, hidden: int, op: str) -> None:
+    """recipe one of RF.RECIPES, fp8_dtype float8_e4m3fn / float8_e5m2, and H % 32 == 0 for "mxfp8"."""
+    if not isinstance(recipe, str):
+        raise TypeError(f"{op}: recipe must be a str, one of {RF.RECIPES}, got {type(recipe).__name__}")
+    if recipe not in RF.RECIPES:
+        raise ValueError(f"{op}: recipe must be one of {RF.RECIPES}, got {recipe!r}")
+    if not isinstance(fp8_dtype, torch.dtype) or fp8_dtype not in RF.FP8_MAX:
+        raise TypeError(f"{op}: fp8_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {fp8_dtype!r}")
+    if recipe == "mxfp8" and hidden % RF.MX_BLOCK:
+        raise ValueError(
+            f"{op}: recipe 'mxfp8' needs the hidden size to be a multiple of {RF.MX_BLOCK} (one E8M0 scale per "
+            f"{RF.MX_BLOCK} elements), got H = {hidden}"
+        )
+
+
+def fp8_scales(q, scales, recipe, op: str) -> None:
+    """q [N, H] float8_e4m3fn / float8_e5m2 and the scales its recipe gives (shape and dtype: RF.scale_shape)."""
+    tensor(q, "q", op, 2, tuple(RF.FP8_MAX))
+    if not isinstance(recipe, str) or recipe not in RF.RECIPES:
+        raise ValueError(f"{op}: recipe must be one of {RF.RECIPES}, got {recipe!r}")
+    num_rows, hidden = q.shape
+    if recipe == "mxfp8" and hidden % RF.MX_BLOCK:
+        raise ValueError(f"{op}: recipe 'mxfp8' needs q.shape[1] % {RF.MX_BLOCK} == 0, got H = {hidden}")
+    tensor(scales, "scales", op, None, (RF.scale_dtype(recipe),))
+    expected = RF.scale_shape(num_rows, hidden, recipe)
+    if tuple(scales.shape) != expected:
+        what = {"rowwise": "[N]", "blockwise": "[N, ceil(H / 128)]", "mxfp8": "[N, H / 32]"}[recipe]
+        raise ValueError(
+            f"{op}: {recipe} scales must be {what} = {list(expected)} for q {tuple(q.shape)}, got {tuple(scales.shape)}"
+        )
+    same_device(op, q=q, scales=scales)

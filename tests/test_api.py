@@ -85,6 +85,9 @@ EXTRAS = (
     "compute_routing_scores_for_aux_loss",
     "switch_load_balancing_loss_func",
     "z_loss_func",
+    # FP8 quantize-on-permute (issue 19)
+    "permute_quantized",
+    "dequantize",
 )
 PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction", "MoEAlltoAllDispatcher"} | set(EXTRAS)
 

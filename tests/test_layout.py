@@ -15,6 +15,7 @@ MAX_LINES = 700
 LAYERS = {
     "moe_raw._env": 0,
     "moe_raw.reference": 0,
+    "moe_raw.reference_fp8": 0,
     "moe_raw._validate": 1,
     "moe_raw._cupy_cache": 0,
     "moe_raw._launch": 1,
@@ -34,6 +35,7 @@ LAYERS = {
     "moe_raw.topk": 5,
     "moe_raw.dispatcher": 5,
     "moe_raw.megatron": 5,
+    "moe_raw.quantize": 5,
     "moe_raw": 6,
     "moe_raw.integrations": 7,
 }

@@ -29,6 +29,7 @@ from conftest import make_probs, make_routing
 
 import moe_raw
 from moe_raw import reference as R
+from moe_raw import reference_fp8 as RF
 
 HAS_CUDA = torch.cuda.is_available()
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -542,6 +543,74 @@ def _router_cases():
     return cases
 
 
+def _quantize_cases():
+    """permute_quantized and dequantize (issue 19): FP8 rows and scales bit for bit (the reference permutes, then
+    quantizes with moe_raw.reference_fp8). The FP8 rows carry no gradient; permuted_probs and float scales do."""
+    cases = []
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    # (name, T, E, K, routing kind, num_out_tokens rule, recipe, fp8 dtype, token dtype, align_size, probs, strided)
+    table = [
+        ("rowwise", 7, 4, 2, "topk", "none", "rowwise", e4m3, torch.bfloat16, None, True, False),
+        ("blockwise-strided", 7, 4, 2, "sparse", "more", "blockwise", e4m3, torch.float32, None, True, True),
+        ("mxfp8-e5m2-padded", 7, 4, 2, "empty_expert", "fewer", "mxfp8", e5m2, torch.float16, 4, True, False),
+        ("rowwise-e5m2-padded-no-probs", 7, 4, 2, "topk", "none", "rowwise", e5m2, torch.bfloat16, 8, False, False),
+        ("T0-mxfp8-rows", 0, 4, 2, "topk", "more", "mxfp8", e4m3, torch.float32, None, True, False),
+        ("T0-blockwise-padded", 0, 4, 2, "topk", "none", "blockwise", e4m3, torch.bfloat16, 4, True, False),
+    ]
+    for name, t, e, k, kind, rule, recipe, fp8, dtype, align, with_probs, strided in table:
+        h = 160  # a partial 1x128 block, five MX blocks
+
+        def make(t=t, e=e, k=k, kind=kind, rule=rule, with_probs=with_probs, dtype=dtype, strided=strided, h=h):
+            rm = _routing(t, e, k, kind)
+            n = {"none": None, "more": _routed(rm) + 3, "fewer": max(_routed(rm) - 3, 0)}[rule]
+            p = make_probs(rm, torch.float32, off_route=float("nan")) if with_probs else None
+            return {"tokens": _tokens(t, h + 3 if strided else h, dtype), "routing_map": rm, "probs": p,
+                    "num_out_tokens": n, "dtype": dtype}  # fmt: skip
+
+        def call(i, recipe=recipe, fp8=fp8, align=align):
+            return moe_raw.permute_quantized(
+                i["tokens"], i["routing_map"], i["probs"], i["num_out_tokens"], recipe, fp8, align
+            )
+
+        def ref(i, recipe=recipe, fp8=fp8, align=align):
+            x = i["tokens"].to(i["dtype"])  # the fp64 reference run widened the tokens: back, exactly
+            if align is None:
+                rows, pprobs, row_map = R.permute(x, i["routing_map"], i["probs"], i["num_out_tokens"], fused=True)
+            else:
+                rows, pprobs, row_map, _, _ = R.permute_and_pad(
+                    x, i["routing_map"], i["probs"], align, i["num_out_tokens"]
+                )
+            return (*RF.quantize(rows.detach(), recipe, fp8), pprobs, row_map)
+
+        views = {"tokens": _padded_view(h)} if strided else {}
+        diff = ("probs",) if with_probs else ()
+        cases.append(Case("permute_quantized", name, make, call, ref, diff, exact=True, views=views))
+
+    for name, n, h, recipe, fp8, strided in [
+        ("rowwise", 5, 64, "rowwise", e4m3, False),
+        ("blockwise-strided", 5, 160, "blockwise", e5m2, True),
+        ("mxfp8", 5, 96, "mxfp8", e4m3, False),
+        ("N0", 0, 64, "rowwise", e4m3, False),
+    ]:
+
+        def make(n=n, h=h, recipe=recipe, fp8=fp8, strided=strided):
+            q, scales = RF.quantize(torch.randn(n, h) * 3, recipe, fp8)
+            if strided:  # the scales a view of a wider leaf
+                scales = torch.cat([scales, torch.rand(n, 3)], 1)
+            return {"q": q.view(torch.uint8), "scales": scales}  # bytes: the fp64 reference run keeps them
+
+        def call(i, recipe=recipe, fp8=fp8):
+            return (moe_raw.dequantize(i["q"].view(fp8), i["scales"], recipe),)
+
+        def ref(i, recipe=recipe, fp8=fp8):
+            return (RF.dequantize(i["q"].view(fp8), i["scales"], recipe),)
+
+        views = {"scales": _padded_view(2)} if strided else {}
+        diff = () if recipe == "mxfp8" else ("scales",)
+        cases.append(Case("dequantize", name, make, call, ref, diff, exact=True, views=views))
+    return cases
+
+
 CASES = (
     _permute_cases()
     + _unpermute_cases()
@@ -552,6 +621,7 @@ CASES = (
     + _dispatcher_cases()
     + _automodel_extra_cases()
     + _router_cases()
+    + _quantize_cases()
 )
 
 

@@ -1,0 +1,100 @@
+"""permute_quantized: permute that quantizes to FP8 on the way (issue 19), and dequantize.
+
+The rows, the row map and the ``num_out_tokens`` / ``align_size`` semantics are those of ``permute(fused=True)``
+and ``permute_and_pad``; the FP8 rows and their scales are, bit for bit, ``moe_raw.reference_fp8.quantize`` of the
+permuted rows (the recipes, their rounding and their NaN / inf / zero rules are stated there).
+
+Not yet fused on CUDA: for now every device runs moe_raw's permute (``fused=True``, or ``permute_and_pad`` with
+``align_size``) on the high-precision tokens, then the torch transcription's quantization of the permuted rows.
+Quantization is per row, so this equals quantize-then-move bit for bit; but on CUDA it reads and writes the
+permuted rows in high precision once more than the one-pass kernel issue 19 asks for. That kernel comes next and
+will return the same bits (the tests compare against this path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_raw import _validate as V
+from moe_raw import reference_fp8 as RF
+from moe_raw.padding import permute_and_pad
+from moe_raw.permutation import permute
+
+__all__ = ["permute_quantized", "dequantize"]
+
+
+def permute_quantized(
+    tokens: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: torch.Tensor | None = None,
+    num_out_tokens: int | None = None,
+    recipe: str = "rowwise",
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    align_size: int | None = None,
+):
+    """Permute tokens into expert-major order and quantize each permuted row to FP8, with its scales.
+
+    Args:
+        tokens: [T, H] float32 | float16 | bfloat16 (rows may be strided). Not differentiated through: the FP8 rows
+            and scales carry no gradient.
+        routing_map: [T, E] bool or integer multi-hot, as for ``permute``.
+        probs: optional [T, E] float router probabilities, read only where routed; ``permuted_probs`` is
+            differentiable w.r.t. probs, as ``permute``'s is.
+        num_out_tokens: as for ``permute`` (no align_size) or ``permute_and_pad`` (with align_size). None: N is
+            read on the host (one device-to-host read, a host sync). Given: no host sync at all.
+        recipe: "rowwise" (one fp32 scale per row, scales [N]), "blockwise" (one fp32 scale per 1x128 block of a
+            row, DeepSeek-V3, scales [N, ceil(H / 128)]) or "mxfp8" (OCP MX: one E8M0 byte per 32 elements, H % 32
+            == 0, scales [N, H / 32] uint8). Exact rules in ``moe_raw.reference_fp8``.
+        fp8_dtype: torch.float8_e4m3fn (max 448) or torch.float8_e5m2 (max 57344).
+        align_size: None: the rows of ``permute(fused=True)``. An int in [1, 1024]: the rows of
+            ``permute_and_pad`` (each expert's rows padded with zero rows to a multiple of align_size, as FP8
+            grouped GEMMs need).
+
+    Returns:
+        (permuted_fp8 [N, H] fp8_dtype, scales, permuted_probs [N] (probs.dtype) or None, row_map): row_map is
+        ``permute(fused=True)``'s int32 [T + 1, E] or, with align_size, ``permute_and_pad``'s [T + 3, E], whose line
+        T + 2 holds each expert's cumulative end row (int32 [E]: the ``offs`` of a grouped GEMM). Spare rows (N above
+        the routed count) and padding rows are zero bytes with scale 1.0 (rowwise / blockwise) or E8M0 byte 127
+        (mxfp8), prob 0. ``unpermute(..., row_map, fused=True)`` combines the experts' output rows;
+        ``permute_with_row_map`` moves more per-token data the same way; ``dequantize`` gives fp32 rows back.
+
+    On every device this is, for now, moe_raw's permute on the high-precision tokens followed by the torch
+    transcription's quantization of the permuted rows: bit-identical to quantizing the tokens and moving the FP8
+    rows, but on CUDA not yet the fused one-pass kernel (it comes next, with the same bits).
+    """
+    op = "moe_raw.permute_quantized"
+    V.tensor(tokens, "tokens", op, 2, V.QUANT_DTYPES)
+    num_tokens, num_experts = V.permute_inputs(op, tokens, routing_map, probs)
+    V.fp8_recipe(recipe, fp8_dtype, tokens.shape[1], op)
+    n_out = V.size_arg(num_out_tokens, "num_out_tokens", op)
+    align = V.size_arg(align_size, "align_size", op)
+    if align is not None and not 1 <= align <= 1024:
+        raise ValueError(f"{op}: align_size must be None or in [1, 1024], got {align}")
+    V.same_device(op, tokens=tokens, routing_map=routing_map, probs=probs)
+    rows = tokens.detach()  # the FP8 outputs carry no gradient; permuted_probs keeps probs' graph
+    if align is None:
+        permuted, permuted_probs, row_map = permute(rows, routing_map, probs, n_out, fused=True)
+    else:
+        permuted, permuted_probs, row_map, _, _ = permute_and_pad(rows, routing_map, probs, align, n_out)
+    # permute's autograd Function marks its rows differentiable when probs requires grad: cut them off here
+    q, scales = RF.quantize(permuted.detach(), recipe, fp8_dtype)
+    return q, scales, permuted_probs, row_map
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, recipe: str = "rowwise") -> torch.Tensor:
+    """FP8 rows and their scales back to float32: ``q * scale`` (one fp32 multiply per element), for tests and
+    debugging.
+
+    Args:
+        q: [N, H] float8_e4m3fn | float8_e5m2 (``permute_quantized``'s first output).
+        scales: "rowwise" [N] float32, "blockwise" [N, ceil(H / 128)] float32, "mxfp8" [N, H / 32] uint8 (E8M0
+            bytes: b is 2^(b - 127), 255 is NaN).
+        recipe: the recipe that made them.
+
+    Returns:
+        [N, H] float32. Differentiable w.r.t. float32 scales (the gradient is q). NaN where q is NaN or the scale
+        is NaN; a group quantized with an inf scale comes back NaN (0 * inf).
+    """
+    op = "moe_raw.dequantize"
+    V.fp8_scales(q, scales, recipe, op)
+    return RF.dequantize(q, scales, recipe)
