@@ -75,6 +75,8 @@ KERNELS = {
         for word in ("uint16_t", "uint32_t", "uint64_t")
     ),
     "router": tuple(f"moe_raw::router_{way}<{v}>" for v in ROUTER_LANE_SLOTS for way in ("fwd", "bwd")),
+    "quantize": tuple(f"moe_raw::quantize_rows<{c}>" for c in ("float", "__half", "__nv_bfloat16"))
+    + ("moe_raw::quantize_fill<256>",),
 }
 
 # Parameter layout of every kernel, as struct codes: P device pointer, q int64_t, i int. struct's native
@@ -93,6 +95,7 @@ SIGNATURES = {
     "chunks": {"chunk_sort": "PqPqqqPiPiiPqPii"},
     "topk": {"topk_dense": "PPqiiPqP"},
     "router": {"router_fwd": "PiqiPiiiiiidiPiPPP", "router_bwd": "PiqiiiidiPiiPP"},
+    "quantize": {"quantize_rows": "PqiPiifiiPP", "quantize_fill": "PPiiiqPqii"},
 }
 
 _lock = threading.Lock()
