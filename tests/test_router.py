@@ -46,6 +46,9 @@ CONFIGS = {
     # group layouts the kernel stages in shared memory: groups of 24 = 6 lanes of 4; 9 keys a group summed
     "sigmoid-groups-staged": (96, 4, {"score_function": "sigmoid", "num_groups": 4, "group_topk": 2}),
     "softmax-pre-groups-m9": (64, 18, {"use_pre_softmax": True, "num_groups": 2, "group_topk": 2}),
+    # groups of one lane's run each (no merge shuffles), and m = 3 (a 4-slot list, one slot unused)
+    "sigmoid-groups-lane": (64, 4, {"score_function": "sigmoid", "num_groups": 4, "group_topk": 2}),
+    "softmax-groups-m3": (128, 6, {"num_groups": 8, "group_topk": 2}),
     "E1000-K32": (1000, 32, {"score_function": "sigmoid"}),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
