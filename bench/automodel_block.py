@@ -136,12 +136,7 @@ def bench_shape(name: str, activation: str, T: int, E: int, H: int, K: int, F: i
             try:
                 block = build(mesh, activation, weights, E, K, dtype)
                 results[provider] = step(block, x, logits, K)
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                step(block, x, logits, K)
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+                peak = common.peak_gb(lambda b=block: step(b, x, logits, K))
                 ms = common.do_bench(lambda b=block: step(b, x, logits, K))
             finally:
                 integrations.undo_automodel()

@@ -167,12 +167,7 @@ def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
     for provider in ("moe_raw", "seed"):
         fn = lambda p=provider: layer_step(p, inputs)  # noqa: E731
         fn()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        peak = common.peak_gb(fn)
         ms = common.do_bench(fn)
         rows.append({"kind": "layer", "shape": f"{name} T={T} E={E} H={H} K={K} F={F}", "op": "moe layer fwd+bwd",
                      "provider": provider, "ms": ms, "tokens_per_s": T / (ms * 1e-3), "peak_mem_GB": peak,
@@ -249,9 +244,9 @@ def bench_dropless_shape(name, T, E, H, K, F, dtype=torch.bfloat16, device="cuda
         raise ValueError(f"{name}: shape E={E} K={K} but preset {DROPLESS_PRESETS[name]!r} routes "
                          f"E={preset.num_experts} K={preset.router.topk}")  # fmt: skip
     cuda = torch.device(device).type == "cuda"
-    if timer is None:
-        from . import common
+    from . import common
 
+    if timer is None:
         timer = common.do_bench
     F0, notes = F, []
     if cuda:
@@ -274,12 +269,7 @@ def bench_dropless_shape(name, T, E, H, K, F, dtype=torch.bfloat16, device="cuda
         if not cuda:
             return timer(fn), float("nan")
         fn()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        peak = common.peak_gb(fn)
         return timer(fn), peak
 
     shape = f"{name} T={T} E={E} H={H} K={K} F={F}"

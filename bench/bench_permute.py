@@ -194,12 +194,7 @@ def peak_memory_rows(name, T, E, H, K, dtype=torch.bfloat16):
         xi, pi = x.detach().requires_grad_(True), probs.detach().requires_grad_(True)
         fwd(xi, pi).backward(g)  # warm-up: compile, allocator pools
         xi.grad = pi.grad = None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fwd(xi, pi).backward(g)
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        peak = common.peak_gb(lambda f=fwd, a=xi, b=pi: f(a, b).backward(g))
         rows.append({"kind": "memory", "shape": name, "op": "permute+unpermute fwd+bwd peak memory",
                      "provider": provider, "peak_mem_GB": peak, "note": "above inputs"})  # fmt: skip
     rows[0]["note"] = f"above inputs; {rows[0]['peak_mem_GB'] / rows[1]['peak_mem_GB']:.2f}x the seed's"

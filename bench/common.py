@@ -38,6 +38,17 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def peak_gb(fn) -> float:
+    """GB the device allocates above what is already allocated while fn() runs once (synchronized on both sides;
+    call fn() once before, so compiles and the allocator's pools are not counted)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
 def host_us(fn, iters: int = 200, repeats: int = 7) -> float:
     """Host microseconds per call of fn() (tiny GPU work: the loop is launch-bound), median of `repeats` loops that
     sync only at their end. The median damps the host machine's noise (seen: 64 to 97 us between runs)."""

@@ -320,19 +320,46 @@ def fp8_recipe(recipe, fp8_dtype, hidden: int, op: str) -> None:
         )
 
 
-def fp8_scales(q, scales, recipe, op: str) -> None:
-    """q [N, H] float8_e4m3fn / float8_e5m2 and the scales its recipe gives (shape and dtype: RF.scale_shape)."""
+def fp8_layout(scale_layout, recipe: str, op: str) -> None:
+    """scale_layout one of RF.SCALE_LAYOUTS and fitting the recipe ("column-major": blockwise, "swizzled": mxfp8)."""
+    if not isinstance(scale_layout, str):
+        raise TypeError(
+            f"{op}: scale_layout must be a str, one of {RF.SCALE_LAYOUTS}, got {type(scale_layout).__name__}"
+        )
+    error = RF.layout_error(scale_layout, recipe)
+    if error:
+        raise ValueError(f"{op}: {error}")
+
+
+def fp8_scales(q, scales, recipe, op: str, scale_layout="row-major") -> None:
+    """q [N, H] float8_e4m3fn / float8_e5m2 and the scales its recipe gives (shape and dtype: RF.scale_shape), in
+    scale_layout: "column-major" a [N, G] view with unit row stride and column stride >= N; "swizzled" [R, C] or its
+    flat [R * C] (RF.layout_shape)."""
     tensor(q, "q", op, 2, tuple(RF.FP8_MAX))
     if not isinstance(recipe, str) or recipe not in RF.RECIPES:
         raise ValueError(f"{op}: recipe must be one of {RF.RECIPES}, got {recipe!r}")
+    fp8_layout(scale_layout, recipe, op)
     num_rows, hidden = q.shape
     if recipe == "mxfp8" and hidden % RF.MX_BLOCK:
         raise ValueError(f"{op}: recipe 'mxfp8' needs q.shape[1] % {RF.MX_BLOCK} == 0, got H = {hidden}")
     tensor(scales, "scales", op, None, (RF.scale_dtype(recipe),))
-    expected = RF.scale_shape(num_rows, hidden, recipe)
-    if tuple(scales.shape) != expected:
+    expected = RF.layout_shape(num_rows, hidden, recipe, scale_layout)
+    shape = tuple(scales.shape)
+    if scale_layout == "swizzled":
+        if shape not in (expected, (expected[0] * expected[1],)):
+            raise ValueError(
+                f"{op}: swizzled mxfp8 scales must be [ceil(N / 128) * 128, ceil(H / 32 / 4) * 4] = {list(expected)} "
+                f"(or its {expected[0] * expected[1]} bytes flat) for q {tuple(q.shape)}, got {shape}"
+            )
+    elif shape != expected:
         what = {"rowwise": "[N]", "blockwise": "[N, ceil(H / 128)]", "mxfp8": "[N, H / 32]"}[recipe]
-        raise ValueError(
-            f"{op}: {recipe} scales must be {what} = {list(expected)} for q {tuple(q.shape)}, got {tuple(scales.shape)}"
-        )
+        raise ValueError(f"{op}: {recipe} scales must be {what} = {list(expected)} for q {tuple(q.shape)}, got {shape}")
+    if scale_layout == "column-major":
+        rows_ok = num_rows <= 1 or scales.stride(0) == 1
+        cols_ok = expected[1] <= 1 or scales.stride(1) >= num_rows
+        if not (rows_ok and cols_ok):
+            raise ValueError(
+                f"{op}: column-major scales must be a [N, G] view with strides (1, >= N) (N_pad = ceil(N / 4) * 4 as "
+                f"permute_quantized makes them), got strides {scales.stride()}"
+            )
     same_device(op, q=q, scales=scales)

@@ -31,6 +31,7 @@ def permute_quantized(
     recipe: str = "rowwise",
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     align_size: int | None = None,
+    scale_layout: str = "row-major",
 ):
     """Permute tokens into expert-major order and quantize each permuted row to FP8, with its scales.
 
@@ -49,14 +50,24 @@ def permute_quantized(
         align_size: None: the rows of ``permute(fused=True)``. An int in [1, 1024]: the rows of
             ``permute_and_pad`` (each expert's rows padded with zero rows to a multiple of align_size, as FP8
             grouped GEMMs need).
+        scale_layout: how the scales are stored (the values are the same; ``moe_raw.reference_fp8`` states the
+            layouts). "row-major" (every recipe): as above, contiguous. "column-major" (blockwise only): the
+            [N, ceil(H / 128)] view with strides (1, N_pad), N_pad = ceil(N / 4) * 4, of a [ceil(H / 128), N_pad]
+            float32 buffer whose padding entries are 1.0: DeepGEMM's TMA-aligned LHS scales (Hopper; with
+            align_size 128 for its contiguous grouped GEMM). "swizzled" (mxfp8 only): a contiguous uint8
+            [ceil(N / 128) * 128, ceil(H / 128) * 4] tensor holding, in memory order, cuBLAS's 128x4-tile block
+            scaling factors layout (Blackwell; padding bytes 127), for ``torch._scaled_mm`` /
+            ``torch._scaled_grouped_mm`` after ``.view(torch.float8_e8m0fnu)`` (grouped: align_size 128).
+            A layout another recipe needs raises ValueError.
 
     Returns:
-        (permuted_fp8 [N, H] fp8_dtype, scales, permuted_probs [N] (probs.dtype) or None, row_map): row_map is
-        ``permute(fused=True)``'s int32 [T + 1, E] or, with align_size, ``permute_and_pad``'s [T + 3, E], whose line
-        T + 2 holds each expert's cumulative end row (int32 [E]: the ``offs`` of a grouped GEMM). Spare rows (N above
-        the routed count) and padding rows are zero bytes with scale 1.0 (rowwise / blockwise) or E8M0 byte 127
-        (mxfp8), prob 0. ``unpermute(..., row_map, fused=True)`` combines the experts' output rows;
-        ``permute_with_row_map`` moves more per-token data the same way; ``dequantize`` gives fp32 rows back.
+        (permuted_fp8 [N, H] fp8_dtype, scales (in scale_layout), permuted_probs [N] (probs.dtype) or None,
+        row_map): row_map is ``permute(fused=True)``'s int32 [T + 1, E] or, with align_size, ``permute_and_pad``'s
+        [T + 3, E], whose line T + 2 holds each expert's cumulative end row (int32 [E]: the ``offs`` of a grouped
+        GEMM). Spare rows (N above the routed count) and padding rows are zero bytes with scale 1.0 (rowwise /
+        blockwise) or E8M0 byte 127 (mxfp8), prob 0. ``unpermute(..., row_map, fused=True)`` combines the
+        experts' output rows; ``permute_with_row_map`` moves more per-token data the same way; ``dequantize`` gives
+        fp32 rows back.
 
     On every device this is, for now, moe_raw's permute on the high-precision tokens followed by the torch
     transcription's quantization of the permuted rows: bit-identical to quantizing the tokens and moving the FP8
@@ -66,6 +77,7 @@ def permute_quantized(
     V.tensor(tokens, "tokens", op, 2, V.QUANT_DTYPES)
     num_tokens, num_experts = V.permute_inputs(op, tokens, routing_map, probs)
     V.fp8_recipe(recipe, fp8_dtype, tokens.shape[1], op)
+    V.fp8_layout(scale_layout, recipe, op)
     n_out = V.size_arg(num_out_tokens, "num_out_tokens", op)
     align = V.size_arg(align_size, "align_size", op)
     if align is not None and not 1 <= align <= 1024:
@@ -77,11 +89,13 @@ def permute_quantized(
     else:
         permuted, permuted_probs, row_map, _, _ = permute_and_pad(rows, routing_map, probs, align, n_out)
     # permute's autograd Function marks its rows differentiable when probs requires grad: cut them off here
-    q, scales = RF.quantize(permuted.detach(), recipe, fp8_dtype)
+    q, scales = RF.quantize(permuted.detach(), recipe, fp8_dtype, scale_layout)
     return q, scales, permuted_probs, row_map
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, recipe: str = "rowwise") -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scales: torch.Tensor, recipe: str = "rowwise", scale_layout: str = "row-major"
+) -> torch.Tensor:
     """FP8 rows and their scales back to float32: ``q * scale`` (one fp32 multiply per element), for tests and
     debugging.
 
@@ -90,11 +104,14 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, recipe: str = "rowwise") -
         scales: "rowwise" [N] float32, "blockwise" [N, ceil(H / 128)] float32, "mxfp8" [N, H / 32] uint8 (E8M0
             bytes: b is 2^(b - 127), 255 is NaN).
         recipe: the recipe that made them.
+        scale_layout: the layout ``permute_quantized`` stored them in: "row-major", "column-major" (blockwise: a
+            [N, ceil(H / 128)] view with strides (1, >= N)) or "swizzled" (mxfp8: [ceil(N / 128) * 128,
+            ceil(H / 128) * 4] uint8, or those bytes flat), read back to row-major first.
 
     Returns:
         [N, H] float32. Differentiable w.r.t. float32 scales (the gradient is q). NaN where q is NaN or the scale
         is NaN; a group quantized with an inf scale comes back NaN (0 * inf).
     """
     op = "moe_raw.dequantize"
-    V.fp8_scales(q, scales, recipe, op)
-    return RF.dequantize(q, scales, recipe)
+    V.fp8_scales(q, scales, recipe, op, scale_layout)
+    return RF.dequantize(q, scales, recipe, scale_layout)

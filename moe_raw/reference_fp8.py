@@ -46,6 +46,27 @@ over its group; E8M0 byte b is 2^(b - 127), 0 is the subnormal 2^-127, 255 NaN).
 Quantization is per row, so quantizing then moving rows equals moving then quantizing, bit for bit; a zero row
 (padding, spare rows) quantizes to zero bytes with scale 1 (rowwise / blockwise) or byte 127 (mxfp8). These
 functions take no host sync and have no data-dependent shapes. This module imports only torch.
+
+Scale layouts (``scale_layout``): the same scale values, stored the way a block-scaled GEMM reads them.
+
+* ``"row-major"`` (every recipe, the default): the scales above, contiguous ``[N]`` / ``[N, G]``.
+* ``"column-major"`` ("blockwise" only; DeepGEMM's LHS scales on Hopper, TMA-aligned): a buffer
+  ``[G, N_pad]`` float32, ``N_pad = ceil(N / 4) * 4`` (each column of N scales padded to 16 bytes, the TMA global
+  address alignment), holding the scale of row r, block g at ``g * N_pad + r``; the padding entries (rows N to
+  N_pad - 1 of each column) are 1.0. Returned as the ``[N, G]`` view of it with strides ``(1, N_pad)``: indexing
+  it gives the row-major values. DeepGEMM's ``get_col_major_tma_aligned_tensor`` makes the same strides.
+  ``torch._scaled_mm``'s 1x128 check wants stride ``(1, N)`` exactly: the same tensor when N % 4 == 0.
+* ``"swizzled"`` ("mxfp8" only; cuBLAS "1D block scaling factors layout", Blackwell block-scaled GEMMs): the
+  ``[N, G]`` E8M0 bytes padded to ``R = ceil(N / 128) * 128`` rows and ``C = ceil(G / 4) * 4`` columns with byte 127
+  (2^0), cut into 128x4 tiles stored one after another (512 bytes each) in row-major order of (row tile, column
+  tile); inside a tile, row r and column c are at byte ``(r % 32) * 16 + (r // 32) * 4 + c``. Returned as a
+  contiguous uint8 ``[R, C]`` tensor whose bytes, in memory order, are that layout (entry [i, j] is NOT the scale
+  of row i, block j). ``torch._scaled_mm`` takes it (``.view(torch.float8_e8m0fnu)``: it checks the element count
+  R * C and contiguity), and so does ``torch._scaled_grouped_mm``'s MXFP8 2d-3d path (a 2-D scale); that one
+  swizzles each group separately with groups starting on 128-row boundaries, which is this layout when every
+  group's rows are a multiple of 128 (``align_size`` 128).
+
+``to_scale_layout`` / ``from_scale_layout`` convert; ``from_scale_layout(to_scale_layout(s))`` is s bit for bit.
 """
 
 from __future__ import annotations
@@ -65,6 +86,10 @@ E8M0_NAN = 255
 NAN_BYTE = 0x7F  # the one NaN byte written (positive NaN in E4M3FN and E5M2)
 TINY = 2.0**-149  # least positive fp32: the scale of a nonzero group whose amax / fp8_max underflows
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCALE_LAYOUTS = ("row-major", "column-major", "swizzled")
+LAYOUT_RECIPE = {"column-major": "blockwise", "swizzled": "mxfp8"}  # the one recipe each non-default layout fits
+TMA_ALIGN = 4  # fp32 scales per 16 bytes (the TMA global address alignment)
+SWIZZLE_ROWS, SWIZZLE_COLS = 128, 4  # the cuBLAS / CUTLASS scale-factor tile (stored as 32 x 16 bytes)
 
 
 def scale_shape(num_rows: int, hidden: int, recipe: str) -> tuple[int, ...]:
@@ -79,6 +104,82 @@ def scale_shape(num_rows: int, hidden: int, recipe: str) -> tuple[int, ...]:
 def scale_dtype(recipe: str) -> torch.dtype:
     """float32 for "rowwise" / "blockwise", uint8 (E8M0 bytes) for "mxfp8"."""
     return torch.uint8 if recipe == "mxfp8" else torch.float32
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def layout_error(scale_layout, recipe: str) -> str | None:
+    """Why ``scale_layout`` does not fit ``recipe`` (None when it does)."""
+    if scale_layout not in SCALE_LAYOUTS:
+        return f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}"
+    if scale_layout != "row-major" and LAYOUT_RECIPE[scale_layout] != recipe:
+        return (
+            f"scale_layout {scale_layout!r} is for recipe {LAYOUT_RECIPE[scale_layout]!r} only, got recipe "
+            f"{recipe!r} (use scale_layout 'row-major')"
+        )
+    return None
+
+
+def layout_shape(num_rows: int, hidden: int, recipe: str, scale_layout: str) -> tuple[int, ...]:
+    """The shape of the scales in ``scale_layout``: ``scale_shape``, except "swizzled": [R, C] (module docstring)."""
+    if scale_layout == "swizzled":
+        return (_round_up(num_rows, SWIZZLE_ROWS), _round_up(hidden // MX_BLOCK, SWIZZLE_COLS))
+    return scale_shape(num_rows, hidden, recipe)
+
+
+def to_column_major(scales: torch.Tensor) -> torch.Tensor:
+    """Row-major [N, G] float32 scales -> the "column-major" [N, G] view, strides (1, N_pad), of a [G, N_pad]
+    buffer (N_pad = ceil(N / 4) * 4) whose padding entries are 1.0."""
+    num_rows, blocks = scales.shape
+    buffer = torch.ones(blocks, _round_up(num_rows, TMA_ALIGN), dtype=scales.dtype, device=scales.device)
+    buffer[:, :num_rows] = scales.T
+    return buffer.T[:num_rows]
+
+
+def swizzle_mx(scales: torch.Tensor) -> torch.Tensor:
+    """Row-major [N, G] E8M0 bytes -> the "swizzled" contiguous [R, C] uint8 (R, C: N, G rounded up to 128, 4;
+    padding bytes 127), the 128x4 tiles of cuBLAS's block scaling factors layout."""
+    num_rows, blocks = scales.shape
+    rows, cols = _round_up(num_rows, SWIZZLE_ROWS), _round_up(blocks, SWIZZLE_COLS)
+    padded = torch.full((rows, cols), E8M0_BIAS, dtype=scales.dtype, device=scales.device)  # 127: 2^0
+    padded[:num_rows, :blocks] = scales
+    # row = (row tile, r // 32, r % 32), col = (col tile, c): to (row tile, col tile, r % 32, r // 32, c)
+    tiles = padded.view(rows // SWIZZLE_ROWS, 4, 32, cols // SWIZZLE_COLS, SWIZZLE_COLS).permute(0, 3, 2, 1, 4)
+    return tiles.reshape(rows, cols)
+
+
+def unswizzle_mx(blocked: torch.Tensor, num_rows: int, blocks: int) -> torch.Tensor:
+    """The inverse of ``swizzle_mx``: "swizzled" bytes ([R, C] or flat [R * C]) -> row-major [N, G] (contiguous)."""
+    rows, cols = _round_up(num_rows, SWIZZLE_ROWS), _round_up(blocks, SWIZZLE_COLS)
+    tiles = blocked.reshape(rows // SWIZZLE_ROWS, cols // SWIZZLE_COLS, 32, 4, SWIZZLE_COLS).permute(0, 3, 2, 1, 4)
+    return tiles.reshape(rows, cols)[:num_rows, :blocks].contiguous()
+
+
+def to_scale_layout(scales: torch.Tensor, recipe: str, scale_layout: str = "row-major") -> torch.Tensor:
+    """A recipe's row-major scales in ``scale_layout`` ("row-major": returned as they are)."""
+    error = layout_error(scale_layout, recipe)
+    if error:
+        raise ValueError(f"quantize: {error}")
+    if scale_layout == "column-major":
+        return to_column_major(scales)
+    if scale_layout == "swizzled":
+        return swizzle_mx(scales)
+    return scales
+
+
+def from_scale_layout(scales: torch.Tensor, recipe: str, scale_layout: str, num_rows: int, hidden: int) -> torch.Tensor:
+    """Scales in ``scale_layout`` for rows [N, H] -> the row-major scales (``scale_shape``): "row-major" returned as
+    they are, a "column-major" view copied contiguous (differentiable), "swizzled" bytes unswizzled."""
+    error = layout_error(scale_layout, recipe)
+    if error:
+        raise ValueError(f"dequantize: {error}")
+    if scale_layout == "column-major":
+        return scales.contiguous()
+    if scale_layout == "swizzled":
+        return unswizzle_mx(scales, num_rows, hidden // MX_BLOCK)
+    return scales
 
 
 def _check(x: torch.Tensor, recipe: str, fp8_dtype) -> None:
@@ -175,21 +276,30 @@ def quantize_mxfp8(x: torch.Tensor, fp8_dtype=torch.float8_e4m3fn) -> tuple[torc
     return _to_fp8(q32, fp8_dtype).view(num_rows, hidden), scales
 
 
-def quantize(x: torch.Tensor, recipe: str = "rowwise", fp8_dtype=torch.float8_e4m3fn):
+def quantize(x: torch.Tensor, recipe: str = "rowwise", fp8_dtype=torch.float8_e4m3fn, scale_layout="row-major"):
     """x [N, H] float32 / float16 / bfloat16 -> (q [N, H] fp8_dtype, scales): "rowwise" scales [N] float32,
-    "blockwise" [N, ceil(H / 128)] float32, "mxfp8" [N, H / 32] uint8 (E8M0). Rules: module docstring."""
+    "blockwise" [N, ceil(H / 128)] float32, "mxfp8" [N, H / 32] uint8 (E8M0), stored in ``scale_layout``
+    ("column-major" for "blockwise", "swizzled" for "mxfp8"). Rules and layouts: module docstring."""
     _check(x, recipe, fp8_dtype)
+    error = layout_error(scale_layout, recipe)
+    if error:
+        raise ValueError(f"quantize: {error}")
     fn = {"rowwise": quantize_rowwise, "blockwise": quantize_blockwise, "mxfp8": quantize_mxfp8}[recipe]
-    return fn(x, fp8_dtype)
+    q, scales = fn(x, fp8_dtype)
+    return q, to_scale_layout(scales, recipe, scale_layout)
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, recipe: str = "rowwise") -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scales: torch.Tensor, recipe: str = "rowwise", scale_layout="row-major"
+) -> torch.Tensor:
     """q [N, H] (float8_e4m3fn / float8_e5m2) and its scales -> fp32 [N, H], ``q * scale`` (one fp32 multiply per
     element): "rowwise" scales [N] float32, "blockwise" [N, ceil(H / 128)] float32, "mxfp8" [N, H / 32] uint8 E8M0
-    (255 -> NaN). A NaN or inf scale gives NaN (0 * inf, NaN * anything) or +-inf."""
+    (255 -> NaN), in ``scale_layout`` (read back to row-major first: ``from_scale_layout``). A NaN or inf scale
+    gives NaN (0 * inf, NaN * anything) or +-inf."""
     if recipe not in RECIPES:
         raise ValueError(f"dequantize: recipe must be one of {RECIPES}, got {recipe!r}")
     hidden = q.shape[1]
+    scales = from_scale_layout(scales, recipe, scale_layout, q.shape[0], hidden)
     if recipe == "rowwise":
         factor = scales.unsqueeze(1)
     elif recipe == "blockwise":

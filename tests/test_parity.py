@@ -548,16 +548,23 @@ def _quantize_cases():
     quantizes with moe_raw.reference_fp8). The FP8 rows carry no gradient; permuted_probs and float scales do."""
     cases = []
     e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
-    # (name, T, E, K, routing kind, num_out_tokens rule, recipe, fp8 dtype, token dtype, align_size, probs, strided)
+    rows, cm, sw = "row-major", "column-major", "swizzled"
+    # (name, T, E, K, routing kind, num_out_tokens rule, recipe, fp8 dtype, token dtype, align_size, probs, strided,
+    #  scale_layout)
     table = [
-        ("rowwise", 7, 4, 2, "topk", "none", "rowwise", e4m3, torch.bfloat16, None, True, False),
-        ("blockwise-strided", 7, 4, 2, "sparse", "more", "blockwise", e4m3, torch.float32, None, True, True),
-        ("mxfp8-e5m2-padded", 7, 4, 2, "empty_expert", "fewer", "mxfp8", e5m2, torch.float16, 4, True, False),
-        ("rowwise-e5m2-padded-no-probs", 7, 4, 2, "topk", "none", "rowwise", e5m2, torch.bfloat16, 8, False, False),
-        ("T0-mxfp8-rows", 0, 4, 2, "topk", "more", "mxfp8", e4m3, torch.float32, None, True, False),
-        ("T0-blockwise-padded", 0, 4, 2, "topk", "none", "blockwise", e4m3, torch.bfloat16, 4, True, False),
-    ]
-    for name, t, e, k, kind, rule, recipe, fp8, dtype, align, with_probs, strided in table:
+        ("rowwise", 7, 4, 2, "topk", "none", "rowwise", e4m3, torch.bfloat16, None, True, False, rows),
+        ("blockwise-strided", 7, 4, 2, "sparse", "more", "blockwise", e4m3, torch.float32, None, True, True, rows),
+        ("mxfp8-e5m2-padded", 7, 4, 2, "empty_expert", "fewer", "mxfp8", e5m2, torch.float16, 4, True, False, rows),
+        ("rowwise-e5m2-padded-no-probs", 7, 4, 2, "topk", "none", "rowwise", e5m2, torch.bfloat16, 8, False, False,
+         rows),
+        ("T0-mxfp8-rows", 0, 4, 2, "topk", "more", "mxfp8", e4m3, torch.float32, None, True, False, rows),
+        ("T0-blockwise-padded", 0, 4, 2, "topk", "none", "blockwise", e4m3, torch.bfloat16, 4, True, False, rows),
+        ("blockwise-column-major", 7, 4, 2, "topk", "more", "blockwise", e4m3, torch.bfloat16, None, True, True, cm),
+        ("mxfp8-swizzled-padded", 7, 4, 2, "empty_expert", "none", "mxfp8", e4m3, torch.bfloat16, 128, True, False, sw),
+        ("T0-blockwise-column-major", 0, 4, 2, "topk", "more", "blockwise", e5m2, torch.float32, None, True, False, cm),
+        ("T0-mxfp8-swizzled-padded", 0, 4, 2, "topk", "none", "mxfp8", e4m3, torch.float16, 4, False, False, sw),
+    ]  # fmt: skip
+    for name, t, e, k, kind, rule, recipe, fp8, dtype, align, with_probs, strided, layout in table:
         h = 160  # a partial 1x128 block, five MX blocks
 
         def make(t=t, e=e, k=k, kind=kind, rule=rule, with_probs=with_probs, dtype=dtype, strided=strided, h=h):
@@ -567,12 +574,12 @@ def _quantize_cases():
             return {"tokens": _tokens(t, h + 3 if strided else h, dtype), "routing_map": rm, "probs": p,
                     "num_out_tokens": n, "dtype": dtype}  # fmt: skip
 
-        def call(i, recipe=recipe, fp8=fp8, align=align):
+        def call(i, recipe=recipe, fp8=fp8, align=align, layout=layout):
             return moe_raw.permute_quantized(
-                i["tokens"], i["routing_map"], i["probs"], i["num_out_tokens"], recipe, fp8, align
+                i["tokens"], i["routing_map"], i["probs"], i["num_out_tokens"], recipe, fp8, align, layout
             )
 
-        def ref(i, recipe=recipe, fp8=fp8, align=align):
+        def ref(i, recipe=recipe, fp8=fp8, align=align, layout=layout):
             x = i["tokens"].to(i["dtype"])  # the fp64 reference run widened the tokens: back, exactly
             if align is None:
                 rows, pprobs, row_map = R.permute(x, i["routing_map"], i["probs"], i["num_out_tokens"], fused=True)
@@ -580,32 +587,39 @@ def _quantize_cases():
                 rows, pprobs, row_map, _, _ = R.permute_and_pad(
                     x, i["routing_map"], i["probs"], align, i["num_out_tokens"]
                 )
-            return (*RF.quantize(rows.detach(), recipe, fp8), pprobs, row_map)
+            return (*RF.quantize(rows.detach(), recipe, fp8, layout), pprobs, row_map)
 
         views = {"tokens": _padded_view(h)} if strided else {}
         diff = ("probs",) if with_probs else ()
         cases.append(Case("permute_quantized", name, make, call, ref, diff, exact=True, views=views))
 
-    for name, n, h, recipe, fp8, strided in [
-        ("rowwise", 5, 64, "rowwise", e4m3, False),
-        ("blockwise-strided", 5, 160, "blockwise", e5m2, True),
-        ("mxfp8", 5, 96, "mxfp8", e4m3, False),
-        ("N0", 0, 64, "rowwise", e4m3, False),
+    for name, n, h, recipe, fp8, strided, layout in [
+        ("rowwise", 5, 64, "rowwise", e4m3, False, rows),
+        ("blockwise-strided", 5, 160, "blockwise", e5m2, True, rows),
+        ("mxfp8", 5, 96, "mxfp8", e4m3, False, rows),
+        ("N0", 0, 64, "rowwise", e4m3, False, rows),
+        ("blockwise-column-major", 5, 300, "blockwise", e4m3, False, cm),
+        ("mxfp8-swizzled", 130, 160, "mxfp8", e5m2, False, sw),
+        ("N0-mxfp8-swizzled", 0, 96, "mxfp8", e4m3, False, sw),
     ]:
 
-        def make(n=n, h=h, recipe=recipe, fp8=fp8, strided=strided):
-            q, scales = RF.quantize(torch.randn(n, h) * 3, recipe, fp8)
+        def make(n=n, h=h, recipe=recipe, fp8=fp8, strided=strided, layout=layout):
+            q, scales = RF.quantize(torch.randn(n, h) * 3, recipe, fp8, layout)
             if strided:  # the scales a view of a wider leaf
                 scales = torch.cat([scales, torch.rand(n, 3)], 1)
+            if layout == "column-major":  # the leaf is the [G, N_pad] buffer; the view gives the [N, G] scales
+                scales = scales.T.contiguous()
             return {"q": q.view(torch.uint8), "scales": scales}  # bytes: the fp64 reference run keeps them
 
-        def call(i, recipe=recipe, fp8=fp8):
-            return (moe_raw.dequantize(i["q"].view(fp8), i["scales"], recipe),)
+        def call(i, recipe=recipe, fp8=fp8, layout=layout):
+            return (moe_raw.dequantize(i["q"].view(fp8), i["scales"], recipe, layout),)
 
-        def ref(i, recipe=recipe, fp8=fp8):
-            return (RF.dequantize(i["q"].view(fp8), i["scales"], recipe),)
+        def ref(i, recipe=recipe, fp8=fp8, layout=layout):
+            return (RF.dequantize(i["q"].view(fp8), i["scales"], recipe, layout),)
 
         views = {"scales": _padded_view(2)} if strided else {}
+        if layout == "column-major":
+            views = {"scales": lambda x, n=n: x.T[:n]}  # strides (1, N_pad)
         diff = () if recipe == "mxfp8" else ("scales",)
         cases.append(Case("dequantize", name, make, call, ref, diff, exact=True, views=views))
     return cases

@@ -497,3 +497,232 @@ def test_dequantize_bad_input():
     for args, exc, match in cases:
         with pytest.raises(exc, match=match):
             moe_raw.dequantize(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scale layouts: "column-major" (blockwise, DeepGEMM's TMA-aligned LHS scales) and "swizzled" (mxfp8, cuBLAS's
+# 128x4 block scaling factors layout), each against byte offsets computed by plain Python loops from the documented
+# formulas (not the implementation's view / permute), their padding, their inverse, and permute_quantized.
+
+LAYOUT = {"blockwise": "column-major", "mxfp8": "swizzled"}
+# rows N (0, below / at / above multiples of 4 and 128) x hidden H (G = ceil(H / 128) blocks, or H / 32 MX blocks)
+LAYOUT_ROWS = [0, 1, 3, 4, 5, 127, 128, 129, 300]
+LAYOUT_HIDDEN = {"blockwise": [0, 100, 128, 300, 640], "mxfp8": [0, 32, 96, 160, 288]}
+
+
+def _column_major_buffer(rows: list, n: int, g: int) -> list:
+    """The [G, N_pad] buffer as a flat list: scale (r, b) at b * N_pad + r, N_pad the least multiple of 4 >= N, the
+    rest 1.0."""
+    n_pad = n + (4 - n % 4) % 4
+    flat = [1.0] * (g * n_pad)
+    for r in range(n):
+        for b in range(g):
+            flat[b * n_pad + r] = rows[r][b]
+    return flat
+
+
+def _swizzled_bytes(rows: list, n: int, g: int) -> list:
+    """cuBLAS's 1D block scaling factors layout, flat: 128x4 tiles of 512 bytes in (row tile, column tile) order;
+    inside a tile row r, column c at (r % 32) * 16 + (r % 128 // 32) * 4 + c % 4. Padding bytes 127."""
+    row_tiles, col_tiles = (n + 127) // 128, (g + 3) // 4
+    flat = [127] * (row_tiles * 128 * col_tiles * 4)
+    for r in range(n):
+        for c in range(g):
+            tile = (r // 128) * col_tiles + c // 4
+            flat[tile * 512 + (r % 32) * 16 + (r % 128 // 32) * 4 + c % 4] = rows[r][c]
+    return flat
+
+
+def _assert_bits(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """assert_exact, with float32 compared as bit patterns (NaN scales and NaN dequantized values included)."""
+    if got.dtype == torch.float32 and expected.dtype == torch.float32:
+        got, expected = got.view(torch.int32), expected.view(torch.int32)
+    assert_exact(got, expected, what)
+
+
+def _buffer_of(view: torch.Tensor, numel: int) -> torch.Tensor:
+    """The whole allocation behind a view (storage offset 0), flat."""
+    assert view.storage_offset() == 0
+    assert view.untyped_storage().nbytes() == numel * view.element_size()
+    return torch.as_strided(view, (numel,), (1,))
+
+
+def _row_major_scales(n: int, hidden: int, recipe: str, device) -> torch.Tensor:
+    """Distinct scales (with a NaN and an inf for blockwise; every byte value for mxfp8)."""
+    g = RF.scale_shape(n, hidden, recipe)[1]
+    if recipe == "mxfp8":
+        return (torch.arange(n * g) % 256).to(torch.uint8).view(n, g).to(device)
+    s = torch.arange(1, n * g + 1, dtype=torch.float32).view(n, g) * 0.5
+    if n * g > 2:
+        s.view(-1)[1], s.view(-1)[2] = NAN, INF
+    return s.to(device)
+
+
+@pytest.mark.parametrize("hidden_i", range(5))
+@pytest.mark.parametrize("n", LAYOUT_ROWS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_column_major_layout(device, n, hidden_i):
+    hidden = LAYOUT_HIDDEN["blockwise"][hidden_i]
+    s = _row_major_scales(n, hidden, "blockwise", device)
+    g = s.shape[1]
+    cm = RF.to_scale_layout(s, "blockwise", "column-major")
+    n_pad = -(-n // 4) * 4
+    assert cm.shape == s.shape and cm.dtype == torch.float32 and cm.device == s.device
+    if n > 0:
+        assert cm.stride() == (1, n_pad)  # DeepGEMM: get_tma_aligned_size(N, 4) = ceil(N / 4) * 4
+    assert n_pad % 4 == 0 and n <= n_pad < n + 4
+    expected = _column_major_buffer(s.cpu().tolist(), n, g)
+    got = _buffer_of(cm, g * n_pad).cpu()
+    assert got.view(torch.int32).tolist() == torch.tensor(expected).view(torch.int32).tolist()  # NaN bits too
+    _assert_bits(cm, s, "column-major view reads the row-major values")
+    back = RF.from_scale_layout(cm, "blockwise", "column-major", n, hidden)
+    assert back.is_contiguous() and torch.equal(back.view(torch.int32), s.view(torch.int32))
+
+
+@pytest.mark.parametrize("hidden", LAYOUT_HIDDEN["mxfp8"])
+@pytest.mark.parametrize("n", LAYOUT_ROWS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_swizzled_layout(device, n, hidden):
+    s = _row_major_scales(n, hidden, "mxfp8", device)
+    g = s.shape[1]
+    sw = RF.to_scale_layout(s, "mxfp8", "swizzled")
+    rows, cols = -(-n // 128) * 128, -(-g // 4) * 4
+    assert sw.shape == (rows, cols) == RF.layout_shape(n, hidden, "mxfp8", "swizzled")
+    assert sw.dtype == torch.uint8 and sw.is_contiguous() and sw.device == s.device
+    # torch._scaled_mm's MX check: round_up(M, 128) * round_up(ceil(K / 32), 4) elements
+    assert sw.numel() == -(-n // 128) * 128 * (-(-(hidden // 32) // 4) * 4)
+    assert sw.view(-1).tolist() == _swizzled_bytes(s.cpu().tolist(), n, g)
+    for blocked in (sw, sw.view(-1)):  # the inverse, from the 2-D tensor or its flat bytes
+        _assert_bits(RF.from_scale_layout(blocked, "mxfp8", "swizzled", n, hidden), s, "unswizzled")
+
+
+def test_swizzled_tile_by_hand():
+    # one 128x4 tile: row r, column c at (r % 32) * 16 + (r // 32) * 4 + c
+    s = torch.zeros(128, 4, dtype=torch.uint8)
+    s[0, 0], s[1, 0], s[32, 0], s[0, 1], s[127, 3], s[33, 2] = 1, 2, 3, 4, 5, 6
+    flat = RF.swizzle_mx(s).view(-1)
+    for offset, value in [(0, 1), (16, 2), (4, 3), (1, 4), (31 * 16 + 3 * 4 + 3, 5), (16 + 4 + 2, 6)]:
+        assert flat[offset].item() == value, offset
+    # two column tiles and two row tiles: tile (1, 0) follows both tiles of row tile 0
+    s = torch.zeros(129, 5, dtype=torch.uint8)
+    s[128, 0], s[0, 4] = 7, 8
+    flat = RF.swizzle_mx(s).view(-1)
+    assert flat.numel() == 256 * 8 and flat[2 * 512].item() == 7 and flat[512].item() == 8
+    assert flat[512 + 1].item() == 127  # padding column 5 of row 0
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=str)
+@pytest.mark.parametrize("recipe, hidden", [("blockwise", 300), ("mxfp8", 160)])
+@pytest.mark.parametrize("n", [0, 5, 130])
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_and_dequantize_in_each_layout(device, n, recipe, hidden, fp8):
+    x = _awkward(n, hidden, torch.float32).to(device)
+    layout = LAYOUT[recipe]
+    q, s = RF.quantize(x, recipe, fp8)
+    q2, s2 = RF.quantize(x, recipe, fp8, layout)
+    _assert_bits(q2, q, "q does not depend on the layout")
+    _assert_bits(s2, RF.to_scale_layout(s, recipe, layout), "scales")
+    _assert_bits(RF.dequantize(q, s2, recipe, layout), RF.dequantize(q, s, recipe), "dequantize")
+    _assert_bits(moe_raw.dequantize(q, s2, recipe, layout), RF.dequantize(q, s, recipe), "public dequantize")
+    if layout == "swizzled":
+        _assert_bits(moe_raw.dequantize(q, s2.view(-1), recipe, layout), RF.dequantize(q, s, recipe), "flat")
+
+
+def test_column_major_dequantize_is_differentiable_to_the_buffer():
+    x = torch.randn(6, 256)
+    q, s = RF.quantize(x, "blockwise")
+    buffer = RF.to_scale_layout(s, "blockwise", "column-major").T.detach().clone().requires_grad_(True)  # [G, 8]
+    d = moe_raw.dequantize(q, buffer.T[:6], "blockwise", "column-major")
+    d.sum().backward()
+    expected = q.float().view(6, 2, 128).sum(-1).T  # d / d scale = the sum of the block's q
+    _assert_bits(buffer.grad[:, :6], expected, "gradient")
+    assert not buffer.grad[:, 6:].any()
+
+
+@pytest.mark.parametrize("align", [None, 4, 128])
+@pytest.mark.parametrize("rule", ["none", "more", "fewer"])
+@pytest.mark.parametrize("recipe", ["blockwise", "mxfp8"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_permute_quantized_layouts_rearrange_the_row_major_result(device, recipe, rule, align):
+    rm = make_routing(37, 6, 2, device, kind="empty_expert")
+    x = _tokens(37, 160, torch.bfloat16, device)
+    p = make_probs(rm, torch.float32, off_route=NAN)
+    n = _rows_out(rm, rule)
+    layout = LAYOUT[recipe]
+    q, s, pp, row_map = moe_raw.permute_quantized(x, rm, p, n, recipe, E4M3, align)
+    got = moe_raw.permute_quantized(x, rm, p, n, recipe, E4M3, align, scale_layout=layout)
+    for name, a, b in zip(("q", "probs", "row_map"), (got[0], got[2], got[3]), (q, pp, row_map), strict=True):
+        _assert_bits(a, b, name)
+    _assert_bits(got[1], RF.to_scale_layout(s, recipe, layout), f"{layout} scales")
+    _assert_bits(RF.from_scale_layout(got[1], recipe, layout, q.shape[0], 160), s, "back to row-major")
+    if layout == "column-major":
+        rows = q.shape[0]
+        assert got[1].stride() == (1, -(-rows // 4) * 4) or rows == 0
+    elif align == 128 and rule == "none":  # exact padded total: every expert's rows start on a 128-row boundary
+        # torch._scaled_grouped_mm (MXFP8 2d-3d) reads each group swizzled on its own, groups concatenated
+        ends = [0] + row_map[37 + 2].tolist()
+        per_group = [RF.swizzle_mx(s[a:b]).view(-1) for a, b in zip(ends, ends[1:], strict=False)]
+        _assert_bits(got[1].view(-1), torch.cat(per_group), "per-group swizzle")
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "mxfp8"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_layouts_with_no_tokens(device, recipe):
+    rm0, x0 = make_routing(0, 4, 2, device), _tokens(0, 64 if recipe == "mxfp8" else 300, torch.float32, device)
+    layout = LAYOUT[recipe]
+    for n, align in [(None, None), (5, None), (None, 4), (3, 4)]:
+        q, s, _, _ = moe_raw.permute_quantized(x0, rm0, None, n, recipe, E4M3, align, layout)
+        _, s_row, _, _ = moe_raw.permute_quantized(x0, rm0, None, n, recipe, E4M3, align)
+        assert tuple(s.shape) == RF.layout_shape(q.shape[0], q.shape[1], recipe, layout)
+        _assert_bits(RF.from_scale_layout(s, recipe, layout, q.shape[0], q.shape[1]), s_row, "empty")
+        assert (s_row == PAD[recipe]).all()  # spare / padding rows
+        assert moe_raw.dequantize(q, s, recipe, layout).shape == q.shape
+
+
+def _layout_bad_calls():
+    rm = make_routing(4, 3, 1)
+    ok = dict(tokens=torch.randn(4, 64), routing_map=rm)
+    return [
+        (dict(ok, recipe="rowwise", scale_layout="column-major"), ValueError, "'column-major' is for recipe"),
+        (dict(ok, recipe="mxfp8", scale_layout="column-major"), ValueError, "'column-major' is for recipe"),
+        (dict(ok, recipe="rowwise", scale_layout="swizzled"), ValueError, "'swizzled' is for recipe 'mxfp8'"),
+        (dict(ok, recipe="blockwise", scale_layout="swizzled"), ValueError, "'swizzled' is for recipe 'mxfp8'"),
+        (
+            dict(ok, recipe="blockwise", scale_layout="col-major"),
+            ValueError,
+            "scale_layout must be one of.*'col-major'",
+        ),
+        (dict(ok, recipe="mxfp8", scale_layout="blocked"), ValueError, "scale_layout must be one of.*'blocked'"),
+        (dict(ok, recipe="blockwise", scale_layout=None), TypeError, "scale_layout must be a str"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", _layout_bad_calls())
+def test_layout_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        moe_raw.permute_quantized(**kwargs)
+    assert "moe_raw.permute_quantized" in str(info.value)
+
+
+def test_layout_errors_of_the_transcription_and_dequantize():
+    x = torch.randn(5, 256)
+    with pytest.raises(ValueError, match="'swizzled' is for recipe 'mxfp8'"):
+        RF.quantize(x, "rowwise", scale_layout="swizzled")
+    with pytest.raises(ValueError, match="'column-major' is for recipe 'blockwise'"):
+        RF.dequantize(*RF.quantize(x, "mxfp8"), "mxfp8", "column-major")
+    qb, sb = RF.quantize(x, "blockwise", scale_layout="column-major")
+    qm, sm = RF.quantize(x, "mxfp8", scale_layout="swizzled")
+    cases = [
+        ((qb, sb, "blockwise", "swizzled"), ValueError, "'swizzled' is for recipe 'mxfp8'"),
+        ((qb, sb, "blockwise", "tiled"), ValueError, "scale_layout must be one of"),
+        ((qb, sb, "blockwise", 0), TypeError, "scale_layout must be a str"),
+        ((qb, sb.contiguous(), "blockwise", "column-major"), ValueError, r"strides \(1, >= N\)"),
+        ((qb, sb[:4], "blockwise", "column-major"), ValueError, "blockwise scales must be"),
+        ((qm, sm, "mxfp8", "row-major"), ValueError, r"mxfp8 scales must be \[N, H / 32\]"),
+        ((qm, sm[:, :4].contiguous(), "mxfp8", "swizzled"), ValueError, "swizzled mxfp8 scales must be"),
+        ((qm, sm.view(-1)[:-1], "mxfp8", "swizzled"), ValueError, "swizzled mxfp8 scales must be"),
+        ((qm, sm.float(), "mxfp8", "swizzled"), TypeError, "scales must have dtype"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            moe_raw.dequantize(*args)
