@@ -142,15 +142,16 @@ NVRTC_OPTIONS = ("-std=c++17",)
 
 
 def _kernels_dir():
-    """The installed package ``moe_raw.kernels`` (the wheel, or an editable install's mapping of ``kernels/``).
-    Where Python imported ``moe_raw`` from a source checkout that no install maps (the checkout on sys.path, e.g.
-    the current directory shadowing another install), the checkout's own ``kernels/`` next to ``moe_raw/``."""
+    """Where the kernel sources are: the ``kernels/`` next to ``moe_raw/`` when Python imported moe_raw from a source
+    checkout (an editable install, a checkout on sys.path, the current directory shadowing another install), so the
+    launchers and the kernels always come from the same tree; else the installed package ``moe_raw.kernels`` (the
+    wheel)."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    if os.path.isfile(os.path.join(checkout, "common.cuh")):
+        return pathlib.Path(checkout)
     try:
         return importlib.resources.files("moe_raw.kernels")
     except ModuleNotFoundError:
-        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-        if os.path.isfile(os.path.join(checkout, "common.cuh")):
-            return pathlib.Path(checkout)
         raise ModuleNotFoundError(
             "moe_raw: the CUDA kernel sources (package moe_raw.kernels) are not installed and no kernels/ directory "
             f"is next to {os.path.dirname(os.path.abspath(__file__))}; reinstall moe_raw (pip install moe_raw)"

@@ -3,7 +3,7 @@ importlib.resources, and ``import moe_raw`` stays light on a machine with no GPU
 
 kernels/ is mapped to the package ``moe_raw.kernels`` by setup.cfg (package_dir + package_data); an editable
 install needs kernels/__init__.py for that (pypa/setuptools#4248). Where ``moe_raw`` is imported from a checkout
-that no install maps (``moe_raw.kernels`` not importable), moe_raw._launch reads the checkout's kernels/.
+(editable or not), moe_raw._launch reads that checkout's kernels/, whatever ``moe_raw.kernels`` maps to.
 """
 
 from __future__ import annotations
@@ -140,23 +140,33 @@ def test_import_is_light_without_gpu(tmp_path):
     assert result["heavy"] == [], f"`import moe_raw` imported {result['heavy']}; import them lazily"
 
 
-def test_checkout_kernels_when_the_package_is_not_mapped(monkeypatch):
-    """moe_raw imported from a checkout without an install that maps moe_raw.kernels (a source tree on sys.path,
-    or the current directory shadowing another install): the kernel sources come from the checkout's kernels/."""
+def test_kernels_come_from_the_tree_moe_raw_was_imported_from(monkeypatch, tmp_path):
+    """moe_raw imported from a checkout (editable install, a source tree on sys.path, the current directory or a
+    worktree shadowing another install): the kernel sources are that checkout's kernels/, even where
+    moe_raw.kernels maps to another tree, so launchers and kernels never mix; without a checkout the installed
+    package; with neither a clear error."""
     from moe_raw import _launch
 
     real_files = importlib.resources.files
+    elsewhere = tmp_path / "other_install" / "kernels"  # another install's mapping (e.g. the main checkout's)
 
     def files(anchor):
         if anchor == "moe_raw.kernels":
-            raise ModuleNotFoundError("No module named 'moe_raw.kernels'")
+            return elsewhere
         return real_files(anchor)
 
     monkeypatch.setattr(importlib.resources, "files", files)
     root = Path(__file__).parents[1] / "kernels"
     assert Path(_launch._kernels_dir()) == root
     assert _launch.kernel_source("topk").startswith(f'#line 1 "{root / "topk.cu"}"')
-    monkeypatch.setattr(_launch.os.path, "isfile", lambda path: False)  # no checkout either: a clear error
+    real_isfile = _launch.os.path.isfile
+    monkeypatch.setattr(_launch.os.path, "isfile", lambda path: False if str(root) in str(path) else real_isfile(path))
+    assert _launch._kernels_dir() == elsewhere  # no checkout next to moe_raw/: the installed package
+
+    def missing(anchor):
+        raise ModuleNotFoundError("No module named 'moe_raw.kernels'")
+
+    monkeypatch.setattr(importlib.resources, "files", missing)
     with pytest.raises(ModuleNotFoundError, match="reinstall moe_raw"):
         _launch._kernels_dir()
 
