@@ -3,7 +3,7 @@
 ncu --clock-control none -k regex:KERNEL -c 1 python -m bench.ncu_permute [shape name] [op]
 
 op (default permute): permute (kernel permute_scatter), unpermute (gather_reduce), unpermute_bwd (unpermute_bwd),
-permute_and_pad (permute_scatter, aligned layout), sort_chunks (bench_dispatch's regrouping: EP 8 ranks' chunks).
+permute_and_pad (permute_scatter, aligned layout), sort_chunks (chunk_sort; EP 8 ranks' chunks).
 """
 
 import sys
@@ -19,11 +19,12 @@ op = sys.argv[2] if len(sys.argv) > 2 else "permute"
 T, E, H, K = SHAPES[name]
 x, rm, probs = make_inputs(T, E, H, K)
 n = T * K
-permuted, _, row_map = moe_raw.permute(x, rm, probs, num_out_tokens=n, fused=True)
-rows = permuted.detach().clone().requires_grad_(True)
+if op != "permute" and op != "permute_and_pad":  # the op's input rows (a permute launch ncu's -c 1 would catch)
+    permuted, _, row_map = moe_raw.permute(x, rm, probs, num_out_tokens=n, fused=True)
+    rows = permuted.detach().clone().requires_grad_(True)
 grad = torch.randn(T, H, device="cuda", dtype=x.dtype)
 sizes = rm.sum(0)
-ep = 8
+ep = 8  # bench_dispatch's regrouping: EP ranks x E / EP local experts, rank-major -> local-expert-major
 order = torch.arange(E).view(ep, E // ep).t().reshape(-1).cuda() if E % ep == 0 else torch.arange(E - 1, -1, -1).cuda()
 
 
