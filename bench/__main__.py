@@ -12,11 +12,13 @@ Without a CUDA device it runs the self-check on the CPU path, prints "no CUDA de
 check passes.
 
 Options:
-  --ops     comma list of: permute, unpermute, sort_chunks, topk, pad, swiglu, weighted_swiglu,
+  --ops     comma list of: permute, unpermute, sort_chunks, topk, pad, fp8, swiglu, weighted_swiglu,
             weighted_swiglu_back, router, layer, automodel; or "all". "permute" and "swiglu" name their groups:
             permute = permute + unpermute (measured together: one shape gives both, fwd, bwd and the autograd round
             trip) + sort_chunks (sort_chunks_by_idxs) + topk (permute_topk / unpermute_topk) + pad (permute_and_pad,
-            permute_with_row_map); swiglu = swiglu + weighted_swiglu + weighted_swiglu_back. router =
+            permute_with_row_map); swiglu = swiglu + weighted_swiglu + weighted_swiglu_back. fp8 =
+            permute_quantized, every recipe, at DeepSeek-V3 / Qwen3-30B-A3B beside moe_raw.permute + a torch
+            quantize pass, eager and torch.compile'd (bench/bench_fp8.py; not in the permute group). router =
             topk_routing_with_score_function fwd / fwd+bwd beside Megatron's torch router (bench/bench_router.py,
             fp32 logits). layer = the
             end-to-end MoE layer (bench/bench_layer.py), and at DeepSeek-V3 / Qwen3-30B-A3B the dropless layer of
@@ -25,10 +27,10 @@ Options:
             after apply_to_automodel() (bench/automodel_block.py; skipped when nemo_automodel is not installed).
             Default: all.
   --dtype   bf16 (default) | fp16 | fp32: the benchmark's token/activation dtype (the self-check runs all three).
-  --shapes  comma list of shape names from bench_permute.SHAPES, bench_swiglu.SHAPES (the name up to the first
-            space, e.g. N32768-F2048, is enough), bench_layer.LAYER_SHAPES and automodel_block.SHAPES; an op runs
-            the listed shapes of its own table (or, if none of them is in its table, its default). Default: every
-            shape (--quick: the first).
+  --shapes  comma list of shape names from bench_permute.SHAPES (bench_fp8.SHAPES has two of them),
+            bench_swiglu.SHAPES (the name up to the first space, e.g. N32768-F2048, is enough),
+            bench_layer.LAYER_SHAPES and automodel_block.SHAPES; an op runs the listed shapes of its own table (or,
+            if none of them is in its table, its default). Default: every shape (--quick: the first).
   --out DIR where the record goes (default bench/results/latest on CUDA; on CPU nothing is written unless given).
 
 Output: PASS/FAIL lines of the self-check and the benchmark's progress go to stdout/stderr as they happen; the
@@ -66,8 +68,8 @@ from . import common
 from .record import markdown, write_record
 from .selfcheck import selfcheck
 
-OPS = ("permute", "unpermute", "sort_chunks", "topk", "pad", "swiglu", "weighted_swiglu", "weighted_swiglu_back",
-       "router", "layer", "automodel")  # fmt: skip
+OPS = ("permute", "unpermute", "sort_chunks", "topk", "pad", "fp8", "swiglu", "weighted_swiglu",
+       "weighted_swiglu_back", "router", "layer", "automodel")  # fmt: skip
 GROUPS = {
     "all": OPS,
     "permute": ("permute", "unpermute", "sort_chunks", "topk", "pad"),
@@ -82,11 +84,12 @@ progress = common.progress
 
 
 def shape_tables() -> dict:
-    """{"permute": {name: shape}, "swiglu": {...}, "layer": {...}} (names as in the modules' tables)."""
-    from . import automodel_block, bench_layer, bench_permute, bench_swiglu
+    """{"permute": {name: shape}, "fp8": {...}, "swiglu": {...}, "layer": {...}, "automodel": {...}} (names as in the
+    modules' tables)."""
+    from . import automodel_block, bench_fp8, bench_layer, bench_permute, bench_swiglu
 
-    return {"permute": bench_permute.SHAPES, "swiglu": bench_swiglu.SHAPES, "layer": bench_layer.LAYER_SHAPES,
-            "automodel": automodel_block.SHAPES}  # fmt: skip
+    return {"permute": bench_permute.SHAPES, "fp8": bench_fp8.SHAPES, "swiglu": bench_swiglu.SHAPES,
+            "layer": bench_layer.LAYER_SHAPES, "automodel": automodel_block.SHAPES}  # fmt: skip
 
 
 def _short(name: str) -> str:
@@ -220,6 +223,15 @@ def run_benchmarks(args) -> tuple[list, dict, bool]:
         rows += [{"kind": "kernel", "dtype": args.dtype, **r} for r in bench_dispatch.bench_rows(copy_gbs, dtype=dtype)
                  if r["op"].startswith(wanted)]  # fmt: skip
         torch.cuda.empty_cache()
+    if "fp8" in args.ops:
+        from . import bench_fp8
+
+        for name in select_shapes(bench_fp8.SHAPES, args.shapes, args.quick):
+            progress(f"permute_quantized {name}, every recipe (the first call of each compiles the torch.compile "
+                     "quantize pass)")  # fmt: skip
+            frows = bench_fp8.bench_rows(copy_gbs, dtype=dtype, shapes={name: bench_fp8.SHAPES[name]})
+            rows += [{"kind": "kernel", "dtype": args.dtype, **r} for r in frows]
+            torch.cuda.empty_cache()
     sw_ops = [SWIGLU_CALLS[o] for o in OPS if o in SWIGLU_CALLS and o in args.ops]
     if sw_ops:
         providers = bench_swiglu._providers()

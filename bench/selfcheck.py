@@ -95,12 +95,13 @@ def check_permute(dtype, device, quick: bool = False) -> tuple[bool, str]:
 
 
 def _dispatch_checks():
-    from . import smoke
+    from . import bench_fp8, smoke
 
     return (
         ("sort_chunks", "sort_chunks_by_idxs fwd+bwd", smoke.check_sort_chunks),
         ("topk", "permute_topk + unpermute_topk fwd+bwd", smoke.check_topk),
         ("pad", "permute_and_pad + permute_with_row_map + unpermute fwd+bwd", smoke.check_permute_and_pad),
+        ("fp8", "permute_quantized == permute + reference_fp8.quantize", bench_fp8.check),
     )
 
 

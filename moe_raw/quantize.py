@@ -4,11 +4,10 @@ The rows, the row map and the ``num_out_tokens`` / ``align_size`` semantics are 
 and ``permute_and_pad``; the FP8 rows and their scales are, bit for bit, ``moe_raw.reference_fp8.quantize`` of the
 permuted rows (the recipes, their rounding and their NaN / inf / zero rules are stated there).
 
-Not yet fused on CUDA: for now every device runs moe_raw's permute (``fused=True``, or ``permute_and_pad`` with
-``align_size``) on the high-precision tokens, then the torch transcription's quantization of the permuted rows.
-Quantization is per row, so this equals quantize-then-move bit for bit; but on CUDA it reads and writes the
-permuted rows in high precision once more than the one-pass kernel issue 19 asks for. That kernel comes next and
-will return the same bits (the tests compare against this path).
+On CUDA the quantization is kernels/quantize.cu: permute runs on a zero-width view of the tokens (the row map and
+the permuted probs, no rows moved), then each token's row is read once, quantized once and written to every row it
+occupies; rows holding no token are zero with scale 1. Elsewhere: permute, then the transcription's quantization of
+the permuted rows (quantization is per row, so both are quantize-then-move, bit for bit).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import torch
 
 from moe_raw import _validate as V
 from moe_raw import reference_fp8 as RF
+from moe_raw._kernels import quantize as QK
 from moe_raw.padding import permute_and_pad
 from moe_raw.permutation import permute
 
@@ -69,9 +69,8 @@ def permute_quantized(
         experts' output rows; ``permute_with_row_map`` moves more per-token data the same way; ``dequantize`` gives
         fp32 rows back.
 
-    On every device this is, for now, moe_raw's permute on the high-precision tokens followed by the torch
-    transcription's quantization of the permuted rows: bit-identical to quantizing the tokens and moving the FP8
-    rows, but on CUDA not yet the fused one-pass kernel (it comes next, with the same bits).
+    CUDA: one pass over the tokens (kernels/quantize.cu); other devices: permute, then the torch transcription's
+    quantization of the permuted rows. Both equal quantizing the tokens and moving the FP8 rows, bit for bit.
     """
     op = "moe_raw.permute_quantized"
     V.tensor(tokens, "tokens", op, 2, V.QUANT_DTYPES)
@@ -84,10 +83,24 @@ def permute_quantized(
         raise ValueError(f"{op}: align_size must be None or in [1, 1024], got {align}")
     V.same_device(op, tokens=tokens, routing_map=routing_map, probs=probs)
     rows = tokens.detach()  # the FP8 outputs carry no gradient; permuted_probs keeps probs' graph
+    # On CUDA the rows are quantized by kernels/quantize.cu from the tokens and the row map: permute runs on a
+    # zero-width view, which gives the row map and the permuted probs without moving any row.
+    fused = rows.is_cuda
+    moved = rows[:, :0] if fused else rows
     if align is None:
-        permuted, permuted_probs, row_map = permute(rows, routing_map, probs, n_out, fused=True)
+        permuted, permuted_probs, row_map = permute(moved, routing_map, probs, n_out, fused=True)
     else:
-        permuted, permuted_probs, row_map, _, _ = permute_and_pad(rows, routing_map, probs, align, n_out)
+        permuted, permuted_probs, row_map, _, _ = permute_and_pad(moved, routing_map, probs, align, n_out)
+    if fused:
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        hidden = rows.shape[1]
+        groups = RF.scale_shape(1, hidden, recipe)[1:] or (1,)
+        codes, scales = QK.quantize_rows(
+            rows, row_map, permuted.shape[0], recipe, fp8_dtype, RF.FP8_MAX[fp8_dtype], RF.EMAX_ELEM[fp8_dtype],
+            groups[0], align is not None,
+        )  # fmt: skip
+        return codes.view(fp8_dtype), RF.to_scale_layout(scales, recipe, scale_layout), permuted_probs, row_map
     # permute's autograd Function marks its rows differentiable when probs requires grad: cut them off here
     q, scales = RF.quantize(permuted.detach(), recipe, fp8_dtype, scale_layout)
     return q, scales, permuted_probs, row_map

@@ -25,6 +25,7 @@ LAYERS = {
     "moe_raw._kernels.glu_launch": 2,
     "moe_raw._kernels.dispatch": 2,
     "moe_raw._kernels.router": 2,
+    "moe_raw._kernels.quantize": 2,
     "moe_raw._ops": 3,
     "moe_raw.permutation": 4,
     "moe_raw.padding": 4,

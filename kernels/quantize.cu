@@ -1,0 +1,184 @@
+// moe_raw/kernels/quantize.cu: permute that quantizes to FP8 (issue 19), after the row map is built.
+//
+// What it computes: for token t, its row x = tokens[t, 0..H) (fp32 / fp16 / bf16) quantized once, as
+// moe_raw/reference_fp8.py transcribes each recipe, bit for bit:
+//   rowwise    one group (the row): scale = amax / fp8_max (IEEE fp32 division; amax 0 -> 1; a nonzero amax whose
+//              quotient underflows -> 2^-149; NaN amax -> the NaN 0x7FC00000), q = sat(x / scale) -> fp8 (RNE);
+//   blockwise  groups of 128 elements (the last one may be shorter), the same rule per group;
+//   mxfp8      groups of 32: X = floor(log2 amax) - emax (frexp: exact), clamped to [-127, 127], scale byte X + 127
+//              (amax 0 -> X = 0; NaN / inf amax -> byte 255 and every element NaN), q = sat(x / 2^X) -> fp8 (RNE).
+// sat clamps to +-fp8_max; every NaN is written as the byte 0x7F. The token's codes and scales are then written to
+// each permuted row r it occupies (row_map[t, e] = r >= 0, or a drop-and-pad copy -2 - r). quantize_fill writes the
+// other rows: spare rows (from row_map[T, 0] to N) and, in the aligned layout, each expert's padding rows
+// [row_map[T + 1, e], row_map[T + 2, e]): zero codes, scale 1.0 (E8M0 byte 127).
+//
+// Launch shape: quantize_rows: grid = T, block = kQuantThreads (one block a token), dynamic shared memory
+// round_up(H, 16) code bytes + H fp32 + groups fp32 + groups bytes + E ints. quantize_fill: grid (x, 1 + E), block
+// kQuantThreads: y = 0 the spare rows (grid-stride in x), y = 1 + e expert e's padding rows (aligned layout only).
+// Preconditions (moe_raw/quantize.py): row_map from moe_raw's permute (fused) / permute_and_pad on the same routing,
+// its N rows; token rows with unit stride along H; q [N, H] contiguous uint8; scales row-major [N] / [N, G] fp32 or
+// [N, H / 32] uint8; H % 32 == 0 for mxfp8; T * E, N * H < 2^63.
+// Bytes moved: read T * H * token bytes (once) + T * E * 4 of the map; write R * H code bytes + R * G scales for the
+// R rows holding tokens, and the same per filler row.
+
+#include "common.cuh"
+#include <cuda_fp8.h>
+
+namespace moe_raw {
+
+constexpr int kQuantThreads = 256;
+enum Recipe : int { kRowwise = 0, kBlockwise = 1, kMxfp8 = 2 };
+constexpr unsigned char kNanByte = 0x7f;
+
+// max(a, |b|) that keeps a NaN (torch.amax propagates NaN; fmaxf drops it).
+__device__ __forceinline__ float nan_max_abs(float a, float b) {
+  b = fabsf(b);
+  return isnan(a) ? a : (isnan(b) ? b : fmaxf(a, b));
+}
+
+__device__ __forceinline__ unsigned char to_fp8(float v, float fp8_max, int e5m2) {
+  if (isnan(v)) return kNanByte;
+  v = fminf(fmaxf(v, -fp8_max), fp8_max);
+  return static_cast<unsigned char>(e5m2 ? __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2)
+                                         : __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// The divisor of a group and, for mxfp8, its E8M0 byte.
+__device__ __forceinline__ float group_divisor(float amax, int recipe, float fp8_max, int emax, unsigned char* byte) {
+  if (recipe != kMxfp8) {
+    if (isnan(amax)) return __int_as_float(0x7fc00000);
+    if (amax == 0.0f) return 1.0f;
+    const float s = __fdiv_rn(amax, fp8_max);
+    return s == 0.0f ? __int_as_float(1) : s;
+  }
+  if (!isfinite(amax)) {
+    *byte = 255;
+    return __int_as_float(0x7fc00000);  // every element NaN
+  }
+  int x = 0;
+  if (amax != 0.0f) {
+    int e;
+    frexpf(amax, &e);  // amax = m 2^e, m in [0.5, 1): floor(log2 amax) = e - 1
+    x = min(max(e - 1 - emax, -127), 127);
+  }
+  *byte = static_cast<unsigned char>(x + 127);
+  return x >= -126 ? __int_as_float((x + 127) << 23) : __int_as_float(1 << 22);  // 2^x exactly
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize_rows(const T* __restrict__ tokens, int64_t stride, int hidden, const int* __restrict__ row_map,
+                  int num_experts, int recipe, float fp8_max, int emax, int e5m2, unsigned char* __restrict__ q,
+                  void* __restrict__ scales) {
+  extern __shared__ __align__(16) unsigned char quant_smem[];
+  const int64_t t = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int group = recipe == kRowwise ? hidden : (recipe == kBlockwise ? 128 : 32);
+  const int groups = recipe == kRowwise ? 1 : (hidden + group - 1) / group;
+  const int code_bytes = (hidden + 15) & ~15;
+  unsigned char* codes = quant_smem;
+  float* x = reinterpret_cast<float*>(quant_smem + code_bytes);
+  float* divisor = x + hidden;
+  int* dest = reinterpret_cast<int*>(divisor + groups);
+  unsigned char* mx_byte = reinterpret_cast<unsigned char*>(dest + num_experts);
+  __shared__ int num_dest;
+  __shared__ float warp_amax[kQuantThreads / 32];
+  const T* row = tokens + t * stride;
+  for (int c = tid; c < hidden; c += kQuantThreads) x[c] = to_acc(row[c]);
+  if (tid == 0) num_dest = 0;
+  __syncthreads();
+  // Destinations (order does not matter: every one gets the same bytes).
+  for (int e = tid; e < num_experts; e += kQuantThreads) {
+    const int r = row_map[t * num_experts + e];
+    if (r >= 0 || r <= -2) dest[atomicAdd(&num_dest, 1)] = r >= 0 ? r : -2 - r;
+  }
+  if (recipe == kRowwise) {
+    float m = 0.0f;
+    for (int c = tid; c < hidden; c += kQuantThreads) m = nan_max_abs(m, x[c]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if ((tid & 31) == 0) warp_amax[tid >> 5] = m;
+    __syncthreads();
+    if (tid == 0) {
+      float amax = 0.0f;
+      for (int w = 0; w < kQuantThreads / 32; ++w) amax = nan_max_abs(amax, warp_amax[w]);
+      divisor[0] = group_divisor(amax, recipe, fp8_max, emax, mx_byte);
+    }
+  } else {
+    for (int g = tid; g < groups; g += kQuantThreads) {
+      float amax = 0.0f;
+      const int end = min(hidden, (g + 1) * group);
+      for (int c = g * group; c < end; ++c) amax = nan_max_abs(amax, x[c]);
+      divisor[g] = group_divisor(amax, recipe, fp8_max, emax, mx_byte + g);
+    }
+  }
+  __syncthreads();
+  for (int c = tid; c < hidden; c += kQuantThreads)
+    codes[c] = to_fp8(__fdiv_rn(x[c], divisor[c / group]), fp8_max, e5m2);
+  __syncthreads();
+  const bool vec = (hidden & 15) == 0;
+  for (int i = 0; i < num_dest; ++i) {
+    const int64_t r = dest[i];
+    unsigned char* out = q + r * hidden;
+    if (vec) {
+      for (int c = tid; c < hidden / 16; c += kQuantThreads)
+        reinterpret_cast<uint4*>(out)[c] = reinterpret_cast<const uint4*>(codes)[c];
+    } else {
+      for (int c = tid; c < hidden; c += kQuantThreads) out[c] = codes[c];
+    }
+    for (int g = tid; g < groups; g += kQuantThreads) {
+      if (recipe == kMxfp8) static_cast<unsigned char*>(scales)[r * groups + g] = mx_byte[g];
+      else static_cast<float*>(scales)[r * groups + g] = divisor[g];
+    }
+  }
+}
+
+// Rows holding no token: zero codes, scale 1.0 (E8M0 byte 127).
+__device__ __forceinline__ void fill_row(unsigned char* q, void* scales, int64_t r, int hidden, int groups, int recipe,
+                                         int lane, int lanes) {
+  unsigned char* out = q + r * hidden;
+  if ((hidden & 15) == 0) {
+    for (int c = lane; c < hidden / 16; c += lanes) reinterpret_cast<uint4*>(out)[c] = make_uint4(0u, 0u, 0u, 0u);
+  } else {
+    for (int c = lane; c < hidden; c += lanes) out[c] = 0;
+  }
+  for (int g = lane; g < groups; g += lanes) {
+    if (recipe == kMxfp8) static_cast<unsigned char*>(scales)[r * groups + g] = 127;
+    else static_cast<float*>(scales)[r * groups + g] = 1.0f;
+  }
+}
+
+template <int Threads>
+__global__ void __launch_bounds__(Threads)
+    quantize_fill(unsigned char* __restrict__ q, void* __restrict__ scales, int hidden, int groups, int recipe,
+                  int64_t num_rows, const int* __restrict__ row_map, int64_t num_tokens, int num_experts,
+                  int aligned) {
+  const int64_t lines = num_tokens * num_experts;
+  int64_t begin, end;
+  if (blockIdx.y == 0) {  // spare rows
+    begin = row_map[lines], end = num_rows;
+  } else {
+    if (!aligned) return;
+    const int e = blockIdx.y - 1;
+    begin = row_map[lines + num_experts + e], end = row_map[lines + 2 * num_experts + e];
+  }
+  end = min(end, num_rows);
+  for (int64_t r = begin + blockIdx.x; r < end; r += gridDim.x)
+    fill_row(q, scales, r, hidden, groups, recipe, threadIdx.x, Threads);
+}
+
+}  // namespace moe_raw
+
+// CI compiles this file with nvcc (warnings as errors); NVRTC instantiates through name_expressions at run time.
+#ifdef MOE_RAW_NVCC_CHECK
+namespace moe_raw {
+#define MOE_RAW_QUANTIZE_ROWS(T)                                                                          \
+  template __global__ void quantize_rows<T>(const T*, int64_t, int, const int*, int, int, float, int, int, \
+                                            unsigned char*, void*);
+MOE_RAW_QUANTIZE_ROWS(float)
+MOE_RAW_QUANTIZE_ROWS(__half)
+MOE_RAW_QUANTIZE_ROWS(__nv_bfloat16)
+template __global__ void quantize_fill<kQuantThreads>(unsigned char*, void*, int, int, int, int64_t, const int*, int64_t,
+                                                      int, int);
+}  // namespace moe_raw
+#endif
