@@ -119,3 +119,18 @@ def write_json(path: str, record: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
+
+
+def print_rows_main(bench_rows) -> int:
+    """``python -m bench.<module>``'s body for a module whose ``bench_rows(copy_gbs)`` returns the common row dicts:
+    the measured copy bandwidth, then one markdown table."""
+    if not torch.cuda.is_available():
+        print("no CUDA device found: nothing to benchmark")
+        return 0
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"# copy {copy_gbs:.0f} GB/s\n\n| shape | op | provider | ms | GB/s | % of copy | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in bench_rows(copy_gbs):
+        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
+              f"{r['pct_copy']:.0f}% | {r['note']} |")  # fmt: skip
+    return 0
