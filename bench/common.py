@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -134,3 +136,25 @@ def print_rows_main(bench_rows) -> int:
         print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
               f"{r['pct_copy']:.0f}% | {r['note']} |")  # fmt: skip
     return 0
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example_module(name: str):
+    """examples/<name>.py as the module ``name`` (loaded once), or None where the file is not next to bench/ (an
+    installed wheel ships bench/ without examples/)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = EXAMPLES / f"{name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
