@@ -6,6 +6,9 @@
 //   permute_scatter              one block per token: finds the token's rows from the tables, writes its row-map
 //                                line, sorted_indices / permuted_probs entries, and copies the token to each row
 //                                (on sm_90 with 16-byte rows: staged in shared memory, written by bulk copies).
+//   permute_small                permute_scatter without the tables, for small maps with the row count given: each
+//                                block counts the whole map in shared memory (T * E reads a block), so a small
+//                                permute is one launch, not two.
 //   gather_reduce                one block per token: out[t] = sum over its rows of w * row (fp32 accumulation in
 //                                ascending expert order: bitwise deterministic, no atomics). Unpermute forward and
 //                                permute backward (optionally also the permuted-probs gradient).
@@ -35,11 +38,13 @@
 //   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: grid = T (+ tail blocks that zero spare
 //   rows, + E blocks that zero each expert's padding rows in the aligned layout),
 //   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list
-//   (and, for permute_scatter's Hopper path, a 16 KiB stage of the row).
+//   (and, for permute_scatter's Hopper path, a 16 KiB stage of the row; permute_small: 2 * E + 2 ints of counts in
+//   front).
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their last dim, VB divides the row bytes,
 //   the row stride and both base addresses; T * E < 2^31; E <= 4096; N < 2^31 - 2.
 // Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
-//   unpermute backward with probs grad T*H*s + 2*N*H*s; map build ~T*E bytes of routing map + O(E*T/8).
+//   unpermute backward with probs grad T*H*s + 2*N*H*s; map build ~T*E bytes of routing map + O(E*T/8);
+//   permute_small adds T * E map reads a block (at most 4096 entries, L2 hits after the first block).
 
 #include "common.cuh"
 
@@ -73,6 +78,52 @@ struct Tables {
     const uint32_t below = (1u << (t & 31)) - 1u;
     return tile_base[e * n_tiles + (t >> 8)] + word_prefix[e * n_words + w] + __popc(words[e * n_words + w] & below);
   }
+  // Routed pairs of experts before e; start(E) = all routed pairs.
+  __device__ __forceinline__ int start(int e) const { return expert_start[e]; }
+};
+
+// What Tables gives, for one token t only, counted by the whole block straight from the routing map (T * E map
+// reads per block: the host uses it for small maps only). smem: 2 * E + 1 ints, start[E + 1] then before[E] (the
+// routed tokens of each expert before t). The constructor contains __syncthreads: build it in every thread.
+struct MapPrefix {
+  const int* start_;
+  const int* before_;
+  __device__ MapPrefix(int* smem, const void* routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                       int num_tokens, int num_experts, int64_t t) {
+    int* start = smem;                    // counts first, then their exclusive scan
+    int* before = smem + num_experts + 1;
+    for (int e = threadIdx.x; e <= num_experts; e += blockDim.x) start[e] = 0;
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) before[e] = 0;
+    __syncthreads();
+    const int entries = num_tokens * num_experts;  // T * E < 2^31 (checked on the host)
+#pragma unroll 4
+    for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+      const int tt = i / num_experts, e = i - tt * num_experts;
+      if (map_entry(routing_map, map_bytes, tt * map_st + e * map_se)) {
+        atomicAdd(&start[e], 1);  // integer counts: the same whatever the order (deterministic)
+        if (tt < t) atomicAdd(&before[e], 1);
+      }
+    }
+    __syncthreads();
+    // Exclusive scan of the counts over experts: each thread a contiguous run of experts, one block scan.
+    const int per = (num_experts + blockDim.x - 1) / blockDim.x;
+    const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
+    int local = 0;
+    for (int e = e_beg; e < e_end; ++e) local += start[e];
+    int total;
+    int run = block_exclusive_scan(local, &total);
+    for (int e = e_beg; e < e_end; ++e) {
+      const int count = start[e];
+      start[e] = run;
+      run += count;
+    }
+    if (threadIdx.x == 0) start[num_experts] = total;
+    __syncthreads();
+    start_ = start;
+    before_ = before;
+  }
+  __device__ __forceinline__ int flat_prefix(int e, int64_t) const { return start_[e] + before_[e]; }
+  __device__ __forceinline__ int start(int e) const { return start_[e]; }
 };
 
 // Exclusive scan of tile_sums in flat order -> tile_base, expert_start. Run by one whole block.
@@ -236,23 +287,21 @@ __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept,
   }
 }
 
-// Permute forward (pure byte move). Block t < T: token t. Blocks t >= T: zero spare rows (num_out_tokens above
-// the routed count). With src == nullptr it only writes the row map (unpermute(fused=False) rebuilding it).
-// Aligned layout (pad_ranges = row map line T + 1, filled by pad_offsets): routed pair (t, e) among the first
-// n_keep goes to row pad_start(e) + its rank in expert e; blocks after the tail blocks zero each expert's padding.
-template <int VB>
-__global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 blocks per SM (48 registers allowed only 10)
-    permute_scatter(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
-                    int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
-                    const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
-                    const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
-                    const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
-                    void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+// Permute forward (pure byte move) of one block: block t < T takes token t; blocks t >= T zero spare rows
+// (num_out_tokens above the routed count). With src == nullptr it only writes the row map (unpermute(fused=False)
+// rebuilding it). Aligned layout (pad_ranges = row map line T + 1, filled by pad_offsets): routed pair (t, e) among
+// the first n_keep goes to row pad_start(e) + its rank in expert e; blocks after the tail blocks zero each expert's
+// padding. Prefix (Tables or MapPrefix) gives each pair's place in expert-major order; dest_rows: 2 * E ints of
+// shared memory (this token's rows in ascending expert order, then scratch), then (Hopper, 16-byte rows) the stage.
+template <int VB, class Prefix>
+__device__ __forceinline__ void scatter_token(
+    const Prefix& tab, int* dest_rows, const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst,
+    int64_t row_bytes, int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+    const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se, int* __restrict__ row_map,
+    int64_t* __restrict__ sorted_indices, const void* __restrict__ probs, int probs_code, int64_t probs_st,
+    int64_t probs_se, void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
   using V = typename Vec<VB>::type;
-  // [2 * num_experts] ints: this token's rows (ascending expert), scratch; then (Hopper, 16-byte rows) the stage
-  extern __shared__ int dest_rows[];
-  const Tables tab(ws, num_tokens, num_experts);
-  const int64_t total = tab.expert_start[num_experts];
+  const int64_t total = tab.start(num_experts);
   const int64_t kept =
       drop_and_pad ? n_rows : (pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows));
   const int64_t t = blockIdx.x;
@@ -278,11 +327,11 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
         const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
         if (before < n_keep) {
           // aligned: expert e's rows start where expert e - 1's padding ends
-          row = pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) + (before - tab.expert_start[e]) : before;
+          row = pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) + (before - tab.start(e)) : before;
         }
       }
     } else {
-      const int start = tab.expert_start[e], count = tab.expert_start[e + 1] - start;
+      const int start = tab.start(e), count = tab.start(e + 1) - start;
       if (routed || count < capacity) {  // an unrouted token matters only if the expert has padding slots
         const int rank = tab.flat_prefix(e, t) - start;  // routed tokens of expert e before t
         if (routed) {
@@ -360,6 +409,42 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
     const V x = s[v];
     for (int j = 0; j < n; ++j) __stcs(reinterpret_cast<V*>(dst + static_cast<int64_t>(dest_rows[j]) * row_bytes) + v, x);
   }
+}
+
+// permute_scatter: the row kernel of permute / permute_and_pad, places from the routing tables (routing_pack +
+// routing_scan, or pad_offsets after them).
+template <int VB>
+__global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 blocks per SM (48 registers allowed only 10)
+    permute_scatter(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
+                    int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+                    const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                    const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
+                    const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                    void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+  extern __shared__ int smem[];  // scatter_token's 2 * E ints and stage
+  const Tables tab(ws, num_tokens, num_experts);
+  scatter_token<VB>(tab, smem, src, src_stride, dst, row_bytes, num_tokens, num_experts, n_rows, drop_and_pad,
+                    capacity, routing_map, map_bytes, map_st, map_se, row_map, sorted_indices, probs, probs_code,
+                    probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
+}
+
+// permute_small: permute_scatter without the tables, for small maps (the host takes it when T * E <= 4096, E <=
+// 1024 and there is no aligned layout): each block counts the whole map itself (MapPrefix), so a small permute is
+// one launch instead of two. Same parameters (ws unused); shared memory 2 * E + 2 more ints, in front.
+template <int VB>
+__global__ void __launch_bounds__(kRowThreads)
+    permute_small(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
+                  int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+                  const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                  const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
+                  const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                  void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+  extern __shared__ int smem[];  // MapPrefix's 2 * E + 2 ints, then scatter_token's
+  const MapPrefix tab(smem, routing_map, map_bytes, map_st, map_se, static_cast<int>(num_tokens), num_experts,
+                      blockIdx.x);
+  scatter_token<VB>(tab, smem + 2 * num_experts + 2, src, src_stride, dst, row_bytes, num_tokens, num_experts, n_rows,
+                    drop_and_pad, capacity, routing_map, map_bytes, map_st, map_se, row_map, sorted_indices, probs,
+                    probs_code, probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
 }
 
 // dst[row] = src[t] for every row of token t in the row map (routed r, padding copy -2 - r); blocks t >= T zero the
@@ -646,7 +731,11 @@ MOE_RAW_ROW_KERNELS(double, 8)
   template __global__ void permute_scatter<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int,       \
                                                int64_t, int, int64_t, const void*, int, int64_t, int64_t,      \
                                                const int*, int*, int64_t*, const void*, int, int64_t, int64_t, \
-                                               void*, int64_t, const int*);
+                                               void*, int64_t, const int*);                                    \
+  template __global__ void permute_small<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t, \
+                                             int, int64_t, const void*, int, int64_t, int64_t, const int*, int*, \
+                                             int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,       \
+                                             const int*);
 #define MOE_RAW_SCATTER_ROWS(VB)                                                                                \
   template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
                                             const int*, const int*);

@@ -1121,6 +1121,65 @@ def test_no_host_sync_with_num_out_tokens(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# permute_small (one launch, no routing tables) against permute_scatter after the tables: CUDA only.
+
+# (tokens dtype, T, H, E, K, routing kind, probs dtype, map form, num_out_tokens - T * K, drop_and_pad). All have
+# T * E <= 4096, so permute with num_out_tokens given takes permute_small unless _SMALL_MAP is lowered.
+_SMALL_CASES = [
+    (BF16, 16, 1024, 8, 2, "topk", F32, "bool", 0, False),
+    (F32, 1, 13, 1, 1, "topk", None, "bool", 0, False),
+    (F16, 7, 1001, 64, 8, "sparse", BF16, "int64", 3, False),  # spare rows
+    (BF16, 64, 7168, 64, 8, "topk", BF16, "strided", -100, False),  # dropped tail, 16 KiB stages (sm_90)
+    (F32, 256, 2048, 16, 4, "empty_expert", F64, "uint8", 0, False),
+    (BF16, 4, 7168, 1024, 8, "topk", F32, "bool", 0, False),  # E = 1024: the scan over experts, 8 a thread
+    (F16, 3, 7, 1365, 2, "sparse", F16, "int32", 5, False),  # E not a multiple of the block
+    (BF16, 33, 2048, 32, 4, "topk", F32, "bool", -40, True),  # drop_and_pad below capacity
+    (F32, 40, 100, 8, 2, "sparse", F32, "transposed", 24, True),  # padding copies of unrouted tokens
+    (torch.float8_e4m3fn, 50, 7168, 64, 8, "topk", None, "bool", 0, False),  # 1-byte tokens
+]
+
+
+def _small_map(rm, form):
+    if form == "strided":  # every other column of a wider map
+        wide = torch.zeros(rm.shape[0], 2 * rm.shape[1], dtype=torch.bool, device=rm.device)
+        wide[:, ::2] = rm
+        return wide[:, ::2]
+    if form == "transposed":
+        return rm.t().contiguous().t()
+    return rm if form == "bool" else rm.to(getattr(torch, form))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", _SMALL_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-E{c[3]}-{c[7]}-n{c[8]:+d}")
+def test_permute_small_equals_tables(case, monkeypatch):
+    """Every output of permute (fused and unfused) and of unpermute's row map rebuild is bit for bit the same through
+    permute_small as through the routing tables and permute_scatter."""
+    from moe_raw._kernels import dispatch as D
+
+    dtype, T, H, E, K, kind, pdtype, form, extra, drop_and_pad = case
+    assert T * E <= D._SMALL_MAP
+    rm = _small_map(make_routing(T, E, K, DEV, kind), form)
+    p = make_probs(rm.bool(), pdtype) if pdtype is not None else None
+    x = _randn((T, H), F32, DEV).to(dtype)
+    n_out = T * K + extra
+
+    def run():
+        outs = []
+        for fused in (False, True):
+            outs += moe_raw.permute(x, rm, p, n_out, fused=fused, drop_and_pad=drop_and_pad)
+        outs = [t for t in outs if t is not None]
+        outs.append(D._row_map_from_routing(rm, n_out, drop_and_pad))
+        return outs
+
+    small = run()
+    monkeypatch.setattr(D, "_SMALL_MAP", 0)
+    tables = run()
+    for i, (a, b) in enumerate(zip(small, tables, strict=True)):
+        assert_exact(a, b, f"output {i}: permute_small vs tables")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 64-bit offsets: CUDA only (4.6 GB of rows; the CPU twins index with torch's int64 ops).
 
 

@@ -20,6 +20,9 @@ from moe_raw import _validate as V
 from moe_raw._launch import CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
 
 _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
+# permute_small (no routing tables: each block counts the whole map) serves maps of at most this many entries when
+# the row count is given: one launch instead of two, for the small calls where launches are the cost.
+_SMALL_MAP = 4096
 _ROW_THREADS = 128  # kRowThreads
 _TAIL_ROWS = 32  # kTailRows
 _STAGE_BYTES = 16384  # kStageBytes
@@ -105,13 +108,18 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
     return buf[: num_tokens + lines], ws, buf
 
 
-_SCATTER_NAMES = {vb: f"moe_raw::permute_scatter<{vb}>" for vb in (16, 8, 4, 2, 1)}
+_SCATTER_NAMES = {
+    (ws, vb): f"moe_raw::permute_{'scatter' if ws else 'small'}<{vb}>"
+    for ws in (True, False)
+    for vb in (16, 8, 4, 2, 1)
+}
 
 
 def _scatter(tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, blocks, n_keep, capacity, pads):
     """Launch permute_scatter (kernels/permute.cu) over ``blocks`` blocks: token blocks, then blocks that zero spare
-    and padding rows. ``tokens`` None writes only the row map / indices / probs (no rows). ``capacity``: rows per
-    expert of drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
+    and padding rows; ``ws`` 0 (no tables: a map of at most _SMALL_MAP entries) launches permute_small instead.
+    ``tokens`` None writes only the row map / indices / probs (no rows). ``capacity``: rows per expert of
+    drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
     num_tokens, num_experts = routing_map.shape
     src_ptr = src_stride = row_bytes = stage = 0
     vb = 16
@@ -124,11 +132,12 @@ def _scatter(tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_ro
             stage = 128 + min(row_bytes, _STAGE_BYTES)
     map_st, map_se = routing_map.stride()
     launch(
-        "permute", _SCATTER_NAMES[vb], routing_map.device, blocks, _ROW_THREADS,
+        "permute", _SCATTER_NAMES[ws != 0, vb], routing_map.device, blocks, _ROW_THREADS,
         (src_ptr, src_stride, ptr(out), row_bytes, num_tokens, num_experts, n_rows, int(capacity is not None),
          capacity or 0, routing_map.data_ptr(), routing_map.element_size(), map_st, map_se, ws, row_map.data_ptr(),
          ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads)),
-        shared_mem=8 * num_experts + stage,  # the row list and scratch, then the stage
+        # permute_small's counts in front, the row list and scratch, then the stage
+        shared_mem=(0 if ws else 8 * num_experts + 8) + 8 * num_experts + stage,
     )  # fmt: skip
 
 
@@ -137,8 +146,11 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     num_tokens, hidden = tokens.shape
     num_experts = routing_map.shape[1]
     dev = tokens.device
-    row_map, ws, buf = _map_and_workspace(routing_map)
-    _tables(routing_map, ws)
+    if num_out_tokens is not None and num_tokens * num_experts <= _SMALL_MAP:  # permute_small: no tables
+        row_map, ws = torch.empty((num_tokens + 1, num_experts), dtype=torch.int32, device=dev), 0
+    else:
+        row_map, ws, buf = _map_and_workspace(routing_map)
+        _tables(routing_map, ws)
     n_rows = num_out_tokens
     if n_rows is None:
         # the routed count (expert_start[E], the workspace's last word): the one device-to-host read
