@@ -6,6 +6,9 @@
 //   permute_scatter              one block per token: finds the token's rows from the tables, writes its row-map
 //                                line, sorted_indices / permuted_probs entries, and copies the token to each row
 //                                (on sm_90 with 16-byte rows: staged in shared memory, written by bulk copies).
+//   permute_warp                 permute_scatter's work with a warp a token and no block barrier (the default after
+//                                the tables): 32 experts at a time, a ballot compacts the token's rows; the lanes
+//                                copy the row, 4 VB-byte packs in flight each.
 //   permute_small                permute_scatter without the tables, for small maps with the row count given: each
 //                                block counts the whole map in shared memory (T * E reads a block), so a small
 //                                permute is one launch, not two.
@@ -35,11 +38,11 @@
 // tables with no host sync (one when T <= 256); TE's mask path needs three and a dense int32 [T, E] scan.
 //
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
-//   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: grid = T (+ tail blocks that zero spare
-//   rows, + E blocks that zero each expert's padding rows in the aligned layout),
-//   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list
-//   (and, for permute_scatter's Hopper path, a 16 KiB stage of the row; permute_small: 2 * E + 2 ints of counts in
-//   front).
+//   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: block = 128 threads striding over the row in
+//   VB-byte packs; grid = T token blocks (permute_warp: ceil(T / 4), a warp a token), then tail blocks that zero
+//   spare rows and, in the aligned layout, E blocks that zero each expert's padding rows. Dynamic shared memory
+//   holds the token's row list (permute_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
+//   the row; permute_small: 2 * E + 2 ints of counts in front).
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their last dim, VB divides the row bytes,
 //   the row stride and both base addresses; T * E < 2^31; E <= 4096; N < 2^31 - 2.
 // Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
@@ -287,6 +290,52 @@ __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept,
   }
 }
 
+// Routed or padding pair (t, e): its permuted row (-1 if none: not routed, dropped, or no padding slot), with its
+// row-map entry, sorted_indices and permuted_probs entries written. Tab: Tables or MapPrefix.
+template <class Prefix>
+__device__ __forceinline__ int place_pair(const Prefix& tab, int64_t t, int e, int num_experts,
+                                          int drop_and_pad, int64_t capacity, const void* __restrict__ routing_map,
+                                          int map_bytes, int64_t map_st, int64_t map_se, int* __restrict__ row_map,
+                                          int64_t* __restrict__ sorted_indices, const void* __restrict__ probs,
+                                          int probs_code, int64_t probs_st, int64_t probs_se,
+                                          void* __restrict__ permuted_probs, int64_t n_keep,
+                                          const int* __restrict__ pad_ranges) {
+  int row = -1;  // this pair's permuted row, -1 if none
+  const bool routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
+  if (!drop_and_pad) {
+    if (routed) {
+      const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
+      if (before < n_keep) {
+        // aligned: expert e's rows start where expert e - 1's padding ends
+        row = pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) + (before - tab.start(e)) : before;
+      }
+    }
+  } else {
+    const int start = tab.start(e), count = tab.start(e + 1) - start;
+    if (routed || count < capacity) {  // an unrouted token matters only if the expert has padding slots
+      const int rank = tab.flat_prefix(e, t) - start;  // routed tokens of expert e before t
+      if (routed) {
+        if (rank < capacity) row = static_cast<int>(e * capacity + rank);
+      } else {
+        // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad.
+        const int64_t slot = static_cast<int64_t>(count) + (t - rank);
+        if (slot < capacity) row = static_cast<int>(e * capacity + slot);
+      }
+    }
+  }
+  if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
+  if (row >= 0) {
+    if (sorted_indices) sorted_indices[row] = t;
+    if (permuted_probs) {
+      // probs is read only where the map routes: an off-route NaN never reaches the output. A double carries
+      // every probs dtype exactly.
+      const double p = routed ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
+      store_scalar<double>(permuted_probs, probs_code, row, p);
+    }
+  }
+  return row;
+}
+
 // Permute forward (pure byte move) of one block: block t < T takes token t; blocks t >= T zero spare rows
 // (num_out_tokens above the routed count). With src == nullptr it only writes the row map (unpermute(fused=False)
 // rebuilding it). Aligned layout (pad_ranges = row map line T + 1, filled by pad_offsets): routed pair (t, e) among
@@ -320,40 +369,10 @@ __device__ __forceinline__ void scatter_token(
   const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
   int mine = 0;
   for (int e = e_beg; e < e_end; ++e) {
-    int row = -1;  // this pair's permuted row, -1 if none
-    const bool routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
-    if (!drop_and_pad) {
-      if (routed) {
-        const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
-        if (before < n_keep) {
-          // aligned: expert e's rows start where expert e - 1's padding ends
-          row = pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) + (before - tab.start(e)) : before;
-        }
-      }
-    } else {
-      const int start = tab.start(e), count = tab.start(e + 1) - start;
-      if (routed || count < capacity) {  // an unrouted token matters only if the expert has padding slots
-        const int rank = tab.flat_prefix(e, t) - start;  // routed tokens of expert e before t
-        if (routed) {
-          if (rank < capacity) row = static_cast<int>(e * capacity + rank);
-        } else {
-          // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad.
-          const int64_t slot = static_cast<int64_t>(count) + (t - rank);
-          if (slot < capacity) row = static_cast<int>(e * capacity + slot);
-        }
-      }
-    }
-    if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
-    if (row >= 0) {
-      if (sorted_indices) sorted_indices[row] = t;
-      if (permuted_probs) {
-        // probs is read only where the map routes: an off-route NaN never reaches the output. A double carries
-        // every probs dtype exactly.
-        const double p = routed ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
-        store_scalar<double>(permuted_probs, probs_code, row, p);
-      }
-      ++mine;
-    }
+    const int row = place_pair(tab, t, e, num_experts, drop_and_pad, capacity, routing_map, map_bytes, map_st, map_se,
+                               row_map, sorted_indices, probs, probs_code, probs_st, probs_se, permuted_probs, n_keep,
+                               pad_ranges);
+    if (row >= 0) ++mine;
     scratch[e] = row;
   }
   if (!src) return;
@@ -445,6 +464,73 @@ __global__ void __launch_bounds__(kRowThreads)
   scatter_token<VB>(tab, smem + 2 * num_experts + 2, src, src_stride, dst, row_bytes, num_tokens, num_experts, n_rows,
                     drop_and_pad, capacity, routing_map, map_bytes, map_st, map_se, row_map, sorted_indices, probs,
                     probs_code, probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
+}
+
+// permute_warp: permute_scatter's work with a warp a token (kRowThreads / 32 tokens a block) and no block barrier:
+// a warp places its token's pairs 32 experts at a time (lane e0 + lane reads the map, place_pair; a ballot compacts
+// the rows in ascending expert order into the warp's list), then its lanes stride over the row in VB-byte packs, 4
+// in flight a lane, each stored to every row of the list. Blocks past ceil(T / warps) zero spare and padding rows
+// as permute_scatter's do. Same parameters; shared memory: (kRowThreads / 32) * E ints (the warps' row lists).
+template <int VB>
+__global__ void __launch_bounds__(kRowThreads, 10)
+    permute_warp(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
+                 int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+                 const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                 const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
+                 const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                 void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+  using V = typename Vec<VB>::type;
+  constexpr int kWarps = kRowThreads / 32;
+  extern __shared__ int smem[];  // [kWarps][num_experts]: each warp's row list
+  const Tables tab(ws, num_tokens, num_experts);
+  const int64_t total = tab.start(num_experts);
+  const int64_t kept =
+      drop_and_pad ? n_rows : (pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows));
+  const int64_t token_blocks = (num_tokens + kWarps - 1) / kWarps;
+  if (blockIdx.x >= token_blocks) {
+    zero_unowned_rows<VB>(dst, row_bytes, kept, n_rows, blockIdx.x - token_blocks, pad_ranges, num_experts,
+                          sorted_indices, permuted_probs, probs_code);
+    return;
+  }
+  if (blockIdx.x == 0 && row_map) {
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) row_map[num_tokens * num_experts + e] = e == 0 ? kept : 0;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
+  int* rows = smem + warp * num_experts;
+  int n = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += 32) {
+    const int e = e0 + lane;
+    const int row = e < num_experts
+                        ? place_pair(tab, t, e, num_experts, drop_and_pad, capacity, routing_map, map_bytes, map_st,
+                                     map_se, row_map, sorted_indices, probs, probs_code, probs_st, probs_se,
+                                     permuted_probs, n_keep, pad_ranges)
+                        : -1;
+    const uint32_t placed = __ballot_sync(0xffffffffu, row >= 0);
+    if (row >= 0) rows[n + __popc(placed & ((1u << lane) - 1u))] = row;
+    n += __popc(placed);
+  }
+  __syncwarp();  // the list is read by every lane
+  if (!src) return;
+  const int64_t nvec = row_bytes / VB;
+  const V* s = reinterpret_cast<const V*>(src + t * src_stride);
+  constexpr int kUnroll = 4;  // loads in flight per lane before the stores
+  int64_t v = lane;
+  for (; v + (kUnroll - 1) * 32 < nvec; v += kUnroll * 32) {
+    V x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) x[u] = s[v + u * 32];
+    for (int j = 0; j < n; ++j) {
+      V* d = reinterpret_cast<V*>(dst + static_cast<int64_t>(rows[j]) * row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) __stcs(d + v + u * 32, x[u]);  // streaming: no reuse in L2
+    }
+  }
+  for (; v < nvec; v += 32) {
+    const V x = s[v];
+    for (int j = 0; j < n; ++j) __stcs(reinterpret_cast<V*>(dst + static_cast<int64_t>(rows[j]) * row_bytes) + v, x);
+  }
 }
 
 // dst[row] = src[t] for every row of token t in the row map (routed r, padding copy -2 - r); blocks t >= T zero the
@@ -735,7 +821,11 @@ MOE_RAW_ROW_KERNELS(double, 8)
   template __global__ void permute_small<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t, \
                                              int, int64_t, const void*, int, int64_t, int64_t, const int*, int*, \
                                              int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,       \
-                                             const int*);
+                                             const int*);                                                     \
+  template __global__ void permute_warp<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
+                                            int, int64_t, const void*, int, int64_t, int64_t, const int*, int*,  \
+                                            int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,        \
+                                            const int*);
 #define MOE_RAW_SCATTER_ROWS(VB)                                                                                \
   template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
                                             const int*, const int*);

@@ -57,7 +57,7 @@ ROUTER_SHAPES = ((16, 1), (16, 2), (16, 4), (16, 8), (16, 16), (16, 32), (32, 32
 
 def _permute_instances() -> tuple[str, ...]:
     names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>", "moe_raw::pad_offsets<1024>"]
-    names += [f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in _VEC_BYTES]
+    names += [f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small", "warp") for vb in _VEC_BYTES]
     names += [f"moe_raw::scatter_rows<{vb}>" for vb in _VEC_BYTES]
     for dtype, ctype in CTYPES.items():
         size = torch.empty((), dtype=dtype).element_size()
@@ -89,6 +89,7 @@ SIGNATURES = {
         "routing_scan": "Pqi",
         "permute_scatter": "PqPqqiqiqPiqqPPPPiqqPqP",
         "permute_small": "PqPqqiqiqPiqqPPPPiqqPqP",
+        "permute_warp": "PqPqqiqiqPiqqPPPPiqqPqP",
         "gather_reduce": "PqqPqqqiPPPPiqqPiPi",
         "unpermute_bwd": "PqPqPqqqiPPiqqPiP",
         "pad_offsets": "PqiqiPPPP",

@@ -1121,11 +1121,12 @@ def test_no_host_sync_with_num_out_tokens(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# permute_small (one launch, no routing tables) against permute_scatter after the tables: CUDA only.
+# The row kernels against each other, bit for bit: permute_small (small maps, one launch, no tables), permute_warp
+# (a warp a token, the default after the tables) and permute_scatter (a block a token). CUDA only.
 
-# (tokens dtype, T, H, E, K, routing kind, probs dtype, map form, num_out_tokens - T * K, drop_and_pad). All have
-# T * E <= 4096, so permute with num_out_tokens given takes permute_small unless _SMALL_MAP is lowered.
-_SMALL_CASES = [
+# (tokens dtype, T, H, E, K, routing kind, probs dtype, map form, num_out_tokens - T * K, drop_and_pad). The first
+# ten have T * E <= 4096 (permute_small unless _SMALL_MAP is lowered), the rest more.
+_ROW_KERNEL_CASES = [
     (BF16, 16, 1024, 8, 2, "topk", F32, "bool", 0, False),
     (F32, 1, 13, 1, 1, "topk", None, "bool", 0, False),
     (F16, 7, 1001, 64, 8, "sparse", BF16, "int64", 3, False),  # spare rows
@@ -1136,10 +1137,15 @@ _SMALL_CASES = [
     (BF16, 33, 2048, 32, 4, "topk", F32, "bool", -40, True),  # drop_and_pad below capacity
     (F32, 40, 100, 8, 2, "sparse", F32, "transposed", 24, True),  # padding copies of unrouted tokens
     (torch.float8_e4m3fn, 50, 7168, 64, 8, "topk", None, "bool", 0, False),  # 1-byte tokens
+    (BF16, 1027, 7168, 256, 8, "topk", F32, "bool", 0, False),  # DeepSeek-V3's E, K, H; a last block of 3 tokens
+    (F16, 1027, 1001, 64, 8, "sparse", BF16, "int32", 17, False),  # odd rows (2-byte packs), spare rows
+    (F32, 513, 4096, 8, 2, "topk", F32, "transposed", -300, False),  # Mixtral's E, K; dropped tail
+    (BF16, 300, 2048, 100, 6, "empty_expert", F32, "bool", -200, True),  # E = 100: 4 rounds of 32 experts a warp
+    (torch.float8_e4m3fn, 1000, 7168, 256, 8, "topk", None, "bool", 0, False),
 ]
 
 
-def _small_map(rm, form):
+def _map_form(rm, form):
     if form == "strided":  # every other column of a wider map
         wide = torch.zeros(rm.shape[0], 2 * rm.shape[1], dtype=torch.bool, device=rm.device)
         wide[:, ::2] = rm
@@ -1151,15 +1157,14 @@ def _small_map(rm, form):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("case", _SMALL_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-E{c[3]}-{c[7]}-n{c[8]:+d}")
-def test_permute_small_equals_tables(case, monkeypatch):
-    """Every output of permute (fused and unfused) and of unpermute's row map rebuild is bit for bit the same through
-    permute_small as through the routing tables and permute_scatter."""
+@pytest.mark.parametrize("case", _ROW_KERNEL_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-E{c[3]}-{c[7]}-n{c[8]:+d}")
+def test_row_kernels_agree(case, monkeypatch):
+    """Every output of permute (fused and unfused), of unpermute's row map rebuild and of permute_and_pad is bit for
+    bit the same whichever row kernel wrote it: permute_small, permute_warp or permute_scatter."""
     from moe_raw._kernels import dispatch as D
 
     dtype, T, H, E, K, kind, pdtype, form, extra, drop_and_pad = case
-    assert T * E <= D._SMALL_MAP
-    rm = _small_map(make_routing(T, E, K, DEV, kind), form)
+    rm = _map_form(make_routing(T, E, K, DEV, kind), form)
     p = make_probs(rm.bool(), pdtype) if pdtype is not None else None
     x = _randn((T, H), F32, DEV).to(dtype)
     n_out = T * K + extra
@@ -1168,15 +1173,17 @@ def test_permute_small_equals_tables(case, monkeypatch):
         outs = []
         for fused in (False, True):
             outs += moe_raw.permute(x, rm, p, n_out, fused=fused, drop_and_pad=drop_and_pad)
-        outs = [t for t in outs if t is not None]
         outs.append(D._row_map_from_routing(rm, n_out, drop_and_pad))
-        return outs
+        if not drop_and_pad:
+            outs += moe_raw.permute_and_pad(x, rm, p, 16, n_out)
+        return [t for t in outs if t is not None]
 
-    small = run()
-    monkeypatch.setattr(D, "_SMALL_MAP", 0)
-    tables = run()
-    for i, (a, b) in enumerate(zip(small, tables, strict=True)):
-        assert_exact(a, b, f"output {i}: permute_small vs tables")
+    default = run()
+    for small_map, row_kernel in ((0, "warp"), (0, "block")):
+        monkeypatch.setattr(D, "_SMALL_MAP", small_map)
+        monkeypatch.setattr(D, "_ROW_KERNEL", row_kernel)
+        for i, (a, b) in enumerate(zip(run(), default, strict=True)):
+            assert_exact(a, b, f"output {i}: {row_kernel} (small maps {small_map}) vs the default")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -108,36 +108,48 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
     return buf[: num_tokens + lines], ws, buf
 
 
+# The row kernel of a permute with routing tables: "warp" (permute_warp: a warp a token, no block barrier) or
+# "block" (permute_scatter: a block a token, bulk-copy stores on sm_90). Tests set it to compare the two.
+_ROW_KERNEL = "warp"
+_WARPS = _ROW_THREADS // 32  # permute_warp's tokens a block
+
 _SCATTER_NAMES = {
-    (ws, vb): f"moe_raw::permute_{'scatter' if ws else 'small'}<{vb}>"
-    for ws in (True, False)
-    for vb in (16, 8, 4, 2, 1)
+    (way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small", "warp") for vb in (16, 8, 4, 2, 1)
 }
 
 
-def _scatter(tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, blocks, n_keep, capacity, pads):
-    """Launch permute_scatter (kernels/permute.cu) over ``blocks`` blocks: token blocks, then blocks that zero spare
-    and padding rows; ``ws`` 0 (no tables: a map of at most _SMALL_MAP entries) launches permute_small instead.
-    ``tokens`` None writes only the row map / indices / probs (no rows). ``capacity``: rows per expert of
-    drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
+def _scatter(
+    tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, extra_blocks, n_keep, capacity, pads
+):
+    """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
+    padding rows. With ``ws`` (the routing tables' address) permute_warp, or permute_scatter when _ROW_KERNEL is
+    "block"; ``ws`` 0 (no tables: a map of at most _SMALL_MAP entries) permute_small. ``tokens`` None writes only
+    the row map / indices / probs (no rows). ``capacity``: rows per expert of drop_and_pad, None otherwise;
+    ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
     num_tokens, num_experts = routing_map.shape
+    way = ("warp" if _ROW_KERNEL == "warp" else "scatter") if ws else "small"
     src_ptr = src_stride = row_bytes = stage = 0
     vb = 16
     if tokens is not None:
         src = row_view(tokens)
         esize = src.element_size()
         row_bytes, src_stride, src_ptr = src.shape[1] * esize, src.stride()[0] * esize, src.data_ptr()
-        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src_stride, src_ptr, out.data_ptr()))
-        if vb == 16:  # the kernel's 128-aligned stage of up to 16 KiB of the row (bulk copies)
-            stage = 128 + min(row_bytes, _STAGE_BYTES)
+        vb = _vec_bytes(1, row_bytes, src_stride, src_ptr, out.data_ptr())
+        if way != "warp":
+            vb = _scatter_vec_bytes(vb)
+            if vb == 16:  # the kernel's 128-aligned stage of up to 16 KiB of the row (bulk copies)
+                stage = 128 + min(row_bytes, _STAGE_BYTES)
+    if way == "warp":
+        blocks, shared = cdiv(num_tokens, _WARPS) + extra_blocks, 4 * _WARPS * num_experts  # the warps' row lists
+    else:  # permute_small's counts in front, the row list and scratch, then the stage
+        blocks, shared = num_tokens + extra_blocks, (0 if ws else 8 * num_experts + 8) + 8 * num_experts + stage
     map_st, map_se = routing_map.stride()
     launch(
-        "permute", _SCATTER_NAMES[ws != 0, vb], routing_map.device, blocks, _ROW_THREADS,
+        "permute", _SCATTER_NAMES[way, vb], routing_map.device, blocks, _ROW_THREADS,
         (src_ptr, src_stride, ptr(out), row_bytes, num_tokens, num_experts, n_rows, int(capacity is not None),
          capacity or 0, routing_map.data_ptr(), routing_map.element_size(), map_st, map_se, ws, row_map.data_ptr(),
          ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads)),
-        # permute_small's counts in front, the row list and scratch, then the stage
-        shared_mem=(0 if ws else 8 * num_experts + 8) + 8 * num_experts + stage,
+        shared_mem=shared,
     )  # fmt: skip
 
 
@@ -166,7 +178,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     indices = torch.empty(n_rows, dtype=torch.int64, device=dev) if want_indices else None
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
     src = tokens if want_rows else None
-    _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, num_tokens + tail_blocks, n_rows,
+    _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, tail_blocks, n_rows,
              capacity if drop_and_pad else None, None)  # fmt: skip
     return out, pprobs, row_map, indices
 
@@ -355,8 +367,8 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
         n_rows = num_out_tokens + num_experts * (align - 1)  # the worst case: every expert pads align - 1 rows
     out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev)
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
-    blocks = num_tokens + cdiv(n_rows, _TAIL_ROWS) + num_experts  # tokens, spare rows, each expert's padding
-    _scatter(tokens, out, routing_map, ws, row_map, None, probs, pprobs, n_rows, blocks, n_keep, None,
+    extra_blocks = cdiv(n_rows, _TAIL_ROWS) + num_experts  # spare rows, each expert's padding
+    _scatter(tokens, out, routing_map, ws, row_map, None, probs, pprobs, n_rows, extra_blocks, n_keep, None,
              row_map[num_tokens + 1])  # fmt: skip
     return out, pprobs, row_map, counts[0], counts[1]
 
