@@ -571,16 +571,17 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// o[v] = sum_j weight(j) * rows[row(j)][v] over j < n, in ascending j (fp32 / fp64), for this thread's packs v.
+// o[v] = sum_j weight(j) * rows[row(j)][v] over j < n, in ascending j (fp32 / fp64), for this thread's packs v;
+// first, step: the block's threads (threadIdx.x, blockDim.x) or a warp's lanes (lane, 32).
 template <typename T, int VB, typename RowFn, typename WeightFn>
 __device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t rows_stride,
                                          typename Vec<VB>::type* __restrict__ o, int64_t hidden, int n, RowFn row,
-                                         WeightFn weight) {
+                                         WeightFn weight, int first, int step) {
   using A = typename Acc<T>::type;
   using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   const int64_t nvec = hidden / P::N;
-  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+  for (int64_t v = first; v < nvec; v += step) {
     A acc[P::N];
 #pragma unroll
     for (int i = 0; i < P::N; ++i) acc[i] = A(0);
@@ -613,6 +614,30 @@ __device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t row
   }
 }
 
+// Pair (t, e) of a row-map gather: the row summed into token t (-1 if none) and its weight *w (probs[t, e], or 1),
+// with dprobs[t, e] written when asked (g_pprobs[row] for routed pairs, 0 elsewhere).
+template <typename A>
+__device__ __forceinline__ int gather_pair(int64_t t, int e, int num_experts, int64_t n_rows,
+                                           const int* __restrict__ row_map, const void* __restrict__ probs,
+                                           int probs_code, int64_t probs_st, int64_t probs_se,
+                                           const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs,
+                                           int dprobs_code, A* w) {
+  int row = -1;
+  const int code = row_map[t * num_experts + e];
+  const bool routed = code >= 0 && code < n_rows;
+  if (routed) {
+    row = code;
+    if (probs) *w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
+  } else if (code <= -2 && !probs && -2 - static_cast<int64_t>(code) < n_rows) {
+    row = -2 - code;  // padding rows count only in an unweighted sum (the seed's scatter_add)
+  }
+  if (dprobs) {
+    const A g = routed ? load_scalar<A>(g_pprobs, g_code, code) : A(0);
+    store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, g);
+  }
+  return row;
+}
+
 // out[t] = sum_j w_j * rows[row_j] over token t's rows (fp32 / fp64 accumulation, ascending expert order).
 // Row list from the row map (routed rows weighted by probs if given, else routed and padding rows with weight 1),
 // or from a CSR list (csr_ptr [T + 1], csr_rows) of an arbitrary sorted_indices (weight 1).
@@ -637,20 +662,9 @@ __global__ void __launch_bounds__(kRowThreads)
       const int e = e0 + threadIdx.x;
       int row = -1;
       A w = A(1);
-      if (e < num_experts) {
-        const int code = row_map[t * num_experts + e];
-        const bool routed = code >= 0 && code < n_rows;
-        if (routed) {
-          row = code;
-          if (probs) w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
-        } else if (code <= -2 && !probs && -2 - static_cast<int64_t>(code) < n_rows) {
-          row = -2 - code;  // padding rows count only in an unweighted sum (the seed's scatter_add)
-        }
-        if (dprobs) {
-          const A g = routed ? load_scalar<A>(g_pprobs, g_code, code) : A(0);
-          store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, g);
-        }
-      }
+      if (e < num_experts)
+        row = gather_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st, probs_se, g_pprobs, g_code,
+                          dprobs, dprobs_code, &w);
       int count;
       const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
       if (row >= 0) {
@@ -668,10 +682,63 @@ __global__ void __launch_bounds__(kRowThreads)
   V* o = reinterpret_cast<V*>(out + t * out_stride);
   if (row_map) {
     sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },
-                    [&](int j) { return list_w[j]; });
+                    [&](int j) { return list_w[j]; }, threadIdx.x, blockDim.x);
   } else {
     sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[csr_beg + j]; },
-                    [](int) { return A(1); });
+                    [](int) { return A(1); }, threadIdx.x, blockDim.x);
+  }
+}
+
+// gather_reduce with a warp a token (kRowThreads / 32 tokens a block) and no block barrier: the warp builds its
+// token's row list 32 experts at a time (gather_pair, a ballot keeps ascending expert order), then its lanes sum the
+// rows over their packs: the same sums in the same order, so the same bits. Same parameters; shared memory: each
+// warp's row list ((E + 1) & ~1 ints) for the 4 warps, then their weight lists (E accumulators each).
+template <typename T, int VB>
+__global__ void __launch_bounds__(kRowThreads)
+    gather_warp(const T* __restrict__ rows, int64_t rows_stride, int64_t n_rows, T* __restrict__ out,
+                int64_t out_stride, int64_t hidden, int64_t num_tokens, int num_experts, const int* __restrict__ row_map,
+                const int64_t* __restrict__ csr_ptr, const int64_t* __restrict__ csr_rows,
+                const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs, int dprobs_code) {
+  using A = typename Acc<T>::type;
+  using V = typename Vec<VB>::type;
+  constexpr int kWarps = kRowThreads / 32;
+  extern __shared__ int smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
+  const int list_ints = (num_experts + 1) & ~1;
+  int* list_rows = smem + warp * list_ints;
+  A* list_w = reinterpret_cast<A*>(smem + kWarps * list_ints) + warp * num_experts;
+  int n = 0;
+  int64_t csr_beg = 0;
+  if (row_map) {
+    for (int e0 = 0; e0 < num_experts; e0 += 32) {
+      const int e = e0 + lane;
+      A w = A(1);
+      const int row = e < num_experts ? gather_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st,
+                                                    probs_se, g_pprobs, g_code, dprobs, dprobs_code, &w)
+                                      : -1;
+      const uint32_t listed = __ballot_sync(0xffffffffu, row >= 0);
+      if (row >= 0) {
+        const int pos = n + __popc(listed & ((1u << lane) - 1u));
+        list_rows[pos] = row;
+        list_w[pos] = w;
+      }
+      n += __popc(listed);
+    }
+    __syncwarp();  // the lists are read by every lane
+  } else {
+    csr_beg = csr_ptr[t];
+    n = static_cast<int>(csr_ptr[t + 1] - csr_beg);
+  }
+  V* o = reinterpret_cast<V*>(out + t * out_stride);
+  if (row_map) {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },
+                    [&](int j) { return list_w[j]; }, lane, 32);
+  } else {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[csr_beg + j]; },
+                    [](int) { return A(1); }, lane, 32);
   }
 }
 
@@ -795,6 +862,9 @@ template __global__ void pad_offsets<1024>(const int*, int64_t, int, int64_t, in
   template __global__ void gather_reduce<T, VB>(const T*, int64_t, int64_t, T*, int64_t, int64_t, int64_t, int,\
                                                 const int*, const int64_t*, const int64_t*, const void*, int,  \
                                                 int64_t, int64_t, const void*, int, void*, int);               \
+  template __global__ void gather_warp<T, VB>(const T*, int64_t, int64_t, T*, int64_t, int64_t, int64_t, int,  \
+                                              const int*, const int64_t*, const int64_t*, const void*, int,    \
+                                              int64_t, int64_t, const void*, int, void*, int);                 \
   template __global__ void unpermute_bwd<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t,    \
                                                 int64_t, int, const int*, const void*, int, int64_t, int64_t,  \
                                                 void*, int, const int*);

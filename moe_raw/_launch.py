@@ -63,7 +63,8 @@ def _permute_instances() -> tuple[str, ...]:
         size = torch.empty((), dtype=dtype).element_size()
         for vb in _VEC_BYTES:
             if vb >= size:
-                names += [f"moe_raw::gather_reduce<{ctype}, {vb}>", f"moe_raw::unpermute_bwd<{ctype}, {vb}>"]
+                names += [f"moe_raw::gather_{way}<{ctype}, {vb}>" for way in ("reduce", "warp")]
+                names.append(f"moe_raw::unpermute_bwd<{ctype}, {vb}>")
     return tuple(names)
 
 
@@ -91,6 +92,7 @@ SIGNATURES = {
         "permute_small": "PqPqqiqiqPiqqPPPPiqqPqP",
         "permute_warp": "PqPqqiqiqPiqqPPPPiqqPqP",
         "gather_reduce": "PqqPqqqiPPPPiqqPiPi",
+        "gather_warp": "PqqPqqqiPPPPiqqPiPi",
         "unpermute_bwd": "PqPqPqqqiPPiqqPiP",
         "pad_offsets": "PqiqiPPPP",
         "scatter_rows": "PqPqqiqPP",

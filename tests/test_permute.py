@@ -1122,7 +1122,8 @@ def test_no_host_sync_with_num_out_tokens(path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The row kernels against each other, bit for bit: permute_small (small maps, one launch, no tables), permute_warp
-# (a warp a token, the default after the tables) and permute_scatter (a block a token). CUDA only.
+# (a warp a token, the default after the tables) and permute_scatter (a block a token); gather_warp (a warp a token,
+# the default) and gather_reduce (a block a token). CUDA only.
 
 # (tokens dtype, T, H, E, K, routing kind, probs dtype, map form, num_out_tokens - T * K, drop_and_pad). The first
 # ten have T * E <= 4096 (permute_small unless _SMALL_MAP is lowered), the rest more.
@@ -1159,8 +1160,9 @@ def _map_form(rm, form):
 @needs_cuda
 @pytest.mark.parametrize("case", _ROW_KERNEL_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-E{c[3]}-{c[7]}-n{c[8]:+d}")
 def test_row_kernels_agree(case, monkeypatch):
-    """Every output of permute (fused and unfused), of unpermute's row map rebuild and of permute_and_pad is bit for
-    bit the same whichever row kernel wrote it: permute_small, permute_warp or permute_scatter."""
+    """Every output of permute (fused and unfused), of unpermute's row map rebuild, of permute_and_pad, of unpermute
+    (row map and CSR) and of permute's backward is bit for bit the same whichever row kernels ran: permute_small,
+    permute_warp or permute_scatter; gather_warp or gather_reduce."""
     from moe_raw._kernels import dispatch as D
 
     dtype, T, H, E, K, kind, pdtype, form, extra, drop_and_pad = case
@@ -1169,6 +1171,11 @@ def test_row_kernels_agree(case, monkeypatch):
     x = _randn((T, H), F32, DEV).to(dtype)
     n_out = T * K + extra
 
+    arithmetic = dtype in (F32, F16, BF16)  # unpermute and gradients: float tokens only
+    n_rows = E * min(n_out // E, T) if drop_and_pad else n_out
+    g_rows = _randn((n_rows, H), F32, DEV).to(dtype) if arithmetic else None
+    g_probs = torch.randn(n_rows, device=DEV).to(p.dtype) if p is not None else None
+
     def run():
         outs = []
         for fused in (False, True):
@@ -1176,6 +1183,18 @@ def test_row_kernels_agree(case, monkeypatch):
         outs.append(D._row_map_from_routing(rm, n_out, drop_and_pad))
         if not drop_and_pad:
             outs += moe_raw.permute_and_pad(x, rm, p, 16, n_out)
+        if arithmetic:  # the gathers: unpermute (row map, and CSR without a map) and permute's backward
+            rows, _, row_map = moe_raw.permute(x, rm, p, n_out, fused=True, drop_and_pad=drop_and_pad)
+            outs.append(moe_raw.unpermute(rows, row_map, (T, H), p, fused=True, drop_and_pad=drop_and_pad))
+            rows, _, index = moe_raw.permute(x, rm, None, n_out, drop_and_pad=drop_and_pad)
+            outs.append(moe_raw.unpermute(rows, index, (T, H), drop_and_pad=drop_and_pad))
+            xg = x.clone().requires_grad_()
+            pg = p.clone().requires_grad_() if p is not None else None
+            rows, p_rows, _ = moe_raw.permute(xg, rm, pg, n_out, fused=True, drop_and_pad=drop_and_pad)
+            torch.autograd.backward(
+                [rows, p_rows] if pg is not None else [rows], [g_rows, g_probs][: 1 + (pg is not None)]
+            )
+            outs += [xg.grad, pg.grad if pg is not None else None]
         return [t for t in outs if t is not None]
 
     default = run()

@@ -108,10 +108,10 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
     return buf[: num_tokens + lines], ws, buf
 
 
-# The row kernel of a permute with routing tables: "warp" (permute_warp: a warp a token, no block barrier) or
-# "block" (permute_scatter: a block a token, bulk-copy stores on sm_90). Tests set it to compare the two.
+# The row kernels: "warp" (permute_warp after the routing tables, gather_warp: a warp a token, no block barrier) or
+# "block" (permute_scatter, a block a token with bulk-copy stores on sm_90; gather_reduce). Tests set it to compare.
 _ROW_KERNEL = "warp"
-_WARPS = _ROW_THREADS // 32  # permute_warp's tokens a block
+_WARPS = _ROW_THREADS // 32  # tokens a block of permute_warp and gather_warp
 
 _SCATTER_NAMES = {
     (way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small", "warp") for vb in (16, 8, 4, 2, 1)
@@ -198,7 +198,10 @@ def _acc_size(dtype: torch.dtype) -> int:
 
 
 _GATHER_NAMES = {
-    (dtype, vb): f"moe_raw::gather_reduce<{ctype}, {vb}>" for dtype, ctype in CTYPES.items() for vb in (16, 8, 4, 2, 1)
+    (way, dtype, vb): f"moe_raw::gather_{way}<{ctype}, {vb}>"
+    for way in ("reduce", "warp")
+    for dtype, ctype in CTYPES.items()
+    for vb in (16, 8, 4, 2, 1)
 }
 
 
@@ -228,10 +231,15 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
         out = torch.empty((num_tokens, hidden), dtype=dtype, device=dev)
         rows_stride = rows.stride()[0]
         vb = _vec_bytes(esize, hidden * esize, rows_stride * esize, rows.data_ptr(), out.data_ptr())
-    smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
+    # the row list and weights (gather_warp: one of each a warp, row lists first)
+    smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
+    if _ROW_KERNEL == "warp":
+        way, blocks, smem = "warp", cdiv(num_tokens, _WARPS), _WARPS * smem + _SMEM_SLACK
+    else:
+        way, blocks, smem = "reduce", num_tokens, smem + _SMEM_SLACK
     csr_ptr, csr_rows = csr if csr else (None, None)
     launch(
-        "permute", _GATHER_NAMES[dtype, vb], dev, num_tokens, _ROW_THREADS,
+        "permute", _GATHER_NAMES[way, dtype, vb], dev, blocks, _ROW_THREADS,
         (ptr(rows), rows_stride, n_rows, ptr(out), hidden, hidden, num_tokens, num_experts, ptr(row_map),
          ptr(csr_ptr), ptr(csr_rows), *_scalar_args(probs),
          ptr(g_pprobs), (SCALAR_CODE[g_pprobs.dtype] if g_pprobs is not None else 0),
