@@ -694,7 +694,7 @@ __global__ void __launch_bounds__(kRowThreads)
 // rows over their packs: the same sums in the same order, so the same bits. Same parameters; shared memory: each
 // warp's row list ((E + 1) & ~1 ints) for the 4 warps, then their weight lists (E accumulators each).
 template <typename T, int VB>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, 12)
     gather_warp(const T* __restrict__ rows, int64_t rows_stride, int64_t n_rows, T* __restrict__ out,
                 int64_t out_stride, int64_t hidden, int64_t num_tokens, int num_experts, const int* __restrict__ row_map,
                 const int64_t* __restrict__ csr_ptr, const int64_t* __restrict__ csr_rows,
@@ -742,6 +742,28 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// Pair (t, e) of unpermute's backward: the row it wrote (-1 if none), its weight *w (probs[t, e] for a routed row,
+// or 1 without probs; a padding row 1 without probs, 0 with them) and whether it is routed (only routed pairs get
+// a probs gradient); dprobs[t, e] zeroed when asked (routed pairs are overwritten with their dot product).
+template <typename A>
+__device__ __forceinline__ int bwd_pair(int64_t t, int e, int num_experts, int64_t n_rows,
+                                        const int* __restrict__ row_map, const void* __restrict__ probs,
+                                        int probs_code, int64_t probs_st, int64_t probs_se, void* __restrict__ dprobs,
+                                        int dprobs_code, A* w, bool* routed) {
+  int row = -1;
+  const int code = row_map[t * num_experts + e];
+  if (code >= 0 && code < n_rows) {
+    row = code;
+    *routed = true;
+    if (probs) *w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
+  } else if (code <= -2 && -2 - static_cast<int64_t>(code) < n_rows) {
+    row = -2 - code;
+    *w = probs ? A(0) : A(1);  // a padding row adds nothing to a weighted sum, so its gradient is 0
+  }
+  if (dprobs) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, A(0));
+  return row;
+}
+
 // Unpermute backward, one block per token t (blocks >= T zero spare rows):
 //   d_rows[row] = g[t] * w  (w = probs[t, e] for routed rows, or 1 without probs; padding rows get g[t] without
 //   probs and 0 with them), and with dprobs: dprobs[t, e] = dot(g[t], rows[row]) for routed pairs, 0 elsewhere.
@@ -774,18 +796,9 @@ __global__ void __launch_bounds__(kRowThreads)
     int row = -1;
     bool routed = false;
     A w = A(1);
-    if (e < num_experts) {
-      const int code = row_map[t * num_experts + e];
-      if (code >= 0 && code < n_rows) {
-        row = code;
-        routed = true;
-        if (probs) w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
-      } else if (code <= -2 && -2 - static_cast<int64_t>(code) < n_rows) {
-        row = -2 - code;
-        w = probs ? A(0) : A(1);  // a padding row adds nothing to a weighted sum, so its gradient is 0
-      }
-      if (dprobs) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, A(0));  // routed pairs overwrite below
-    }
+    if (e < num_experts)
+      row = bwd_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st, probs_se, dprobs, dprobs_code,
+                     &w, &routed);
     int count;
     const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
     if (row >= 0) {
@@ -850,6 +863,104 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+
+// unpermute_bwd with a warp a token (kRowThreads / 32 tokens a block) and no block barrier: the warp lists its
+// token's rows 32 experts at a time (bwd_pair, a ballot), its lanes write d_rows over their packs (the same products,
+// the same bits as unpermute_bwd) and sum each dot product's lane partials by a warp butterfly (a fixed order, so
+// deterministic; not unpermute_bwd's order, so dprobs may differ from it in the last bits). Blocks past ceil(T / 4)
+// zero spare and padding rows. Same parameters; shared memory: each warp's rows and experts ((E + 1) & ~1 ints
+// each) for the 4 warps, then their weights (E accumulators each).
+template <typename T, int VB>
+__global__ void __launch_bounds__(kRowThreads, 10)
+    unpermute_bwd_warp(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ rows, int64_t rows_stride,
+                       T* __restrict__ d_rows, int64_t n_rows, int64_t hidden, int64_t num_tokens, int num_experts,
+                       const int* __restrict__ row_map, const void* __restrict__ probs, int probs_code,
+                       int64_t probs_st, int64_t probs_se, void* __restrict__ dprobs, int dprobs_code,
+                       const int* __restrict__ pad_ranges) {
+  using A = typename Acc<T>::type;
+  using P = Pack<T, VB>;
+  using V = typename Vec<VB>::type;
+  constexpr int kGroup = 8;  // dot products summed per pass over the row
+  constexpr int kWarps = kRowThreads / 32;
+  extern __shared__ int smem[];
+  const int64_t token_blocks = (num_tokens + kWarps - 1) / kWarps;
+  if (blockIdx.x >= token_blocks) {
+    zero_unowned_rows<VB>(reinterpret_cast<uint8_t*>(d_rows), hidden * static_cast<int64_t>(sizeof(T)),
+                          row_map[num_tokens * num_experts], n_rows, blockIdx.x - token_blocks, pad_ranges,
+                          num_experts, nullptr, nullptr, 0);
+    return;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
+  const int list_ints = (num_experts + 1) & ~1;
+  int* list_rows = smem + 2 * warp * list_ints;
+  int* list_e = list_rows + list_ints;
+  A* list_w = reinterpret_cast<A*>(smem + 2 * kWarps * list_ints) + warp * num_experts;
+  int n = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += 32) {
+    const int e = e0 + lane;
+    bool routed = false;
+    A w = A(1);
+    const int row = e < num_experts ? bwd_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st,
+                                               probs_se, dprobs, dprobs_code, &w, &routed)
+                                    : -1;
+    const uint32_t listed = __ballot_sync(0xffffffffu, row >= 0);
+    if (row >= 0) {
+      const int pos = n + __popc(listed & ((1u << lane) - 1u));
+      list_rows[pos] = row;
+      list_w[pos] = w;
+      list_e[pos] = routed ? e : -1;
+    }
+    n += __popc(listed);
+  }
+  __syncwarp();  // the lists are read by every lane
+  const int64_t nvec = hidden / P::N;
+  const V* gv = reinterpret_cast<const V*>(g + t * g_stride);
+  for (int j0 = 0; j0 < n; j0 += kGroup) {
+    const int m = min(kGroup, n - j0);
+    A dot[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) dot[k] = A(0);
+    for (int64_t v = lane; v < nvec; v += 32) {
+      P x;
+      x.raw = gv[v];
+      A gx[P::N];
+#pragma unroll
+      for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        if (k < m) {
+          const int64_t r = list_rows[j0 + k];
+          const A w = list_w[j0 + k];
+          if (dprobs && list_e[j0 + k] >= 0) {
+            P y;
+            y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
+#pragma unroll
+            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
+          }
+          P d;
+#pragma unroll
+          for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
+          reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
+        }
+      }
+    }
+    if (dprobs) {
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        A s = dot[k];
+#pragma unroll
+        for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+        if (lane == k && k < m) {
+          const int e = list_e[j0 + k];
+          if (e >= 0) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, s);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace moe_raw
 
 #ifdef MOE_RAW_NVCC_CHECK
@@ -867,7 +978,10 @@ template __global__ void pad_offsets<1024>(const int*, int64_t, int, int64_t, in
                                               int64_t, int64_t, const void*, int, void*, int);                 \
   template __global__ void unpermute_bwd<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t,    \
                                                 int64_t, int, const int*, const void*, int, int64_t, int64_t,  \
-                                                void*, int, const int*);
+                                                void*, int, const int*);                                       \
+  template __global__ void unpermute_bwd_warp<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t,        \
+                                                     int64_t, int64_t, int, const int*, const void*, int,      \
+                                                     int64_t, int64_t, void*, int, const int*);
 // Every instance moe_raw/_launch.py KERNELS["permute"] names (tests/test_support_matrix.py checks the two agree):
 // each dtype with every pack of 16, 8, 4, 2, 1 bytes that holds whole elements.
 MOE_RAW_ROW_KERNELS(float, 16)

@@ -64,7 +64,7 @@ def _permute_instances() -> tuple[str, ...]:
         for vb in _VEC_BYTES:
             if vb >= size:
                 names += [f"moe_raw::gather_{way}<{ctype}, {vb}>" for way in ("reduce", "warp")]
-                names.append(f"moe_raw::unpermute_bwd<{ctype}, {vb}>")
+                names += [f"moe_raw::unpermute_bwd{way}<{ctype}, {vb}>" for way in ("", "_warp")]
     return tuple(names)
 
 
@@ -94,6 +94,7 @@ SIGNATURES = {
         "gather_reduce": "PqqPqqqiPPPPiqqPiPi",
         "gather_warp": "PqqPqqqiPPPPiqqPiPi",
         "unpermute_bwd": "PqPqPqqqiPPiqqPiP",
+        "unpermute_bwd_warp": "PqPqPqqqiPPiqqPiP",
         "pad_offsets": "PqiqiPPPP",
         "scatter_rows": "PqPqqiqPP",
     },

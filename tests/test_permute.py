@@ -1122,8 +1122,8 @@ def test_no_host_sync_with_num_out_tokens(path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The row kernels against each other, bit for bit: permute_small (small maps, one launch, no tables), permute_warp
-# (a warp a token, the default after the tables) and permute_scatter (a block a token); gather_warp (a warp a token,
-# the default) and gather_reduce (a block a token). CUDA only.
+# (a warp a token, the default after the tables) and permute_scatter (a block a token); gather_warp and
+# unpermute_bwd_warp (a warp a token, the defaults) and gather_reduce and unpermute_bwd (a block a token). CUDA only.
 
 # (tokens dtype, T, H, E, K, routing kind, probs dtype, map form, num_out_tokens - T * K, drop_and_pad). The first
 # ten have T * E <= 4096 (permute_small unless _SMALL_MAP is lowered), the rest more.
@@ -1161,8 +1161,9 @@ def _map_form(rm, form):
 @pytest.mark.parametrize("case", _ROW_KERNEL_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-E{c[3]}-{c[7]}-n{c[8]:+d}")
 def test_row_kernels_agree(case, monkeypatch):
     """Every output of permute (fused and unfused), of unpermute's row map rebuild, of permute_and_pad, of unpermute
-    (row map and CSR) and of permute's backward is bit for bit the same whichever row kernels ran: permute_small,
-    permute_warp or permute_scatter; gather_warp or gather_reduce."""
+    (row map and CSR), of permute's backward and unpermute's rows gradient is bit for bit the same whichever row
+    kernels ran: permute_small, permute_warp or permute_scatter; gather_warp or gather_reduce; unpermute_bwd_warp or
+    unpermute_bwd. unpermute's probs gradient (dot products summed in each kernel's order) within H fp32 roundings."""
     from moe_raw._kernels import dispatch as D
 
     dtype, T, H, E, K, kind, pdtype, form, extra, drop_and_pad = case
@@ -1175,9 +1176,12 @@ def test_row_kernels_agree(case, monkeypatch):
     n_rows = E * min(n_out // E, T) if drop_and_pad else n_out
     g_rows = _randn((n_rows, H), F32, DEV).to(dtype) if arithmetic else None
     g_probs = torch.randn(n_rows, device=DEV).to(p.dtype) if p is not None else None
+    g_out = _randn((T, H), F32, DEV).to(dtype) if arithmetic else None
+    dots = []  # unpermute's probs gradients: dot products, summed in another order by each backward kernel
 
     def run():
         outs = []
+        dots.clear()
         for fused in (False, True):
             outs += moe_raw.permute(x, rm, p, n_out, fused=fused, drop_and_pad=drop_and_pad)
         outs.append(D._row_map_from_routing(rm, n_out, drop_and_pad))
@@ -1195,14 +1199,26 @@ def test_row_kernels_agree(case, monkeypatch):
                 [rows, p_rows] if pg is not None else [rows], [g_rows, g_probs][: 1 + (pg is not None)]
             )
             outs += [xg.grad, pg.grad if pg is not None else None]
+            rows = rows.detach().requires_grad_()  # unpermute's backward: d rows exact, d probs close
+            pu = p.clone().requires_grad_() if p is not None else None
+            moe_raw.unpermute(rows, row_map, (T, H), pu, fused=True, drop_and_pad=drop_and_pad).backward(g_out)
+            outs.append(rows.grad)
+            if pu is not None:
+                dots.append(pu.grad)
         return [t for t in outs if t is not None]
 
     default = run()
+    default_dots = list(dots)
     for small_map, row_kernel in ((0, "warp"), (0, "block")):
         monkeypatch.setattr(D, "_SMALL_MAP", small_map)
         monkeypatch.setattr(D, "_ROW_KERNEL", row_kernel)
         for i, (a, b) in enumerate(zip(run(), default, strict=True)):
             assert_exact(a, b, f"output {i}: {row_kernel} (small maps {small_map}) vs the default")
+        for a, b in zip(dots, default_dots, strict=True):  # H products a dot: each order within H fp32 roundings
+            bound = 2 * torch.finfo(b.dtype).eps * b.abs().max().item() + H * EPS32 * g_out.abs().max().item() * (
+                x.float().abs().max().item()
+            )
+            assert (a.double() - b.double()).abs().max().item() <= bound, f"d probs: {row_kernel} vs the default"
 
 
 # ----------------------------------------------------------------------------------------------------------------

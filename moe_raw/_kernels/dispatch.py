@@ -108,10 +108,11 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
     return buf[: num_tokens + lines], ws, buf
 
 
-# The row kernels: "warp" (permute_warp after the routing tables, gather_warp: a warp a token, no block barrier) or
-# "block" (permute_scatter, a block a token with bulk-copy stores on sm_90; gather_reduce). Tests set it to compare.
+# The row kernels: "warp" (permute_warp after the routing tables, gather_warp, unpermute_bwd_warp: a warp a token,
+# no block barrier) or "block" (permute_scatter, a block a token with bulk-copy stores on sm_90; gather_reduce,
+# unpermute_bwd). Tests set it to compare the two.
 _ROW_KERNEL = "warp"
-_WARPS = _ROW_THREADS // 32  # tokens a block of permute_warp and gather_warp
+_WARPS = _ROW_THREADS // 32  # tokens a block of the warp kernels
 
 _SCATTER_NAMES = {
     (way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small", "warp") for vb in (16, 8, 4, 2, 1)
@@ -266,15 +267,20 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     if rows is not None:
         quantities += [rows.stride(0) * esize, rows.data_ptr()]
     vb = _vec_bytes(esize, *quantities)
-    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
+    # the row, expert and weight lists (unpermute_bwd_warp: a set a warp)
+    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
+    extra_blocks = cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0)
+    if _ROW_KERNEL == "warp":
+        name, blocks, smem = "unpermute_bwd_warp", cdiv(num_tokens, _WARPS), _WARPS * smem
+    else:
+        name, blocks = "unpermute_bwd", num_tokens
     launch(
-        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev,
-        num_tokens + cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
+        "permute", f"moe_raw::{name}<{CTYPES[dtype]}, {vb}>", dev, blocks + extra_blocks, _ROW_THREADS,
         (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
          (n_rows), (hidden), (num_tokens), (num_experts), ptr(row_map), *_scalar_args(probs),
          ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0),
          (row_map[num_tokens + 1].data_ptr() if aligned else 0)),
-        shared_mem=smem,
+        shared_mem=smem + _SMEM_SLACK,
     )  # fmt: skip
     return d_rows, dprobs
 
