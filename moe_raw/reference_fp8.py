@@ -209,7 +209,8 @@ def _to_fp8(q32: torch.Tensor, fp8_dtype) -> torch.Tensor:
 
 def _fp32_scale(amax: torch.Tensor, fp8_max: float) -> torch.Tensor:
     """Step 2 of "rowwise" / "blockwise": amax / fp8_max, 1 for amax 0, 2^-149 where a nonzero amax underflows."""
-    scale = amax / fp8_max
+    # a tensor divisor: torch's CUDA div by a Python scalar multiplies by its reciprocal (off by an ulp for many amax)
+    scale = amax / torch.full_like(amax, fp8_max)
     one, tiny, nan = torch.ones_like(scale), torch.full_like(scale, TINY), torch.full_like(scale, float("nan"))
     scale = torch.where(amax == 0, one, torch.where(scale == 0, tiny, scale))
     return torch.where(torch.isnan(scale), nan, scale)  # one NaN bit pattern (0x7FC00000), whatever x's NaN was

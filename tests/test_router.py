@@ -14,6 +14,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICES, ON_CUDA, assert_close_2x
 
 import moe_raw
@@ -136,9 +137,17 @@ def test_aux_loss_scores_match_the_transcription(device, score_function, dtype):
         w = torch.linspace(-1, 1, scores.numel(), dtype=torch.float64, device=device).view(scores.shape)
         return routing_map, scores.detach(), torch.autograd.grad((scores.double() * w).sum(), x)[0]
 
+    def scores64(x, topk, fn, padding_mask):
+        """The scores in fp64 throughout (the transcription computes in fp32 whatever the logits' dtype, so its run
+        on fp64 logits is no fp64 oracle); no map (the test takes it from the transcription)."""
+        x = x.double()
+        s = torch.softmax(x, -1) if fn == "softmax" else (x.sigmoid() if fn == "sigmoid" else F.softplus(x).sqrt())
+        s = s if fn == "softmax" else s / (s.sum(-1, keepdim=True) + 1e-20)
+        return None, s * (~padding_mask).unsqueeze(-1)
+
     got = run(moe_raw.compute_routing_scores_for_aux_loss, logits)
     same = run(R.compute_routing_scores_for_aux_loss, logits)
-    ref64 = run(R.compute_routing_scores_for_aux_loss, logits.double())
+    ref64 = run(scores64, logits.double())
     assert torch.equal(got[0], same[0]) and got[0].dtype == torch.bool
     assert not got[0][padding].any() and int(got[0].sum()) == 3 * int((~padding).sum())
     assert got[1].dtype == torch.float32
