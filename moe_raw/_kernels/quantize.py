@@ -8,6 +8,7 @@ from moe_raw._launch import launch, ptr
 
 RECIPE_CODE = {"rowwise": 0, "blockwise": 1, "mxfp8": 2}  # kernels/quantize.cu Recipe
 _THREADS = 256  # kernels/quantize.cu kQuantThreads
+_SPARE_BLOCKS = 1024  # quantize_fill blocks striding over the spare rows (their count is known only on the device)
 _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
 
@@ -37,7 +38,8 @@ def quantize_rows(tokens, row_map, num_rows, recipe, fp8_dtype, fp8_max, emax, g
         )  # fmt: skip
     if num_rows:
         launch(
-            "quantize", f"moe_raw::quantize_fill<{_THREADS}>", dev, (min(num_rows, 4096), 1 + num_experts), _THREADS,
+            "quantize", f"moe_raw::quantize_fill<{_THREADS}>", dev,
+            min(num_rows, _SPARE_BLOCKS) + (num_experts if aligned else 0), _THREADS,
             (ptr(codes), ptr(scales), hidden, groups, code, num_rows, ptr(row_map), num_tokens, num_experts,
              int(aligned)),
         )  # fmt: skip
