@@ -18,7 +18,8 @@ Options:
             trip) + sort_chunks (sort_chunks_by_idxs) + topk (permute_topk / unpermute_topk) + pad (permute_and_pad,
             permute_with_row_map); swiglu = swiglu + weighted_swiglu + weighted_swiglu_back. fp8 =
             permute_quantized, every recipe, at DeepSeek-V3 / Qwen3-30B-A3B beside moe_raw.permute + a torch
-            quantize pass, eager and torch.compile'd (bench/bench_fp8.py; not in the permute group). router =
+            quantize pass, eager and torch.compile'd, and the FP8 expert up-projection of examples/ against bf16
+            (bench/bench_fp8.py; not in the permute group). router =
             topk_routing_with_score_function fwd / fwd+bwd beside Megatron's torch router (bench/bench_router.py,
             fp32 logits). layer = the
             end-to-end MoE layer (bench/bench_layer.py), and at DeepSeek-V3 / Qwen3-30B-A3B the dropless layer of
@@ -232,6 +233,8 @@ def run_benchmarks(args) -> tuple[list, dict, bool]:
             frows = bench_fp8.bench_rows(copy_gbs, dtype=dtype, shapes={name: bench_fp8.SHAPES[name]})
             rows += [{"kind": "kernel", "dtype": args.dtype, **r} for r in frows]
             torch.cuda.empty_cache()
+        progress("FP8 expert up-projection (examples/fp8_expert_layer.py) against bf16")
+        rows += [{"kind": "kernel", "dtype": "bf16", **r} for r in bench_fp8.layer_rows()]
     sw_ops = [SWIGLU_CALLS[o] for o in OPS if o in SWIGLU_CALLS and o in args.ops]
     if sw_ops:
         providers = bench_swiglu._providers()

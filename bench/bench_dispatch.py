@@ -97,16 +97,7 @@ def bench_rows(copy_gbs, dtype=torch.bfloat16, shape=SHAPE):
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("no CUDA device found: nothing to benchmark")
-        return 0
-    copy_gbs = common.copy_bandwidth_gbs()
-    print(f"# copy {copy_gbs:.0f} GB/s\n\n| shape | op | provider | ms | GB/s | % of copy | note |")
-    print("|---|---|---|---|---|---|---|")
-    for r in bench_rows(copy_gbs):
-        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
-              f"{r['pct_copy']:.0f}% | {r['note']} |")  # fmt: skip
-    return 0
+    return common.print_rows_main(bench_rows)
 
 
 if __name__ == "__main__":

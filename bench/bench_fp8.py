@@ -23,6 +23,11 @@ Byte model (minimum traffic of the outputs, the same for every provider; s = byt
 The unfused providers also write the permuted rows in the token dtype and read them back: 2*N*H*s bytes more, which
 moe_raw's row note gives in GB and as milliseconds at the measured copy bandwidth (the issue's target: faster than
 permute + compiled quantize by at least that time, and >= 90% of copy).
+
+Layer rows (``layer_rows``, op "FP8 up-projection"): examples/fp8_expert_layer.py's expert up-projection at
+LAYER_SHAPES, FP8 (permute_quantized row-wise, align 16, then torch._scaled_grouped_mm on sm90) against bf16
+(permute_and_pad, then torch._grouped_mm), weights quantized once outside the timing; TFLOP/s of the 2 * T * K * H * O
+useful flops, and the example's check of the FP8 result against the bf16 one (within the FP8 error bound).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ SHAPES = {"DeepSeek-V3": (4096, 256, 7168, 8), "Qwen3-30B-A3B": (16384, 128, 204
 RECIPES = RF.RECIPES
 FP8 = torch.float8_e4m3fn
 PROVIDERS = ("moe_raw", "seed", "seed torch.compile")
+LAYER_SHAPES = {"Qwen3-30B-A3B": (4096, 128, 2048, 1536, 8)}  # name: (T, E, H, O = 2F, K), the example's default
+LAYER_OP = "FP8 up-projection"
+LAYER_PROVIDERS = ("moe_raw FP8 (permute_quantized + scaled grouped GEMM)", "bf16 (permute_and_pad + grouped GEMM)")
 
 
 def scale_bytes_per_row(hidden: int, recipe: str) -> int:
@@ -153,6 +161,42 @@ def shape_rows(name, T, E, H, K, copy_gbs, dtype, recipes, device, timer, compil
     return rows
 
 
+def layer_rows(shapes=None, device="cuda", timer=None, gemm=None) -> list:
+    """Rows of the FP8 expert layer (module docstring) at LAYER_SHAPES; [] without examples/ (an installed wheel).
+    timer(fn) -> ms (default common.do_bench); gemm: the example's scaled GEMM (default: torch's where it runs)."""
+    ex = common.example_module("fp8_expert_layer")
+    if ex is None:
+        return []
+    rows = []
+    for name, shape in (shapes or LAYER_SHAPES).items():
+        rows += _layer_shape_rows(ex, name, shape, device, timer or common.do_bench, gemm)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _layer_shape_rows(ex, name, shape, device, timer, gemm) -> list:
+    T, E, H, out_dim, K = shape
+    x, routing_map, w = ex.make_inputs(T, E, H, out_dim, K, device)
+    check = ex.compare(x, routing_map, w, T * K, ex.ALIGN, gemm)
+    wq, sb = ex.quantize_weights(w)
+    gemm_name = "torch._scaled_grouped_mm" if gemm is None and ex.scaled_grouped_mm_available(device) else "emulated"
+    verdict = "within FP8 error" if check["ok"] else "NOT within FP8 error"
+    runs = (
+        (lambda: ex.fp8_up_projection(x, routing_map, wq, sb, T * K, ex.ALIGN, gemm),
+         f"{gemm_name}; rel err vs bf16 {check['rel_err']:.4f} (limit {check['rel_limit']:.4f}): {verdict}"),
+        (lambda: ex.bf16_up_projection(x, routing_map, w, T * K, ex.ALIGN), "torch._grouped_mm"),
+    )  # fmt: skip
+    rows = []
+    for provider, (fn, note) in zip(LAYER_PROVIDERS, runs, strict=True):
+        ms = timer(fn)
+        tflops = 2 * T * K * H * out_dim / (ms * 1e-3) / 1e12
+        rows.append({"shape": f"{name} T={T} E={E} H={H} O={out_dim} K={K}", "op": LAYER_OP, "provider": provider,
+                     "ms": ms, "GB/s": float("nan"), "pct_copy": float("nan"),
+                     "note": f"{tflops:.1f} TFLOP/s (2 T K H O flops); {note}"})  # fmt: skip
+    return rows
+
+
 def check(dtype, device) -> tuple[bool, str]:
     """Self-check: permute_quantized (every recipe, e4m3 and e5m2, probs, with and without align_size) equals
     permute / permute_and_pad followed by reference_fp8.quantize, bit for bit, with the same probs and row map."""
@@ -180,16 +224,7 @@ def check(dtype, device) -> tuple[bool, str]:
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("no CUDA device found: nothing to benchmark")
-        return 0
-    copy_gbs = common.copy_bandwidth_gbs()
-    print(f"# copy {copy_gbs:.0f} GB/s\n\n| shape | op | provider | ms | GB/s | % of copy | note |")
-    print("|---|---|---|---|---|---|---|")
-    for r in bench_rows(copy_gbs):
-        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
-              f"{r['pct_copy']:.0f}% | {r['note']} |")  # fmt: skip
-    return 0
+    return common.print_rows_main(bench_rows)
 
 
 if __name__ == "__main__":

@@ -43,16 +43,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import sys
-from pathlib import Path
 
 import torch
 
 import moe_raw
 from moe_raw import reference
 
-from . import seed
+from . import common, seed
 
 LAYER_SHAPES = {  # name: (T, E, H, K, F)  -- F is the expert FFN width (W_up is [H, 2F], W_down [F, H])
     "DeepSeek-V3": (4096, 256, 7168, 8, 2048),
@@ -158,8 +156,6 @@ def compare(inputs: dict) -> float:
 
 def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
     """Rows of the layer case at one shape (CUDA): ms, tokens/s, peak extra memory, max rel error vs the seed."""
-    from . import common
-
     inputs = make_layer(T, E, H, K, F, dtype)
     err = compare(inputs)
     ok = err <= LAYER_RTOL[dtype]
@@ -189,26 +185,11 @@ def bench_layer_shape(name, T, E, H, K, F, dtype=torch.bfloat16):
 # LAYER_SHAPES name -> the example's router preset (E and K must agree with the shape)
 DROPLESS_PRESETS = {"DeepSeek-V3": "deepseek-v3", "Qwen3-30B-A3B": "qwen3"}
 DROPLESS_OP = "dropless layer fwd+bwd"
-_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "dropless_moe_layer.py"
 
 
 def dropless_module():
-    """examples/dropless_moe_layer.py as the module ``dropless_moe_layer`` (loaded once), or None where the file is
-    not next to bench/ (an installed wheel ships bench/ without examples/)."""
-    name = "dropless_moe_layer"
-    if name in sys.modules:
-        return sys.modules[name]
-    if not _EXAMPLE.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location(name, _EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # before running it: its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """examples/dropless_moe_layer.py as the module ``dropless_moe_layer``, or None without examples/ (a wheel)."""
+    return common.example_module("dropless_moe_layer")
 
 
 def dropless_bytes(T, E, H, K, F, itemsize=2) -> int:
@@ -244,8 +225,6 @@ def bench_dropless_shape(name, T, E, H, K, F, dtype=torch.bfloat16, device="cuda
         raise ValueError(f"{name}: shape E={E} K={K} but preset {DROPLESS_PRESETS[name]!r} routes "
                          f"E={preset.num_experts} K={preset.router.topk}")  # fmt: skip
     cuda = torch.device(device).type == "cuda"
-    from . import common
-
     if timer is None:
         timer = common.do_bench
     F0, notes = F, []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -119,3 +121,40 @@ def write_json(path: str, record: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
+
+
+def print_rows_main(bench_rows) -> int:
+    """``python -m bench.<module>``'s body for a module whose ``bench_rows(copy_gbs)`` returns the common row dicts:
+    the measured copy bandwidth, then one markdown table."""
+    if not torch.cuda.is_available():
+        print("no CUDA device found: nothing to benchmark")
+        return 0
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"# copy {copy_gbs:.0f} GB/s\n\n| shape | op | provider | ms | GB/s | % of copy | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in bench_rows(copy_gbs):
+        print(f"| {r['shape']} | {r['op']} | {r['provider']} | {r['ms']:.3f} | {r['GB/s']:.0f} | "
+              f"{r['pct_copy']:.0f}% | {r['note']} |")  # fmt: skip
+    return 0
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example_module(name: str):
+    """examples/<name>.py as the module ``name`` (loaded once), or None where the file is not next to bench/ (an
+    installed wheel ships bench/ without examples/)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = EXAMPLES / f"{name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -17,16 +17,19 @@
 // Backward: d logits [T, E] (logits' dtype) from d probs (dense [T, E], or compact [T, K]) or, in aux mode, from
 // d scores [T, E] fp32; the bias gets none (it only ranks). fp32 math for every logits dtype, fp64 included
 // (Megatron main converts the logits to fp32 for the score functions and keeps every intermediate in fp32); every
-// warp sum runs in one fixed butterfly order, so results repeat bit for bit, and no atomics are used.
+// sum runs in one fixed order, so results repeat bit for bit, and no atomics are used.
 //
-// Launch shape: grid = ceil(T / kRouterWarps), block = 32 * kRouterWarps: one warp per token. Lane l holds the V
-// consecutive experts l * V .. l * V + V - 1 (V a template parameter: 1, 2, 4, 8, 16 or 32, the smallest with
-// 32 V >= E, so E <= 1024), read and written 16 bytes at a time where its run is whole and aligned. A candidate is
-// one 64-bit key (order-preserving float bits, then the inverted expert index), so the warp arg-max of a top-k round
-// is a 64-bit max over the lanes' own best keys, and only the winning lane rescans its V keys. Grouped routing:
-// when a group is a power-of-two run of whole lanes (DeepSeek-V3: 32 experts = 4 lanes of 8) each lane keeps its
-// top (K / group_topk) keys and the group's lanes merge them by shuffles; other layouts stage the keys in dynamic
-// shared memory (kRouterWarps * E * 4 bytes) and one lane a group sums them.
+// Launch shape: block = 32 * kRouterWarps threads; a token takes L lanes (an aligned power-of-two run, 32 / L tokens
+// a warp) and its lane s holds the V consecutive experts s * V .. s * V + V - 1 (V = 16 for E <= 512, L the
+// smallest power of two with L V >= E; V = 32, L = 32 for E <= 1024), read and written 16 bytes at a time where its
+// run is whole and aligned; grid = ceil(T / (kRouterWarps * 32 / L)). Fewer lanes a token than a warp cut the
+// shuffles each top-k round costs a token (the first version, a warp a token, was compute-bound at 14-20% of copy on
+// the H200). A candidate is one 64-bit key (order-preserving float bits, then the inverted expert index), so a top-k
+// round is a 64-bit max over the token's lanes' own best keys, and only the winning lane rescans its V keys.
+// Grouped routing: when a group is a power-of-two run of whole lanes (DeepSeek-V3: 32 experts = 2 lanes of 16) each
+// lane keeps its top m = K / group_topk keys (M = 1, 2, 4 or 8 slots, a compile-time bound on m) and the group's
+// lanes merge them by shuffles; other layouts stage the keys in dynamic shared memory (kRouterWarps * 32 / L * E * 4
+// bytes) and the token's first lane scores and chooses the groups.
 // Preconditions (moe_raw/router.py checks them): logits [T, E] contiguous, 1 <= K <= min(E, 32); groups: E % G == 0,
 // G <= 64, 1 <= group_topk <= G, group_topk <= K, group_topk * E / G >= K; outputs contiguous; T * E < 2^63.
 // Bytes moved: forward reads T * E * logits bytes (+ E * bias bytes) and writes T * K * 8 (idx) plus T * K * probs
@@ -39,6 +42,7 @@ namespace moe_raw {
 
 constexpr int kRouterWarps = 4;
 constexpr int kMaxGroupPicks = 8;  // the shuffle-merged group path keeps at most 8 keys a lane
+constexpr int kMaxStagedPicks = 32;  // the staged group path: m = K / group_topk <= K <= 32
 enum ScoreFn : int { kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2 };
 enum PickProb : int { kAsScored = 0, kSoftmaxOfPicks = 1, kNormalized = 2 };
 constexpr unsigned kFull = 0xffffffffu;
@@ -70,19 +74,24 @@ __device__ __forceinline__ float key_value(uint64_t k) {
   return __uint_as_float(u);
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+// Sums, maxima and 64-bit key maxima over a token's L lanes (an aligned run of L lanes of the warp; every lane of the
+// warp calls them, with its own token's values). One fixed butterfly order: the results repeat bit for bit.
+template <int L>
+__device__ __forceinline__ float seg_sum(float x) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFull, x, off);
+  for (int off = L / 2; off > 0; off >>= 1) x += __shfl_xor_sync(kFull, x, off);
   return x;
 }
-__device__ __forceinline__ float warp_max(float x) {
+template <int L>
+__device__ __forceinline__ float seg_max(float x) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, off));
+  for (int off = L / 2; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, off));
   return x;
 }
-__device__ __forceinline__ uint64_t warp_max_key(uint64_t k) {
+template <int L>
+__device__ __forceinline__ uint64_t seg_max_key(uint64_t k) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
+  for (int off = L / 2; off > 0; off >>= 1) {
     const uint64_t o = __shfl_xor_sync(kFull, k, off);
     k = o > k ? o : k;
   }
@@ -207,10 +216,11 @@ __device__ __forceinline__ void store_flags(unsigned char* m, int64_t first, int
     if (j < valid) q[j] = static_cast<unsigned char>((bits >> j) & 1u);
 }
 
-// keys: sorted (descending) list of kMaxGroupPicks; keeps the m largest of itself and k.
-__device__ __forceinline__ void insert_key(uint64_t (&top)[kMaxGroupPicks], uint64_t k, int m) {
+// top: sorted (descending) list of M slots, the first m in use; keeps the m largest of itself and k.
+template <int M>
+__device__ __forceinline__ void insert_key(uint64_t (&top)[M], uint64_t k, int m) {
 #pragma unroll
-  for (int i = 0; i < kMaxGroupPicks; ++i)
+  for (int i = 0; i < M; ++i)
     if (i < m && k > top[i]) {
       const uint64_t held = top[i];
       top[i] = k;
@@ -218,76 +228,78 @@ __device__ __forceinline__ void insert_key(uint64_t (&top)[kMaxGroupPicks], uint
     }
 }
 
-// Whether this lane's experts' group is kept, for groups that are a power-of-two run of whole lanes.
-template <int V>
+// Whether this lane's group is kept, for groups that are a power-of-two run of `lanes` whole lanes of the token
+// (lanes <= L). M: the list length, a compile-time bound on m (1, 2, 4 or 8).
+template <int V, int M>
 __device__ bool group_kept_by_shuffles(const uint64_t (&key)[V], int num_groups, int group_topk, int lanes, int m,
-                                       int key_code, int lane) {
-  uint64_t top[kMaxGroupPicks];
+                                       int key_code, int sub, int base) {
+  uint64_t top[M];
 #pragma unroll
-  for (int i = 0; i < kMaxGroupPicks; ++i) top[i] = 0;
+  for (int i = 0; i < M; ++i) top[i] = 0;
 #pragma unroll
-  for (int j = 0; j < V; ++j) insert_key(top, key[j], m);
-  for (int off = 1; off < lanes; off <<= 1) {
-    uint64_t other[kMaxGroupPicks];
+  for (int j = 0; j < V; ++j) insert_key<M>(top, key[j], m);
+  for (int off = 1; off < lanes; off <<= 1) {  // lanes is the same on every lane of the warp
+    uint64_t other[M];
 #pragma unroll
-    for (int i = 0; i < kMaxGroupPicks; ++i) other[i] = __shfl_xor_sync(kFull, top[i], off);
+    for (int i = 0; i < M; ++i) other[i] = __shfl_xor_sync(kFull, top[i], off);
 #pragma unroll
-    for (int i = 0; i < kMaxGroupPicks; ++i)
-      if (i < m) insert_key(top, other[i], m);
+    for (int i = 0; i < M; ++i)
+      if (i < m) insert_key<M>(top, other[i], m);
   }
   float score = 0.0f;  // the group's top m in rank order, as the reference sums its sorted top-k values
 #pragma unroll
-  for (int i = 0; i < kMaxGroupPicks; ++i)
+  for (int i = 0; i < M; ++i)
     if (i < m) score += key_value(top[i]);
   score = round_to(score, key_code);
-  const int g = lane / lanes;
+  const int g = sub / lanes;
   int rank = 0;  // groups ahead of g: a higher score, or the same score and a lower index
   for (int h = 0; h < num_groups; ++h) {
-    const float other = __shfl_sync(kFull, score, h * lanes);
+    const float other = __shfl_sync(kFull, score, base + h * lanes);
     rank += other > score || (other == score && h < g);
   }
   return g < num_groups && rank < group_topk;
 }
 
-// Groups of any layout: the keys' values staged in shared memory, group g summed by lane g % 32, the group_topk best
-// chosen by warp arg-max rounds. Bit g of the result: group g is kept.
+// Groups of any layout: the token's key values staged in shared memory, then its first lane scores every group (the
+// top m in rank order, summed) and chooses the group_topk best. Bit g of the result: group g is kept (every lane of
+// the token gets it).
 template <int V>
 __device__ unsigned long long groups_kept_by_staging(const uint64_t (&key)[V], float* stage, int num_experts,
-                                                     int num_groups, int group_topk, int m, int key_code, int lane) {
+                                                     int num_groups, int group_topk, int m, int key_code, int e0,
+                                                     int valid, int sub, int base) {
 #pragma unroll
   for (int j = 0; j < V; ++j)
-    if (lane * V + j < num_experts) stage[lane * V + j] = key_value(key[j]);
+    if (j < valid) stage[e0 + j] = key_value(key[j]);
   __syncwarp();
-  const int size = num_experts / num_groups;
-  uint64_t gkey[2];
-  for (int h = 0; h < 2; ++h) {
-    const int g = lane + 32 * h;
-    gkey[h] = 0;
-    if (g >= num_groups) continue;
-    uint64_t top[kMaxGroupPicks + 24];  // m <= K <= 32
-    for (int i = 0; i < m; ++i) top[i] = 0;
-    for (int e = 0; e < size; ++e) {  // insertion keeps the m largest, in rank order
-      uint64_t k = rank_key(stage[g * size + e], g * size + e);
-      for (int i = 0; i < m; ++i)
-        if (k > top[i]) {
-          const uint64_t held = top[i];
-          top[i] = k;
-          k = held;
-        }
-    }
-    float score = 0.0f;
-    for (int i = 0; i < m; ++i) score += key_value(top[i]);
-    gkey[h] = rank_key(round_to(score, key_code), g);
-  }
   unsigned long long kept = 0ull;
-  for (int r = 0; r < group_topk; ++r) {
-    const uint64_t best = warp_max_key(gkey[0] > gkey[1] ? gkey[0] : gkey[1]);
-    const int g = key_expert(best);
-    kept |= 1ull << g;
-    for (int h = 0; h < 2; ++h)
-      if (gkey[h] == best) gkey[h] = 0;
+  if (sub == 0) {
+    const int size = num_experts / num_groups;
+    uint64_t gkey[64];
+    for (int g = 0; g < num_groups; ++g) {
+      uint64_t top[kMaxStagedPicks];
+      for (int i = 0; i < m; ++i) top[i] = 0;
+      for (int e = g * size; e < (g + 1) * size; ++e) {  // insertion keeps the m largest, in rank order
+        uint64_t k = rank_key(stage[e], e);
+        for (int i = 0; i < m; ++i)
+          if (k > top[i]) {
+            const uint64_t held = top[i];
+            top[i] = k;
+            k = held;
+          }
+      }
+      float score = 0.0f;
+      for (int i = 0; i < m; ++i) score += key_value(top[i]);
+      gkey[g] = rank_key(round_to(score, key_code), g);
+    }
+    for (int r = 0; r < group_topk; ++r) {
+      int best = 0;
+      for (int g = 1; g < num_groups; ++g) best = gkey[g] > gkey[best] ? g : best;
+      kept |= 1ull << best;
+      gkey[best] = 0;
+    }
   }
-  return kept;
+  __syncwarp();  // the stage is read before anyone writes it again
+  return __shfl_sync(kFull, kept, base);
 }
 
 // The probability of a pick with score v: kAsScored v; kSoftmaxOfPicks exp(v - top) / sum; kNormalized v / sum.
@@ -298,7 +310,7 @@ __device__ __forceinline__ float pick_prob(float v, int mode, float top, float s
   return scaling != 0.0 ? p * static_cast<float>(scaling) : p;
 }
 
-template <int V>
+template <int V, int L>
 __global__ void __launch_bounds__(32 * kRouterWarps)
     router_fwd(const void* __restrict__ logits, int logits_code, int64_t num_tokens, int num_experts,
                const void* __restrict__ bias, int bias_code, int topk, int score_fn, int pre_softmax, int num_groups,
@@ -306,20 +318,23 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
                unsigned char* __restrict__ routing_map, int64_t* __restrict__ idx, float* __restrict__ scores) {
   extern __shared__ float router_stage[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp;
-  if (t >= num_tokens) return;  // whole warps leave together
-  const int64_t row = t * num_experts;
-  const int e0 = lane * V, valid = max(0, min(V, num_experts - e0));
+  const int sub = lane & (L - 1), base = lane & ~(L - 1);  // this lane within its token's run, the run's first lane
+  const int slot = warp * (32 / L) + lane / L;  // the token within the block
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (kRouterWarps * 32 / L) + slot;
+  const bool live = t < num_tokens;
+  if (!__any_sync(kFull, live)) return;  // a warp with no token leaves; others keep every lane for the shuffles
+  const int64_t row = live ? t * num_experts : 0;
+  const int e0 = sub * V, valid = live ? max(0, min(V, num_experts - e0)) : 0;
   float val[V];  // the score a pick contributes (its key may add the bias)
   load_run<V>(logits, logits_code, row + e0, valid, val);
   if (score_fn == kSoftmax && (pre_softmax || aux)) {
     float m = neg_inf(), sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < V; ++j) m = fmaxf(m, val[j]);
-    m = warp_max(m);
+    m = seg_max<L>(m);
 #pragma unroll
     for (int j = 0; j < V; ++j) sum += j < valid ? expf(val[j] - m) : 0.0f;
-    sum = warp_sum(sum);
+    sum = seg_sum<L>(sum);
 #pragma unroll
     for (int j = 0; j < V; ++j) val[j] = j < valid ? expf(val[j] - m) / sum : 0.0f;
   } else if (score_fn != kSoftmax) {
@@ -330,7 +345,7 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
       sum += val[j];
     }
     if (aux) {
-      sum = warp_sum(sum) + 1e-20f;
+      sum = seg_sum<L>(sum) + 1e-20f;
 #pragma unroll
       for (int j = 0; j < V; ++j) val[j] = val[j] / sum;
     }
@@ -343,65 +358,74 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
   if (!aux && group_topk > 0) {
     const int size = num_experts / num_groups, m = topk / group_topk, lanes = size / V;
     const int key_code = score_fn == kSoftmax && !pre_softmax ? logits_code : kF32;
-    if (size % V == 0 && (lanes & (lanes - 1)) == 0 && num_groups * lanes <= 32 && m <= kMaxGroupPicks) {
-      if (!group_kept_by_shuffles<V>(key, num_groups, group_topk, lanes, m, key_code, lane)) {
+    if (size % V == 0 && (lanes & (lanes - 1)) == 0 && num_groups * lanes <= L && m <= kMaxGroupPicks) {
+      bool kept;
+      if (m == 1) kept = group_kept_by_shuffles<V, 1>(key, num_groups, group_topk, lanes, m, key_code, sub, base);
+      else if (m == 2) kept = group_kept_by_shuffles<V, 2>(key, num_groups, group_topk, lanes, m, key_code, sub, base);
+      else if (m <= 4) kept = group_kept_by_shuffles<V, 4>(key, num_groups, group_topk, lanes, m, key_code, sub, base);
+      else kept = group_kept_by_shuffles<V, 8>(key, num_groups, group_topk, lanes, m, key_code, sub, base);
+      if (!kept) {
 #pragma unroll
         for (int j = 0; j < V; ++j) key[j] = 0;
       }
     } else {
       const unsigned long long kept = groups_kept_by_staging<V>(
-          key, router_stage + static_cast<int64_t>(warp) * num_experts, num_experts, num_groups, group_topk, m,
-          key_code, lane);
+          key, router_stage + static_cast<int64_t>(slot) * num_experts, num_experts, num_groups, group_topk, m,
+          key_code, e0, valid, sub, base);
 #pragma unroll
       for (int j = 0; j < V; ++j)
         if (j < valid && !((kept >> ((e0 + j) / size)) & 1ull)) key[j] = 0;
     }
   }
-  // Top-k: a round takes the warp's largest key; its owner drops it and rescans. Lane r keeps pick r.
+  // Top-k: a round takes the token's largest key; its owner drops it, records the pick's rank and rescans.
   uint64_t best = 0;
 #pragma unroll
   for (int j = 0; j < V; ++j) best = key[j] > best ? key[j] : best;
   unsigned picked = 0u;  // bit j: expert e0 + j is picked
-  int my_idx = 0;
+  uint32_t rank[(V + 3) / 4];  // byte j % 4 of rank[j / 4]: the pick's rank r
+#pragma unroll
+  for (int i = 0; i < (V + 3) / 4; ++i) rank[i] = 0u;
+  float top = 0.0f;  // the first pick's key value: the largest logit, for softmax after top-k
   for (int r = 0; r < topk; ++r) {
-    const uint64_t win = warp_max_key(best);
+    const uint64_t win = seg_max_key<L>(best);
+    if (r == 0) top = key_value(win);
     const int e = key_expert(win);
-    if (e / V == lane) {
+    if (live && win != 0 && e / V == sub) {
       best = 0;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        if (key[j] == win) key[j] = 0, picked |= 1u << j;
+        if (key[j] == win) key[j] = 0, picked |= 1u << j, rank[j / 4] |= static_cast<uint32_t>(r) << (8 * (j % 4));
         best = key[j] > best ? key[j] : best;
       }
+      idx[t * topk + r] = e;
     }
-    if (lane == r) my_idx = e;
   }
-  float my_val = 0.0f;  // lane r: the score of pick r, from its owner
-  const int src = my_idx / V, slot = my_idx % V;
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const float v = __shfl_sync(kFull, val[j], src);
-    if (j == slot) my_val = v;
-  }
-  const bool holds_pick = lane < topk;
   int mode = kAsScored;
-  float top = 0.0f, sum = 1.0f;
-  if (score_fn == kSoftmax && !pre_softmax) {  // pick 0 is the largest logit
+  float sum = 1.0f;
+  if (!aux && score_fn == kSoftmax && !pre_softmax) {
     mode = kSoftmaxOfPicks;
-    top = __shfl_sync(kFull, my_val, 0);
-    sum = warp_sum(holds_pick ? expf(my_val - top) : 0.0f);
-  } else if (score_fn != kSoftmax && topk > 1) {
+    float part = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) part += (picked >> j) & 1u ? expf(val[j] - top) : 0.0f;
+    sum = seg_sum<L>(part);
+  } else if (!aux && score_fn != kSoftmax && topk > 1) {
     mode = kNormalized;
-    sum = warp_sum(holds_pick ? my_val : 0.0f) + 1e-20f;
+    float part = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) part += (picked >> j) & 1u ? val[j] : 0.0f;
+    sum = seg_sum<L>(part) + 1e-20f;
   }
-  if (holds_pick) idx[t * topk + lane] = my_idx;
   if (aux) {
     store_run<V>(scores, kF32, row + e0, valid, val);
     store_flags<V>(routing_map, row + e0, valid, picked);
     return;
   }
   if (!dense) {
-    if (holds_pick) store_scalar<float>(probs, logits_code, t * topk + lane, pick_prob(my_val, mode, top, sum, scaling));
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if ((picked >> j) & 1u)
+        store_scalar<float>(probs, logits_code, t * topk + ((rank[j / 4] >> (8 * (j % 4))) & 0xffu),
+                            pick_prob(val[j], mode, top, sum, scaling));
     return;
   }
   float out[V];
@@ -412,25 +436,27 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
 }
 
 // d logits from d probs (dense [T, E] or compact [T, K], grad_code its dtype) or, in aux mode, d scores [T, E].
-template <int V>
+// Lane s of a token takes its picks s, s + L, ... (idx gives their experts).
+template <int V, int L>
 __global__ void __launch_bounds__(32 * kRouterWarps)
     router_bwd(const void* __restrict__ logits, int logits_code, int64_t num_tokens, int num_experts, int topk,
                int score_fn, int pre_softmax, double scaling, int aux, const void* __restrict__ grad, int grad_code,
                int dense, const int64_t* __restrict__ idx, void* __restrict__ grad_logits) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp;
-  if (t >= num_tokens) return;
-  const int64_t row = t * num_experts;
-  const int e0 = lane * V, valid = max(0, min(V, num_experts - e0));
-  const bool holds_pick = lane < topk;
+  const int sub = lane & (L - 1);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (kRouterWarps * 32 / L) + warp * (32 / L) + lane / L;
+  const bool live = t < num_tokens;
+  if (!__any_sync(kFull, live)) return;
+  const int64_t row = live ? t * num_experts : 0;
+  const int e0 = sub * V, valid = live ? max(0, min(V, num_experts - e0)) : 0;
+  const int first = live ? sub : topk;  // this lane's picks: first, first + L, ... < topk
   const float scale = scaling != 0.0 ? static_cast<float>(scaling) : 1.0f;
-  int e_pick = 0;
-  float x_pick = 0.0f, g = 0.0f;
-  if (holds_pick && !aux) {
-    e_pick = static_cast<int>(idx[t * topk + lane]);
-    x_pick = load_scalar<float>(logits, logits_code, row + e_pick);
-    g = load_scalar<float>(grad, grad_code, dense ? row + e_pick : t * topk + lane) * scale;
-  }
+  // Pick r of this token: expert, logit, gradient (times the forward's scaling).
+  auto pick = [&](int r, int& e, float& x, float& g) {
+    e = static_cast<int>(idx[t * topk + r]);
+    x = load_scalar<float>(logits, logits_code, row + e);
+    g = load_scalar<float>(grad, grad_code, dense ? row + e : t * topk + r) * scale;
+  };
   float d[V];
   if (aux || (score_fn == kSoftmax && pre_softmax)) {  // every logit gets a gradient
     float x[V], s[V], gs[V];
@@ -440,10 +466,10 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
     if (score_fn == kSoftmax) {
 #pragma unroll
       for (int j = 0; j < V; ++j) m = fmaxf(m, x[j]);
-      m = warp_max(m);
+      m = seg_max<L>(m);
 #pragma unroll
       for (int j = 0; j < V; ++j) sum += j < valid ? expf(x[j] - m) : 0.0f;
-      sum = warp_sum(sum);
+      sum = seg_sum<L>(sum);
 #pragma unroll
       for (int j = 0; j < V; ++j) s[j] = j < valid ? expf(x[j] - m) / sum : 0.0f;
     } else {  // aux sigmoid / sqrtsoftplus: scores v / (sum v + 1e-20)
@@ -452,49 +478,79 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
         s[j] = j < valid ? score_of(x[j], score_fn) : 0.0f;
         sum += s[j];
       }
-      sum = warp_sum(sum) + 1e-20f;
+      sum = seg_sum<L>(sum) + 1e-20f;
     }
     if (aux) {
 #pragma unroll
       for (int j = 0; j < V; ++j)
         if (j < valid) dot += gs[j] * (score_fn == kSoftmax ? s[j] : s[j] / sum);
-      dot = warp_sum(dot);
+      dot = seg_sum<L>(dot);
 #pragma unroll
       for (int j = 0; j < V; ++j)
         d[j] = score_fn == kSoftmax ? s[j] * (gs[j] - dot) : (gs[j] - dot) / sum * score_slope(x[j], s[j], score_fn);
       store_run<V>(grad_logits, logits_code, row + e0, valid, d);
       return;
     }
-    const float s_pick = holds_pick ? expf(x_pick - m) / sum : 0.0f;  // the forward's value of this pick
-    dot = warp_sum(s_pick * g);
+    for (int r = first; r < topk; r += L) {  // s of a pick is the forward's value; dot = sum over picks of s g
+      int e;
+      float xe, g;
+      pick(r, e, xe, g);
+      dot += expf(xe - m) / sum * g;
+    }
+    dot = seg_sum<L>(dot);
 #pragma unroll
     for (int j = 0; j < V; ++j) d[j] = -s[j] * dot;
     store_run<V>(grad_logits, logits_code, row + e0, valid, d);
     __syncwarp();  // orders the row's stores before the picks' (other lanes' addresses)
-    if (holds_pick) store_scalar<float>(grad_logits, logits_code, row + e_pick, s_pick * (g - dot));
+    for (int r = first; r < topk; r += L) {
+      int e;
+      float xe, g;
+      pick(r, e, xe, g);
+      const float s_pick = expf(xe - m) / sum;
+      store_scalar<float>(grad_logits, logits_code, row + e, s_pick * (g - dot));
+    }
     return;
   }
-  // Only the picks get a gradient.
-  float dpick = 0.0f;
-  if (score_fn == kSoftmax) {
-    const float top = __shfl_sync(kFull, x_pick, 0);  // pick 0: the largest logit
-    const float ex = holds_pick ? expf(x_pick - top) : 0.0f;
-    const float p = ex / warp_sum(ex);
-    dpick = p * (g - warp_sum(p * g));
-  } else {
-    const float v = holds_pick ? score_of(x_pick, score_fn) : 0.0f;
-    float dv = g;
-    if (topk > 1) {
-      const float sum = warp_sum(v) + 1e-20f;
-      dv = (g - warp_sum(g * (v / sum))) / sum;
-    }
-    dpick = holds_pick ? dv * score_slope(x_pick, v, score_fn) : 0.0f;
+  // Only the picks get a gradient: two passes over this lane's picks (the sums, then the gradients).
+  float top = 0.0f, sum = 0.0f, dot = 0.0f;
+  if (score_fn == kSoftmax && live) {  // pick 0: the largest logit
+    top = load_scalar<float>(logits, logits_code, row + idx[t * topk]);
   }
+  for (int r = first; r < topk; r += L) {
+    int e;
+    float xe, g;
+    pick(r, e, xe, g);
+    sum += score_fn == kSoftmax ? expf(xe - top) : score_of(xe, score_fn);
+  }
+  sum = seg_sum<L>(sum);
+  if (score_fn != kSoftmax) sum += 1e-20f;
+  for (int r = first; r < topk; r += L) {
+    int e;
+    float xe, g;
+    pick(r, e, xe, g);
+    const float p = score_fn == kSoftmax ? expf(xe - top) / sum : score_of(xe, score_fn) / sum;
+    dot += p * g;
+  }
+  dot = seg_sum<L>(dot);
 #pragma unroll
   for (int j = 0; j < V; ++j) d[j] = 0.0f;
   store_run<V>(grad_logits, logits_code, row + e0, valid, d);
   __syncwarp();
-  if (holds_pick) store_scalar<float>(grad_logits, logits_code, row + e_pick, dpick);
+  for (int r = first; r < topk; r += L) {
+    int e;
+    float xe, g;
+    pick(r, e, xe, g);
+    float dx;
+    if (score_fn == kSoftmax) {
+      const float p = expf(xe - top) / sum;
+      dx = p * (g - dot);
+    } else {
+      const float v = score_of(xe, score_fn);
+      const float dv = topk > 1 ? (g - dot) / sum : g;
+      dx = dv * score_slope(xe, v, score_fn);
+    }
+    store_scalar<float>(grad_logits, logits_code, row + e, dx);
+  }
 }
 
 }  // namespace moe_raw
@@ -502,16 +558,17 @@ __global__ void __launch_bounds__(32 * kRouterWarps)
 // CI compiles this file with nvcc (warnings as errors); NVRTC instantiates through name_expressions at run time.
 #ifdef MOE_RAW_NVCC_CHECK
 namespace moe_raw {
-#define MOE_RAW_ROUTER(V)                                                                                         \
-  template __global__ void router_fwd<V>(const void*, int, int64_t, int, const void*, int, int, int, int, int, int, \
-                                         double, int, void*, int, unsigned char*, int64_t*, float*);              \
-  template __global__ void router_bwd<V>(const void*, int, int64_t, int, int, int, int, double, int, const void*,  \
-                                         int, int, const int64_t*, void*);
-MOE_RAW_ROUTER(1)
-MOE_RAW_ROUTER(2)
-MOE_RAW_ROUTER(4)
-MOE_RAW_ROUTER(8)
-MOE_RAW_ROUTER(16)
-MOE_RAW_ROUTER(32)
+#define MOE_RAW_ROUTER(V, L)                                                                                      \
+  template __global__ void router_fwd<V, L>(const void*, int, int64_t, int, const void*, int, int, int, int, int,   \
+                                            int, double, int, void*, int, unsigned char*, int64_t*, float*);       \
+  template __global__ void router_bwd<V, L>(const void*, int, int64_t, int, int, int, int, double, int,           \
+                                            const void*, int, int, const int64_t*, void*);
+MOE_RAW_ROUTER(16, 1)
+MOE_RAW_ROUTER(16, 2)
+MOE_RAW_ROUTER(16, 4)
+MOE_RAW_ROUTER(16, 8)
+MOE_RAW_ROUTER(16, 16)
+MOE_RAW_ROUTER(16, 32)
+MOE_RAW_ROUTER(32, 32)
 }  // namespace moe_raw
 #endif

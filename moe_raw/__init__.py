@@ -41,7 +41,7 @@ from moe_raw.chunks import sort_chunks_by_idxs
 from moe_raw.dispatcher import MoEAlltoAllDispatcher
 from moe_raw.padding import permute_and_pad, permute_with_row_map
 from moe_raw.permutation import permute, unpermute
-from moe_raw.quantize import dequantize, permute_quantized
+from moe_raw.quantize import dequantize, permute_quantized, unpermute_grad_quantized
 from moe_raw.router import (
     compute_routing_scores_for_aux_loss,
     switch_load_balancing_loss_func,
@@ -61,6 +61,7 @@ __all__ = [
     "permute_and_pad",
     "permute_with_row_map",
     "permute_quantized",
+    "unpermute_grad_quantized",
     "dequantize",
     "swiglu",
     "weighted_swiglu",

@@ -50,8 +50,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# kernels/router.cu: experts a lane holds (E <= 32 * V); a launch takes the smallest V that covers E.
-ROUTER_LANE_SLOTS = (1, 2, 4, 8, 16, 32)
+# kernels/router.cu instances: (V experts a lane, L lanes a token). V = 16 and the smallest L with L * V >= E up to
+# E = 512; V = 32, L = 32 up to E = 1024.
+ROUTER_SHAPES = ((16, 1), (16, 2), (16, 4), (16, 8), (16, 16), (16, 32), (32, 32))
 
 
 def _permute_instances() -> tuple[str, ...]:
@@ -74,7 +75,7 @@ KERNELS = {
         for index in ("int32_t", "int64_t")
         for word in ("uint16_t", "uint32_t", "uint64_t")
     ),
-    "router": tuple(f"moe_raw::router_{way}<{v}>" for v in ROUTER_LANE_SLOTS for way in ("fwd", "bwd")),
+    "router": tuple(f"moe_raw::router_{way}<{v}, {lanes}>" for v, lanes in ROUTER_SHAPES for way in ("fwd", "bwd")),
     "quantize": tuple(f"moe_raw::quantize_rows<{c}>" for c in ("float", "__half", "__nv_bfloat16"))
     + ("moe_raw::quantize_fill<256>",),
 }

@@ -155,6 +155,28 @@ def index_values(op: str, sorted_indices: torch.Tensor, num_tokens: int) -> None
         )
 
 
+def fused_row_map(op: str, row_map, num_tokens: int, arg: str, t_from: str, when: str = "") -> int:
+    """permute(fused=True)'s int32 [T + 1, E] row map (or permute_and_pad's [T + 3, E]) for T = num_tokens (named
+    ``t_from`` in the message); returns E."""
+    tensor(row_map, arg, op)
+    if row_map.dim() != 2 or row_map.dtype != torch.int32:
+        raise TypeError(
+            f"{op}: {when}{arg} must be permute(fused=True)'s row map (int32 [T+1, E]), got {row_map.dtype} of shape "
+            f"{tuple(row_map.shape)}"
+        )
+    if row_map.shape[0] not in (num_tokens + 1, num_tokens + 3):  # [T + 3, E]: permute_and_pad's
+        raise ValueError(
+            f"{op}: {when}{arg} must be permute(fused=True)'s row map [T+1, E] (or permute_and_pad's [T+3, E]) "
+            f"with T = {t_from} = {num_tokens}, got shape {tuple(row_map.shape)}"
+        )
+    num_experts = row_map.shape[1]
+    if not 1 <= num_experts <= MAX_EXPERTS:  # the kernels keep a token's row list in shared memory
+        raise ValueError(
+            f"{op}: {when}{arg} must have 1 to {MAX_EXPERTS} expert columns, got shape {tuple(row_map.shape)}"
+        )
+    return num_experts
+
+
 def row_map_values(op: str, row_map: torch.Tensor, n_rows: int) -> None:
     """A fused row map [T + 1, E] for N = n_rows permuted rows: codes r in [0, N), -1, or -2 - r (padding) in
     [-1 - N, -2]; row_map[T, 0], the rows kept, in [0, N]."""
@@ -162,7 +184,7 @@ def row_map_values(op: str, row_map: torch.Tensor, n_rows: int) -> None:
     lo, hi = torch.stack(torch.aminmax(row_map[:-1])).tolist() if row_map.shape[0] > 1 else (-1, -1)
     if lo < -1 - n_rows or hi >= n_rows or not 0 <= kept <= n_rows:
         raise ValueError(
-            f"{op}: with fused=True sorted_indices must be the row map of {n_rows} permuted rows: codes in "
+            f"{op}: the row map must be that of {n_rows} permuted rows: codes in "
             f"[{-1 - n_rows}, {n_rows - 1}] and row_map[T, 0] in [0, {n_rows}], got codes in [{lo}, {hi}] and "
             f"row_map[T, 0] = {kept} (checked because MOE_RAW_DEBUG=1)"
         )

@@ -208,24 +208,9 @@ def unpermute(
     num_tokens, _ = V.restore_shape(op, restore_shape, hidden)
     fused, drop_and_pad = V.flag(fused, "fused", op), V.flag(drop_and_pad, "drop_and_pad", op)
     if fused:
-        V.tensor(sorted_indices, "sorted_indices", op)
-        if sorted_indices.dim() != 2 or sorted_indices.dtype != torch.int32:
-            raise TypeError(
-                f"{op}: with fused=True sorted_indices must be permute(fused=True)'s row map (int32 [T+1, E]), "
-                f"got {sorted_indices.dtype} of shape {tuple(sorted_indices.shape)}"
-            )
-        if sorted_indices.shape[0] not in (num_tokens + 1, num_tokens + 3):  # [T + 3, E]: permute_and_pad's
-            raise ValueError(
-                f"{op}: with fused=True sorted_indices must be permute(fused=True)'s row map [T+1, E] (or "
-                f"permute_and_pad's [T+3, E]) with T = restore_shape[0] = {num_tokens}, got shape "
-                f"{tuple(sorted_indices.shape)}"
-            )
-        num_experts = sorted_indices.shape[1]
-        if not 1 <= num_experts <= V.MAX_EXPERTS:  # the kernels keep a token's row list in shared memory
-            raise ValueError(
-                f"{op}: with fused=True sorted_indices must have 1 to {V.MAX_EXPERTS} expert columns, got shape "
-                f"{tuple(sorted_indices.shape)}"
-            )
+        num_experts = V.fused_row_map(
+            op, sorted_indices, num_tokens, "sorted_indices", "restore_shape[0]", "with fused=True "
+        )
     else:
         V.tensor(sorted_indices, "sorted_indices", op, 1, (torch.int64, torch.int32))
         if sorted_indices.shape[0] != n_rows:

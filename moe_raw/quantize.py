@@ -16,11 +16,12 @@ import torch
 
 from moe_raw import _validate as V
 from moe_raw import reference_fp8 as RF
+from moe_raw._kernels import dispatch as D
 from moe_raw._kernels import quantize as QK
 from moe_raw.padding import permute_and_pad
 from moe_raw.permutation import permute
 
-__all__ = ["permute_quantized", "dequantize"]
+__all__ = ["permute_quantized", "unpermute_grad_quantized", "dequantize"]
 
 
 def permute_quantized(
@@ -104,6 +105,54 @@ def permute_quantized(
     # permute's autograd Function marks its rows differentiable when probs requires grad: cut them off here
     q, scales = RF.quantize(permuted.detach(), recipe, fp8_dtype, scale_layout)
     return q, scales, permuted_probs, row_map
+
+
+def unpermute_grad_quantized(
+    grad_output: torch.Tensor,
+    row_map: torch.Tensor,
+    num_rows: int,
+    probs: torch.Tensor | None = None,
+    recipe: str = "rowwise",
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    scale_layout: str = "row-major",
+):
+    """The gradient ``unpermute``'s backward sends to the permuted rows, quantized to FP8 with its scales: the dgrad
+    grouped GEMM's FP8 input in an FP8 MoE layer's backward (the backward twin of ``permute_quantized``).
+
+    Args:
+        grad_output: [T, H] float32 | float16 | bfloat16, the gradient of ``unpermute``'s output (rows may be
+            strided; not differentiated through).
+        row_map: the fused row map the forward used: ``permute(fused=True)``'s / ``permute_quantized``'s int32
+            [T + 1, E], or with align_size ``permute_and_pad``'s [T + 3, E].
+        num_rows: N, the number of permuted rows (the forward's).
+        probs: optional [T, E] float, the probs ``unpermute`` weighted the rows with (None: unweighted).
+        recipe, fp8_dtype, scale_layout: as for ``permute_quantized``.
+
+    Returns:
+        (grad_rows_fp8 [N, H] fp8_dtype, scales in scale_layout): bit for bit ``reference_fp8.quantize`` of d_rows,
+        the [N, H] gradient (grad_output's dtype) ``unpermute(rows, row_map, (T, H), probs, fused=True)``'s backward
+        gives its rows: d_rows[r] = grad_output[t] * probs[t, e] (fp32 product, rounded once) for token t's row r,
+        zero for rows of no token. The probs gradient is not computed (it needs the forward rows: ``unpermute``'s
+        autograd gives it).
+
+    Today: unpermute's backward kernel, then the transcription's quantization (two passes over d_rows; one pass,
+    as ``permute_quantized``'s, is left to do). No host sync.
+    """
+    op = "moe_raw.unpermute_grad_quantized"
+    V.tensor(grad_output, "grad_output", op, 2, V.QUANT_DTYPES)
+    num_tokens, hidden = grad_output.shape
+    num_experts = V.fused_row_map(op, row_map, num_tokens, "row_map", "grad_output.shape[0]")
+    n_rows = V.size_arg(num_rows, "num_rows", op, allow_none=False)
+    if probs is not None:
+        V.probs(op, probs, num_tokens, num_experts)
+    V.fp8_recipe(recipe, fp8_dtype, hidden, op)
+    V.fp8_layout(scale_layout, recipe, op)
+    V.same_device(op, grad_output=grad_output, row_map=row_map, probs=probs)
+    if V.DEBUG:
+        V.row_map_values(op, row_map[: num_tokens + 1], n_rows)
+    probs = probs.detach() if probs is not None else None
+    d_rows, _ = D._unpermute_backward(grad_output.detach(), None, row_map.contiguous(), None, probs, n_rows, False)
+    return RF.quantize(d_rows, recipe, fp8_dtype, scale_layout)
 
 
 def dequantize(

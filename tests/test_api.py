@@ -87,6 +87,7 @@ EXTRAS = (
     "z_loss_func",
     # FP8 quantize-on-permute (issue 19)
     "permute_quantized",
+    "unpermute_grad_quantized",
     "dequantize",
 )
 PUBLIC = set(SEED_SIGNATURES) | {"WeightedSwiGLUFunction", "MoEAlltoAllDispatcher"} | set(EXTRAS)

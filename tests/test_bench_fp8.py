@@ -7,6 +7,7 @@ real, on the CPU), the notes that flag a mismatch or a compile failure, the self
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 import torch
@@ -95,6 +96,29 @@ def test_compiled_quantize_pass_equals_eager_on_the_cpu():
     assert len(compiled) == 3 and all(r["note"].endswith("bit-exact vs eager") for r in compiled), compiled
 
 
+def test_layer_rows_on_the_cpu_with_a_stubbed_timer():
+    """The FP8 expert layer's rows (examples/fp8_expert_layer.py; the GEMM emulated in fp32 on the CPU): both
+    providers timed, TFLOP/s from the stubbed 1 ms, and the example's FP8-vs-bf16 check passed into the note."""
+    calls = []
+    T, E, H, out_dim, K = 64, 4, 64, 32, 2
+    rows = B.layer_rows({"tiny": (T, E, H, out_dim, K)}, device="cpu", timer=_timer(calls))
+    assert len(rows) == len(calls) == 2
+    assert [r["provider"] for r in rows] == list(B.LAYER_PROVIDERS) and {r["op"] for r in rows} == {B.LAYER_OP}
+    for r in rows:
+        assert r["shape"] == f"tiny T={T} E={E} H={H} O={out_dim} K={K}" and r["ms"] == 1.0
+        assert r["note"].startswith(f"{2 * T * K * H * out_dim / 1e-3 / 1e12:.1f} TFLOP/s")
+    assert "within FP8 error" in rows[0]["note"] and "NOT" not in rows[0]["note"], rows[0]["note"]
+    y8 = calls[0]()[0]
+    assert y8.dtype == torch.bfloat16 and y8.shape[1] == out_dim
+
+
+def test_layer_rows_without_examples(monkeypatch):
+    """An installed wheel ships bench/ without examples/: no layer rows, no error."""
+    monkeypatch.setattr(B.common, "EXAMPLES", B.common.EXAMPLES / "missing")
+    monkeypatch.delitem(sys.modules, "fp8_expert_layer", raising=False)
+    assert B.layer_rows(device="cpu", timer=_timer([])) == []
+
+
 # ------------------------------------------------------------------------------------------------- self-check
 
 
@@ -141,10 +165,15 @@ def test_run_benchmarks_wires_the_fp8_rows(monkeypatch, capsys):
 
     monkeypatch.setattr(common, "copy_bandwidth_gbs", lambda: 4000.0)
     monkeypatch.setattr(common, "write_bandwidth_gbs", lambda: 4200.0)
+    layer = {"shape": "q", "op": B.LAYER_OP, "provider": B.LAYER_PROVIDERS[0], "ms": 1.0, "GB/s": float("nan"),
+             "pct_copy": float("nan"), "note": "x TFLOP/s"}  # fmt: skip
     monkeypatch.setattr(B, "bench_rows", fake_rows)
+    monkeypatch.setattr(B, "layer_rows", lambda: [dict(layer)])
     rows, bw, ok = cli.run_benchmarks(cli.parse_args(["--ops", "fp8", "--dtype", "fp16"]))
     assert ok and bw == {"copy_GBps": 4000.0, "write_GBps": 4200.0}
     assert seen == [(4000.0, torch.float16, {n: B.SHAPES[n]}) for n in B.SHAPES]
+    assert rows[-1] == {"kind": "kernel", "dtype": "bf16", **layer}  # the FP8 layer in bf16 / FP8, whatever --dtype
+    rows = rows[:-1]
     assert len(rows) == 6 and all(r["kind"] == "kernel" and r["dtype"] == "fp16" for r in rows)
     assert rows[0]["speedup_vs_seed"] == 2.0 and "speedup_vs_seed" not in rows[2]  # "seed torch.compile" is a seed
     err = capsys.readouterr().err

@@ -593,6 +593,31 @@ def _quantize_cases():
         diff = ("probs",) if with_probs else ()
         cases.append(Case("permute_quantized", name, make, call, ref, diff, exact=True, views=views))
 
+    # unpermute_grad_quantized: the FP8 row gradient (only devices compared: the op is the reference's composition)
+    for name, t, recipe, fp8, dtype, align, with_probs, layout in [
+        ("rowwise", 7, "rowwise", e4m3, torch.bfloat16, None, True, rows),
+        ("mxfp8-e5m2-padded-no-probs", 7, "mxfp8", e5m2, torch.float16, 8, False, rows),
+        ("blockwise-column-major", 7, "blockwise", e4m3, torch.float32, None, True, cm),
+        ("T0-blockwise", 0, "blockwise", e4m3, torch.bfloat16, 4, True, rows),
+    ]:
+
+        def make(t=t, with_probs=with_probs, dtype=dtype, align=align):
+            rm = _routing(t, 4, 2, "topk")
+            p = make_probs(rm, torch.float32, off_route=float("nan")) if with_probs else None
+            empty = torch.zeros(t, 0)
+            if align is None:
+                perm, _, row_map = R.permute(empty, rm, p, _routed(rm) + 3, fused=True)
+            else:
+                perm, _, row_map, _, _ = R.permute_and_pad(empty, rm, p, align)
+            return {"grad_output": _tokens(t, 160, dtype), "row_map": row_map, "probs": p, "n": perm.shape[0]}
+
+        def call(i, recipe=recipe, fp8=fp8, layout=layout):
+            return moe_raw.unpermute_grad_quantized(
+                i["grad_output"], i["row_map"], i["n"], i["probs"], recipe, fp8, layout
+            )
+
+        cases.append(Case("unpermute_grad_quantized", name, make, call, None, exact=True))
+
     for name, n, h, recipe, fp8, strided, layout in [
         ("rowwise", 5, 64, "rowwise", e4m3, False, rows),
         ("blockwise-strided", 5, 160, "blockwise", e5m2, True, rows),
@@ -779,13 +804,23 @@ def _params():
 # Tests
 
 
+# Public ops that take no part in autograd: unpermute_grad_quantized runs in a backward pass and returns FP8 codes
+# and scales of a gradient (nothing to differentiate).
+NOT_DIFFERENTIABLE = {"unpermute_grad_quantized"}
+
+
 def test_every_public_name_has_cases():
     covered = {c.op for c in CASES}
     missing = sorted(set(moe_raw.__all__) - covered)
     assert not missing, f"public names without parity cases: {missing}"
-    for name in moe_raw.__all__:
+    for name in set(moe_raw.__all__) - NOT_DIFFERENTIABLE:
         cases = [c for c in CASES if c.op == name]
         assert any(c.diff for c in cases), f"{name}: no differentiable input in any case"
+    for name in NOT_DIFFERENTIABLE:  # their outputs must really carry no gradient
+        for case in (c for c in CASES if c.op == name):
+            inputs = {k: v.requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v
+                      for k, v in case.make().items()}  # fmt: skip
+            assert not any(o is not None and o.requires_grad for o in case.call(inputs)), case.id
 
 
 @pytest.mark.parametrize("case, wanted", _params())

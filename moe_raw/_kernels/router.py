@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from moe_raw._launch import ROUTER_LANE_SLOTS, SCALAR_CODE, cdiv, launch, ptr
+from moe_raw._launch import ROUTER_SHAPES, SCALAR_CODE, cdiv, launch, ptr
 
 SCORE_CODE = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # kernels/router.cu ScoreFn
-MAX_EXPERTS = 32 * ROUTER_LANE_SLOTS[-1]  # a lane holds at most 32 experts
+MAX_EXPERTS = max(v * lanes for v, lanes in ROUTER_SHAPES)  # 32 lanes of 32 experts
 MAX_TOPK = 32  # lane k holds pick k
 MAX_GROUPS = 64  # the kept groups are one 64-bit mask
-_WARPS = 4  # kernels/router.cu kRouterWarps: tokens per block
+_WARPS = 4  # kernels/router.cu kRouterWarps: warps per block
 
 
 def covers(num_experts: int, topk: int, group_topk, num_groups) -> bool:
@@ -18,9 +18,15 @@ def covers(num_experts: int, topk: int, group_topk, num_groups) -> bool:
     return num_experts <= MAX_EXPERTS and topk <= MAX_TOPK and (not group_topk or num_groups <= MAX_GROUPS)
 
 
-def _name(way: str, logits: torch.Tensor) -> str:
-    slots = next(v for v in ROUTER_LANE_SLOTS if 32 * v >= logits.shape[1])
-    return f"moe_raw::router_{way}<{slots}>"
+def _shape(num_experts: int) -> tuple[int, int]:
+    """(V experts a lane, L lanes a token): the first of ROUTER_SHAPES that holds E experts."""
+    return next((v, lanes) for v, lanes in ROUTER_SHAPES if v * lanes >= num_experts)
+
+
+def _launch_shape(way: str, num_tokens: int, num_experts: int) -> tuple[str, int]:
+    """(kernel name, grid): a block holds _WARPS * 32 / L tokens."""
+    v, lanes = _shape(num_experts)
+    return f"moe_raw::router_{way}<{v}, {lanes}>", cdiv(num_tokens, _WARPS * 32 // lanes)
 
 
 def forward(logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux):
@@ -39,9 +45,11 @@ def forward(logits, expert_bias, topk, score_function, pre_softmax, num_groups, 
     if num_tokens:
         bias = expert_bias if expert_bias is not None and score_function != "softmax" and not aux else None
         grouped = bool(group_topk) and not aux
-        shared = _WARPS * num_experts * 4 if grouped else 0  # grouped routing stages the fp32 keys there
+        name, grid = _launch_shape("fwd", num_tokens, num_experts)
+        tokens_per_block = _WARPS * 32 // _shape(num_experts)[1]
+        shared = tokens_per_block * num_experts * 4 if grouped else 0  # some group layouts stage fp32 keys there
         launch(
-            "router", _name("fwd", logits), dev, cdiv(num_tokens, _WARPS), 32 * _WARPS,
+            "router", name, dev, grid, 32 * _WARPS,
             (ptr(logits), SCALAR_CODE[logits.dtype], num_tokens, num_experts, ptr(bias),
              SCALAR_CODE[bias.dtype] if bias is not None else 0, topk, SCORE_CODE[score_function], int(pre_softmax),
              num_groups if grouped else 0, group_topk if grouped else 0, float(scaling or 0.0), int(aux), ptr(probs),
@@ -57,8 +65,9 @@ def backward(logits, idx, grad, topk, score_function, pre_softmax, scaling, dens
     grad = grad.contiguous()
     grad_logits = torch.empty_like(logits)
     if num_tokens:
+        name, grid = _launch_shape("bwd", num_tokens, num_experts)
         launch(
-            "router", _name("bwd", logits), logits.device, cdiv(num_tokens, _WARPS), 32 * _WARPS,
+            "router", name, logits.device, grid, 32 * _WARPS,
             (ptr(logits), SCALAR_CODE[logits.dtype], num_tokens, num_experts, topk, SCORE_CODE[score_function],
              int(pre_softmax), float(scaling or 0.0), int(aux), ptr(grad), SCALAR_CODE[grad.dtype], int(dense),
              ptr(idx), ptr(grad_logits)),
