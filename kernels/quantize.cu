@@ -13,7 +13,8 @@
 // [row_map[T + 1, e], row_map[T + 2, e]): zero codes, scale 1.0 (E8M0 byte 127).
 //
 // Launch shape: quantize_rows: grid = T, block = kQuantThreads (one block a token), dynamic shared memory
-// round_up(H, 16) code bytes + H fp32 + groups fp32 + groups bytes + E ints. quantize_fill: grid = S + E (aligned)
+// round_up(H, 16) code bytes + round_up(H * token bytes, 16) (the row, in its dtype) + groups fp32 + E ints + groups
+// bytes. quantize_fill: grid = S + E (aligned)
 // or S, S = min(N, 1024) blocks striding over the spare rows, then one block per expert's padding rows; block
 // kQuantThreads.
 // Preconditions (moe_raw/quantize.py): row_map from moe_raw's permute (fused) / permute_and_pad on the same routing,
@@ -73,19 +74,27 @@ __global__ void __launch_bounds__(kQuantThreads)
                   void* __restrict__ scales) {
   extern __shared__ __align__(16) unsigned char quant_smem[];
   const int64_t t = blockIdx.x;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = recipe == kRowwise ? hidden : (recipe == kBlockwise ? 128 : 32);
   const int groups = recipe == kRowwise ? 1 : (hidden + group - 1) / group;
   const int code_bytes = (hidden + 15) & ~15;
+  const int row_bytes = (hidden * static_cast<int>(sizeof(T)) + 15) & ~15;
+  // The row is staged in its own dtype (bf16: half the shared memory of fp32, so twice the blocks a SM).
   unsigned char* codes = quant_smem;
-  float* x = reinterpret_cast<float*>(quant_smem + code_bytes);
-  float* divisor = x + hidden;
+  T* xs = reinterpret_cast<T*>(quant_smem + code_bytes);
+  float* divisor = reinterpret_cast<float*>(quant_smem + code_bytes + row_bytes);
   int* dest = reinterpret_cast<int*>(divisor + groups);
   unsigned char* mx_byte = reinterpret_cast<unsigned char*>(dest + num_experts);
   __shared__ int num_dest;
   __shared__ float warp_amax[kQuantThreads / 32];
   const T* row = tokens + t * stride;
-  for (int c = tid; c < hidden; c += kQuantThreads) x[c] = to_acc(row[c]);
+  if ((hidden * sizeof(T)) % 16 == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const uint4* src = reinterpret_cast<const uint4*>(row);
+    for (int v = tid; v < static_cast<int>(hidden * sizeof(T) / 16); v += kQuantThreads)
+      reinterpret_cast<uint4*>(xs)[v] = src[v];
+  } else {
+    for (int c = tid; c < hidden; c += kQuantThreads) xs[c] = row[c];
+  }
   if (tid == 0) num_dest = 0;
   __syncthreads();
   // Destinations (order does not matter: every one gets the same bytes).
@@ -93,12 +102,14 @@ __global__ void __launch_bounds__(kQuantThreads)
     const int r = row_map[t * num_experts + e];
     if (r >= 0 || r <= -2) dest[atomicAdd(&num_dest, 1)] = r >= 0 ? r : -2 - r;
   }
+  // amax of each group: the whole block for a row, a warp a group otherwise (lanes stride over the group). The
+  // NaN-keeping max is order-free on values, so the result is the same bits whatever the split.
   if (recipe == kRowwise) {
     float m = 0.0f;
-    for (int c = tid; c < hidden; c += kQuantThreads) m = nan_max_abs(m, x[c]);
+    for (int c = tid; c < hidden; c += kQuantThreads) m = nan_max_abs(m, to_acc(xs[c]));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
-    if ((tid & 31) == 0) warp_amax[tid >> 5] = m;
+    if (lane == 0) warp_amax[warp] = m;
     __syncthreads();
     if (tid == 0) {
       float amax = 0.0f;
@@ -106,16 +117,18 @@ __global__ void __launch_bounds__(kQuantThreads)
       divisor[0] = group_divisor(amax, recipe, fp8_max, emax, mx_byte);
     }
   } else {
-    for (int g = tid; g < groups; g += kQuantThreads) {
-      float amax = 0.0f;
+    for (int g = warp; g < groups; g += kQuantThreads / 32) {
+      float m = 0.0f;
       const int end = min(hidden, (g + 1) * group);
-      for (int c = g * group; c < end; ++c) amax = nan_max_abs(amax, x[c]);
-      divisor[g] = group_divisor(amax, recipe, fp8_max, emax, mx_byte + g);
+      for (int c = g * group + lane; c < end; c += 32) m = nan_max_abs(m, to_acc(xs[c]));
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
+      if (lane == 0) divisor[g] = group_divisor(m, recipe, fp8_max, emax, mx_byte + g);
     }
   }
   __syncthreads();
   for (int c = tid; c < hidden; c += kQuantThreads)
-    codes[c] = to_fp8(__fdiv_rn(x[c], divisor[c / group]), fp8_max, e5m2);
+    codes[c] = to_fp8(__fdiv_rn(to_acc(xs[c]), divisor[c / group]), fp8_max, e5m2);
   __syncthreads();
   const bool vec = (hidden & 15) == 0;
   for (int i = 0; i < num_dest; ++i) {

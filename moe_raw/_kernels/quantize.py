@@ -29,7 +29,9 @@ def quantize_rows(tokens, row_map, num_rows, recipe, fp8_dtype, fp8_max, emax, g
     code = RECIPE_CODE[recipe]
     e5m2 = int(fp8_dtype == torch.float8_e5m2)
     if num_tokens:
-        shared = -(-hidden // 16) * 16 + 4 * hidden + 4 * groups + 4 * num_experts + groups
+        # kernels/quantize.cu: codes, the row in its dtype (each rounded up to 16 bytes), divisors, destinations
+        shared = -(-hidden // 16) * 16 + -(-hidden * tokens.element_size() // 16) * 16 + 4 * groups
+        shared += 4 * num_experts + groups
         launch(
             "quantize", f"moe_raw::quantize_rows<{_CTYPE[tokens.dtype]}>", dev, num_tokens, _THREADS,
             (ptr(tokens), tokens.stride(0), hidden, ptr(row_map), num_experts, code, float(fp8_max), emax, e5m2,
