@@ -77,7 +77,9 @@ KERNELS = {
         for word in ("uint16_t", "uint32_t", "uint64_t")
     ),
     "router": tuple(f"moe_raw::router_{way}<{v}, {lanes}>" for v, lanes in ROUTER_SHAPES for way in ("fwd", "bwd")),
-    "quantize": tuple(f"moe_raw::quantize_rows<{c}>" for c in ("float", "__half", "__nv_bfloat16"))
+    "quantize": tuple(
+        f"moe_raw::quantize_{kind}<{c}>" for kind in ("rows", "grad_rows") for c in ("float", "__half", "__nv_bfloat16")
+    )
     + ("moe_raw::quantize_fill<256>",),
 }
 
@@ -101,7 +103,11 @@ SIGNATURES = {
     "chunks": {"chunk_sort": "PqPqqqPiPiiPqPii"},
     "topk": {"topk_dense": "PPqiiPqP"},
     "router": {"router_fwd": "PiqiPiiiiiidiPiPPP", "router_bwd": "PiqiiiidiPiiPP"},
-    "quantize": {"quantize_rows": "PqiPiifiiPP", "quantize_fill": "PPiiiqPqii"},
+    "quantize": {
+        "quantize_rows": "PqiPiifiiPP",
+        "quantize_grad_rows": "PqiPiqPiqqifiiPP",
+        "quantize_fill": "PPiiiqPqii",
+    },
 }
 
 _lock = threading.Lock()
