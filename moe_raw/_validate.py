@@ -26,6 +26,7 @@ BYTE_DTYPES = tuple(
     for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, n)
 ) + (torch.uint8, torch.int8)
+TOKEN_DTYPES = FLOAT_DTYPES + BYTE_DTYPES  # what permute moves
 QUANT_DTYPES = RF.INPUT_DTYPES  # what permute_quantized quantizes (fp32 / fp16 / bf16; fp64 would be a silent cast)
 MAP_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 MAX_EXPERTS = 4096  # the row kernels keep a token's row list (one int per expert) in shared memory
@@ -39,7 +40,8 @@ def _name(dtypes) -> str:
 def tensor(x, arg: str, op: str, ndim: int | None = None, dtypes=None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(x).__name__}")
-    dense(x, arg, op)
+    if x.layout is not torch.strided:
+        dense(x, arg, op)
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{op}: {arg} must be {ndim}-D, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
@@ -47,15 +49,19 @@ def tensor(x, arg: str, op: str, ndim: int | None = None, dtypes=None) -> torch.
     return x
 
 
-def same_device(op: str, **tensors) -> torch.device:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    dev = items[0][1].device
-    for k, v in items[1:]:
-        if v.device != dev:
+def same_device(op: str, **tensors) -> None:
+    """All the tensors given (None skipped) on one device. Compares device indices (ints) for CUDA tensors and the
+    devices themselves otherwise: a torch.device per tensor costs more than the rest of a small call's checks."""
+    first = first_name = index = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first, first_name, index = t, name, t.get_device()
+        elif (t.get_device() != index) if index >= 0 else (t.device != first.device):
             raise ValueError(
-                f"{op}: {k} is on {v.device} but {items[0][0]} is on {dev}; all tensors must share a device"
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; all tensors must share a device"
             )
-    return dev
 
 
 def size_arg(x, arg: str, op: str, allow_none: bool = True) -> int | None:
@@ -99,7 +105,7 @@ def routing(op: str, routing_map, num_tokens: int, num_experts: int | None = Non
 
 def probs(op: str, p, num_tokens: int, num_experts: int, arg: str = "probs") -> torch.Tensor:
     tensor(p, arg, op, 2, FLOAT_DTYPES)
-    if tuple(p.shape) != (num_tokens, num_experts):
+    if p.shape != (num_tokens, num_experts):
         raise ValueError(
             f"{op}: {arg} must be [num_tokens, num_experts] = [{num_tokens}, {num_experts}], got {tuple(p.shape)}"
         )
@@ -201,7 +207,7 @@ def no_byte_grad(x: torch.Tensor, arg: str, op: str) -> None:
 
 def permute_inputs(op: str, tokens, routing_map, router_probs) -> tuple[int, int]:
     """tokens [T, H] (float or 1-byte, no 1-byte gradient), routing_map [T, E], probs [T, E] or None -> (T, E)."""
-    tensor(tokens, "tokens", op, 2, FLOAT_DTYPES + BYTE_DTYPES)
+    tensor(tokens, "tokens", op, 2, TOKEN_DTYPES)
     no_byte_grad(tokens, "tokens", op)
     num_tokens = tokens.shape[0]
     routing(op, routing_map, num_tokens)

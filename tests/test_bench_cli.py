@@ -251,3 +251,40 @@ def test_record_chart(tmp_path):
     pytest.importorskip("matplotlib")
     paths = record.write_record(str(tmp_path), {"gpu": "x"}, {}, [], _fake_rows(), 2915.0)
     assert paths["png"].endswith("bench.png") and (tmp_path / "bench.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------------- cold_trace
+
+
+def test_cold_trace_analyse_attributes_kernels_to_calls():
+    """Two traced calls: kernels belong to a call through their launch's correlation id (a kernel of call 0 that
+    runs while call 1 is on the host stays call 0's), times are relative to the call's start, gaps are GPU idle
+    time between the call's kernels; a trace without launch records falls back to the kernels in the call's span."""
+    from bench.cold_trace import analyse, median
+
+    def ev(name, cat, ts, dur, corr=None):
+        return {"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    events = [
+        ev("call 0", "user_annotation", 100.0, 30.0),
+        ev("cuLaunchKernel", "cuda_driver", 105.0, 4.0, 1),
+        ev("cuLaunchKernel", "cuda_driver", 120.0, 5.0, 2),
+        ev("routing_pack", "kernel", 112.0, 3.0, 1),
+        ev("permute_scatter", "kernel", 131.0, 20.0, 2),  # starts after call 1 began on the host
+        ev("call 1", "user_annotation", 130.0, 10.0),
+        ev("cudaLaunchKernel", "cuda_runtime", 132.0, 2.0, 3),
+        ev("gather_reduce", "kernel", 151.0, 6.0, 3),
+        ev("x", "cpu_op", 101.0, 1.0),
+    ]
+    first, second = analyse(events, "call ")
+    assert first["host"] == 30.0 and first["launches"] == 2 and first["last_launch"] == 25.0
+    assert first["first_start"] == 12.0 and first["gpu_end"] == 51.0 and first["kernels"] == 23.0
+    assert first["gaps"] == 51.0 - 12.0 - 23.0
+    assert [k[0] for k in first["kernel_list"]] == ["routing_pack", "permute_scatter"]
+    assert second["launches"] == 1 and second["first_start"] == 21.0 and second["kernels"] == 6.0
+    assert median([first, second], "kernels") == 23.0
+
+    no_launches = [e for e in events if e["cat"] not in ("cuda_driver", "cuda_runtime")]
+    first, second = analyse(no_launches, "call ")
+    assert first["launches"] == 0 and [k[0] for k in first["kernel_list"]] == ["routing_pack"]
+    assert [k[0] for k in second["kernel_list"]] == ["permute_scatter", "gather_reduce"]

@@ -67,7 +67,8 @@ def _scalar_args(p: torch.Tensor | None):
     """(address, dtype code, stride 0, stride 1) of a [T, E] scalar tensor, or nulls."""
     if p is None:
         return (0, 0, 0, 0)
-    return (p.data_ptr(), SCALAR_CODE[p.dtype], p.stride(0), p.stride(1))
+    st, se = p.stride()
+    return (p.data_ptr(), SCALAR_CODE[p.dtype], st, se)
 
 
 def _workspace_ints(num_tokens: int, num_experts: int) -> int:
@@ -104,25 +105,30 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
     return buf[: num_tokens + lines], ws, buf
 
 
+_SCATTER_NAMES = {vb: f"moe_raw::permute_scatter<{vb}>" for vb in (16, 8, 4, 2, 1)}
+
+
 def _scatter(tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, blocks, n_keep, capacity, pads):
     """Launch permute_scatter (kernels/permute.cu) over ``blocks`` blocks: token blocks, then blocks that zero spare
     and padding rows. ``tokens`` None writes only the row map / indices / probs (no rows). ``capacity``: rows per
     expert of drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
     num_tokens, num_experts = routing_map.shape
-    src, row_bytes, vb = None, 0, 16
+    src_ptr = src_stride = row_bytes = stage = 0
+    vb = 16
     if tokens is not None:
         src = row_view(tokens)
-        esize = tokens.element_size()
-        row_bytes = tokens.shape[1] * esize
-        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src.stride(0) * esize, src.data_ptr(), out.data_ptr()))
+        esize = src.element_size()
+        row_bytes, src_stride, src_ptr = src.shape[1] * esize, src.stride()[0] * esize, src.data_ptr()
+        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src_stride, src_ptr, out.data_ptr()))
+        if vb == 16:  # the kernel's 128-aligned stage of up to 16 KiB of the row (bulk copies)
+            stage = 128 + min(row_bytes, _STAGE_BYTES)
+    map_st, map_se = routing_map.stride()
     launch(
-        "permute", f"moe_raw::permute_scatter<{vb}>", routing_map.device, blocks, _ROW_THREADS,
-        (ptr(src), (src.stride(0) * src.element_size() if src is not None else 0), ptr(out), row_bytes,
-         num_tokens, num_experts, n_rows, int(capacity is not None), capacity or 0,
-         ptr(routing_map), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
-         ws, row_map.data_ptr(), ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads)),
-        # the row list and scratch, plus (16-byte rows) the kernel's 128-aligned stage of up to 16 KiB of the row
-        shared_mem=8 * num_experts + (128 + min(row_bytes, _STAGE_BYTES) if vb == 16 and src is not None else 0),
+        "permute", _SCATTER_NAMES[vb], routing_map.device, blocks, _ROW_THREADS,
+        (src_ptr, src_stride, ptr(out), row_bytes, num_tokens, num_experts, n_rows, int(capacity is not None),
+         capacity or 0, routing_map.data_ptr(), routing_map.element_size(), map_st, map_se, ws, row_map.data_ptr(),
+         ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads)),
+        shared_mem=8 * num_experts + stage,  # the row list and scratch, then the stage
     )  # fmt: skip
 
 
@@ -167,6 +173,11 @@ def _acc_size(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float64 else 4
 
 
+_GATHER_NAMES = {
+    (dtype, vb): f"moe_raw::gather_reduce<{ctype}, {vb}>" for dtype, ctype in CTYPES.items() for vb in (16, 8, 4, 2, 1)
+}
+
+
 def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None, dprobs_dtype=None, out_dtype=None):
     """out[t] = sum of token t's rows (weighted by probs where given). Returns (out [T, H], dprobs [T, E] | None).
 
@@ -191,14 +202,15 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
         n_rows, hidden = rows.shape
         esize = rows.element_size()
         out = torch.empty((num_tokens, hidden), dtype=dtype, device=dev)
-        rows_stride = rows.stride(0)
+        rows_stride = rows.stride()[0]
         vb = _vec_bytes(esize, hidden * esize, rows_stride * esize, rows.data_ptr(), out.data_ptr())
     smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
+    csr_ptr, csr_rows = csr if csr else (None, None)
     launch(
-        "permute", f"moe_raw::gather_reduce<{CTYPES[dtype]}, {vb}>", dev, num_tokens, _ROW_THREADS,
-        (ptr(rows), (rows_stride), (n_rows), ptr(out), (hidden), (hidden), (num_tokens),
-         (num_experts), ptr(row_map), ptr(csr[0] if csr else None), ptr(csr[1] if csr else None),
-         *_scalar_args(probs), ptr(g_pprobs), (SCALAR_CODE[g_pprobs.dtype] if g_pprobs is not None else 0),
+        "permute", _GATHER_NAMES[dtype, vb], dev, num_tokens, _ROW_THREADS,
+        (ptr(rows), rows_stride, n_rows, ptr(out), hidden, hidden, num_tokens, num_experts, ptr(row_map),
+         ptr(csr_ptr), ptr(csr_rows), *_scalar_args(probs),
+         ptr(g_pprobs), (SCALAR_CODE[g_pprobs.dtype] if g_pprobs is not None else 0),
          ptr(dprobs), (SCALAR_CODE[dprobs_dtype] if dprobs is not None else 0)),
         shared_mem=smem,
     )  # fmt: skip

@@ -23,10 +23,11 @@ def _shape(num_experts: int) -> tuple[int, int]:
     return next((v, lanes) for v, lanes in ROUTER_SHAPES if v * lanes >= num_experts)
 
 
-def _launch_shape(way: str, num_tokens: int, num_experts: int) -> tuple[str, int]:
-    """(kernel name, grid): a block holds _WARPS * 32 / L tokens."""
+def _launch_shape(way: str, num_tokens: int, num_experts: int) -> tuple[str, int, int]:
+    """(kernel name, grid, tokens a block): a block holds _WARPS * 32 / L tokens."""
     v, lanes = _shape(num_experts)
-    return f"moe_raw::router_{way}<{v}, {lanes}>", cdiv(num_tokens, _WARPS * 32 // lanes)
+    tokens_per_block = _WARPS * 32 // lanes
+    return f"moe_raw::router_{way}<{v}, {lanes}>", cdiv(num_tokens, tokens_per_block), tokens_per_block
 
 
 def forward(logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux):
@@ -45,8 +46,7 @@ def forward(logits, expert_bias, topk, score_function, pre_softmax, num_groups, 
     if num_tokens:
         bias = expert_bias if expert_bias is not None and score_function != "softmax" and not aux else None
         grouped = bool(group_topk) and not aux
-        name, grid = _launch_shape("fwd", num_tokens, num_experts)
-        tokens_per_block = _WARPS * 32 // _shape(num_experts)[1]
+        name, grid, tokens_per_block = _launch_shape("fwd", num_tokens, num_experts)
         shared = tokens_per_block * num_experts * 4 if grouped else 0  # some group layouts stage fp32 keys there
         launch(
             "router", name, dev, grid, 32 * _WARPS,
@@ -65,7 +65,7 @@ def backward(logits, idx, grad, topk, score_function, pre_softmax, scaling, dens
     grad = grad.contiguous()
     grad_logits = torch.empty_like(logits)
     if num_tokens:
-        name, grid = _launch_shape("bwd", num_tokens, num_experts)
+        name, grid, _ = _launch_shape("bwd", num_tokens, num_experts)
         launch(
             "router", name, logits.device, grid, 32 * _WARPS,
             (ptr(logits), SCALAR_CODE[logits.dtype], num_tokens, num_experts, topk, SCORE_CODE[score_function],
