@@ -12,9 +12,10 @@
 // other rows: spare rows (from row_map[T, 0] to N) and, in the aligned layout, each expert's padding rows
 // [row_map[T + 1, e], row_map[T + 2, e]): zero codes, scale 1.0 (E8M0 byte 127).
 //
-// Launch shape: quantize_rows: grid = T, block = kQuantThreads (one block a token), dynamic shared memory
-// round_up(H, 16) code bytes + round_up(H * token bytes, 16) (the row, in its dtype) + groups fp32 + E ints + groups
-// bytes. quantize_grad_rows (unpermute's row gradient, quantized): grid = T, block = kQuantThreads, dynamic shared
+// Launch shape: quantize_warp (rows of whole 16-byte packs): grid = ceil(T / 4), block = kWarpQuantThreads = 128
+// (a warp a token), dynamic shared memory 4 * E ints. quantize_rows (any rows): grid = T, block = kQuantThreads
+// (one block a token), dynamic shared memory round_up(H, 16) code bytes + round_up(H * token bytes, 16) (the row,
+// in its dtype) + groups fp32 + E ints + groups bytes. quantize_grad_rows (unpermute's row gradient, quantized): grid = T, block = kQuantThreads, dynamic shared
 // memory round_up(H * grad bytes, 16) + groups fp32 + E (fp32 + int) + groups bytes. quantize_fill: grid = S + E (aligned)
 // or S, S = min(N, 1024) blocks striding over the spare rows, then one block per expert's padding rows; block
 // kQuantThreads.
@@ -162,6 +163,122 @@ __global__ void __launch_bounds__(kQuantThreads)
   }
 }
 
+// quantize_rows with a warp a token (kWarpQuantThreads / 32 tokens a block) and no block barrier, for rows of
+// whole 16-byte packs (H * sizeof(T) % 16 == 0, 16-byte aligned rows and stride): lane l takes packs l, l + 32, ...
+// The warp lists the token's rows from its row-map line (a ballot), then
+//   blockwise / mxfp8: a group is 128 / 32 elements, so the 4 to 32 consecutive lanes holding its packs reduce its
+//     amax with xor shuffles: one pass, each pack loaded once, quantized in registers and stored to every row;
+//   rowwise: a first pass takes the row's amax (a warp butterfly), the second reloads the packs (L1 / L2) to
+//     quantize them.
+// The same per-element operations as quantize_rows (the NaN-keeping max is order-free), so the same bits.
+// Shared memory: (kWarpQuantThreads / 32) * E ints (each warp's row list).
+constexpr int kWarpQuantThreads = 128;
+
+template <typename T>
+__device__ __forceinline__ float pack_amax(const uint4& raw) {
+  constexpr int kN = 16 / sizeof(T);
+  const T* x = reinterpret_cast<const T*>(&raw);
+  float m = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) m = nan_max_abs(m, to_acc(x[i]));
+  return m;
+}
+
+// The pack's 16 / sizeof(T) codes, packed little-endian into words (2 words for 2-byte T, 1 for fp32).
+template <typename T>
+__device__ __forceinline__ uint2 pack_codes(const uint4& raw, float divisor, float fp8_max, int e5m2) {
+  constexpr int kN = 16 / sizeof(T);
+  const T* x = reinterpret_cast<const T*>(&raw);
+  uint32_t w[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < kN; ++i)
+    w[i / 4] |= static_cast<uint32_t>(to_fp8(__fdiv_rn(to_acc(x[i]), divisor), fp8_max, e5m2)) << (8 * (i % 4));
+  return make_uint2(w[0], w[1]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarpQuantThreads)
+    quantize_warp(const T* __restrict__ tokens, int64_t stride, int hidden, const int* __restrict__ row_map,
+                  int num_experts, int recipe, float fp8_max, int emax, int e5m2, unsigned char* __restrict__ q,
+                  void* __restrict__ scales, int64_t num_tokens) {
+  constexpr int kN = 16 / sizeof(T);  // elements a pack
+  constexpr int kWarps = kWarpQuantThreads / 32;
+  extern __shared__ int quant_rows[];  // [kWarps][num_experts]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
+  int* dest = quant_rows + warp * num_experts;
+  int n = 0;
+  for (int e0 = 0; e0 < num_experts; e0 += 32) {
+    const int e = e0 + lane;
+    const int code = e < num_experts ? row_map[t * num_experts + e] : -1;
+    const bool has = code >= 0 || code <= -2;
+    const uint32_t listed = __ballot_sync(0xffffffffu, has);
+    if (has) dest[n + __popc(listed & ((1u << lane) - 1u))] = code >= 0 ? code : -2 - code;
+    n += __popc(listed);
+  }
+  __syncwarp();
+  const uint4* row = reinterpret_cast<const uint4*>(tokens + t * stride);
+  const int packs = hidden / kN;
+  if (recipe == kRowwise) {
+    float m = 0.0f;
+#pragma unroll 4
+    for (int p = lane; p < packs; p += 32) m = nan_max_abs(m, pack_amax<T>(row[p]));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
+    unsigned char unused;
+    const float divisor = group_divisor(m, recipe, fp8_max, emax, &unused);
+#pragma unroll 2
+    for (int p = lane; p < packs; p += 32) {
+      const uint2 c = pack_codes<T>(row[p], divisor, fp8_max, e5m2);
+      for (int j = 0; j < n; ++j) {
+        unsigned char* out = q + static_cast<int64_t>(dest[j]) * hidden + static_cast<int64_t>(p) * kN;
+        if constexpr (kN == 8) *reinterpret_cast<uint2*>(out) = c;
+        else *reinterpret_cast<uint32_t*>(out) = c.x;
+      }
+    }
+    for (int j = lane; j < n; j += 32) static_cast<float*>(scales)[dest[j]] = divisor;
+    return;
+  }
+  // blockwise / mxfp8: lanes_per_group consecutive lanes hold a group's packs (4 to 32: a power of two)
+  const int group = recipe == kBlockwise ? 128 : 32;
+  const int groups = (hidden + group - 1) / group;
+  const int lanes_per_group = group / kN;
+  constexpr int kUnroll = 2;  // packs a lane loads before it reduces and stores them
+  for (int base = 0; base < packs; base += kUnroll * 32) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int p = base + u * 32 + lane;
+      raw[u] = p < packs ? row[p] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int p = base + u * 32 + lane;
+      float m = p < packs ? pack_amax<T>(raw[u]) : 0.0f;
+      for (int off = lanes_per_group >> 1; off > 0; off >>= 1)
+        m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
+      if (p < packs) {
+        unsigned char mx = 0;
+        const float divisor = group_divisor(m, recipe, fp8_max, emax, &mx);
+        const uint2 c = pack_codes<T>(raw[u], divisor, fp8_max, e5m2);
+        const int g = p / lanes_per_group;
+        const bool first = p % lanes_per_group == 0;
+        for (int j = 0; j < n; ++j) {
+          const int64_t r = dest[j];
+          unsigned char* out = q + r * hidden + static_cast<int64_t>(p) * kN;
+          if constexpr (kN == 8) *reinterpret_cast<uint2*>(out) = c;
+          else *reinterpret_cast<uint32_t*>(out) = c.x;
+          if (first) {
+            if (recipe == kMxfp8) static_cast<unsigned char*>(scales)[r * groups + g] = mx;
+            else static_cast<float*>(scales)[r * groups + g] = divisor;
+          }
+        }
+      }
+    }
+  }
+}
+
 // unpermute's row gradient, quantized (unpermute_grad_quantized): one block a token t of g [T, H]. For each row r
 // token t occupies (routed pair (t, e): weight w = probs[t, e], or 1 without probs; a drop-and-pad copy: w = 0 with
 // probs, 1 without), the row d[c] = T(g[t, c] * w) (fp32 product rounded once to T, exactly as unpermute_bwd writes
@@ -285,6 +402,12 @@ namespace moe_raw {
 MOE_RAW_QUANTIZE_ROWS(float)
 MOE_RAW_QUANTIZE_ROWS(__half)
 MOE_RAW_QUANTIZE_ROWS(__nv_bfloat16)
+#define MOE_RAW_QUANTIZE_WARP(T)                                                                          \
+  template __global__ void quantize_warp<T>(const T*, int64_t, int, const int*, int, int, float, int, int, \
+                                            unsigned char*, void*, int64_t);
+MOE_RAW_QUANTIZE_WARP(float)
+MOE_RAW_QUANTIZE_WARP(__half)
+MOE_RAW_QUANTIZE_WARP(__nv_bfloat16)
 #define MOE_RAW_QUANTIZE_GRAD_ROWS(T)                                                                                  \
   template __global__ void quantize_grad_rows<T>(const T*, int64_t, int, const int*, int, int64_t, const void*, int, \
                                                  int64_t, int64_t, int, float, int, int, unsigned char*, void*);

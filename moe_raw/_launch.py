@@ -78,7 +78,9 @@ KERNELS = {
     ),
     "router": tuple(f"moe_raw::router_{way}<{v}, {lanes}>" for v, lanes in ROUTER_SHAPES for way in ("fwd", "bwd")),
     "quantize": tuple(
-        f"moe_raw::quantize_{kind}<{c}>" for kind in ("rows", "grad_rows") for c in ("float", "__half", "__nv_bfloat16")
+        f"moe_raw::quantize_{kind}<{c}>"
+        for kind in ("rows", "warp", "grad_rows")
+        for c in ("float", "__half", "__nv_bfloat16")
     )
     + ("moe_raw::quantize_fill<256>",),
 }
@@ -105,6 +107,7 @@ SIGNATURES = {
     "router": {"router_fwd": "PiqiPiiiiiidiPiPPP", "router_bwd": "PiqiiiidiPiiPP"},
     "quantize": {
         "quantize_rows": "PqiPiifiiPP",
+        "quantize_warp": "PqiPiifiiPPq",
         "quantize_grad_rows": "PqiPiqPiqqifiiPP",
         "quantize_fill": "PPiiiqPqii",
     },

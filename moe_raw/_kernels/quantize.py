@@ -10,6 +10,10 @@ RECIPE_CODE = {"rowwise": 0, "blockwise": 1, "mxfp8": 2}  # kernels/quantize.cu 
 _THREADS = 256  # kernels/quantize.cu kQuantThreads
 _SPARE_BLOCKS = 1024  # quantize_fill blocks striding over the spare rows (their count is known only on the device)
 _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+# Rows of whole 16-byte packs are quantized by quantize_warp (a warp a token, no block barrier) when this is "warp",
+# by quantize_rows (a block a token) when "block"; other rows always by quantize_rows. Tests set it to compare.
+_QUANT_KERNEL = "warp"
+_WARP_THREADS = 128  # kernels/quantize.cu kWarpQuantThreads: 4 warps, 4 tokens a block
 
 
 def _outputs(num_rows, hidden, recipe, groups, dev):
@@ -43,7 +47,18 @@ def quantize_rows(tokens, row_map, num_rows, recipe, fp8_dtype, fp8_max, emax, g
     num_experts = row_map.shape[1]
     row_map = row_map.contiguous()
     codes, scales = _outputs(num_rows, hidden, recipe, groups, tokens.device)
-    if num_tokens:
+    esize = tokens.element_size()
+    whole_packs = ((hidden * esize) | (tokens.stride(0) * esize) | tokens.data_ptr()) & 15 == 0
+    if num_tokens and _QUANT_KERNEL == "warp" and whole_packs:
+        warps = _WARP_THREADS // 32
+        launch(
+            "quantize", f"moe_raw::quantize_warp<{_CTYPE[tokens.dtype]}>", tokens.device,
+            -(-num_tokens // warps), _WARP_THREADS,
+            (ptr(tokens), tokens.stride(0), hidden, ptr(row_map), num_experts, RECIPE_CODE[recipe], float(fp8_max),
+             emax, int(fp8_dtype == torch.float8_e5m2), ptr(codes), ptr(scales), num_tokens),
+            4 * warps * num_experts,  # each warp's row list
+        )  # fmt: skip
+    elif num_tokens:
         # kernels/quantize.cu: codes, the row in its dtype (each rounded up to 16 bytes), divisors, destinations
         shared = -(-hidden // 16) * 16 + -(-hidden * tokens.element_size() // 16) * 16 + 4 * groups
         shared += 4 * num_experts + groups
