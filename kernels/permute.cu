@@ -507,9 +507,9 @@ __global__ void __launch_bounds__(kRowThreads, 10)
                                      map_se, row_map, sorted_indices, probs, probs_code, probs_st, probs_se,
                                      permuted_probs, n_keep, pad_ranges)
                         : -1;
-    const uint32_t placed = __ballot_sync(0xffffffffu, row >= 0);
-    if (row >= 0) rows[n + __popc(placed & ((1u << lane) - 1u))] = row;
-    n += __popc(placed);
+    int slot;
+    n = warp_slots(row >= 0, n, &slot);
+    if (row >= 0) rows[slot] = row;
   }
   __syncwarp();  // the list is read by every lane
   if (!src) return;
@@ -719,13 +719,12 @@ __global__ void __launch_bounds__(kRowThreads, 12)
       const int row = e < num_experts ? gather_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st,
                                                     probs_se, g_pprobs, g_code, dprobs, dprobs_code, &w)
                                       : -1;
-      const uint32_t listed = __ballot_sync(0xffffffffu, row >= 0);
+      int slot;
+      n = warp_slots(row >= 0, n, &slot);
       if (row >= 0) {
-        const int pos = n + __popc(listed & ((1u << lane) - 1u));
-        list_rows[pos] = row;
-        list_w[pos] = w;
+        list_rows[slot] = row;
+        list_w[slot] = w;
       }
-      n += __popc(listed);
     }
     __syncwarp();  // the lists are read by every lane
   } else {
@@ -739,6 +738,45 @@ __global__ void __launch_bounds__(kRowThreads, 12)
   } else {
     sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[csr_beg + j]; },
                     [](int) { return A(1); }, lane, 32);
+  }
+}
+
+// One pass of unpermute's backward over a thread's packs v = first, first + step, ... of token t's gradient row gv,
+// for rows j0 .. j0 + m - 1 of its list (m <= kGroup): d_rows[row] = g * w, and with dprobs, dot[k] += the
+// thread's share of dot(g, rows[row]) for the routed rows (list_e >= 0).
+template <typename T, int VB, int kGroup>
+__device__ __forceinline__ void bwd_rows_pass(const typename Vec<VB>::type* __restrict__ gv,
+                                              const T* __restrict__ rows, int64_t rows_stride, T* __restrict__ d_rows,
+                                              int64_t hidden, const int* list_rows,
+                                              const typename Acc<T>::type* list_w, const int* list_e, int j0, int m,
+                                              const void* dprobs, typename Acc<T>::type* dot, int first, int step) {
+  using A = typename Acc<T>::type;
+  using P = Pack<T, VB>;
+  using V = typename Vec<VB>::type;
+  const int64_t nvec = hidden / P::N;
+  for (int64_t v = first; v < nvec; v += step) {
+    P x;
+    x.raw = gv[v];
+    A gx[P::N];
+#pragma unroll
+    for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      if (k < m) {
+        const int64_t r = list_rows[j0 + k];
+        const A w = list_w[j0 + k];
+        if (dprobs && list_e[j0 + k] >= 0) {
+          P y;
+          y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
+#pragma unroll
+          for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
+        }
+        P d;
+#pragma unroll
+        for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
+        reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
+      }
+    }
   }
 }
 
@@ -775,7 +813,6 @@ __global__ void __launch_bounds__(kRowThreads)
                   const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                   void* __restrict__ dprobs, int dprobs_code, const int* __restrict__ pad_ranges) {
   using A = typename Acc<T>::type;
-  using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   constexpr int kGroup = 8;  // dot products reduced per pass
   extern __shared__ int smem[];
@@ -809,37 +846,14 @@ __global__ void __launch_bounds__(kRowThreads)
     n += count;
   }
   __syncthreads();
-  const int64_t nvec = hidden / P::N;
   const V* gv = reinterpret_cast<const V*>(g + t * g_stride);
   for (int j0 = 0; j0 < n; j0 += kGroup) {
     const int m = min(kGroup, n - j0);
     A dot[kGroup];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) dot[k] = A(0);
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      P x;
-      x.raw = gv[v];
-      A gx[P::N];
-#pragma unroll
-      for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
-#pragma unroll
-      for (int k = 0; k < kGroup; ++k) {
-        if (k < m) {
-          const int64_t r = list_rows[j0 + k];
-          const A w = list_w[j0 + k];
-          if (dprobs && list_e[j0 + k] >= 0) {
-            P y;
-            y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
-#pragma unroll
-            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
-          }
-          P d;
-#pragma unroll
-          for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
-          reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
-        }
-      }
-    }
+    bwd_rows_pass<T, VB, kGroup>(gv, rows, rows_stride, d_rows, hidden, list_rows, list_w, list_e, j0, m, dprobs,
+                                 dot, threadIdx.x, blockDim.x);
     if (dprobs) {
       // Fixed-order block reduction: warp butterfly, then warp 0 sums the warps in order.
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -878,7 +892,6 @@ __global__ void __launch_bounds__(kRowThreads, 10)
                        int64_t probs_st, int64_t probs_se, void* __restrict__ dprobs, int dprobs_code,
                        const int* __restrict__ pad_ranges) {
   using A = typename Acc<T>::type;
-  using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   constexpr int kGroup = 8;  // dot products summed per pass over the row
   constexpr int kWarps = kRowThreads / 32;
@@ -905,47 +918,23 @@ __global__ void __launch_bounds__(kRowThreads, 10)
     const int row = e < num_experts ? bwd_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st,
                                                probs_se, dprobs, dprobs_code, &w, &routed)
                                     : -1;
-    const uint32_t listed = __ballot_sync(0xffffffffu, row >= 0);
+    int slot;
+    n = warp_slots(row >= 0, n, &slot);
     if (row >= 0) {
-      const int pos = n + __popc(listed & ((1u << lane) - 1u));
-      list_rows[pos] = row;
-      list_w[pos] = w;
-      list_e[pos] = routed ? e : -1;
+      list_rows[slot] = row;
+      list_w[slot] = w;
+      list_e[slot] = routed ? e : -1;
     }
-    n += __popc(listed);
   }
   __syncwarp();  // the lists are read by every lane
-  const int64_t nvec = hidden / P::N;
   const V* gv = reinterpret_cast<const V*>(g + t * g_stride);
   for (int j0 = 0; j0 < n; j0 += kGroup) {
     const int m = min(kGroup, n - j0);
     A dot[kGroup];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) dot[k] = A(0);
-    for (int64_t v = lane; v < nvec; v += 32) {
-      P x;
-      x.raw = gv[v];
-      A gx[P::N];
-#pragma unroll
-      for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
-#pragma unroll
-      for (int k = 0; k < kGroup; ++k) {
-        if (k < m) {
-          const int64_t r = list_rows[j0 + k];
-          const A w = list_w[j0 + k];
-          if (dprobs && list_e[j0 + k] >= 0) {
-            P y;
-            y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
-#pragma unroll
-            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
-          }
-          P d;
-#pragma unroll
-          for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
-          reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
-        }
-      }
-    }
+    bwd_rows_pass<T, VB, kGroup>(gv, rows, rows_stride, d_rows, hidden, list_rows, list_w, list_e, j0, m, dprobs,
+                                 dot, lane, 32);
     if (dprobs) {
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) {

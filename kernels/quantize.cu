@@ -213,9 +213,9 @@ __global__ void __launch_bounds__(kWarpQuantThreads)
     const int e = e0 + lane;
     const int code = e < num_experts ? row_map[t * num_experts + e] : -1;
     const bool has = code >= 0 || code <= -2;
-    const uint32_t listed = __ballot_sync(0xffffffffu, has);
-    if (has) dest[n + __popc(listed & ((1u << lane) - 1u))] = code >= 0 ? code : -2 - code;
-    n += __popc(listed);
+    int slot;
+    n = warp_slots(has, n, &slot);
+    if (has) dest[slot] = code >= 0 ? code : -2 - code;
   }
   __syncwarp();
   const uint4* row = reinterpret_cast<const uint4*>(tokens + t * stride);

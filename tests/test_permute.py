@@ -26,6 +26,9 @@ the sweep and the > 2^31-element test); ``python -m pytest -q tests/test_permute
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -1144,6 +1147,18 @@ _ROW_KERNEL_CASES = [
     (BF16, 300, 2048, 100, 6, "empty_expert", F32, "bool", -200, True),  # E = 100: 4 rounds of 32 experts a warp
     (torch.float8_e4m3fn, 1000, 7168, 256, 8, "topk", None, "bool", 0, False),
 ]
+
+
+@pytest.mark.parametrize("value, expected", [("1", "block block"), ("0", "warp warp"), (None, "warp warp")])
+def test_block_kernels_switch(value, expected):
+    """MOE_RAW_BLOCK_KERNELS=1 at import selects the block-a-token kernels of permute / unpermute and of
+    permute_quantized (read once, as the other switches); unset or 0 keeps the warp-a-token defaults."""
+    env = {k: v for k, v in os.environ.items() if k != "MOE_RAW_BLOCK_KERNELS"}
+    if value is not None:
+        env["MOE_RAW_BLOCK_KERNELS"] = value
+    code = "from moe_raw._kernels import dispatch, quantize; print(dispatch._ROW_KERNEL, quantize._QUANT_KERNEL)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
 
 
 def _map_form(rm, form):

@@ -111,7 +111,7 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
 # The row kernels: "warp" (permute_warp after the routing tables, gather_warp, unpermute_bwd_warp: a warp a token,
 # no block barrier) or "block" (permute_scatter, a block a token with bulk-copy stores on sm_90; gather_reduce,
 # unpermute_bwd). Tests set it to compare the two.
-_ROW_KERNEL = "warp"
+_ROW_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARPS = _ROW_THREADS // 32  # tokens a block of the warp kernels
 
 _SCATTER_NAMES = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_raw import _env
 from moe_raw._launch import SCALAR_CODE, launch, ptr
 
 RECIPE_CODE = {"rowwise": 0, "blockwise": 1, "mxfp8": 2}  # kernels/quantize.cu Recipe
@@ -12,7 +13,7 @@ _SPARE_BLOCKS = 1024  # quantize_fill blocks striding over the spare rows (their
 _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 # Rows of whole 16-byte packs are quantized by quantize_warp (a warp a token, no block barrier) when this is "warp",
 # by quantize_rows (a block a token) when "block"; other rows always by quantize_rows. Tests set it to compare.
-_QUANT_KERNEL = "warp"
+_QUANT_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARP_THREADS = 128  # kernels/quantize.cu kWarpQuantThreads: 4 warps, 4 tokens a block
 
 
