@@ -42,7 +42,7 @@
 //   VB-byte packs; grid = T token blocks (permute_warp: ceil(T / 4), a warp a token), then tail blocks that zero
 //   spare rows and, in the aligned layout, E blocks that zero each expert's padding rows. Dynamic shared memory
 //   holds the token's row list (permute_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
-//   the row; permute_small: 2 * E + 2 ints of counts in front).
+//   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their last dim, VB divides the row bytes,
 //   the row stride and both base addresses; T * E < 2^31; E <= 4096; N < 2^31 - 2.
 // Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
@@ -56,6 +56,24 @@ namespace moe_raw {
 constexpr int kTileTokens = 256;  // routing_pack block: 8 warps x 32 tokens
 constexpr int kRowThreads = 128;  // row kernels
 constexpr int kTailRows = 32;     // spare rows zeroed per tail block
+
+// Exclusive scan of count(i), i < m, by the whole block: each thread sums a contiguous run of i, one block scan
+// of the run sums, then write(i, prefix) along each run (count(i) is read again after write(i, ...): not in place).
+// Returns the total. Contains __syncthreads: call from every thread.
+template <typename CountFn, typename WriteFn>
+__device__ __forceinline__ int block_scan_runs(int64_t m, CountFn count, WriteFn write) {
+  const int64_t per = (m + blockDim.x - 1) / blockDim.x;
+  const int64_t beg = min(m, static_cast<int64_t>(threadIdx.x) * per), end = min(m, beg + per);
+  int local = 0;
+  for (int64_t i = beg; i < end; ++i) local += count(i);
+  int total;
+  int run = block_exclusive_scan(local, &total);
+  for (int64_t i = beg; i < end; ++i) {
+    write(i, run);
+    run += count(i);
+  }
+  return total;
+}
 
 struct Tables {
   const uint32_t* words;
@@ -86,40 +104,31 @@ struct Tables {
 };
 
 // What Tables gives, for one token t only, counted by the whole block straight from the routing map (T * E map
-// reads per block: the host uses it for small maps only). smem: 2 * E + 1 ints, start[E + 1] then before[E] (the
-// routed tokens of each expert before t). The constructor contains __syncthreads: build it in every thread.
+// reads per block: the host uses it for small maps only). smem: 3 * E + 1 ints, count[E] (routed tokens of each
+// expert), start[E + 1] (their exclusive scan; start[E] = all routed pairs), before[E] (the routed tokens of each
+// expert before t). The constructor contains __syncthreads: build it in every thread.
 struct MapPrefix {
   const int* start_;
   const int* before_;
   __device__ MapPrefix(int* smem, const void* routing_map, int map_bytes, int64_t map_st, int64_t map_se,
                        int num_tokens, int num_experts, int64_t t) {
-    int* start = smem;                    // counts first, then their exclusive scan
-    int* before = smem + num_experts + 1;
-    for (int e = threadIdx.x; e <= num_experts; e += blockDim.x) start[e] = 0;
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) before[e] = 0;
+    int* count = smem;
+    int* start = smem + num_experts;
+    int* before = smem + 2 * num_experts + 1;
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) count[e] = before[e] = 0;
     __syncthreads();
     const int entries = num_tokens * num_experts;  // T * E < 2^31 (checked on the host)
 #pragma unroll 4
     for (int i = threadIdx.x; i < entries; i += blockDim.x) {
       const int tt = i / num_experts, e = i - tt * num_experts;
       if (map_entry(routing_map, map_bytes, tt * map_st + e * map_se)) {
-        atomicAdd(&start[e], 1);  // integer counts: the same whatever the order (deterministic)
+        atomicAdd(&count[e], 1);  // integer counts: the same whatever the order (deterministic)
         if (tt < t) atomicAdd(&before[e], 1);
       }
     }
     __syncthreads();
-    // Exclusive scan of the counts over experts: each thread a contiguous run of experts, one block scan.
-    const int per = (num_experts + blockDim.x - 1) / blockDim.x;
-    const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
-    int local = 0;
-    for (int e = e_beg; e < e_end; ++e) local += start[e];
-    int total;
-    int run = block_exclusive_scan(local, &total);
-    for (int e = e_beg; e < e_end; ++e) {
-      const int count = start[e];
-      start[e] = run;
-      run += count;
-    }
+    const int total = block_scan_runs(
+        num_experts, [&](int64_t e) { return count[e]; }, [&](int64_t e, int prefix) { start[e] = prefix; });
     if (threadIdx.x == 0) start[num_experts] = total;
     __syncthreads();
     start_ = start;
@@ -136,17 +145,12 @@ __device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
   const int* tile_sums = ws + 2 * ew;
   int* tile_base = ws + 2 * ew + m;
   int* expert_start = ws + 2 * ew + 2 * m;
-  const int64_t per = (m + blockDim.x - 1) / blockDim.x;
-  const int64_t beg = min(m, static_cast<int64_t>(threadIdx.x) * per), end = min(m, beg + per);
-  int local = 0;
-  for (int64_t i = beg; i < end; ++i) local += tile_sums[i];
-  int total;
-  int run = block_exclusive_scan(local, &total);
-  for (int64_t i = beg; i < end; ++i) {
-    if (i % n_tiles == 0) expert_start[i / n_tiles] = run;
-    tile_base[i] = run;
-    run += tile_sums[i];
-  }
+  const int total = block_scan_runs(
+      m, [&](int64_t i) { return tile_sums[i]; },
+      [&](int64_t i, int prefix) {
+        if (i % n_tiles == 0) expert_start[i / n_tiles] = prefix;
+        tile_base[i] = prefix;
+      });
   if (threadIdx.x == 0) expert_start[num_experts] = total;
 }
 
@@ -449,7 +453,7 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
 
 // permute_small: permute_scatter without the tables, for small maps (the host takes it when T * E <= 4096, E <=
 // 1024 and there is no aligned layout): each block counts the whole map itself (MapPrefix), so a small permute is
-// one launch instead of two. Same parameters (ws unused); shared memory 2 * E + 2 more ints, in front.
+// one launch instead of two. Same parameters (ws unused); shared memory (3 * E + 2) & ~1 more ints, in front.
 template <int VB>
 __global__ void __launch_bounds__(kRowThreads)
     permute_small(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
@@ -458,12 +462,12 @@ __global__ void __launch_bounds__(kRowThreads)
                   const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
                   const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                   void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
-  extern __shared__ int smem[];  // MapPrefix's 2 * E + 2 ints, then scatter_token's
+  extern __shared__ int smem[];  // MapPrefix's 3 * E + 1 ints (rounded up to even), then scatter_token's
   const MapPrefix tab(smem, routing_map, map_bytes, map_st, map_se, static_cast<int>(num_tokens), num_experts,
                       blockIdx.x);
-  scatter_token<VB>(tab, smem + 2 * num_experts + 2, src, src_stride, dst, row_bytes, num_tokens, num_experts, n_rows,
-                    drop_and_pad, capacity, routing_map, map_bytes, map_st, map_se, row_map, sorted_indices, probs,
-                    probs_code, probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
+  scatter_token<VB>(tab, smem + ((3 * num_experts + 2) & ~1), src, src_stride, dst, row_bytes, num_tokens,
+                    num_experts, n_rows, drop_and_pad, capacity, routing_map, map_bytes, map_st, map_se, row_map,
+                    sorted_indices, probs, probs_code, probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
 }
 
 // permute_warp: permute_scatter's work with a warp a token (kRowThreads / 32 tokens a block) and no block barrier:

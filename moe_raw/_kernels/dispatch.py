@@ -143,7 +143,8 @@ def _scatter(
     if way == "warp":
         blocks, shared = cdiv(num_tokens, _WARPS) + extra_blocks, 4 * _WARPS * num_experts  # the warps' row lists
     else:  # permute_small's counts in front, the row list and scratch, then the stage
-        blocks, shared = num_tokens + extra_blocks, (0 if ws else 8 * num_experts + 8) + 8 * num_experts + stage
+        counts = 0 if ws else 4 * ((3 * num_experts + 2) & ~1)
+        blocks, shared = num_tokens + extra_blocks, counts + 8 * num_experts + stage
     map_st, map_se = routing_map.stride()
     launch(
         "permute", _SCATTER_NAMES[way, vb], routing_map.device, blocks, _ROW_THREADS,
