@@ -1146,6 +1146,7 @@ _ROW_KERNEL_CASES = [
     (F32, 513, 4096, 8, 2, "topk", F32, "transposed", -300, False),  # Mixtral's E, K; dropped tail
     (BF16, 300, 2048, 100, 6, "empty_expert", F32, "bool", -200, True),  # E = 100: 4 rounds of 32 experts a warp
     (torch.float8_e4m3fn, 1000, 7168, 256, 8, "topk", None, "bool", 0, False),
+    (F32, 100, 256, 1200, 4, "sparse", F64, "bool", 0, False),  # E 1200: unpermute's backward on its block kernel
 ]
 
 
@@ -1159,6 +1160,37 @@ def test_block_kernels_switch(value, expected):
     code = "from moe_raw._kernels import dispatch, quantize; print(dispatch._ROW_KERNEL, quantize._QUANT_KERNEL)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == expected
+
+
+@pytest.mark.parametrize("num_experts", [8, 256, 1000, 1500, 3000, 4096])
+@pytest.mark.parametrize("dtype", [BF16, F64])
+def test_warp_kernels_fit_the_default_shared_memory(dtype, num_experts, monkeypatch):
+    """A warp-a-token kernel keeps a row list per warp, 4x a block kernel's: it must only be chosen where those fit
+    the 48 KiB every block gets (beyond, the block kernel opts in to more). The CUDA launchers run here on CPU
+    tensors with the launch captured (no GPU): every warp kernel asks for <= 46 KiB, and the large E take the block
+    kernels."""
+    from moe_raw import _launch
+    from moe_raw._kernels import dispatch as D
+
+    launches = []
+    monkeypatch.setattr(D, "launch", lambda family, name, dev, grid, block, args, shared_mem=0: launches.append(
+        (name, shared_mem)))  # fmt: skip
+    T, H = 40, 64
+    rm = make_routing(T, num_experts, 4)
+    p = make_probs(rm, F64 if dtype == F64 else F32)
+    x = torch.randn(T, H).to(dtype)
+    rows, _, row_map, _ = D._permute_cuda(x, rm, p, T * 4, False, want_indices=False)
+    D._gather_cuda(rows, row_map, T, probs=p)
+    D._unpermute_bwd_cuda(x, rows, row_map, T * 4, p, True)
+    names = [name for name, _ in launches]
+    assert any("permute_" in n for n in names) and any("gather_" in n for n in names), names
+    for name, shared in launches:
+        if "_warp" in name:
+            assert shared <= _launch._SHARED_NO_OPT_IN, (name, shared)
+    if num_experts >= 3000:  # no warp kernel's lists fit: every row kernel is a block kernel
+        assert not any("_warp" in n for n in names), names
+    if num_experts <= 256:
+        assert all("_warp" in n for n in names if "routing" not in n and "small" not in n), names
 
 
 def _map_form(rm, form):

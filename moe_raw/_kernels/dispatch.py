@@ -17,7 +17,7 @@ import torch
 
 from moe_raw import _cpu, _env, reference
 from moe_raw import _validate as V
-from moe_raw._launch import CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
+from moe_raw._launch import _SHARED_NO_OPT_IN, CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
 
 _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
 # permute_small (no routing tables: each block counts the whole map) serves maps of at most this many entries when
@@ -114,6 +114,14 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
 _ROW_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARPS = _ROW_THREADS // 32  # tokens a block of the warp kernels
 
+
+def _on_warps(list_bytes: int) -> bool:
+    """Whether a row kernel runs a warp a token: each warp keeps its own row list (list_bytes of shared memory), so
+    the block needs _WARPS lists; the warp kernels run only where those fit the shared memory every block gets
+    without opting in (up to E of about 1000-3000), the block kernels (one list a block) otherwise."""
+    return _ROW_KERNEL == "warp" and _WARPS * list_bytes + _SMEM_SLACK <= _SHARED_NO_OPT_IN
+
+
 _SCATTER_NAMES = {
     (way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small", "warp") for vb in (16, 8, 4, 2, 1)
 }
@@ -128,7 +136,7 @@ def _scatter(
     the row map / indices / probs (no rows). ``capacity``: rows per expert of drop_and_pad, None otherwise;
     ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
     num_tokens, num_experts = routing_map.shape
-    way = ("warp" if _ROW_KERNEL == "warp" else "scatter") if ws else "small"
+    way = ("warp" if _on_warps(4 * num_experts) else "scatter") if ws else "small"
     src_ptr = src_stride = row_bytes = stage = 0
     vb = 16
     if tokens is not None:
@@ -235,7 +243,7 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
         vb = _vec_bytes(esize, hidden * esize, rows_stride * esize, rows.data_ptr(), out.data_ptr())
     # the row list and weights (gather_warp: one of each a warp, row lists first)
     smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
-    if _ROW_KERNEL == "warp":
+    if _on_warps(smem):
         way, blocks, smem = "warp", cdiv(num_tokens, _WARPS), _WARPS * smem + _SMEM_SLACK
     else:
         way, blocks, smem = "reduce", num_tokens, smem + _SMEM_SLACK
@@ -271,7 +279,7 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     # the row, expert and weight lists (unpermute_bwd_warp: a set a warp)
     smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
     extra_blocks = cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0)
-    if _ROW_KERNEL == "warp":
+    if _on_warps(smem):
         name, blocks, smem = "unpermute_bwd_warp", cdiv(num_tokens, _WARPS), _WARPS * smem
     else:
         name, blocks = "unpermute_bwd", num_tokens

@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from moe_raw import _env
-from moe_raw._launch import SCALAR_CODE, launch, ptr
+from moe_raw._launch import _SHARED_NO_OPT_IN, SCALAR_CODE, launch, ptr
 
 RECIPE_CODE = {"rowwise": 0, "blockwise": 1, "mxfp8": 2}  # kernels/quantize.cu Recipe
 _THREADS = 256  # kernels/quantize.cu kQuantThreads
 _SPARE_BLOCKS = 1024  # quantize_fill blocks striding over the spare rows (their count is known only on the device)
 _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
-# Rows of whole 16-byte packs are quantized by quantize_warp (a warp a token, no block barrier) when this is "warp",
-# by quantize_rows (a block a token) when "block"; other rows always by quantize_rows. Tests set it to compare.
+# Rows of whole 16-byte packs are quantized by quantize_warp (a warp a token, no block barrier) when this is "warp"
+# and the warps' row lists fit 48 KiB (E <= 2944), by quantize_rows (a block a token) when "block"; other rows
+# always by quantize_rows. Tests set it to compare.
 _QUANT_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARP_THREADS = 128  # kernels/quantize.cu kWarpQuantThreads: 4 warps, 4 tokens a block
 
@@ -50,8 +51,9 @@ def quantize_rows(tokens, row_map, num_rows, recipe, fp8_dtype, fp8_max, emax, g
     codes, scales = _outputs(num_rows, hidden, recipe, groups, tokens.device)
     esize = tokens.element_size()
     whole_packs = ((hidden * esize) | (tokens.stride(0) * esize) | tokens.data_ptr()) & 15 == 0
-    if num_tokens and _QUANT_KERNEL == "warp" and whole_packs:
-        warps = _WARP_THREADS // 32
+    warps = _WARP_THREADS // 32
+    fits = 4 * warps * num_experts <= _SHARED_NO_OPT_IN  # each warp's row list, in the 48 KiB of any block
+    if num_tokens and _QUANT_KERNEL == "warp" and whole_packs and fits:
         launch(
             "quantize", f"moe_raw::quantize_warp<{_CTYPE[tokens.dtype]}>", tokens.device,
             -(-num_tokens // warps), _WARP_THREADS,
