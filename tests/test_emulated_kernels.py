@@ -13,6 +13,8 @@ GPU's own rounding of library math. The GPU suite (-m gpu) remains the judge on 
 
 from __future__ import annotations
 
+import os
+
 import cuda_emu
 import pytest
 import torch
@@ -23,20 +25,25 @@ from moe_raw import reference_fp8 as RF
 from moe_raw._kernels import dispatch as D
 from moe_raw._kernels import quantize as QK
 
-pytestmark = pytest.mark.skipif(cuda_emu.unavailable() is not None, reason=str(cuda_emu.unavailable()))
+pytestmark = [
+    pytest.mark.skipif(cuda_emu.unavailable() is not None, reason=str(cuda_emu.unavailable())),
+    # No Numba here: the CPU job (README <!-- ci:cpu -->) runs these; the simulator job would repeat them as they are.
+    pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="emulated kernels run in the CPU job"),
+]
 
 ROW_KERNELS = ("warp", "block")
 
 
-@pytest.fixture
-def emulated(monkeypatch):
-    """Run inside the emulator; yields a function that sets the row kernel kind (both module switches)."""
+@pytest.fixture(params=cuda_emu.SCHEDULES)
+def emulated(request, monkeypatch):
+    """Run inside the emulator, once for each order its threads can be resumed in (a missing barrier or
+    __syncwarp that one order hides, another exposes); yields a function that sets the row kernel kind."""
 
     def row_kernels(kind):
         monkeypatch.setattr(D, "_ROW_KERNEL", kind)
         monkeypatch.setattr(QK, "_QUANT_KERNEL", kind)
 
-    with cuda_emu.emulated():
+    with cuda_emu.emulated(request.param):
         cuda_emu.launches.clear()
         yield row_kernels
 

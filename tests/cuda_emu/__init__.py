@@ -77,6 +77,8 @@ static std::string emu_dispatch(int emu_index, emu::Dim3 emu_grid, emu::Dim3 emu
   return "no kernel " + std::to_string(emu_index);
 }}
 
+extern "C" void emu_schedule(int mode) {{ ::emu::schedule() = mode; }}
+
 extern "C" int emu_launch(int index, unsigned gx, unsigned gy, unsigned bx, unsigned long long smem,
                           const unsigned char* params, char* error, int error_len) {{
   const std::string e = emu_dispatch(index, {{gx, gy, 1}}, {{bx, 1, 1}}, smem, params);
@@ -91,6 +93,21 @@ def _cache_dir() -> pathlib.Path:
     path = pathlib.Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+SCHEDULES = ("ascending", "descending", "shuffled")
+schedule = "ascending"  # the thread order of every library loaded from now on and, through set_schedule, loaded ones
+
+
+def set_schedule(order: str) -> None:
+    """Resume runnable threads in ``order`` (one of SCHEDULES) in every emulator library, loaded or not."""
+    global schedule
+    schedule = SCHEDULES[SCHEDULES.index(order)]
+    for lib in _loaded:
+        lib.emu_schedule(SCHEDULES.index(order))
+
+
+_loaded: list = []  # every library build() returned
 
 
 def build(tag: str, code: str, names):
@@ -113,6 +130,9 @@ def build(tag: str, code: str, names):
     lib.emu_launch.restype = ctypes.c_int
     lib.emu_launch.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong]
     lib.emu_launch.argtypes += [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    lib.emu_schedule.argtypes = [ctypes.c_int]
+    lib.emu_schedule(SCHEDULES.index(schedule))
+    _loaded.append(lib)
     return lib
 
 
@@ -159,8 +179,11 @@ def _launch_kernel(handle, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
 
 
 @contextlib.contextmanager
-def emulated():
-    """Inside: every ``moe_raw._launch`` launch runs on the emulator (CPU tensors). Restores everything on exit."""
+def emulated(order: str = "ascending"):
+    """Inside: every ``moe_raw._launch`` launch runs on the emulator (CPU tensors), threads resumed in ``order``
+    (SCHEDULES). Restores everything on exit."""
+    saved_order = schedule
+    set_schedule(order)
     saved = dict(
         function=_launch.function,
         _launch_kernel=_launch._launch_kernel,
@@ -180,6 +203,7 @@ def emulated():
         torch.cuda.current_device = lambda: 0
         yield
     finally:
+        set_schedule(saved_order)
         torch.cuda.current_device = current_device
         _launch._kernels.clear()
         _launch._kernels.update(saved.pop("_kernels"))

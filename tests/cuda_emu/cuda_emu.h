@@ -35,6 +35,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -90,6 +91,14 @@ struct Launch {
 inline Launch*& current() {
   static Launch* l = nullptr;
   return l;
+}
+
+// The order runnable threads are resumed in: 0 ascending, 1 descending, 2 a fresh pseudo-random order each round
+// (seeded by the block index). One order shows one interleaving; a missing barrier that one order hides (the
+// writer happens to run first), another exposes.
+inline int& schedule() {
+  static int mode = 0;
+  return mode;
 }
 
 inline void fail(const std::string& msg) {
@@ -236,9 +245,18 @@ inline void run_block(Launch& l) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
   }
+  std::vector<unsigned> order(n);
+  for (unsigned t = 0; t < n; ++t) order[t] = schedule() == 1 ? n - 1 - t : t;
+  uint64_t rng = 0x9E3779B97F4A7C15ull ^ (static_cast<uint64_t>(l.bid.y) << 32 | l.bid.x);
   for (;;) {
+    if (schedule() == 2) {
+      for (unsigned i = n - 1; i > 0; --i) {  // Fisher-Yates with xorshift64
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        std::swap(order[i], order[rng % (i + 1)]);
+      }
+    }
     bool ran = false;
-    for (unsigned t = 0; t < n; ++t) {
+    for (unsigned t : order) {
       if (l.fibers[t].state != kRunnable) continue;
       Fiber& f = l.fibers[t];
       l.cur = &f;
