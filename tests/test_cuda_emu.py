@@ -62,13 +62,14 @@ __global__ void shared_overrun(int n) {
 __global__ void shfl_outside_mask(int* out) {
   if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 20);
 }
+__global__ void wild_write(int* p) { p[threadIdx.x] = 1; }
 __global__ void mixed_collectives(int* out) {
   if (threadIdx.x & 1) out[threadIdx.x] = static_cast<int>(__ballot_sync(0xffffffffu, 1));
   else out[threadIdx.x] = __any_sync(0xffffffffu, 1);
 }
 """
 NAMES = ("warp_ops", "indices", "params", "exit_then_barrier", "uninitialized_shared", "ballot_after_exit",
-         "deadlock", "shared_overrun", "shfl_outside_mask", "mixed_collectives")  # fmt: skip
+         "deadlock", "shared_overrun", "shfl_outside_mask", "mixed_collectives", "wild_write")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,7 @@ def test_dynamic_shared_memory_starts_as_garbage(lib):
         ("shfl_outside_mask", "P", (0,), 0, "outside its mask"),
         ("mixed_collectives", "P", (0,), 0, "different warp collectives"),
         ("indices", "P", (0,), 0, "launch shape refused"),
+        ("wild_write", "P", (8,), 0, r"block \(0, 0\) thread 0: invalid memory access \(address 0x8\)"),
     ],
 )
 def test_reported_errors(lib, name, signature, args, shared, message):
@@ -141,3 +143,5 @@ def test_reported_errors(lib, name, signature, args, shared, message):
     block = 2048 if name == "indices" else 64
     with pytest.raises(cuda_emu.EmulatedKernelError, match=message):
         launch(lib, name, 1, block, signature, *args, shared=shared)
+    launch(lib, "exit_then_barrier", 1, 128, "P", addr)  # the next launch runs as usual
+    assert list(out[:40]) == [39 - t for t in range(40)]

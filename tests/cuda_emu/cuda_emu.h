@@ -16,8 +16,10 @@
 // Errors the hardware would leave undefined are reported instead (the launch fails with a message): a collective
 // whose mask names an exited lane or a lane waiting elsewhere, a shuffle reading a lane outside the mask, a
 // deadlock (threads waiting at different barriers), a write past the dynamic shared memory asked for (a canary
-// after it), a launch shape the hardware refuses. Dynamic shared memory starts as 0xA5 garbage in every block, so
-// a read before a write shows up. Not modelled: data races (one interleaving runs), timing, the memory model,
+// after it), a launch shape the hardware refuses, an access to unmapped memory (SIGSEGV; the thread is named).
+// Dynamic shared memory starts as 0xA5 garbage in every block, so a read before a write shows up. Threads are
+// resumed in one of three orders (schedule()); a missing barrier one order hides, another shows. Not modelled:
+// other interleavings, timing, the memory model, bounds of global memory (a wild access to mapped memory passes),
 // inline PTX (the kernels' sm_90 bulk-copy paths are compiled out: __CUDA_ARCH__ is undefined here).
 #pragma once
 
@@ -25,6 +27,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -297,6 +300,22 @@ inline void run_block(Launch& l) {
   }
 }
 
+// A thread's invalid memory access (SIGSEGV / SIGBUS) ends the launch with an error naming the thread, as the
+// GPU's "illegal memory access" would, instead of killing the test process. (An access that lands on mapped memory
+// is not caught: bounds are not checked.)
+inline sigjmp_buf& fault_jump() {
+  static sigjmp_buf jump;
+  return jump;
+}
+inline void*& fault_address() {
+  static void* address = nullptr;
+  return address;
+}
+inline void on_fault(int sig, siginfo_t* info, void*) {
+  fault_address() = info->si_addr;
+  siglongjmp(fault_jump(), sig);
+}
+
 // Runs the grid; returns "" or the first error.
 inline std::string run(Dim3 grid, Dim3 block, size_t dyn_bytes, void (*body)(void*), void* arg) {
   const unsigned n = block.x * block.y * block.z;
@@ -315,11 +334,32 @@ inline std::string run(Dim3 grid, Dim3 block, size_t dyn_bytes, void (*body)(voi
   l.body_arg = arg;
   Launch* saved = current();
   current() = &l;
-  for (unsigned y = 0; y < grid.y && l.error.empty(); ++y)
-    for (unsigned x = 0; x < grid.x && l.error.empty(); ++x) {
-      l.bid = {x, y, 0};
-      run_block(l);
-    }
+  static char alt_stack[64 * 1024];  // the handler runs here: a fault may come from a fiber's exhausted stack
+  stack_t ss{}, old_ss{};
+  ss.ss_sp = alt_stack;
+  ss.ss_size = sizeof(alt_stack);
+  sigaltstack(&ss, &old_ss);
+  struct sigaction sa {}, old_segv{}, old_bus{};
+  sa.sa_sigaction = on_fault;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &old_segv);
+  sigaction(SIGBUS, &sa, &old_bus);
+  if (sigsetjmp(fault_jump(), 1) == 0) {
+    for (unsigned y = 0; y < grid.y && l.error.empty(); ++y)
+      for (unsigned x = 0; x < grid.x && l.error.empty(); ++x) {
+        l.bid = {x, y, 0};
+        run_block(l);
+      }
+  } else {
+    char where[64];
+    std::snprintf(where, sizeof(where), "%p", fault_address());
+    l.error = lane_name(l, static_cast<unsigned>(l.cur - l.fibers.data())) +
+              ": invalid memory access (address " + where + ")";
+  }
+  sigaction(SIGSEGV, &old_segv, nullptr);
+  sigaction(SIGBUS, &old_bus, nullptr);
+  sigaltstack(&old_ss, nullptr);
   current() = saved;
   return l.error;
 }
