@@ -1,0 +1,147 @@
+"""The CUDA emulator itself (tests/cuda_emu): the semantics the kernels' tests rely on, and the errors it must report.
+
+Small CUDA C kernels, written here, run on the emulator; their results are checked against the PTX ISA's and the
+CUDA programming guide's definitions (warp shuffles with a width, votes, __syncthreads with exited threads, the
+built-in variables, the parameter buffer's layout) and each misuse the emulator promises to report must raise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+import cuda_emu
+import pytest
+
+pytestmark = pytest.mark.skipif(cuda_emu.unavailable() is not None, reason=str(cuda_emu.unavailable()))
+
+SOURCE = r"""
+__global__ void warp_ops(int* out, int width) {
+  const int lane = threadIdx.x & 31, v = 100 * threadIdx.x;
+  int* o = out + 6 * threadIdx.x;
+  o[0] = __shfl_sync(0xffffffffu, v, 3, width);
+  o[1] = __shfl_up_sync(0xffffffffu, v, 2, width);
+  o[2] = __shfl_down_sync(0xffffffffu, v, 5, width);
+  o[3] = __shfl_xor_sync(0xffffffffu, v, 9, width);
+  o[4] = static_cast<int>(__ballot_sync(0xffffffffu, lane % 3 == 0));
+  o[5] = __any_sync(0xffffffffu, lane == 7) + 2 * __all_sync(0xffffffffu, lane < 32);
+}
+__global__ void indices(int* out) {
+  const int i = (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+  out[i] = 1000000 * blockIdx.y + 1000 * blockIdx.x + threadIdx.x;
+}
+__global__ void params(int64_t* out, int a, int64_t b, int c, float d, double e, const void* p, int f) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) {
+    out[0] = a; out[1] = b; out[2] = c; out[3] = static_cast<int64_t>(d * 4); out[4] = static_cast<int64_t>(e * 8);
+    out[5] = reinterpret_cast<int64_t>(p); out[6] = f;
+  }
+}
+__global__ void exit_then_barrier(int* out) {
+  __shared__ int s[64];
+  if (threadIdx.x >= 40) return;  // exited threads do not hold a barrier up (Volta and later)
+  s[threadIdx.x] = threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = s[39 - threadIdx.x];
+}
+__global__ void uninitialized_shared(int* out) {
+  extern __shared__ int buf[];
+  out[threadIdx.x] = buf[threadIdx.x];
+}
+__global__ void ballot_after_exit(int* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = static_cast<int>(__ballot_sync(0xffffffffu, 1));
+}
+__global__ void deadlock(int* out) {
+  if (threadIdx.x == 0) out[0] = static_cast<int>(__ballot_sync(0xffffffffu, 1));
+  else __syncthreads();
+}
+__global__ void shared_overrun(int n) {
+  extern __shared__ int buf[];
+  if (threadIdx.x == 0) buf[n] = 1;
+}
+__global__ void shfl_outside_mask(int* out) {
+  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 20);
+}
+__global__ void wild_write(int* p) { p[threadIdx.x] = 1; }
+__global__ void mixed_collectives(int* out) {
+  if (threadIdx.x & 1) out[threadIdx.x] = static_cast<int>(__ballot_sync(0xffffffffu, 1));
+  else out[threadIdx.x] = __any_sync(0xffffffffu, 1);
+}
+"""
+NAMES = ("warp_ops", "indices", "params", "exit_then_barrier", "uninitialized_shared", "ballot_after_exit",
+         "deadlock", "shared_overrun", "shfl_outside_mask", "mixed_collectives", "wild_write")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return cuda_emu.build("emu_selftest", SOURCE, NAMES)
+
+
+def launch(lib, name, grid, block, signature, *args, shared=0):
+    cuda_emu.run(lib, NAMES.index(name), grid, block, shared, struct.pack("@" + signature, *args), name)
+
+
+def ints(n):
+    buf = (ctypes.c_int * n)()
+    return buf, ctypes.addressof(buf)
+
+
+@pytest.mark.parametrize("width", (32, 16, 8, 4))
+def test_warp_collectives(lib, width):
+    out, addr = ints(64 * 6)
+    launch(lib, "warp_ops", 1, 64, "Pi", addr, width)
+    votes = sum(1 << j for j in range(32) if j % 3 == 0)
+    for t in range(64):
+        j, base = t % 32, t // 32 * 32 + t % 32 // width * width
+        idx = base + 3 % width
+        up = t - 2 if j % width >= 2 else t
+        down = t + 5 if j % width + 5 < width else t
+        xor = t ^ 9 if (j ^ 9) // width <= j // width else t  # PTX shfl.bfly: an earlier segment is in reach
+        want = [100 * idx, 100 * up, 100 * down, 100 * xor, votes - (1 << 32 if votes >= 1 << 31 else 0), 1 + 2]
+        assert list(out[6 * t : 6 * t + 6]) == want, (t, width)
+
+
+def test_built_in_variables(lib):
+    out, addr = ints(3 * 2 * 96)
+    launch(lib, "indices", (3, 2), 96, "P", addr)
+    assert list(out) == [1000000 * y + 1000 * x + t for y in range(2) for x in range(3) for t in range(96)]
+
+
+def test_parameter_buffer_layout(lib):
+    out = (ctypes.c_int64 * 7)()
+    launch(lib, "params", 1, 32, "PiqifdPi", ctypes.addressof(out), -7, 1 << 40, 9, 2.5, 0.375, 0xDEAD0, 11)
+    assert list(out) == [-7, 1 << 40, 9, 10, 3, 0xDEAD0, 11]
+
+
+def test_barrier_ignores_exited_threads(lib):
+    out, addr = ints(40)
+    launch(lib, "exit_then_barrier", 1, 128, "P", addr)
+    assert list(out) == [39 - t for t in range(40)]
+
+
+def test_dynamic_shared_memory_starts_as_garbage(lib):
+    out, addr = ints(64)
+    launch(lib, "uninitialized_shared", 1, 64, "P", addr, shared=256)
+    assert set(out) == {struct.unpack("i", b"\xa5" * 4)[0]}
+
+
+@pytest.mark.parametrize(
+    "name,signature,args,shared,message",
+    [
+        ("ballot_after_exit", "P", (0,), 0, "which has exited"),
+        ("deadlock", "P", (0,), 0, "deadlock"),
+        ("shared_overrun", "i", (16,), 64, "past the 64 bytes of dynamic shared memory"),
+        ("shfl_outside_mask", "P", (0,), 0, "outside its mask"),
+        ("mixed_collectives", "P", (0,), 0, "different warp collectives"),
+        ("indices", "P", (0,), 0, "launch shape refused"),
+        ("wild_write", "P", (8,), 0, r"block \(0, 0\) thread 0: invalid memory access \(address 0x8\)"),
+    ],
+)
+def test_reported_errors(lib, name, signature, args, shared, message):
+    out, addr = ints(64)
+    args = tuple(addr if a == 0 and c == "P" else a for a, c in zip(args, signature, strict=True))
+    block = 2048 if name == "indices" else 64
+    with pytest.raises(cuda_emu.EmulatedKernelError, match=message):
+        launch(lib, name, 1, block, signature, *args, shared=shared)
+    launch(lib, "exit_then_barrier", 1, 128, "P", addr)  # the next launch runs as usual
+    assert list(out[:40]) == [39 - t for t in range(40)]
