@@ -281,3 +281,66 @@ def test_router(emulated, monkeypatch, cfg, dense_output):
     assert torch.equal(second, want_second), "picks"
     torch.testing.assert_close(probs, want_probs, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.float8_e4m3fn)
+
+
+@st.composite
+def dispatch_cases(draw):
+    """A permute / unpermute problem: shapes around the kernels' boundaries (a warp's 32 experts, a block's 128
+    threads, 16-byte packs, tail blocks of 32 rows, 256-token tiles), any map and row dtype, strided rows."""
+    T = draw(st.integers(1, 300))
+    E = draw(st.sampled_from((1, 2, 7, 31, 32, 33, 64, 65, 130, 600)))
+    K = draw(st.integers(0, min(E, 9)))
+    H = draw(st.integers(1, 70))
+    kind = draw(st.sampled_from(("topk", "sparse", "balanced")))
+    routing_map = make_routing(T, E, K, kind=kind).to(draw(st.sampled_from((torch.bool, torch.uint8, torch.int64))))
+    routed = int(routing_map.bool().sum())
+    n_out = draw(st.sampled_from((None, routed, max(routed - 1, 0), routed + 7, 0)))
+    drop_and_pad = n_out is not None and draw(st.booleans())
+    return dict(
+        T=T, E=E, H=H, routing_map=routing_map, n_out=n_out, drop_and_pad=drop_and_pad,
+        dtype=draw(st.sampled_from(TOKEN_DTYPES)), strided=draw(st.booleans()),
+        align=draw(st.sampled_from((1, 4, 16))),
+    )  # fmt: skip
+
+
+@hypothesis.settings(deadline=None, max_examples=200, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(case=dispatch_cases())
+def test_fuzz_dispatch(case):
+    """Drawn problems through permute, unpermute (forward and backward) and permute_and_pad on the emulator, against
+    the CPU twins, bit for bit (the probs gradient's dot products within rounding)."""
+    T, H, dtype = case["T"], case["H"], case["dtype"]
+    routing_map = case["routing_map"]
+    probs = make_probs(routing_map.bool(), off_route=float("nan"))
+    x = (torch.randn(T, H + 2) * 8).to(dtype)
+    x = x[:, 1 : H + 1] if case["strided"] else x[:, :H].contiguous()
+    n_out, drop_and_pad = case["n_out"], case["drop_and_pad"]
+    with cuda_emu.emulated("shuffled"):
+        got = D._permute_cuda(x, routing_map, probs, n_out, drop_and_pad)
+        want = _cpu.permute(x, routing_map, probs, n_out, drop_and_pad)
+        for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+            assert_same(g, w, name)
+        if dtype.itemsize == 1:  # byte rows: permute only (a move); the sums need a float dtype
+            return
+        rows, row_map = torch.randn(got[0].shape).to(dtype), want[2]
+        g_pprobs = torch.randn(rows.shape[0])
+        out = D._gather_cuda(rows, row_map, T, probs=probs, g_pprobs=g_pprobs, dprobs_dtype=probs.dtype)
+        ref = _cpu.gather(rows, row_map, T, probs=probs, g_pprobs=g_pprobs, dprobs_dtype=probs.dtype)
+        assert_same(out[0], ref[0], "unpermute out")
+        assert_same(out[1], ref[1], "dprobs of permute")
+        grad = torch.randn(T, H).to(dtype)
+        d_rows, dprobs = D._unpermute_bwd_cuda(grad, rows, row_map, rows.shape[0], probs, True)
+        ref = _cpu.unpermute_bwd(grad, rows, row_map, rows.shape[0], probs, True)
+        assert_same(d_rows, ref[0], "unpermute d_rows")
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(dprobs, ref[1], rtol=tol, atol=tol, equal_nan=True)
+        if not drop_and_pad:
+            padded = D._permute_and_pad_cuda(x, routing_map, probs, case["align"], n_out)
+            ref = reference.permute_and_pad(x, routing_map, probs, case["align"], n_out)
+            for name, g, w in zip(("rows", "probs", "row_map", "tpe", "padded"), padded, ref, strict=True):
+                assert_same(g, w, f"permute_and_pad {name}")
