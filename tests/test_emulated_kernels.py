@@ -338,8 +338,9 @@ TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, tor
 @st.composite
 def dispatch_cases(draw):
     """A permute / unpermute problem: shapes around the kernels' boundaries (a warp's 32 experts, 4 tokens a block,
-    16-byte packs, tail blocks of 32 rows, the 4096-entry small-map limit), any map and row dtype, strided rows."""
-    T = draw(st.integers(1, 80))
+    16-byte packs, tail blocks of 32 rows, 256-token tiles, the 4096-entry small-map limit), any map and row
+    dtype, strided rows."""
+    T = draw(st.integers(1, 300))
     E = draw(st.sampled_from((1, 2, 7, 31, 32, 33, 64, 65, 130, 600)))
     K = draw(st.integers(0, min(E, 9)))
     H = draw(st.integers(1, 70))
