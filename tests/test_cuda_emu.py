@@ -63,13 +63,18 @@ __global__ void shfl_outside_mask(int* out) {
   if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 20);
 }
 __global__ void wild_write(int* p) { p[threadIdx.x] = 1; }
+__global__ void misaligned(const unsigned char* p, unsigned* out) {
+  out[threadIdx.x] = reinterpret_cast<const uint4*>(p + 4)[threadIdx.x].x;  // 16-byte loads 4 bytes off
+}
+__global__ void wide_shift(unsigned* out, int s) { out[threadIdx.x] = 1u << (s + threadIdx.x); }
 __global__ void mixed_collectives(int* out) {
   if (threadIdx.x & 1) out[threadIdx.x] = static_cast<int>(__ballot_sync(0xffffffffu, 1));
   else out[threadIdx.x] = __any_sync(0xffffffffu, 1);
 }
 """
 NAMES = ("warp_ops", "indices", "params", "exit_then_barrier", "uninitialized_shared", "ballot_after_exit",
-         "deadlock", "shared_overrun", "shfl_outside_mask", "mixed_collectives", "wild_write")  # fmt: skip
+         "deadlock", "shared_overrun", "shfl_outside_mask", "mixed_collectives", "wild_write", "misaligned",
+         "wide_shift")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +140,8 @@ def test_dynamic_shared_memory_starts_as_garbage(lib):
         ("mixed_collectives", "P", (0,), 0, "different warp collectives"),
         ("indices", "P", (0,), 0, "launch shape refused"),
         ("wild_write", "P", (8,), 0, r"block \(0, 0\) thread 0: invalid memory access \(address 0x8\)"),
+        ("misaligned", "PP", (0, 0), 0, r"thread 0: undefined behaviour in misaligned\(.*misaligned vector access"),
+        ("wide_shift", "Pi", (0, 30), 0, r"thread 2: undefined behaviour in wide_shift\("),
     ],
 )
 def test_reported_errors(lib, name, signature, args, shared, message):

@@ -30,7 +30,10 @@ from moe_raw import _launch
 HERE = pathlib.Path(__file__).resolve().parent
 HEADER = HERE / "cuda_emu.h"
 CXX = os.environ.get("CXX", "g++")
-_FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-U_FORTIFY_SOURCE")
+# UBSan checks as traps (no runtime library to load): a misaligned uint4 / uint2 access, which faults on the GPU but
+# not on x86, a shift past the width, a signed overflow (index arithmetic that should have been 64-bit).
+_FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-U_FORTIFY_SOURCE",
+          "-fsanitize=alignment,shift,signed-integer-overflow", "-fsanitize-undefined-trap-on-error")  # fmt: skip
 _lock = threading.Lock()
 _libraries: dict = {}  # family -> ctypes library
 _handles: dict = {}  # handle -> (library, index in its table)

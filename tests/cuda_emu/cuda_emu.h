@@ -16,7 +16,9 @@
 // Errors the hardware would leave undefined are reported instead (the launch fails with a message): a collective
 // whose mask names an exited lane or a lane waiting elsewhere, a shuffle reading a lane outside the mask, a
 // deadlock (threads waiting at different barriers), a write past the dynamic shared memory asked for (a canary
-// after it), a launch shape the hardware refuses, an access to unmapped memory (SIGSEGV; the thread is named).
+// after it), a launch shape the hardware refuses, an access to unmapped memory (SIGSEGV; the thread is named), a
+// misaligned vector access (the GPU faults on one; x86 would not), a shift past the width or a signed overflow
+// (UBSan checks built in as traps).
 // Dynamic shared memory starts as 0xA5 garbage in every block, so a read before a write shows up. Threads are
 // resumed in one of three orders (schedule()); a missing barrier one order hides, another shows. Not modelled:
 // other interleavings, timing, the memory model, bounds of global memory (a wild access to mapped memory passes),
@@ -26,6 +28,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -316,6 +320,17 @@ inline void on_fault(int sig, siginfo_t* info, void*) {
   siglongjmp(fault_jump(), sig);
 }
 
+// The function holding code address pc (demangled), or "".
+inline std::string function_at(void* pc) {
+  Dl_info info{};
+  if (!dladdr(pc, &info) || !info.dli_sname) return "";
+  int status = 0;
+  char* name = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+  std::string out = status == 0 && name ? name : info.dli_sname;
+  std::free(name);
+  return out;
+}
+
 // Runs the grid; returns "" or the first error.
 inline std::string run(Dim3 grid, Dim3 block, size_t dyn_bytes, void (*body)(void*), void* arg) {
   const unsigned n = block.x * block.y * block.z;
@@ -343,9 +358,12 @@ inline std::string run(Dim3 grid, Dim3 block, size_t dyn_bytes, void (*body)(voi
   sa.sa_sigaction = on_fault;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
   sigemptyset(&sa.sa_mask);
+  struct sigaction old_ill {};
   sigaction(SIGSEGV, &sa, &old_segv);
   sigaction(SIGBUS, &sa, &old_bus);
-  if (sigsetjmp(fault_jump(), 1) == 0) {
+  sigaction(SIGILL, &sa, &old_ill);
+  const int sig = sigsetjmp(fault_jump(), 1);
+  if (sig == 0) {
     for (unsigned y = 0; y < grid.y && l.error.empty(); ++y)
       for (unsigned x = 0; x < grid.x && l.error.empty(); ++x) {
         l.bid = {x, y, 0};
@@ -354,11 +372,17 @@ inline std::string run(Dim3 grid, Dim3 block, size_t dyn_bytes, void (*body)(voi
   } else {
     char where[64];
     std::snprintf(where, sizeof(where), "%p", fault_address());
-    l.error = lane_name(l, static_cast<unsigned>(l.cur - l.fibers.data())) +
-              ": invalid memory access (address " + where + ")";
+    const std::string thread = lane_name(l, static_cast<unsigned>(l.cur - l.fibers.data()));
+    if (sig == SIGILL) {  // the -fsanitize traps the library is built with (tests/cuda_emu/__init__.py)
+      l.error = thread + ": undefined behaviour in " + function_at(fault_address()) +
+                " (a misaligned vector access, a shift past the type's width or a signed overflow)";
+    } else {
+      l.error = thread + ": invalid memory access (address " + where + ")";
+    }
   }
   sigaction(SIGSEGV, &old_segv, nullptr);
   sigaction(SIGBUS, &old_bus, nullptr);
+  sigaction(SIGILL, &old_ill, nullptr);
   sigaltstack(&old_ss, nullptr);
   current() = saved;
   return l.error;
