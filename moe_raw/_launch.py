@@ -248,6 +248,13 @@ def _raw_stream(device_index: int) -> int:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _raw_stream)
 
 
+def runs_kernels(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` runs the CUDA C kernels (kernels/*.cu) rather than its torch twin: x is on a CUDA
+    device. The one switch of every dispatch site, so the test emulator (tests/cuda_emu) can run the kernels on CPU
+    tensors by replacing it."""
+    return x.is_cuda
+
+
 def ptr(x) -> int:
     """Device address of a torch tensor (zero-copy; bf16 and requires_grad included), of any
     ``__cuda_array_interface__`` object (CuPy, Numba arrays), or 0 for None."""

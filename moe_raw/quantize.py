@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_raw import _launch
 from moe_raw import _validate as V
 from moe_raw import reference_fp8 as RF
 from moe_raw._kernels import dispatch as D
@@ -86,7 +87,7 @@ def permute_quantized(
     rows = tokens.detach()  # the FP8 outputs carry no gradient; permuted_probs keeps probs' graph
     # On CUDA the rows are quantized by kernels/quantize.cu from the tokens and the row map: permute runs on a
     # zero-width view, which gives the row map and the permuted probs without moving any row.
-    fused = rows.is_cuda
+    fused = _launch.runs_kernels(rows)
     moved = rows[:, :0] if fused else rows
     if align is None:
         permuted, permuted_probs, row_map = permute(moved, routing_map, probs, n_out, fused=True)

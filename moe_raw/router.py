@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from moe_raw import _ops
+from moe_raw import _launch, _ops
 from moe_raw import _validate as V
 from moe_raw import reference as R
 from moe_raw._kernels import router as K
@@ -80,9 +80,9 @@ def _route(logits, expert_bias, cfg):
 
 
 def _use_kernel(logits: torch.Tensor, topk: int, group_topk, num_groups) -> bool:
-    return (
-        logits.is_cuda and not torch.compiler.is_compiling() and K.covers(logits.shape[1], topk, group_topk, num_groups)
-    )
+    if not _launch.runs_kernels(logits) or torch.compiler.is_compiling():
+        return False
+    return K.covers(logits.shape[1], topk, group_topk, num_groups)
 
 
 def _check_router(op, logits, topk, score_function) -> tuple[int, int]:

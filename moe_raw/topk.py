@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from moe_raw import _launch
 from moe_raw import _validate as V
 from moe_raw._kernels import dispatch as D
 from moe_raw.permutation import permute, unpermute
@@ -47,7 +48,7 @@ def _routing(topk_indices, num_experts, topk_probs):
     """(routing_map [T, E] bool, probs [T, E] | None): one kernel on CUDA (kernels/topk.cu), torch ops on CPU and
     under torch.compile. The map is a view whose row stride is a multiple of 16 bytes, so the map build reads it 16
     bytes at a time. Both paths skip entries outside [0, E) and give an expert named twice its first probability."""
-    if topk_indices.is_cuda and not torch.compiler.is_compiling():
+    if _launch.runs_kernels(topk_indices) and not torch.compiler.is_compiling():
         if topk_probs is None:
             return D._dense_cuda(topk_indices, num_experts, None)[0], None
         return _TopkDense.apply(topk_probs, topk_indices, num_experts)

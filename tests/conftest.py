@@ -48,6 +48,33 @@ def device_cases(cpu_cases, cuda_cases, ids=None):
     ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def emulated_kernels():
+    """MOE_RAW_EMULATE_KERNELS=1: every op on CPU tensors runs the CUDA C kernels on the emulator (tests/cuda_emu)
+    instead of its torch twin, through the same launchers a GPU call uses, so the CPU suite checks the kernels (an
+    exploratory run: a test of the CPU twin's own traits can fail for that reason alone)."""
+    if os.environ.get("MOE_RAW_EMULATE_KERNELS") != "1":
+        yield
+        return
+    import cuda_emu
+
+    from moe_raw import _launch
+
+    if cuda_emu.unavailable():
+        raise RuntimeError(f"MOE_RAW_EMULATE_KERNELS=1: {cuda_emu.unavailable()}")
+    with cuda_emu.emulated(), mock.patch.object(_launch, "runs_kernels", lambda x: True):
+        yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    emulator = sys.modules.get("cuda_emu")
+    if emulator is not None and emulator.launches:
+        names = {name for name, *_ in emulator.launches}
+        terminalreporter.write_line(
+            f"cuda_emu: {len(emulator.launches)} kernel launches emulated ({len(names)} kernel instances)"
+        )
+
+
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from moe_raw import _cpu, _env, reference
+from moe_raw import _cpu, _env, _launch, reference
 from moe_raw import _validate as V
 from moe_raw._launch import _SHARED_NO_OPT_IN, CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
 
@@ -302,7 +302,7 @@ def _gather(rows, row_map, num_tokens, probs=None, g_pprobs=None, dprobs_dtype=N
         if g_pprobs is not None:
             dprobs = torch.zeros((0, row_map.shape[1]), dtype=dprobs_dtype, device=row_map.device)
         return out, dprobs
-    if row_map.is_cuda:
+    if _launch.runs_kernels(row_map):
         return _gather_cuda(rows, row_map, num_tokens, probs=probs, g_pprobs=g_pprobs, dprobs_dtype=dprobs_dtype)
     if rows is not None and rows.dtype not in CTYPES:
         raise TypeError(f"moe_raw: summing rows needs a float dtype ({', '.join(map(str, CTYPES))}), got {rows.dtype}")
@@ -311,7 +311,7 @@ def _gather(rows, row_map, num_tokens, probs=None, g_pprobs=None, dprobs_dtype=N
 
 def _unpermute_bwd(grad_out, rows, row_map, n_rows, probs, need_dprobs):
     """unpermute_bwd on the tensors' device: (d_rows [N, H], dprobs [T, E] | None)."""
-    if grad_out.is_cuda:
+    if _launch.runs_kernels(grad_out):
         return _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs)
     return _cpu.unpermute_bwd(grad_out, rows, row_map, n_rows, probs, need_dprobs)
 
@@ -320,7 +320,7 @@ def _permute_forward(tokens, probs, routing_map, num_out_tokens, drop_and_pad, f
     """Returns (permuted, permuted_probs, index returned to the user, row map), on the tensors' device."""
     if tokens.shape[0] == 0:
         out, pprobs, row_map, indices = _permute_empty(tokens, routing_map, probs, num_out_tokens, drop_and_pad)
-    elif tokens.is_cuda:
+    elif _launch.runs_kernels(tokens):
         out, pprobs, row_map, indices = _permute_cuda(
             tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_indices=not fused
         )
@@ -335,7 +335,7 @@ def _unpermute_forward(permuted, probs, row_map, sorted_indices, num_tokens):
         return permuted.new_zeros((0, permuted.shape[1]))
     if row_map is not None:
         return _gather(permuted, row_map, num_tokens, probs=probs)[0]
-    if not permuted.is_cuda:
+    if not _launch.runs_kernels(permuted):
         return _cpu.gather_csr(permuted, sorted_indices, num_tokens)
     # Generic seed semantics: rows grouped by token through a stable sort (deterministic, no host sync).
     tok_sorted, perm = torch.sort(sorted_indices, stable=True)
@@ -361,7 +361,7 @@ def _row_map_from_routing(routing_map: torch.Tensor, n_rows: int, drop_and_pad: 
         return torch.zeros((1, num_experts), dtype=torch.int32, device=routing_map.device)
     if drop_and_pad:
         n_rows = num_experts * (n_rows // num_experts)
-    if not routing_map.is_cuda:
+    if not _launch.runs_kernels(routing_map):
         return _cpu.row_map(routing_map, n_rows, drop_and_pad)
     _, _, row_map, _ = _permute_cuda(
         routing_map.new_empty((num_tokens, 0), dtype=torch.uint8), routing_map, None, n_rows, drop_and_pad,
@@ -399,7 +399,7 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
 def _permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens):
     """permute_and_pad's five outputs on the tensors' device (the CUDA kernels, or their torch twin: the reference,
     which also serves T = 0 on CUDA: all zeros, no kernel needed)."""
-    if tokens.is_cuda and tokens.shape[0] > 0:
+    if _launch.runs_kernels(tokens) and tokens.shape[0] > 0:
         return _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens)
     return reference.permute_and_pad(tokens, routing_map, probs, align, num_out_tokens)
 
@@ -425,7 +425,7 @@ def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
 def _scatter_rows(x, row_map, num_rows):
     """permute_with_row_map on the tensors' device: one scatter_rows launch, or its torch twin (the reference,
     which also serves empty x on CUDA)."""
-    if x.is_cuda and x.numel() > 0:
+    if _launch.runs_kernels(x) and x.numel() > 0:
         return _scatter_rows_cuda(x, row_map, x.shape[0], num_rows)
     return reference.permute_with_row_map(x, row_map, num_rows)
 
@@ -461,7 +461,7 @@ def _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather: bool):
 def _chunk_sort(x, probs, split_sizes, sorted_idxs, gather: bool):
     """The regrouping (gather=False) or its inverse (True, the backward) on the tensors' device: one chunk_sort
     launch, or its torch twin (the reference, which reads the sizes on the host)."""
-    if x.is_cuda:
+    if _launch.runs_kernels(x):
         return _chunk_sort_cuda(x, probs, split_sizes, sorted_idxs, gather)
     if gather:  # the regrouped chunks have sizes sizes[order]; chunk i goes back to position argsort(order)[i]
         return reference.sort_chunks_by_idxs(x, split_sizes[sorted_idxs], torch.argsort(sorted_idxs), probs)
