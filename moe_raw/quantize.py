@@ -154,7 +154,7 @@ def unpermute_grad_quantized(
         V.row_map_values(op, row_map[: num_tokens + 1], n_rows)
     probs = probs.detach() if probs is not None else None
     grad = grad_output.detach()
-    if grad.is_cuda:  # one pass: kernels/quantize.cu quantize_grad_rows reads each gradient row once
+    if _launch.runs_kernels(grad):  # one pass: kernels/quantize.cu quantize_grad_rows reads each gradient row once
         if grad.stride(1) != 1:
             grad = grad.contiguous()
         groups = RF.scale_shape(1, hidden, recipe)[1:] or (1,)
