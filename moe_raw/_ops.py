@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_raw import _launch
 from moe_raw import reference as R
 from moe_raw._kernels import dispatch as D
 from moe_raw._kernels import glu_launch as GL
@@ -333,7 +334,7 @@ def permute_and_pad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """permute_and_pad's five outputs (permuted_probs empty without probs)."""
     out, pprobs, row_map, tpe, padded = D._permute_and_pad_rows(tokens, routing_map, probs, align, num_out_tokens)
-    if tpe.is_cuda:
+    if _launch.runs_kernels(tpe):
         tpe, padded = tpe.clone(), padded.clone()  # two rows of one buffer: custom-op outputs may not share storage
     if pprobs is None:
         pprobs = torch.empty(_EMPTY, dtype=torch.float32, device=tokens.device)
@@ -422,7 +423,7 @@ def router(
     """(values, routing_map, indices [T, K] int64): values = probs [T, E] (dense) or [T, K], or aux scores [T, E]
     fp32; routing_map [T, E] bool (empty in the compact form). The kernel on CUDA within its limits, else the torch
     formulas, as the eager path."""
-    if logits.is_cuda and RK.covers(logits.shape[1], topk, group_topk, num_groups):
+    if _launch.runs_kernels(logits) and RK.covers(logits.shape[1], topk, group_topk, num_groups):
         probs, routing_map, idx, scores = RK.forward(
             logits, expert_bias, topk, score_function, pre_softmax, num_groups, group_topk, scaling, dense, aux
         )
@@ -465,7 +466,7 @@ def router_backward(
 ) -> torch.Tensor:  # fmt: skip
     """d logits [T, E] from the gradient of router's values: the kernel on CUDA within its limits, else the torch
     formulas' own autograd (recomputed; their picks are the forward's: the same rule, the same inputs)."""
-    if logits.is_cuda and RK.covers(logits.shape[1], topk, group_topk, num_groups):
+    if _launch.runs_kernels(logits) and RK.covers(logits.shape[1], topk, group_topk, num_groups):
         return RK.backward(logits, idx, grad, topk, score_function, pre_softmax, scaling, dense, aux)
 
     def values(x):  # autograd is off inside an op's implementation: torch.func's vjp does not need it
