@@ -92,10 +92,16 @@ extern "C" int emu_launch(int index, unsigned gx, unsigned gy, unsigned bx, unsi
 
 
 def _cache_dir() -> pathlib.Path:
+    """$MOE_RAW_EMU_CACHE, else ~/.cache/moe_raw/emu, else (a home that cannot be written) the temp directory's."""
     root = os.environ.get("MOE_RAW_EMU_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moe_raw", "emu")
-    path = pathlib.Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    for path in (pathlib.Path(root), pathlib.Path(tempfile.gettempdir()) / "moe_raw_emu"):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            continue
+    raise RuntimeError(f"cuda_emu: no writable cache directory ({root} or the temp directory)")
 
 
 SCHEDULES = ("ascending", "descending", "shuffled")
