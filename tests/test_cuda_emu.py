@@ -152,3 +152,28 @@ def test_reported_errors(lib, name, signature, args, shared, message):
         launch(lib, name, 1, block, signature, *args, shared=shared)
     launch(lib, "exit_then_barrier", 1, 128, "P", addr)  # the next launch runs as usual
     assert list(out[:40]) == [39 - t for t in range(40)]
+
+
+def test_threads_launch_concurrently(lib):
+    """Each calling thread has its own launch state and fiber stacks (ctypes releases the GIL during a launch)."""
+    import threading
+
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                out, addr = ints(3 * 2 * 96)
+                launch(lib, "indices", (3, 2), 96, "P", addr)
+                results[i] = list(out)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    want = [1000000 * y + 1000 * x + t for y in range(2) for x in range(3) for t in range(96)]
+    assert all(results[i] == want for i in range(8))

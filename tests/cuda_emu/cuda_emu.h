@@ -40,6 +40,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -96,7 +97,7 @@ struct Launch {
 };
 
 inline Launch*& current() {
-  static Launch* l = nullptr;
+  thread_local Launch* l = nullptr;  // each calling thread runs its own launches
   return l;
 }
 
@@ -122,9 +123,10 @@ constexpr size_t kCanary = 4096;
 constexpr unsigned char kGarbage = 0xA5, kCanaryByte = 0x5C;
 constexpr size_t kStack = 256 * 1024;
 
-// Fiber stacks: one reserved mapping for 1024 threads, reused by every launch (pages are committed on first touch).
+// Fiber stacks: one reserved mapping for 1024 threads a calling thread, reused by its launches (pages are committed
+// on first touch).
 inline char* stacks() {
-  static char* base = static_cast<char*>(
+  thread_local char* base = static_cast<char*>(
       mmap(nullptr, 1024 * kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
   return base;
 }
@@ -308,16 +310,22 @@ inline void run_block(Launch& l) {
 // GPU's "illegal memory access" would, instead of killing the test process. (An access that lands on mapped memory
 // is not caught: bounds are not checked.)
 inline sigjmp_buf& fault_jump() {
-  static sigjmp_buf jump;
+  thread_local sigjmp_buf jump;
   return jump;
 }
 inline void*& fault_address() {
-  static void* address = nullptr;
+  thread_local void* address = nullptr;
   return address;
 }
 inline void on_fault(int sig, siginfo_t* info, void*) {
   fault_address() = info->si_addr;
   siglongjmp(fault_jump(), sig);
+}
+
+// The signal handlers in place before the first launch in flight (SIGSEGV, SIGBUS, SIGILL).
+inline struct sigaction* saved_handlers() {
+  static struct sigaction saved[3];
+  return saved;
 }
 
 // The function holding code address pc (demangled), or "".
@@ -349,19 +357,25 @@ inline std::string run(Dim3 grid, Dim3 block, size_t dyn_bytes, void (*body)(voi
   l.body_arg = arg;
   Launch* saved = current();
   current() = &l;
-  static char alt_stack[64 * 1024];  // the handler runs here: a fault may come from a fiber's exhausted stack
+  thread_local char alt_stack[64 * 1024];  // the handler runs here: a fault may come from a fiber's exhausted stack
   stack_t ss{}, old_ss{};
   ss.ss_sp = alt_stack;
   ss.ss_size = sizeof(alt_stack);
   sigaltstack(&ss, &old_ss);
-  struct sigaction sa {}, old_segv{}, old_bus{};
+  struct sigaction sa {};
   sa.sa_sigaction = on_fault;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
   sigemptyset(&sa.sa_mask);
-  struct sigaction old_ill {};
-  sigaction(SIGSEGV, &sa, &old_segv);
-  sigaction(SIGBUS, &sa, &old_bus);
-  sigaction(SIGILL, &sa, &old_ill);
+  static std::mutex handlers_lock;  // the handlers are process-wide: the first launch in flight installs them,
+  static int in_flight = 0;         // the last one restores the previous ones
+  {
+    std::lock_guard<std::mutex> guard(handlers_lock);
+    if (in_flight++ == 0) {
+      sigaction(SIGSEGV, &sa, &saved_handlers()[0]);
+      sigaction(SIGBUS, &sa, &saved_handlers()[1]);
+      sigaction(SIGILL, &sa, &saved_handlers()[2]);
+    }
+  }
   const int sig = sigsetjmp(fault_jump(), 1);
   if (sig == 0) {
     for (unsigned y = 0; y < grid.y && l.error.empty(); ++y)
@@ -380,9 +394,14 @@ inline std::string run(Dim3 grid, Dim3 block, size_t dyn_bytes, void (*body)(voi
       l.error = thread + ": invalid memory access (address " + where + ")";
     }
   }
-  sigaction(SIGSEGV, &old_segv, nullptr);
-  sigaction(SIGBUS, &old_bus, nullptr);
-  sigaction(SIGILL, &old_ill, nullptr);
+  {
+    std::lock_guard<std::mutex> guard(handlers_lock);
+    if (--in_flight == 0) {
+      sigaction(SIGSEGV, &saved_handlers()[0], nullptr);
+      sigaction(SIGBUS, &saved_handlers()[1], nullptr);
+      sigaction(SIGILL, &saved_handlers()[2], nullptr);
+    }
+  }
   sigaltstack(&old_ss, nullptr);
   current() = saved;
   return l.error;
