@@ -43,8 +43,8 @@
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // The CUDA headers define these for host compilers in their own way; the kernels need them as plain C++.
