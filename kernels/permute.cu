@@ -43,8 +43,9 @@
 //   spare rows and, in the aligned layout, E blocks that zero each expert's padding rows. Dynamic shared memory
 //   holds the token's row list (permute_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
 //   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
-// Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their last dim, VB divides the row bytes,
-//   the row stride and both base addresses; T * E < 2^31; E <= 4096; N < 2^31 - 2.
+// Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
+//   last dim, VB divides the row bytes, the row stride and both base addresses; T * E < 2^31; E <= 4096;
+//   N < 2^31 - 2.
 // Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
 //   unpermute backward with probs grad T*H*s + 2*N*H*s; map build ~T*E bytes of routing map + O(E*T/8);
 //   permute_small adds T * E map reads a block (at most 4096 entries, L2 hits after the first block).

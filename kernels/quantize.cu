@@ -15,10 +15,10 @@
 // Launch shape: quantize_warp (rows of whole 16-byte packs): grid = ceil(T / 4), block = kWarpQuantThreads = 128
 // (a warp a token), dynamic shared memory 4 * E ints. quantize_rows (any rows): grid = T, block = kQuantThreads
 // (one block a token), dynamic shared memory round_up(H, 16) code bytes + round_up(H * token bytes, 16) (the row,
-// in its dtype) + groups fp32 + E ints + groups bytes. quantize_grad_rows (unpermute's row gradient, quantized): grid = T, block = kQuantThreads, dynamic shared
-// memory round_up(H * grad bytes, 16) + groups fp32 + E (fp32 + int) + groups bytes. quantize_fill: grid = S + E (aligned)
-// or S, S = min(N, 1024) blocks striding over the spare rows, then one block per expert's padding rows; block
-// kQuantThreads.
+// in its dtype) + groups fp32 + E ints + groups bytes. quantize_grad_rows (unpermute's row gradient, quantized):
+// grid = T, block = kQuantThreads, dynamic shared memory round_up(H * grad bytes, 16) + groups fp32 + E (fp32 +
+// int) + groups bytes. quantize_fill: grid = S + E (aligned) or S, S = min(N, 1024) blocks striding over the spare
+// rows, then one block per expert's padding rows; block kQuantThreads.
 // Preconditions (moe_raw/quantize.py): row_map from moe_raw's permute (fused) / permute_and_pad on the same routing,
 // its N rows; token rows with unit stride along H; q [N, H] contiguous uint8; scales row-major [N] / [N, G] fp32 or
 // [N, H / 32] uint8; H % 32 == 0 for mxfp8; T * E, N * H < 2^63.
