@@ -13,8 +13,9 @@
 //
 // Launch shape: grid = ceil(n_rows / kChunkRows), block = kChunkThreads (8 warps; each warp moves one row at a
 // time in VB-byte packs, lanes striding over the row), dynamic shared memory 8 * S bytes.
-// Preconditions (moe_raw/chunks.py and moe_raw/_kernels/dispatch.py check the host-side ones): VB divides row_bytes, both row strides and both
-// base addresses; n_rows < 2^31; 1 <= S <= 4096; sizes and sorted_idxs are int32 or int64 device tensors.
+// Preconditions (moe_raw/chunks.py and moe_raw/_kernels/dispatch.py check the host-side ones): VB divides
+// row_bytes, both row strides and both base addresses; n_rows < 2^31; 1 <= S <= 4096; sizes and sorted_idxs are
+// int32 or int64 device tensors.
 // Values are not checked on the device (that would need a host sync; MOE_RAW_DEBUG=1 checks them in Python),
 // but bad values cannot write out of bounds: sizes are clamped to [0, n_rows], indices outside [0, S) are
 // skipped, and a destination past n_rows is dropped. With a valid permutation every output row is written.
@@ -29,7 +30,8 @@ constexpr int kChunkRows = 32;      // rows per block: 4 per warp
 // At most kMaxSplits chunks (mirrored by moe_raw/_kernels/dispatch.py MAX_SPLITS, tests/test_kernel_constants.py):
 // the two int32 tables of S entries then fill 32 KiB of shared memory.
 constexpr int kMaxSplits = 4096;
-static_assert(2 * kMaxSplits * sizeof(int) <= 32 * 1024, "the chunk tables must fit the shared memory the launch asks for");
+static_assert(2 * kMaxSplits * sizeof(int) <= 32 * 1024,
+              "the chunk tables must fit the shared memory the launch asks for");
 
 __device__ __forceinline__ int64_t load_index(const void* p, int bytes, int64_t i) {
   return bytes == 4 ? static_cast<int64_t>(static_cast<const int32_t*>(p)[i]) : static_cast<const int64_t*>(p)[i];

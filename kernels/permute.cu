@@ -36,8 +36,9 @@
 //   rows, + E blocks that zero each expert's padding rows in the aligned layout),
 //   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list
 //   (and, for permute_scatter's Hopper path, a 16 KiB stage of the row).
-// Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their last dim, VB divides the row bytes,
-//   the row stride and both base addresses; T * E < 2^31; E <= 4096; N < 2^31 - 2.
+// Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
+//   last dim, VB divides the row bytes, the row stride and both base addresses; T * E < 2^31; E <= 4096;
+//   N < 2^31 - 2.
 // Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
 //   unpermute backward with probs grad T*H*s + 2*N*H*s; map build ~T*E bytes of routing map + O(E*T/8).
 
