@@ -32,7 +32,7 @@ def stub_driver() -> None:
     _launch._launch_kernel = lambda *args: None
 
     def function(family, name, index):
-        kern = _launch.compiled_kernel(1, _launch.SIGNATURES[family][name.split("<")[0].split("::")[-1]])
+        kern = _launch.compiled_kernel(1, _launch.SIGNATURES[family][_launch.base_name(name)])
         _launch._kernels[(family, name, index)] = kern
         return kern
 

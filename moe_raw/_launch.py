@@ -211,6 +211,11 @@ def _module(family: str, device_index: int):
         return mod
 
 
+def base_name(name: str) -> str:
+    """A kernel instance's function name: "moe_raw::gather_warp<float, 16>" -> "gather_warp" (SIGNATURES' key)."""
+    return name.split("<")[0].split("::")[-1]
+
+
 def function(family: str, name: str, device_index: int):
     """(cupy Function, struct.Struct of its parameters) for kernel ``name`` of KERNELS[family]; cached."""
     key = (family, name, device_index)
@@ -220,9 +225,8 @@ def function(family: str, name: str, device_index: int):
         with _cupy_cache.cupy().cuda.Device(device_index):
             # RawKernel.kernel: the cupy.cuda.Function (its .ptr is the CUfunction) loaded in this device's context
             fn = mod.get_function(name).kernel
-        base = name.split("<")[0].split("::")[-1]
         # fn is kept alive with the handle: it owns the loaded module.
-        kern = compiled_kernel(fn.ptr, SIGNATURES[family][base], owner=fn)
+        kern = compiled_kernel(fn.ptr, SIGNATURES[family][base_name(name)], owner=fn)
         _kernels[key] = kern
     return kern
 

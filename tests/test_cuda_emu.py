@@ -83,7 +83,8 @@ def lib():
 
 
 def launch(lib, name, grid, block, signature, *args, shared=0):
-    cuda_emu.run(lib, NAMES.index(name), grid, block, shared, struct.pack("@" + signature, *args), name)
+    params = ctypes.create_string_buffer(struct.pack("@" + signature, *args))
+    cuda_emu.run(lib, NAMES.index(name), grid, block, shared, ctypes.addressof(params), name)
 
 
 def ints(n):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import make_probs, make_routing
 
-from moe_raw import _cpu, reference
+from moe_raw import _cpu, _launch, reference
 from moe_raw import reference_fp8 as RF
 from moe_raw._kernels import dispatch as D
 from moe_raw._kernels import quantize as QK
@@ -50,7 +50,7 @@ def emulated(request, monkeypatch):
 
 def launched():
     """Base names of the kernels launched since the fixture started."""
-    return {name.split("<")[0].split("::")[-1] for name, *_ in cuda_emu.launches}
+    return {_launch.base_name(name) for name, *_ in cuda_emu.launches}
 
 
 def assert_same(got, want, what):

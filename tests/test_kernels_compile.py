@@ -73,5 +73,5 @@ def test_nvrtc_error_names_file_and_line():
 
 @pytest.mark.parametrize("family", sorted(_launch.KERNELS))
 def test_every_kernel_has_a_signature(family):
-    bases = {n.split("<")[0].split("::")[-1] for n in _launch.KERNELS[family]}
+    bases = {_launch.base_name(n) for n in _launch.KERNELS[family]}
     assert bases == set(_launch.SIGNATURES[family])

@@ -156,12 +156,12 @@ def library(family: str):
     return lib
 
 
-def run(lib, index: int, grid, block: int, shared_mem: int, params: bytes, what: str = "") -> None:
-    """Launch kernel ``index`` of an emulator library with a packed parameter buffer; raises EmulatedKernelError."""
+def run(lib, index: int, grid, block: int, shared_mem: int, params: int, what: str = "") -> None:
+    """Launch kernel ``index`` of an emulator library; ``params``: the address of its packed parameter buffer (as
+    cuLaunchKernel reads it). Raises EmulatedKernelError."""
     gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
     error = ctypes.create_string_buffer(1024)
-    buf = ctypes.create_string_buffer(params, max(len(params), 1))
-    if lib.emu_launch(index, gx, gy, block, shared_mem, ctypes.addressof(buf), error, len(error)):
+    if lib.emu_launch(index, gx, gy, block, shared_mem, params, error, len(error)):
         raise EmulatedKernelError(f"{what} grid ({gx}, {gy}) block {block} shared {shared_mem}: {error.value.decode()}")
 
 
@@ -175,7 +175,7 @@ launches: list = []  # (kernel name, grid, block, shared bytes) of every emulate
 def _function(family: str, name: str, index: int):
     handle = len(_handles) + 1
     _handles[handle] = (family, name, library(family), _launch.KERNELS[family].index(name))
-    kern = _launch.compiled_kernel(handle, _launch.SIGNATURES[family][name.split("<")[0].split("::")[-1]])
+    kern = _launch.compiled_kernel(handle, _launch.SIGNATURES[family][_launch.base_name(name)])
     _launch._kernels[(family, name, index)] = kern
     return kern
 
@@ -183,8 +183,7 @@ def _function(family: str, name: str, index: int):
 def _launch_kernel(handle, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
     family, name, lib, i = _handles[handle]
     launches.append((name, (gx, gy), bx, smem))
-    params = ctypes.string_at(extra + _launch._PARAMS_OFFSET, _launch._PARAMS_CAPACITY)  # the packed parameters
-    run(lib, i, (gx, gy), bx, smem, params, name)
+    run(lib, i, (gx, gy), bx, smem, extra + _launch._PARAMS_OFFSET, name)  # the parameters _launch packed
 
 
 @contextlib.contextmanager
