@@ -8,7 +8,7 @@ torch's broadcast copy ``out.view(T, K, H).copy_(x[:, None].expand(T, K, H))`` (
 what a perfect permute of a sorted routing would cost). "mix roofline" is the time the permute's bytes need when
 reads go at the copy rate and writes at the best write-only rate: t = read / copy + write / write_only.
 ``--kernels DIR`` loads the .cu files from DIR instead of the installed ones (an A/B of two kernel versions in two
-processes on one machine); ``--row-kernels warp,block`` times each of moe_raw's permute row kernels in this process.
+processes on one machine).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 import moe_raw
 from moe_raw import _launch
-from moe_raw._kernels import dispatch as D
 
 from . import common
 from .bench_permute import SHAPES, bytes_permute_fwd, make_inputs
@@ -38,12 +37,7 @@ def main() -> None:
     ap.add_argument("--kernels", help="directory holding permute.cu / common.cuh to load instead")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--shapes", default=None, help="comma list of bench shape names (default: all)")
-    ap.add_argument(
-        "--row-kernels", default=None,
-        help="comma list of permute row kernels to time, each in this process: warp, block (default: the shipped one)",
-    )  # fmt: skip
     args = ap.parse_args()
-    row_kernels = args.row_kernels.split(",") if args.row_kernels else [D._ROW_KERNEL]
     if args.kernels:
         _launch._kernels_dir = lambda: pathlib.Path(args.kernels).resolve()
     copy = common.copy_bandwidth_gbs()
@@ -53,31 +47,27 @@ def main() -> None:
     print(f"copy {copy:.0f} GB/s | fill_ {fill:.0f} GB/s ({100 * fill / copy:.0f}% of copy) | "
           f"cudaMemsetAsync {memset:.0f} GB/s ({100 * memset / copy:.0f}%)")  # fmt: skip
     rows = []
-    print("| shape | row kernel | permute ms | % copy | % mix roofline | expand ms | expand % copy | perm / expand |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | permute ms | % copy | % mix roofline | expand-copy ms | expand % copy | permute / expand |")
+    print("|---|---|---|---|---|---|---|")
     names = args.shapes.split(",") if args.shapes else list(SHAPES)
     for name in names:
         T, E, H, K = SHAPES[name]
         x, rm, probs = make_inputs(T, E, H, K)
         N = T * K
         s = x.element_size()
-        read, written = T * H * s, N * H * s
+        ms = common.do_bench(lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True))  # noqa: B023
         nbytes = bytes_permute_fwd(T, E, H, K, s)
+        read, written = T * H * s, N * H * s
         roof_ms = (read / (copy * 1e9 / 2) + written / (write * 1e9)) * 1e3  # copy GB/s counts read + write
         out = torch.empty((T, K, H), dtype=x.dtype, device="cuda")
         ms_expand = common.do_bench(lambda: out.copy_(x[:, None].expand(T, K, H)))  # noqa: B023
+        gbs = nbytes / (ms * 1e-3) / 1e9
         gbs_expand = (read + written) / (ms_expand * 1e-3) / 1e9
-        for row_kernel in row_kernels:
-            D._ROW_KERNEL = row_kernel
-            ms = common.do_bench(lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True))  # noqa: B023
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            row = {"shape": name, "row_kernel": row_kernel, "ms": ms, "pct_copy": 100 * gbs / copy,
-                   "pct_mix_roofline": 100 * roof_ms / ms, "expand_ms": ms_expand,
-                   "expand_pct_copy": 100 * gbs_expand / copy}  # fmt: skip
-            rows.append(row)
-            print(f"| {name} | {row_kernel} | {ms:.3f} | {row['pct_copy']:.1f}% | {row['pct_mix_roofline']:.1f}% | "
-                  f"{ms_expand:.3f} | {row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} |")  # fmt: skip
-        D._ROW_KERNEL = row_kernels[0]
+        row = {"shape": name, "ms": ms, "pct_copy": 100 * gbs / copy, "pct_mix_roofline": 100 * roof_ms / ms,
+               "expand_ms": ms_expand, "expand_pct_copy": 100 * gbs_expand / copy}  # fmt: skip
+        rows.append(row)
+        print(f"| {name} | {ms:.3f} | {row['pct_copy']:.1f}% | {row['pct_mix_roofline']:.1f}% | {ms_expand:.3f} | "
+              f"{row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} |")  # fmt: skip
         x = rm = probs = out = None  # free this shape's tensors before the next one
         torch.cuda.empty_cache()
     if args.json:

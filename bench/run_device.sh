@@ -13,7 +13,7 @@
 #   sanitize  bench/sanitize.sh              compute-sanitizer memcheck / racecheck / initcheck / synccheck
 #   probe   python -m bench.probe_permute    permute fwd beside copy / write-only / broadcast-copy ceilings; also with
 #           MOE_RAW_NO_BULK_COPY=1 and, where .probe/old holds other kernels/*.cu, with those (A/B)
-#   ncu     Nsight Compute on permute's row kernel (DeepSeek-V3, Qwen3 shapes), the SwiGLU forward (moe_raw and
+#   ncu     Nsight Compute on permute_scatter (DeepSeek-V3, Qwen3 shapes), the SwiGLU forward (moe_raw and
 #           torch.compile's kernel) and torch's fill and copy kernels
 # Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
 set -uo pipefail
@@ -48,8 +48,8 @@ for step in "$@"; do
     ncu)
       metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum.per_second,dram__bytes_write.sum.per_second,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
       { for shape in DeepSeek-V3 Qwen3-30B-A3B; do
-          echo "--- permute's row kernel (permute_warp; permute_scatter with MOE_RAW_BLOCK_KERNELS=1) $shape"
-          ncu --clock-control none -k regex:"permute_(warp|scatter)" -c 1 --section SpeedOfLight --section Occupancy \
+          echo "--- permute_scatter $shape"
+          ncu --clock-control none -k regex:permute_scatter -c 1 --section SpeedOfLight --section Occupancy \
             --section WarpStateStats --section MemoryWorkloadAnalysis --metrics $metrics python3 -m bench.ncu_permute $shape
         done
         echo "--- swiglu fwd N 32768 F 2048: moe_raw, then torch.compile's triton kernel"

@@ -8,8 +8,8 @@
 #               permute_and_pad and its backward, top-k routing (CUDA-graph tests need torch's caching allocator,
 #               which is off here, so they are left out)
 #   workload C  python -m bench.sanitize_cases: every kernel on each of its paths once, tiny shapes, results read back
-#               (the default warp-a-token row kernels)
-#   workload D  workload C with MOE_RAW_BLOCK_KERNELS=1 MOE_RAW_NO_BULK_COPY=1: the block-a-token row kernels, 16-byte
+#               (the default warp-a-token gather and FP8 quantize)
+#   workload D  workload C with MOE_RAW_BLOCK_KERNELS=1 MOE_RAW_NO_BULK_COPY=1: their block-a-token kernels, 16-byte
 #               rows written with plain stores (initcheck does not see the sm_90 bulk-copy engine's writes and would
 #               report those rows as uninitialized)
 # memcheck runs workloads A and B; racecheck, initcheck and synccheck run workloads C and D (on A or B they ran past

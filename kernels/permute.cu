@@ -6,15 +6,14 @@
 //   permute_scatter              one block per token: finds the token's rows from the tables, writes its row-map
 //                                line, sorted_indices / permuted_probs entries, and copies the token to each row
 //                                (on sm_90 with 16-byte rows: staged in shared memory, written by bulk copies).
-//   permute_warp                 permute_scatter's work with a warp a token and no block barrier (the default after
-//                                the tables): 32 experts at a time, a ballot compacts the token's rows; the lanes
-//                                copy the row, 4 VB-byte packs in flight each.
 //   permute_small                permute_scatter without the tables, for small maps with the row count given: each
 //                                block counts the whole map in shared memory (T * E reads a block), so a small
 //                                permute is one launch, not two.
 //   gather_reduce                one block per token: out[t] = sum over its rows of w * row (fp32 accumulation in
 //                                ascending expert order: bitwise deterministic, no atomics). Unpermute forward and
 //                                permute backward (optionally also the permuted-probs gradient).
+//   gather_warp                  gather_reduce with a warp a token and no block barrier, the same sums in the same
+//                                order (the default where each warp's row list fits the default shared memory).
 //   unpermute_bwd                one block per token: d_row = g[t] * w for each of its rows, and
 //                                dprobs[t, e] = dot(g[t], row) (fixed-order block reduction) for routed pairs.
 //   scatter_rows                 one block per token: copies row t of any [T, ...] tensor (e.g. FP8 scales) to every
@@ -39,9 +38,9 @@
 //
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
 //   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: block = 128 threads striding over the row in
-//   VB-byte packs; grid = T token blocks (permute_warp: ceil(T / 4), a warp a token), then tail blocks that zero
+//   VB-byte packs; grid = T token blocks (gather_warp: ceil(T / 4), a warp a token), then tail blocks that zero
 //   spare rows and, in the aligned layout, E blocks that zero each expert's padding rows. Dynamic shared memory
-//   holds the token's row list (permute_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
+//   holds the token's row list (gather_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
 //   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
 //   last dim, VB divides the row bytes, the row stride and both base addresses; T * E < 2^31; E <= 4096;
@@ -471,73 +470,6 @@ __global__ void __launch_bounds__(kRowThreads)
                     sorted_indices, probs, probs_code, probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
 }
 
-// permute_warp: permute_scatter's work with a warp a token (kRowThreads / 32 tokens a block) and no block barrier:
-// a warp places its token's pairs 32 experts at a time (lane e0 + lane reads the map, place_pair; a ballot compacts
-// the rows in ascending expert order into the warp's list), then its lanes stride over the row in VB-byte packs, 4
-// in flight a lane, each stored to every row of the list. Blocks past ceil(T / warps) zero spare and padding rows
-// as permute_scatter's do. Same parameters; shared memory: (kRowThreads / 32) * E ints (the warps' row lists).
-template <int VB>
-__global__ void __launch_bounds__(kRowThreads, 10)
-    permute_warp(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
-                 int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
-                 const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
-                 const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
-                 const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
-                 void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
-  using V = typename Vec<VB>::type;
-  constexpr int kWarps = kRowThreads / 32;
-  extern __shared__ int smem[];  // [kWarps][num_experts]: each warp's row list
-  const Tables tab(ws, num_tokens, num_experts);
-  const int64_t total = tab.start(num_experts);
-  const int64_t kept =
-      drop_and_pad ? n_rows : (pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows));
-  const int64_t token_blocks = (num_tokens + kWarps - 1) / kWarps;
-  if (blockIdx.x >= token_blocks) {
-    zero_unowned_rows<VB>(dst, row_bytes, kept, n_rows, blockIdx.x - token_blocks, pad_ranges, num_experts,
-                          sorted_indices, permuted_probs, probs_code);
-    return;
-  }
-  if (blockIdx.x == 0 && row_map) {
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) row_map[num_tokens * num_experts + e] = e == 0 ? kept : 0;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
-  int* rows = smem + warp * num_experts;
-  int n = 0;
-  for (int e0 = 0; e0 < num_experts; e0 += 32) {
-    const int e = e0 + lane;
-    const int row = e < num_experts
-                        ? place_pair(tab, t, e, num_experts, drop_and_pad, capacity, routing_map, map_bytes, map_st,
-                                     map_se, row_map, sorted_indices, probs, probs_code, probs_st, probs_se,
-                                     permuted_probs, n_keep, pad_ranges)
-                        : -1;
-    int slot;
-    n = warp_slots(row >= 0, n, &slot);
-    if (row >= 0) rows[slot] = row;
-  }
-  __syncwarp();  // the list is read by every lane
-  if (!src) return;
-  const int64_t nvec = row_bytes / VB;
-  const V* s = reinterpret_cast<const V*>(src + t * src_stride);
-  constexpr int kUnroll = 4;  // loads in flight per lane before the stores
-  int64_t v = lane;
-  for (; v + (kUnroll - 1) * 32 < nvec; v += kUnroll * 32) {
-    V x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) x[u] = s[v + u * 32];
-    for (int j = 0; j < n; ++j) {
-      V* d = reinterpret_cast<V*>(dst + static_cast<int64_t>(rows[j]) * row_bytes);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) __stcs(d + v + u * 32, x[u]);  // streaming: no reuse in L2
-    }
-  }
-  for (; v < nvec; v += 32) {
-    const V x = s[v];
-    for (int j = 0; j < n; ++j) __stcs(reinterpret_cast<V*>(dst + static_cast<int64_t>(rows[j]) * row_bytes) + v, x);
-  }
-}
-
 // dst[row] = src[t] for every row of token t in the row map (routed r, padding copy -2 - r); blocks t >= T zero the
 // spare rows [kept, n_rows) and, in the aligned layout (pad_ranges = row map line T + 1), each expert's padding.
 template <int VB>
@@ -885,79 +817,6 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-
-// unpermute_bwd with a warp a token (kRowThreads / 32 tokens a block) and no block barrier: the warp lists its
-// token's rows 32 experts at a time (bwd_pair, a ballot), its lanes write d_rows over their packs (the same products,
-// the same bits as unpermute_bwd) and sum each dot product's lane partials by a warp butterfly (a fixed order, so
-// deterministic; not unpermute_bwd's order, so dprobs may differ from it in the last bits). Blocks past ceil(T / 4)
-// zero spare and padding rows. Same parameters; shared memory: each warp's rows and experts ((E + 1) & ~1 ints
-// each) for the 4 warps, then their weights (E accumulators each).
-template <typename T, int VB>
-__global__ void __launch_bounds__(kRowThreads, 10)
-    unpermute_bwd_warp(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ rows, int64_t rows_stride,
-                       T* __restrict__ d_rows, int64_t n_rows, int64_t hidden, int64_t num_tokens, int num_experts,
-                       const int* __restrict__ row_map, const void* __restrict__ probs, int probs_code,
-                       int64_t probs_st, int64_t probs_se, void* __restrict__ dprobs, int dprobs_code,
-                       const int* __restrict__ pad_ranges) {
-  using A = typename Acc<T>::type;
-  using V = typename Vec<VB>::type;
-  constexpr int kGroup = 8;  // dot products summed per pass over the row
-  constexpr int kWarps = kRowThreads / 32;
-  extern __shared__ int smem[];
-  const int64_t token_blocks = (num_tokens + kWarps - 1) / kWarps;
-  if (blockIdx.x >= token_blocks) {
-    zero_unowned_rows<VB>(reinterpret_cast<uint8_t*>(d_rows), hidden * static_cast<int64_t>(sizeof(T)),
-                          row_map[num_tokens * num_experts], n_rows, blockIdx.x - token_blocks, pad_ranges,
-                          num_experts, nullptr, nullptr, 0);
-    return;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
-  const int list_ints = (num_experts + 1) & ~1;
-  int* list_rows = smem + 2 * warp * list_ints;
-  int* list_e = list_rows + list_ints;
-  A* list_w = reinterpret_cast<A*>(smem + 2 * kWarps * list_ints) + warp * num_experts;
-  int n = 0;
-  for (int e0 = 0; e0 < num_experts; e0 += 32) {
-    const int e = e0 + lane;
-    bool routed = false;
-    A w = A(1);
-    const int row = e < num_experts ? bwd_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st,
-                                               probs_se, dprobs, dprobs_code, &w, &routed)
-                                    : -1;
-    int slot;
-    n = warp_slots(row >= 0, n, &slot);
-    if (row >= 0) {
-      list_rows[slot] = row;
-      list_w[slot] = w;
-      list_e[slot] = routed ? e : -1;
-    }
-  }
-  __syncwarp();  // the lists are read by every lane
-  const V* gv = reinterpret_cast<const V*>(g + t * g_stride);
-  for (int j0 = 0; j0 < n; j0 += kGroup) {
-    const int m = min(kGroup, n - j0);
-    A dot[kGroup];
-#pragma unroll
-    for (int k = 0; k < kGroup; ++k) dot[k] = A(0);
-    bwd_rows_pass<T, VB, kGroup>(gv, rows, rows_stride, d_rows, hidden, list_rows, list_w, list_e, j0, m, dprobs,
-                                 dot, lane, 32);
-    if (dprobs) {
-#pragma unroll
-      for (int k = 0; k < kGroup; ++k) {
-        A s = dot[k];
-#pragma unroll
-        for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
-        if (lane == k && k < m) {
-          const int e = list_e[j0 + k];
-          if (e >= 0) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, s);
-        }
-      }
-    }
-  }
-}
-
 }  // namespace moe_raw
 
 #ifdef MOE_RAW_NVCC_CHECK
@@ -975,10 +834,7 @@ template __global__ void pad_offsets<1024>(const int*, int64_t, int, int64_t, in
                                               int64_t, int64_t, const void*, int, void*, int);                 \
   template __global__ void unpermute_bwd<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t,    \
                                                 int64_t, int, const int*, const void*, int, int64_t, int64_t,  \
-                                                void*, int, const int*);                                       \
-  template __global__ void unpermute_bwd_warp<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t,        \
-                                                     int64_t, int64_t, int, const int*, const void*, int,      \
-                                                     int64_t, int64_t, void*, int, const int*);
+                                                void*, int, const int*);
 // Every instance moe_raw/_launch.py KERNELS["permute"] names (tests/test_support_matrix.py checks the two agree):
 // each dtype with every pack of 16, 8, 4, 2, 1 bytes that holds whole elements.
 MOE_RAW_ROW_KERNELS(float, 16)
@@ -1002,11 +858,7 @@ MOE_RAW_ROW_KERNELS(double, 8)
   template __global__ void permute_small<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t, \
                                              int, int64_t, const void*, int, int64_t, int64_t, const int*, int*, \
                                              int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,       \
-                                             const int*);                                                     \
-  template __global__ void permute_warp<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
-                                            int, int64_t, const void*, int, int64_t, int64_t, const int*, int*,  \
-                                            int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,        \
-                                            const int*);
+                                             const int*);
 #define MOE_RAW_SCATTER_ROWS(VB)                                                                                \
   template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
                                             const int*, const int*);

@@ -57,14 +57,14 @@ ROUTER_SHAPES = ((16, 1), (16, 2), (16, 4), (16, 8), (16, 16), (16, 32), (32, 32
 
 def _permute_instances() -> tuple[str, ...]:
     names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>", "moe_raw::pad_offsets<1024>"]
-    names += [f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small", "warp") for vb in _VEC_BYTES]
+    names += [f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in _VEC_BYTES]
     names += [f"moe_raw::scatter_rows<{vb}>" for vb in _VEC_BYTES]
     for dtype, ctype in CTYPES.items():
         size = torch.empty((), dtype=dtype).element_size()
         for vb in _VEC_BYTES:
             if vb >= size:
                 names += [f"moe_raw::gather_{way}<{ctype}, {vb}>" for way in ("reduce", "warp")]
-                names += [f"moe_raw::unpermute_bwd{way}<{ctype}, {vb}>" for way in ("", "_warp")]
+                names.append(f"moe_raw::unpermute_bwd<{ctype}, {vb}>")
     return tuple(names)
 
 
@@ -94,11 +94,9 @@ SIGNATURES = {
         "routing_scan": "Pqi",
         "permute_scatter": "PqPqqiqiqPiqqPPPPiqqPqP",
         "permute_small": "PqPqqiqiqPiqqPPPPiqqPqP",
-        "permute_warp": "PqPqqiqiqPiqqPPPPiqqPqP",
         "gather_reduce": "PqqPqqqiPPPPiqqPiPi",
         "gather_warp": "PqqPqqqiPPPPiqqPiPi",
         "unpermute_bwd": "PqPqPqqqiPPiqqPiP",
-        "unpermute_bwd_warp": "PqPqPqqqiPPiqqPiP",
         "pad_offsets": "PqiqiPPPP",
         "scatter_rows": "PqPqqiqPP",
     },

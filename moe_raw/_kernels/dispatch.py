@@ -108,51 +108,46 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
     return buf[: num_tokens + lines], ws, buf
 
 
-# The row kernels: "warp" (permute_warp after the routing tables, gather_warp, unpermute_bwd_warp: a warp a token,
-# no block barrier) or "block" (permute_scatter, a block a token with bulk-copy stores on sm_90; gather_reduce,
-# unpermute_bwd). Tests set it to compare the two.
-_ROW_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
-_WARPS = _ROW_THREADS // 32  # tokens a block of the warp kernels
+# The gather (unpermute forward, permute backward): "warp" (gather_warp, a warp a token, no block barrier) or
+# "block" (gather_reduce, a block a token). On the H200 the warp kernel is 2-11% faster at every bench shape; a warp
+# a token lost there for permute (bulk-copy stores from a block's stage are faster) and unpermute's backward, so
+# those have only the block kernels (bench/results/2026-12-05-h200-candidate). Tests set it to compare the two.
+_GATHER_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
+_WARPS = _ROW_THREADS // 32  # tokens a block of gather_warp
 
 
 def _on_warps(list_bytes: int) -> bool:
-    """Whether a row kernel runs a warp a token: each warp keeps its own row list (list_bytes of shared memory), so
-    the block needs _WARPS lists; the warp kernels run only where those fit the shared memory every block gets
-    without opting in (up to E of about 1000-3000), the block kernels (one list a block) otherwise."""
-    return _ROW_KERNEL == "warp" and _WARPS * list_bytes + _SMEM_SLACK <= _SHARED_NO_OPT_IN
+    """Whether the gather runs a warp a token: each warp keeps its own row list (list_bytes of shared memory), so
+    the block needs _WARPS lists; gather_warp runs only where those fit the shared memory every block gets without
+    opting in (up to E of about 1000-3000), gather_reduce (one list a block) otherwise."""
+    return _GATHER_KERNEL == "warp" and _WARPS * list_bytes + _SMEM_SLACK <= _SHARED_NO_OPT_IN
 
 
-_SCATTER_NAMES = {
-    (way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small", "warp") for vb in (16, 8, 4, 2, 1)
-}
+_SCATTER_NAMES = {(way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in (16, 8, 4, 2, 1)}
 
 
 def _scatter(
     tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, extra_blocks, n_keep, capacity, pads
 ):
     """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
-    padding rows. With ``ws`` (the routing tables' address) permute_warp, or permute_scatter when _ROW_KERNEL is
-    "block"; ``ws`` 0 (no tables: a map of at most _SMALL_MAP entries) permute_small. ``tokens`` None writes only
+    padding rows. With ``ws`` (the routing tables' address) permute_scatter; ``ws`` 0 (no tables: a map of at most
+    _SMALL_MAP entries) permute_small. ``tokens`` None writes only
     the row map / indices / probs (no rows). ``capacity``: rows per expert of drop_and_pad, None otherwise;
     ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
     num_tokens, num_experts = routing_map.shape
-    way = ("warp" if _on_warps(4 * num_experts) else "scatter") if ws else "small"
+    way = "scatter" if ws else "small"
     src_ptr = src_stride = row_bytes = stage = 0
     vb = 16
     if tokens is not None:
         src = row_view(tokens)
         esize = src.element_size()
         row_bytes, src_stride, src_ptr = src.shape[1] * esize, src.stride()[0] * esize, src.data_ptr()
-        vb = _vec_bytes(1, row_bytes, src_stride, src_ptr, out.data_ptr())
-        if way != "warp":
-            vb = _scatter_vec_bytes(vb)
-            if vb == 16:  # the kernel's 128-aligned stage of up to 16 KiB of the row (bulk copies)
-                stage = 128 + min(row_bytes, _STAGE_BYTES)
-    if way == "warp":
-        blocks, shared = cdiv(num_tokens, _WARPS) + extra_blocks, 4 * _WARPS * num_experts  # the warps' row lists
-    else:  # permute_small's counts in front, the row list and scratch, then the stage
-        counts = 0 if ws else 4 * ((3 * num_experts + 2) & ~1)
-        blocks, shared = num_tokens + extra_blocks, counts + 8 * num_experts + stage
+        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src_stride, src_ptr, out.data_ptr()))
+        if vb == 16:  # the kernel's 128-aligned stage of up to 16 KiB of the row (bulk copies)
+            stage = 128 + min(row_bytes, _STAGE_BYTES)
+    # permute_small's counts in front, the row list and scratch, then the stage
+    counts = 0 if ws else 4 * ((3 * num_experts + 2) & ~1)
+    blocks, shared = num_tokens + extra_blocks, counts + 8 * num_experts + stage
     map_st, map_se = routing_map.stride()
     launch(
         "permute", _SCATTER_NAMES[way, vb], routing_map.device, blocks, _ROW_THREADS,
@@ -276,15 +271,10 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     if rows is not None:
         quantities += [rows.stride(0) * esize, rows.data_ptr()]
     vb = _vec_bytes(esize, *quantities)
-    # the row, expert and weight lists (unpermute_bwd_warp: a set a warp)
-    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
-    extra_blocks = cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0)
-    if _on_warps(smem):
-        name, blocks, smem = "unpermute_bwd_warp", cdiv(num_tokens, _WARPS), _WARPS * smem
-    else:
-        name, blocks = "unpermute_bwd", num_tokens
+    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)  # the row, expert, weight lists
+    blocks = num_tokens + cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0)
     launch(
-        "permute", f"moe_raw::{name}<{CTYPES[dtype]}, {vb}>", dev, blocks + extra_blocks, _ROW_THREADS,
+        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev, blocks, _ROW_THREADS,
         (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
          (n_rows), (hidden), (num_tokens), (num_experts), ptr(row_map), *_scalar_args(probs),
          ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0),
