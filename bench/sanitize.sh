@@ -8,11 +8,12 @@
 #               permute_and_pad and its backward, top-k routing (CUDA-graph tests need torch's caching allocator,
 #               which is off here, so they are left out)
 #   workload C  python -m bench.sanitize_cases: every kernel on each of its paths once, tiny shapes, results read back
-#   workload D  workload C with MOE_RAW_NO_BULK_COPY=1 (initcheck only): initcheck does not see the bulk-copy
-#               engine's writes, so on C it reports the rows permute wrote that way (on sm_90, 16-byte rows) as
-#               uninitialized; D writes them with plain stores and must report nothing
-# memcheck runs workloads A and B; racecheck, initcheck and synccheck run workload C (on A or B they ran past 2
-# minutes). memcheck runs with
+#               (the default warp-a-token gather and FP8 quantize)
+#   workload D  workload C with MOE_RAW_BLOCK_KERNELS=1 MOE_RAW_NO_BULK_COPY=1: their block-a-token kernels, 16-byte
+#               rows written with plain stores (initcheck does not see the sm_90 bulk-copy engine's writes and would
+#               report those rows as uninitialized)
+# memcheck runs workloads A and B; racecheck, initcheck and synccheck run workloads C and D (on A or B they ran past
+# 2 minutes). memcheck runs with
 # --report-api-errors no: Numba's driver start-up probes optional entry points with cuGetProcAddress, and the
 # CUDA_ERROR_INVALID_VALUE answers it expects and handles were reported as 20 "errors" (H100 run, 2026-11-27); a
 # failing API call of moe_raw's own raises in Python and fails the workload. PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives
@@ -41,9 +42,8 @@ status=0
 summary="$OUT/sanitize_summary.txt"
 compute-sanitizer --version | head -2 | tee "$summary"
 for tool in "${tools[@]}"; do
-  workloads=(C)
+  workloads=(C D)
   [ "$tool" = memcheck ] && workloads=(A B)
-  [ "$tool" = initcheck ] && workloads=(C D)
   for workload in "${workloads[@]}"; do
     log="$OUT/sanitize_${tool}_${workload}.log"
     extra=()
@@ -53,7 +53,7 @@ for tool in "${tools[@]}"; do
     elif [ "$workload" = C ]; then
       cmd=(python3 -m bench.sanitize_cases)
     elif [ "$workload" = D ]; then
-      cmd=(env MOE_RAW_NO_BULK_COPY=1 python3 -m bench.sanitize_cases)
+      cmd=(env MOE_RAW_BLOCK_KERNELS=1 MOE_RAW_NO_BULK_COPY=1 python3 -m bench.sanitize_cases)
     else
       cmd=(python3 -m pytest -q -p no:cacheprovider -m gpu -k "not graph" "${subset_b[@]}")
     fi

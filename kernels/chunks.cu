@@ -92,7 +92,16 @@ __global__ void __launch_bounds__(kChunkThreads)
     const int64_t from = gather ? d : r, to = gather ? r : d;
     const V* src = reinterpret_cast<const V*>(in + from * in_stride);
     V* dst = reinterpret_cast<V*>(out + to * out_stride);
-    for (int64_t k = lane; k < n_vec; k += 32) dst[k] = src[k];
+    // Four loads in flight a lane before their stores (ncu on the H200, DeepSeek-V3: one at a time left the warps
+    // waiting on L1TEX 69% of their cycles at 80% of the DRAM peak).
+    // (A row's pack count fits an int: the row offsets above stay 64-bit.)
+    const int packs = static_cast<int>(n_vec);
+    int k = lane;
+    for (; k + 3 * 32 < packs; k += 4 * 32) {
+      const V a = src[k], b = src[k + 32], c = src[k + 64], e = src[k + 96];
+      dst[k] = a, dst[k + 32] = b, dst[k + 64] = c, dst[k + 96] = e;
+    }
+    for (; k < packs; k += 32) dst[k] = src[k];
     if (probs_out != nullptr && lane == 0) {
       const uint8_t* ps = probs_in + from * probs_in_stride * probs_bytes;
       uint8_t* pd = probs_out + to * probs_bytes;

@@ -114,4 +114,13 @@ __device__ __forceinline__ I block_exclusive_scan(I x, I* total) {
   return warp_base + inc - x;
 }
 
+// Compaction across a warp (all 32 lanes call it): the lanes with `has` set take consecutive slots from n on, in
+// lane order (*slot); returns n plus their count. A warp-a-token kernel builds its token's row list with it, 32
+// experts at a time, in ascending expert order and with no block barrier.
+__device__ __forceinline__ int warp_slots(bool has, int n, int* slot) {
+  const uint32_t mask = __ballot_sync(0xffffffffu, has);
+  *slot = n + __popc(mask & ((1u << (threadIdx.x & 31)) - 1u));
+  return n + __popc(mask);
+}
+
 }  // namespace moe_raw

@@ -6,9 +6,14 @@
 //   permute_scatter              one block per token: finds the token's rows from the tables, writes its row-map
 //                                line, sorted_indices / permuted_probs entries, and copies the token to each row
 //                                (on sm_90 with 16-byte rows: staged in shared memory, written by bulk copies).
+//   permute_small                permute_scatter without the tables, for small maps with the row count given: each
+//                                block counts the whole map in shared memory (T * E reads a block), so a small
+//                                permute is one launch, not two.
 //   gather_reduce                one block per token: out[t] = sum over its rows of w * row (fp32 accumulation in
 //                                ascending expert order: bitwise deterministic, no atomics). Unpermute forward and
 //                                permute backward (optionally also the permuted-probs gradient).
+//   gather_warp                  gather_reduce with a warp a token and no block barrier, the same sums in the same
+//                                order (the default where each warp's row list fits the default shared memory).
 //   unpermute_bwd                one block per token: d_row = g[t] * w for each of its rows, and
 //                                dprobs[t, e] = dot(g[t], row) (fixed-order block reduction) for routed pairs.
 //   scatter_rows                 one block per token: copies row t of any [T, ...] tensor (e.g. FP8 scales) to every
@@ -32,15 +37,17 @@
 // tables with no host sync (one when T <= 256); TE's mask path needs three and a dense int32 [T, E] scan.
 //
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
-//   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: grid = T (+ tail blocks that zero spare
-//   rows, + E blocks that zero each expert's padding rows in the aligned layout),
-//   block = 128 threads striding over the row in VB-byte packs; dynamic shared memory holds the token's row list
-//   (and, for permute_scatter's Hopper path, a 16 KiB stage of the row).
+//   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: block = 128 threads striding over the row in
+//   VB-byte packs; grid = T token blocks (gather_warp: ceil(T / 4), a warp a token), then tail blocks that zero
+//   spare rows and, in the aligned layout, E blocks that zero each expert's padding rows. Dynamic shared memory
+//   holds the token's row list (gather_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
+//   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
 //   last dim, VB divides the row bytes, the row stride and both base addresses; T * E < 2^31; E <= 4096;
 //   N < 2^31 - 2.
 // Bytes moved (the benchmark's model): permute T*H*s + N*H*s (+ maps, probs); unpermute N*H*s + T*H*s;
-//   unpermute backward with probs grad T*H*s + 2*N*H*s; map build ~T*E bytes of routing map + O(E*T/8).
+//   unpermute backward with probs grad T*H*s + 2*N*H*s; map build ~T*E bytes of routing map + O(E*T/8);
+//   permute_small adds T * E map reads a block (at most 4096 entries, L2 hits after the first block).
 
 #include "common.cuh"
 
@@ -49,6 +56,24 @@ namespace moe_raw {
 constexpr int kTileTokens = 256;  // routing_pack block: 8 warps x 32 tokens
 constexpr int kRowThreads = 128;  // row kernels
 constexpr int kTailRows = 32;     // spare rows zeroed per tail block
+
+// Exclusive scan of count(i), i < m, by the whole block: each thread sums a contiguous run of i, one block scan
+// of the run sums, then write(i, prefix) along each run (count(i) is read again after write(i, ...): not in place).
+// Returns the total. Contains __syncthreads: call from every thread.
+template <typename CountFn, typename WriteFn>
+__device__ __forceinline__ int block_scan_runs(int64_t m, CountFn count, WriteFn write) {
+  const int64_t per = (m + blockDim.x - 1) / blockDim.x;
+  const int64_t beg = min(m, static_cast<int64_t>(threadIdx.x) * per), end = min(m, beg + per);
+  int local = 0;
+  for (int64_t i = beg; i < end; ++i) local += count(i);
+  int total;
+  int run = block_exclusive_scan(local, &total);
+  for (int64_t i = beg; i < end; ++i) {
+    write(i, run);
+    run += count(i);
+  }
+  return total;
+}
 
 struct Tables {
   const uint32_t* words;
@@ -74,6 +99,43 @@ struct Tables {
     const uint32_t below = (1u << (t & 31)) - 1u;
     return tile_base[e * n_tiles + (t >> 8)] + word_prefix[e * n_words + w] + __popc(words[e * n_words + w] & below);
   }
+  // Routed pairs of experts before e; start(E) = all routed pairs.
+  __device__ __forceinline__ int start(int e) const { return expert_start[e]; }
+};
+
+// What Tables gives, for one token t only, counted by the whole block straight from the routing map (T * E map
+// reads per block: the host uses it for small maps only). smem: 3 * E + 1 ints, count[E] (routed tokens of each
+// expert), start[E + 1] (their exclusive scan; start[E] = all routed pairs), before[E] (the routed tokens of each
+// expert before t). The constructor contains __syncthreads: build it in every thread.
+struct MapPrefix {
+  const int* start_;
+  const int* before_;
+  __device__ MapPrefix(int* smem, const void* routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                       int num_tokens, int num_experts, int64_t t) {
+    int* count = smem;
+    int* start = smem + num_experts;
+    int* before = smem + 2 * num_experts + 1;
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) count[e] = before[e] = 0;
+    __syncthreads();
+    const int entries = num_tokens * num_experts;  // T * E < 2^31 (checked on the host)
+#pragma unroll 4
+    for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+      const int tt = i / num_experts, e = i - tt * num_experts;
+      if (map_entry(routing_map, map_bytes, tt * map_st + e * map_se)) {
+        atomicAdd(&count[e], 1);  // integer counts: the same whatever the order (deterministic)
+        if (tt < t) atomicAdd(&before[e], 1);
+      }
+    }
+    __syncthreads();
+    const int total = block_scan_runs(
+        num_experts, [&](int64_t e) { return count[e]; }, [&](int64_t e, int prefix) { start[e] = prefix; });
+    if (threadIdx.x == 0) start[num_experts] = total;
+    __syncthreads();
+    start_ = start;
+    before_ = before;
+  }
+  __device__ __forceinline__ int flat_prefix(int e, int64_t) const { return start_[e] + before_[e]; }
+  __device__ __forceinline__ int start(int e) const { return start_[e]; }
 };
 
 // Exclusive scan of tile_sums in flat order -> tile_base, expert_start. Run by one whole block.
@@ -83,17 +145,12 @@ __device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
   const int* tile_sums = ws + 2 * ew;
   int* tile_base = ws + 2 * ew + m;
   int* expert_start = ws + 2 * ew + 2 * m;
-  const int64_t per = (m + blockDim.x - 1) / blockDim.x;
-  const int64_t beg = min(m, static_cast<int64_t>(threadIdx.x) * per), end = min(m, beg + per);
-  int local = 0;
-  for (int64_t i = beg; i < end; ++i) local += tile_sums[i];
-  int total;
-  int run = block_exclusive_scan(local, &total);
-  for (int64_t i = beg; i < end; ++i) {
-    if (i % n_tiles == 0) expert_start[i / n_tiles] = run;
-    tile_base[i] = run;
-    run += tile_sums[i];
-  }
+  const int total = block_scan_runs(
+      m, [&](int64_t i) { return tile_sums[i]; },
+      [&](int64_t i, int prefix) {
+        if (i % n_tiles == 0) expert_start[i / n_tiles] = prefix;
+        tile_base[i] = prefix;
+      });
   if (threadIdx.x == 0) expert_start[num_experts] = total;
 }
 
@@ -237,23 +294,67 @@ __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept,
   }
 }
 
-// Permute forward (pure byte move). Block t < T: token t. Blocks t >= T: zero spare rows (num_out_tokens above
-// the routed count). With src == nullptr it only writes the row map (unpermute(fused=False) rebuilding it).
-// Aligned layout (pad_ranges = row map line T + 1, filled by pad_offsets): routed pair (t, e) among the first
-// n_keep goes to row pad_start(e) + its rank in expert e; blocks after the tail blocks zero each expert's padding.
-template <int VB>
-__global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 blocks per SM (48 registers allowed only 10)
-    permute_scatter(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
-                    int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
-                    const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
-                    const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
-                    const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
-                    void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+// Routed or padding pair (t, e): its permuted row (-1 if none: not routed, dropped, or no padding slot), with its
+// row-map entry, sorted_indices and permuted_probs entries written. Tab: Tables or MapPrefix.
+template <class Prefix>
+__device__ __forceinline__ int place_pair(const Prefix& tab, int64_t t, int e, int num_experts,
+                                          int drop_and_pad, int64_t capacity, const void* __restrict__ routing_map,
+                                          int map_bytes, int64_t map_st, int64_t map_se, int* __restrict__ row_map,
+                                          int64_t* __restrict__ sorted_indices, const void* __restrict__ probs,
+                                          int probs_code, int64_t probs_st, int64_t probs_se,
+                                          void* __restrict__ permuted_probs, int64_t n_keep,
+                                          const int* __restrict__ pad_ranges) {
+  int row = -1;  // this pair's permuted row, -1 if none
+  const bool routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
+  if (!drop_and_pad) {
+    if (routed) {
+      const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
+      if (before < n_keep) {
+        // aligned: expert e's rows start where expert e - 1's padding ends
+        row = pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) + (before - tab.start(e)) : before;
+      }
+    }
+  } else {
+    const int start = tab.start(e), count = tab.start(e + 1) - start;
+    if (routed || count < capacity) {  // an unrouted token matters only if the expert has padding slots
+      const int rank = tab.flat_prefix(e, t) - start;  // routed tokens of expert e before t
+      if (routed) {
+        if (rank < capacity) row = static_cast<int>(e * capacity + rank);
+      } else {
+        // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad.
+        const int64_t slot = static_cast<int64_t>(count) + (t - rank);
+        if (slot < capacity) row = static_cast<int>(e * capacity + slot);
+      }
+    }
+  }
+  if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
+  if (row >= 0) {
+    if (sorted_indices) sorted_indices[row] = t;
+    if (permuted_probs) {
+      // probs is read only where the map routes: an off-route NaN never reaches the output. A double carries
+      // every probs dtype exactly.
+      const double p = routed ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
+      store_scalar<double>(permuted_probs, probs_code, row, p);
+    }
+  }
+  return row;
+}
+
+// Permute forward (pure byte move) of one block: block t < T takes token t; blocks t >= T zero spare rows
+// (num_out_tokens above the routed count). With src == nullptr it only writes the row map (unpermute(fused=False)
+// rebuilding it). Aligned layout (pad_ranges = row map line T + 1, filled by pad_offsets): routed pair (t, e) among
+// the first n_keep goes to row pad_start(e) + its rank in expert e; blocks after the tail blocks zero each expert's
+// padding. Prefix (Tables or MapPrefix) gives each pair's place in expert-major order; dest_rows: 2 * E ints of
+// shared memory (this token's rows in ascending expert order, then scratch), then (Hopper, 16-byte rows) the stage.
+template <int VB, class Prefix>
+__device__ __forceinline__ void scatter_token(
+    const Prefix& tab, int* dest_rows, const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst,
+    int64_t row_bytes, int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+    const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se, int* __restrict__ row_map,
+    int64_t* __restrict__ sorted_indices, const void* __restrict__ probs, int probs_code, int64_t probs_st,
+    int64_t probs_se, void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
   using V = typename Vec<VB>::type;
-  // [2 * num_experts] ints: this token's rows (ascending expert), scratch; then (Hopper, 16-byte rows) the stage
-  extern __shared__ int dest_rows[];
-  const Tables tab(ws, num_tokens, num_experts);
-  const int64_t total = tab.expert_start[num_experts];
+  const int64_t total = tab.start(num_experts);
   const int64_t kept =
       drop_and_pad ? n_rows : (pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows));
   const int64_t t = blockIdx.x;
@@ -272,40 +373,10 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
   const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
   int mine = 0;
   for (int e = e_beg; e < e_end; ++e) {
-    int row = -1;  // this pair's permuted row, -1 if none
-    const bool routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
-    if (!drop_and_pad) {
-      if (routed) {
-        const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
-        if (before < n_keep) {
-          // aligned: expert e's rows start where expert e - 1's padding ends
-          row = pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) + (before - tab.expert_start[e]) : before;
-        }
-      }
-    } else {
-      const int start = tab.expert_start[e], count = tab.expert_start[e + 1] - start;
-      if (routed || count < capacity) {  // an unrouted token matters only if the expert has padding slots
-        const int rank = tab.flat_prefix(e, t) - start;  // routed tokens of expert e before t
-        if (routed) {
-          if (rank < capacity) row = static_cast<int>(e * capacity + rank);
-        } else {
-          // The seed's stable descending argsort: after the routed tokens, the lowest unrouted ids pad.
-          const int64_t slot = static_cast<int64_t>(count) + (t - rank);
-          if (slot < capacity) row = static_cast<int>(e * capacity + slot);
-        }
-      }
-    }
-    if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
-    if (row >= 0) {
-      if (sorted_indices) sorted_indices[row] = t;
-      if (permuted_probs) {
-        // probs is read only where the map routes: an off-route NaN never reaches the output. A double carries
-        // every probs dtype exactly.
-        const double p = routed ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
-        store_scalar<double>(permuted_probs, probs_code, row, p);
-      }
-      ++mine;
-    }
+    const int row = place_pair(tab, t, e, num_experts, drop_and_pad, capacity, routing_map, map_bytes, map_st, map_se,
+                               row_map, sorted_indices, probs, probs_code, probs_st, probs_se, permuted_probs, n_keep,
+                               pad_ranges);
+    if (row >= 0) ++mine;
     scratch[e] = row;
   }
   if (!src) return;
@@ -363,6 +434,42 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
   }
 }
 
+// permute_scatter: the row kernel of permute / permute_and_pad, places from the routing tables (routing_pack +
+// routing_scan, or pad_offsets after them).
+template <int VB>
+__global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 blocks per SM (48 registers allowed only 10)
+    permute_scatter(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
+                    int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+                    const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                    const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
+                    const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                    void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+  extern __shared__ int smem[];  // scatter_token's 2 * E ints and stage
+  const Tables tab(ws, num_tokens, num_experts);
+  scatter_token<VB>(tab, smem, src, src_stride, dst, row_bytes, num_tokens, num_experts, n_rows, drop_and_pad,
+                    capacity, routing_map, map_bytes, map_st, map_se, row_map, sorted_indices, probs, probs_code,
+                    probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
+}
+
+// permute_small: permute_scatter without the tables, for small maps (the host takes it when T * E <= 4096, E <=
+// 1024 and there is no aligned layout): each block counts the whole map itself (MapPrefix), so a small permute is
+// one launch instead of two. Same parameters (ws unused); shared memory (3 * E + 2) & ~1 more ints, in front.
+template <int VB>
+__global__ void __launch_bounds__(kRowThreads)
+    permute_small(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
+                  int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+                  const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                  const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
+                  const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                  void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+  extern __shared__ int smem[];  // MapPrefix's 3 * E + 1 ints (rounded up to even), then scatter_token's
+  const MapPrefix tab(smem, routing_map, map_bytes, map_st, map_se, static_cast<int>(num_tokens), num_experts,
+                      blockIdx.x);
+  scatter_token<VB>(tab, smem + ((3 * num_experts + 2) & ~1), src, src_stride, dst, row_bytes, num_tokens,
+                    num_experts, n_rows, drop_and_pad, capacity, routing_map, map_bytes, map_st, map_se, row_map,
+                    sorted_indices, probs, probs_code, probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
+}
+
 // dst[row] = src[t] for every row of token t in the row map (routed r, padding copy -2 - r); blocks t >= T zero the
 // spare rows [kept, n_rows) and, in the aligned layout (pad_ranges = row map line T + 1), each expert's padding.
 template <int VB>
@@ -401,16 +508,17 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// o[v] = sum_j weight(j) * rows[row(j)][v] over j < n, in ascending j (fp32 / fp64), for this thread's packs v.
+// o[v] = sum_j weight(j) * rows[row(j)][v] over j < n, in ascending j (fp32 / fp64), for this thread's packs v;
+// first, step: the block's threads (threadIdx.x, blockDim.x) or a warp's lanes (lane, 32).
 template <typename T, int VB, typename RowFn, typename WeightFn>
 __device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t rows_stride,
                                          typename Vec<VB>::type* __restrict__ o, int64_t hidden, int n, RowFn row,
-                                         WeightFn weight) {
+                                         WeightFn weight, int first, int step) {
   using A = typename Acc<T>::type;
   using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   const int64_t nvec = hidden / P::N;
-  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+  for (int64_t v = first; v < nvec; v += step) {
     A acc[P::N];
 #pragma unroll
     for (int i = 0; i < P::N; ++i) acc[i] = A(0);
@@ -443,6 +551,48 @@ __device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t row
   }
 }
 
+// out_row = the sum of a token's n rows: its row list with weights, or (csr_rows given) the CSR rows with weight 1.
+// One instantiation per row source, not a select per row: the CSR path has no shared row list to read.
+template <typename T, int VB>
+__device__ __forceinline__ void sum_token_rows(const T* __restrict__ rows, int64_t rows_stride, T* __restrict__ out_row,
+                                               int64_t hidden, int n, const int* list_rows,
+                                               const typename Acc<T>::type* list_w, const int64_t* csr_rows,
+                                               int first, int step) {
+  using A = typename Acc<T>::type;
+  auto* o = reinterpret_cast<typename Vec<VB>::type*>(out_row);
+  if (!csr_rows) {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },
+                    [&](int j) { return list_w[j]; }, first, step);
+  } else {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[j]; }, [](int) { return A(1); },
+                    first, step);
+  }
+}
+
+// Pair (t, e) of a row-map gather: the row summed into token t (-1 if none) and its weight *w (probs[t, e], or 1),
+// with dprobs[t, e] written when asked (g_pprobs[row] for routed pairs, 0 elsewhere).
+template <typename A>
+__device__ __forceinline__ int gather_pair(int64_t t, int e, int num_experts, int64_t n_rows,
+                                           const int* __restrict__ row_map, const void* __restrict__ probs,
+                                           int probs_code, int64_t probs_st, int64_t probs_se,
+                                           const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs,
+                                           int dprobs_code, A* w) {
+  int row = -1;
+  const int code = row_map[t * num_experts + e];
+  const bool routed = code >= 0 && code < n_rows;
+  if (routed) {
+    row = code;
+    if (probs) *w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
+  } else if (code <= -2 && !probs && -2 - static_cast<int64_t>(code) < n_rows) {
+    row = -2 - code;  // padding rows count only in an unweighted sum (the seed's scatter_add)
+  }
+  if (dprobs) {
+    const A g = routed ? load_scalar<A>(g_pprobs, g_code, code) : A(0);
+    store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, g);
+  }
+  return row;
+}
+
 // out[t] = sum_j w_j * rows[row_j] over token t's rows (fp32 / fp64 accumulation, ascending expert order).
 // Row list from the row map (routed rows weighted by probs if given, else routed and padding rows with weight 1),
 // or from a CSR list (csr_ptr [T + 1], csr_rows) of an arbitrary sorted_indices (weight 1).
@@ -455,7 +605,6 @@ __global__ void __launch_bounds__(kRowThreads)
                   const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                   const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs, int dprobs_code) {
   using A = typename Acc<T>::type;
-  using V = typename Vec<VB>::type;
   extern __shared__ int smem[];
   int* list_rows = smem;                                        // [num_experts]
   A* list_w = reinterpret_cast<A*>(smem + ((num_experts + 1) & ~1));  // [num_experts], 8-byte aligned
@@ -467,20 +616,9 @@ __global__ void __launch_bounds__(kRowThreads)
       const int e = e0 + threadIdx.x;
       int row = -1;
       A w = A(1);
-      if (e < num_experts) {
-        const int code = row_map[t * num_experts + e];
-        const bool routed = code >= 0 && code < n_rows;
-        if (routed) {
-          row = code;
-          if (probs) w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
-        } else if (code <= -2 && !probs && -2 - static_cast<int64_t>(code) < n_rows) {
-          row = -2 - code;  // padding rows count only in an unweighted sum (the seed's scatter_add)
-        }
-        if (dprobs) {
-          const A g = routed ? load_scalar<A>(g_pprobs, g_code, code) : A(0);
-          store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, g);
-        }
-      }
+      if (e < num_experts)
+        row = gather_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st, probs_se, g_pprobs, g_code,
+                          dprobs, dprobs_code, &w);
       int count;
       const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
       if (row >= 0) {
@@ -494,15 +632,114 @@ __global__ void __launch_bounds__(kRowThreads)
     csr_beg = csr_ptr[t];
     n = static_cast<int>(csr_ptr[t + 1] - csr_beg);
   }
-  // One instantiation per row source, not a select per row: the CSR path has no shared row list to read.
-  V* o = reinterpret_cast<V*>(out + t * out_stride);
+  sum_token_rows<T, VB>(rows, rows_stride, out + t * out_stride, hidden, n, list_rows, list_w,
+                        row_map ? nullptr : csr_rows + csr_beg, threadIdx.x, blockDim.x);
+}
+
+// gather_reduce with a warp a token (kRowThreads / 32 tokens a block) and no block barrier: the warp builds its
+// token's row list 32 experts at a time (gather_pair, a ballot keeps ascending expert order), then its lanes sum the
+// rows over their packs: the same sums in the same order, so the same bits. Same parameters; shared memory: each
+// warp's row list ((E + 1) & ~1 ints) for the 4 warps, then their weight lists (E accumulators each).
+template <typename T, int VB>
+__global__ void __launch_bounds__(kRowThreads, 12)
+    gather_warp(const T* __restrict__ rows, int64_t rows_stride, int64_t n_rows, T* __restrict__ out,
+                int64_t out_stride, int64_t hidden, int64_t num_tokens, int num_experts, const int* __restrict__ row_map,
+                const int64_t* __restrict__ csr_ptr, const int64_t* __restrict__ csr_rows,
+                const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs, int dprobs_code) {
+  using A = typename Acc<T>::type;
+  constexpr int kWarps = kRowThreads / 32;
+  extern __shared__ int smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
+  const int list_ints = (num_experts + 1) & ~1;
+  int* list_rows = smem + warp * list_ints;
+  A* list_w = reinterpret_cast<A*>(smem + kWarps * list_ints) + warp * num_experts;
+  int n = 0;
+  int64_t csr_beg = 0;
   if (row_map) {
-    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },
-                    [&](int j) { return list_w[j]; });
+    for (int e0 = 0; e0 < num_experts; e0 += 32) {
+      const int e = e0 + lane;
+      A w = A(1);
+      const int row = e < num_experts ? gather_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st,
+                                                    probs_se, g_pprobs, g_code, dprobs, dprobs_code, &w)
+                                      : -1;
+      int slot;
+      n = warp_slots(row >= 0, n, &slot);
+      if (row >= 0) {
+        list_rows[slot] = row;
+        list_w[slot] = w;
+      }
+    }
+    __syncwarp();  // the lists are read by every lane
   } else {
-    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[csr_beg + j]; },
-                    [](int) { return A(1); });
+    csr_beg = csr_ptr[t];
+    n = static_cast<int>(csr_ptr[t + 1] - csr_beg);
   }
+  sum_token_rows<T, VB>(rows, rows_stride, out + t * out_stride, hidden, n, list_rows, list_w,
+                        row_map ? nullptr : csr_rows + csr_beg, lane, 32);
+}
+
+// One pass of unpermute's backward over a thread's packs v = first, first + step, ... of token t's gradient row gv,
+// for rows j0 .. j0 + m - 1 of its list (m <= kGroup): d_rows[row] = g * w, and with dprobs, dot[k] += the
+// thread's share of dot(g, rows[row]) for the routed rows (list_e >= 0).
+template <typename T, int VB, int kGroup>
+__device__ __forceinline__ void bwd_rows_pass(const typename Vec<VB>::type* __restrict__ gv,
+                                              const T* __restrict__ rows, int64_t rows_stride, T* __restrict__ d_rows,
+                                              int64_t hidden, const int* list_rows,
+                                              const typename Acc<T>::type* list_w, const int* list_e, int j0, int m,
+                                              const void* dprobs, typename Acc<T>::type* dot, int first, int step) {
+  using A = typename Acc<T>::type;
+  using P = Pack<T, VB>;
+  using V = typename Vec<VB>::type;
+  const int64_t nvec = hidden / P::N;
+  for (int64_t v = first; v < nvec; v += step) {
+    P x;
+    x.raw = gv[v];
+    A gx[P::N];
+#pragma unroll
+    for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      if (k < m) {
+        const int64_t r = list_rows[j0 + k];
+        const A w = list_w[j0 + k];
+        if (dprobs && list_e[j0 + k] >= 0) {
+          P y;
+          y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
+#pragma unroll
+          for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
+        }
+        P d;
+#pragma unroll
+        for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
+        reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
+      }
+    }
+  }
+}
+
+// Pair (t, e) of unpermute's backward: the row it wrote (-1 if none), its weight *w (probs[t, e] for a routed row,
+// or 1 without probs; a padding row 1 without probs, 0 with them) and whether it is routed (only routed pairs get
+// a probs gradient); dprobs[t, e] zeroed when asked (routed pairs are overwritten with their dot product).
+template <typename A>
+__device__ __forceinline__ int bwd_pair(int64_t t, int e, int num_experts, int64_t n_rows,
+                                        const int* __restrict__ row_map, const void* __restrict__ probs,
+                                        int probs_code, int64_t probs_st, int64_t probs_se, void* __restrict__ dprobs,
+                                        int dprobs_code, A* w, bool* routed) {
+  int row = -1;
+  const int code = row_map[t * num_experts + e];
+  if (code >= 0 && code < n_rows) {
+    row = code;
+    *routed = true;
+    if (probs) *w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
+  } else if (code <= -2 && -2 - static_cast<int64_t>(code) < n_rows) {
+    row = -2 - code;
+    *w = probs ? A(0) : A(1);  // a padding row adds nothing to a weighted sum, so its gradient is 0
+  }
+  if (dprobs) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, A(0));
+  return row;
 }
 
 // Unpermute backward, one block per token t (blocks >= T zero spare rows):
@@ -516,7 +753,6 @@ __global__ void __launch_bounds__(kRowThreads)
                   const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                   void* __restrict__ dprobs, int dprobs_code, const int* __restrict__ pad_ranges) {
   using A = typename Acc<T>::type;
-  using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   constexpr int kGroup = 8;  // dot products reduced per pass
   extern __shared__ int smem[];
@@ -537,18 +773,9 @@ __global__ void __launch_bounds__(kRowThreads)
     int row = -1;
     bool routed = false;
     A w = A(1);
-    if (e < num_experts) {
-      const int code = row_map[t * num_experts + e];
-      if (code >= 0 && code < n_rows) {
-        row = code;
-        routed = true;
-        if (probs) w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
-      } else if (code <= -2 && -2 - static_cast<int64_t>(code) < n_rows) {
-        row = -2 - code;
-        w = probs ? A(0) : A(1);  // a padding row adds nothing to a weighted sum, so its gradient is 0
-      }
-      if (dprobs) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, A(0));  // routed pairs overwrite below
-    }
+    if (e < num_experts)
+      row = bwd_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st, probs_se, dprobs, dprobs_code,
+                     &w, &routed);
     int count;
     const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
     if (row >= 0) {
@@ -559,37 +786,14 @@ __global__ void __launch_bounds__(kRowThreads)
     n += count;
   }
   __syncthreads();
-  const int64_t nvec = hidden / P::N;
   const V* gv = reinterpret_cast<const V*>(g + t * g_stride);
   for (int j0 = 0; j0 < n; j0 += kGroup) {
     const int m = min(kGroup, n - j0);
     A dot[kGroup];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) dot[k] = A(0);
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      P x;
-      x.raw = gv[v];
-      A gx[P::N];
-#pragma unroll
-      for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
-#pragma unroll
-      for (int k = 0; k < kGroup; ++k) {
-        if (k < m) {
-          const int64_t r = list_rows[j0 + k];
-          const A w = list_w[j0 + k];
-          if (dprobs && list_e[j0 + k] >= 0) {
-            P y;
-            y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
-#pragma unroll
-            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
-          }
-          P d;
-#pragma unroll
-          for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
-          reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
-        }
-      }
-    }
+    bwd_rows_pass<T, VB, kGroup>(gv, rows, rows_stride, d_rows, hidden, list_rows, list_w, list_e, j0, m, dprobs,
+                                 dot, threadIdx.x, blockDim.x);
     if (dprobs) {
       // Fixed-order block reduction: warp butterfly, then warp 0 sums the warps in order.
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -625,6 +829,9 @@ template __global__ void pad_offsets<1024>(const int*, int64_t, int, int64_t, in
   template __global__ void gather_reduce<T, VB>(const T*, int64_t, int64_t, T*, int64_t, int64_t, int64_t, int,\
                                                 const int*, const int64_t*, const int64_t*, const void*, int,  \
                                                 int64_t, int64_t, const void*, int, void*, int);               \
+  template __global__ void gather_warp<T, VB>(const T*, int64_t, int64_t, T*, int64_t, int64_t, int64_t, int,  \
+                                              const int*, const int64_t*, const int64_t*, const void*, int,    \
+                                              int64_t, int64_t, const void*, int, void*, int);                 \
   template __global__ void unpermute_bwd<T, VB>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t,    \
                                                 int64_t, int, const int*, const void*, int, int64_t, int64_t,  \
                                                 void*, int, const int*);
@@ -647,7 +854,11 @@ MOE_RAW_ROW_KERNELS(double, 8)
   template __global__ void permute_scatter<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int,       \
                                                int64_t, int, int64_t, const void*, int, int64_t, int64_t,      \
                                                const int*, int*, int64_t*, const void*, int, int64_t, int64_t, \
-                                               void*, int64_t, const int*);
+                                               void*, int64_t, const int*);                                    \
+  template __global__ void permute_small<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t, \
+                                             int, int64_t, const void*, int, int64_t, int64_t, const int*, int*, \
+                                             int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,       \
+                                             const int*);
 #define MOE_RAW_SCATTER_ROWS(VB)                                                                                \
   template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
                                             const int*, const int*);

@@ -4,6 +4,9 @@
   the device, a host sync (``moe_raw._validate.DEBUG``; tests set that attribute directly).
 * ``MOE_RAW_NO_BULK_COPY=1``: permute writes 16-byte rows with plain stores instead of the sm_90 bulk-copy engine,
   whose writes compute-sanitizer's initcheck does not see (a few % slower).
+* ``MOE_RAW_BLOCK_KERNELS=1``: the gather (unpermute forward, permute backward) and permute_quantized run their
+  block-a-token kernels instead of the default warp-a-token ones (the same results; for comparing the two and for
+  isolating a fault).
 """
 
 from __future__ import annotations
@@ -17,3 +20,4 @@ def _on(name: str) -> bool:
 
 DEBUG = _on("MOE_RAW_DEBUG")
 NO_BULK_COPY = _on("MOE_RAW_NO_BULK_COPY")
+BLOCK_KERNELS = _on("MOE_RAW_BLOCK_KERNELS")

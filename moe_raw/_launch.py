@@ -57,13 +57,14 @@ ROUTER_SHAPES = ((16, 1), (16, 2), (16, 4), (16, 8), (16, 16), (16, 32), (32, 32
 
 def _permute_instances() -> tuple[str, ...]:
     names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>", "moe_raw::pad_offsets<1024>"]
-    names += [f"moe_raw::permute_scatter<{vb}>" for vb in _VEC_BYTES]
+    names += [f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in _VEC_BYTES]
     names += [f"moe_raw::scatter_rows<{vb}>" for vb in _VEC_BYTES]
     for dtype, ctype in CTYPES.items():
         size = torch.empty((), dtype=dtype).element_size()
         for vb in _VEC_BYTES:
             if vb >= size:
-                names += [f"moe_raw::gather_reduce<{ctype}, {vb}>", f"moe_raw::unpermute_bwd<{ctype}, {vb}>"]
+                names += [f"moe_raw::gather_{way}<{ctype}, {vb}>" for way in ("reduce", "warp")]
+                names.append(f"moe_raw::unpermute_bwd<{ctype}, {vb}>")
     return tuple(names)
 
 
@@ -76,7 +77,11 @@ KERNELS = {
         for word in ("uint16_t", "uint32_t", "uint64_t")
     ),
     "router": tuple(f"moe_raw::router_{way}<{v}, {lanes}>" for v, lanes in ROUTER_SHAPES for way in ("fwd", "bwd")),
-    "quantize": tuple(f"moe_raw::quantize_rows<{c}>" for c in ("float", "__half", "__nv_bfloat16"))
+    "quantize": tuple(
+        f"moe_raw::quantize_{kind}<{c}>"
+        for kind in ("rows", "warp", "grad_rows")
+        for c in ("float", "__half", "__nv_bfloat16")
+    )
     + ("moe_raw::quantize_fill<256>",),
 }
 
@@ -88,7 +93,9 @@ SIGNATURES = {
         "routing_pack": "PiqqqiP",
         "routing_scan": "Pqi",
         "permute_scatter": "PqPqqiqiqPiqqPPPPiqqPqP",
+        "permute_small": "PqPqqiqiqPiqqPPPPiqqPqP",
         "gather_reduce": "PqqPqqqiPPPPiqqPiPi",
+        "gather_warp": "PqqPqqqiPPPPiqqPiPi",
         "unpermute_bwd": "PqPqPqqqiPPiqqPiP",
         "pad_offsets": "PqiqiPPPP",
         "scatter_rows": "PqPqqiqPP",
@@ -96,7 +103,12 @@ SIGNATURES = {
     "chunks": {"chunk_sort": "PqPqqqPiPiiPqPii"},
     "topk": {"topk_dense": "PPqiiPqP"},
     "router": {"router_fwd": "PiqiPiiiiiidiPiPPP", "router_bwd": "PiqiiiidiPiiPP"},
-    "quantize": {"quantize_rows": "PqiPiifiiPP", "quantize_fill": "PPiiiqPqii"},
+    "quantize": {
+        "quantize_rows": "PqiPiifiiPP",
+        "quantize_warp": "PqiPiifiiPPq",
+        "quantize_grad_rows": "PqiPiqPiqqifiiPP",
+        "quantize_fill": "PPiiiqPqii",
+    },
 }
 
 _lock = threading.Lock()

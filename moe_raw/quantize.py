@@ -136,8 +136,9 @@ def unpermute_grad_quantized(
         zero for rows of no token. The probs gradient is not computed (it needs the forward rows: ``unpermute``'s
         autograd gives it).
 
-    Today: unpermute's backward kernel, then the transcription's quantization (two passes over d_rows; one pass,
-    as ``permute_quantized``'s, is left to do). No host sync.
+    CUDA: one pass (kernels/quantize.cu quantize_grad_rows reads each gradient row once and writes the codes of
+    every row the token occupies); other devices: unpermute's backward, then the transcription's quantization. No
+    host sync.
     """
     op = "moe_raw.unpermute_grad_quantized"
     V.tensor(grad_output, "grad_output", op, 2, V.QUANT_DTYPES)
@@ -152,7 +153,17 @@ def unpermute_grad_quantized(
     if V.DEBUG:
         V.row_map_values(op, row_map[: num_tokens + 1], n_rows)
     probs = probs.detach() if probs is not None else None
-    d_rows, _ = D._unpermute_backward(grad_output.detach(), None, row_map.contiguous(), None, probs, n_rows, False)
+    grad = grad_output.detach()
+    if _launch.runs_kernels(grad):  # one pass: kernels/quantize.cu quantize_grad_rows reads each gradient row once
+        if grad.stride(1) != 1:
+            grad = grad.contiguous()
+        groups = RF.scale_shape(1, hidden, recipe)[1:] or (1,)
+        codes, scales = QK.quantize_grad_rows(
+            grad, row_map, n_rows, probs, recipe, fp8_dtype, RF.FP8_MAX[fp8_dtype], RF.EMAX_ELEM[fp8_dtype],
+            groups[0], row_map.shape[0] == num_tokens + 3,
+        )  # fmt: skip
+        return codes.view(fp8_dtype), RF.to_scale_layout(scales, recipe, scale_layout)
+    d_rows, _ = D._unpermute_backward(grad, None, row_map.contiguous(), None, probs, n_rows, False)
     return RF.quantize(d_rows, recipe, fp8_dtype, scale_layout)
 
 

@@ -290,15 +290,19 @@ def run_on_side_stream(stream, fn, *fresh):
 
 
 def assert_exact(got, expected, what: str) -> None:
-    """got equals expected bit for bit (dtype, shape and every entry; 1-byte floats compared as bytes)."""
+    """got equals expected bit for bit (dtype, shape and every entry; floats compared as their bits, so a NaN equals
+    the same NaN and -0 differs from 0)."""
     assert got is not None and expected is not None, f"{what}: got {got is not None}, expected {expected is not None}"
     expected = expected.to(got.device)
     assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
     assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
-    if got.element_size() == 1 and got.dtype != torch.bool:  # fp8 has no torch.equal; compare the bytes
-        got, expected = got.view(torch.uint8), expected.view(torch.uint8)
-    if not torch.equal(got, expected):
-        diff = got != expected
+    a, b = got, expected
+    if got.is_floating_point():  # compare the bits: a NaN equals the same NaN, -0 differs from 0
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+        a, b = got.contiguous().view(bits), expected.contiguous().view(bits)
+        got, expected = (t.float() if t.element_size() == 1 else t for t in (got, expected))  # fp8: no .item()
+    if not torch.equal(a, b):
+        diff = (a != b).view(a.shape)
         where = diff.nonzero()[:5].tolist()
         first = tuple(where[0]) if where else ()
         raise AssertionError(

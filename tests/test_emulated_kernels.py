@@ -3,7 +3,9 @@
 Each test calls a launcher's ``*_cuda`` function (the same sizing, argument packing and launch a GPU call makes)
 on CPU tensors inside ``cuda_emu.emulated()``, and compares with the CPU twin of the same step (moe_raw._cpu, the
 reference, the FP8 transcription): bit for bit where the kernel's arithmetic is the twin's (moves, sums in expert
-order, FP8 codes), within rounding for the probs gradient's dot products (the kernels' reduction trees).
+order, FP8 codes), within rounding for the probs gradient's dot products (the kernels' reduction trees). Where an op
+has two kernels (the gather and the FP8 quantize: "warp", a warp a token; "block", a block a token), both run every
+case and must agree.
 
 What this catches: indexing, tails, row lists, warp-collective and barrier misuse (the emulator reports those),
 shared-memory overruns, launch shapes. What it cannot: races, timing, the sm_90 bulk-copy path (compiled out), the
@@ -30,15 +32,22 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="emulated kernels run in the CPU job"),
 ]
 
+KINDS = ("warp", "block")  # the gather's and the quantize's two kernels
+
 
 @pytest.fixture(params=cuda_emu.SCHEDULES)
-def emulated(request):
+def emulated(request, monkeypatch):
     """Run inside the emulator, once for each order its threads can be resumed in (a missing barrier or
-    __syncwarp that one order hides, another exposes)."""
+    __syncwarp that one order hides, another exposes); yields a function that picks the gather's and the
+    quantize's kernel kind."""
+
+    def kernel_kind(kind):
+        monkeypatch.setattr(D, "_GATHER_KERNEL", kind)
+        monkeypatch.setattr(QK, "_QUANT_KERNEL", kind)
 
     with cuda_emu.emulated(request.param):
         cuda_emu.launches.clear()
-        yield
+        yield kernel_kind
 
 
 def launched():
@@ -58,8 +67,10 @@ def as_bits(x):
     return x.view(torch.uint8) if x.dtype.is_floating_point and x.element_size() == 1 else x
 
 
-# (T, E, H, K, dtype, routing kind): odd H and 1-byte rows take the 1 / 2 / 4 / 8-byte pack instances; E 300 and
-# 3000 take more than one 128-thread pass over the experts; E 33 is not a multiple of the warp.
+# (T, E, H, K, dtype, routing kind): odd H and 1-byte rows take the 1 / 2 / 4 / 8-byte pack instances; T * E
+# above 4096 takes the routing tables (permute_scatter) even with num_out_tokens given, below it permute_small; E 33
+# and 300 cross warp_slots' 32-expert rounds unevenly; E 3000 exceeds gather_warp's shared memory and must fall back
+# to gather_reduce.
 CASES = [
     (1, 1, 8, 1, torch.bfloat16, "topk"),
     (37, 8, 64, 2, torch.bfloat16, "topk"),
@@ -96,7 +107,9 @@ def test_permute(emulated, case):
         want = _cpu.permute(x, routing_map, probs, n_out, drop_and_pad)
         for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
             assert_same(g, w, f"{name} (num_out_tokens={n_out}, drop_and_pad={drop_and_pad})")
-    assert {"routing_pack", "permute_scatter"} <= launched(), launched()
+    assert {"routing_pack", "permute_scatter"} <= launched(), launched()  # num_out_tokens None: the tables
+    T, E = routing_map.shape
+    assert ("permute_small" in launched()) == (T * E <= D._SMALL_MAP), launched()
 
 
 @pytest.mark.parametrize("case", CASES[1:6] + CASES[7:], ids=case_id)
@@ -115,8 +128,10 @@ def permuted(x, routing_map, probs, n_rows):
     return rows, row_map, indices
 
 
+@pytest.mark.parametrize("kernels", KINDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_unpermute_gather(emulated, case):
+def test_unpermute_gather(emulated, kernels, case):
+    emulated(kernels)
     x, routing_map, probs = make_case(case)
     T = x.shape[0]
     rows, row_map, indices = permuted(x, routing_map, probs, int(routing_map.sum()) + 2)
@@ -129,10 +144,13 @@ def test_unpermute_gather(emulated, case):
         assert_same(got[1], want[1], f"dprobs (probs {p is not None}, g_pprobs {g is not None})")
     got = D._gather_cuda(None, row_map, T, g_pprobs=g_pprobs, dprobs_dtype=torch.float32)
     assert_same(got[1], _cpu.gather(None, row_map, T, g_pprobs=g_pprobs, dprobs_dtype=torch.float32)[1], "dprobs only")
-    assert "gather_reduce" in launched(), launched()
+    E = routing_map.shape[1]
+    assert ("gather_warp" in launched()) == (kernels == "warp" and E < 3000), launched()
 
 
-def test_unpermute_csr(emulated):
+@pytest.mark.parametrize("kernels", KINDS)
+def test_unpermute_csr(emulated, kernels):
+    emulated(kernels)
     x, routing_map, probs = make_case(CASES[2])
     rows, row_map, indices = permuted(x, routing_map, probs, None)
     T = x.shape[0]
@@ -190,7 +208,7 @@ def test_chunk_sort(emulated, gather, H, dtype):
     assert_same(got[1], want[1], "probs")
 
 
-# FP8: (H, dtype, recipe): rows of whole 16-byte packs and not; blockwise with
+# FP8: (H, dtype, recipe): rows of whole 16-byte packs (quantize_warp) and not (quantize_rows only); blockwise with
 # a partial last block; mxfp8 only where H % 32 == 0 (the op refuses other H before any kernel).
 QUANT_CASES = [
     pytest.param(H, dtype, recipe, id=f"H{H}-{str(dtype)[6:]}-{recipe}")
@@ -200,9 +218,11 @@ QUANT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernels", KINDS)
 @pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=("e4m3", "e5m2"))
 @pytest.mark.parametrize("H,dtype,recipe", QUANT_CASES)
-def test_quantize_rows(emulated, fp8, H, dtype, recipe):
+def test_quantize_rows(emulated, kernels, fp8, H, dtype, recipe):
+    emulated(kernels)
     T, E, K = 23, 12, 3
     routing_map = make_routing(T, E, K, kind="sparse")
     x = torch.randn(T, H).to(dtype) * torch.logspace(-3, 3, T).unsqueeze(1).to(dtype)
@@ -220,7 +240,27 @@ def test_quantize_rows(emulated, fp8, H, dtype, recipe):
         want_q, want_s = RF.quantize(rows, recipe, fp8)
         assert_same(codes, want_q.view(torch.uint8), f"codes (aligned {aligned})")
         assert_same(scales, want_s, f"scales (aligned {aligned})")
-    assert {"quantize_rows", "quantize_fill"} <= launched(), launched()
+    warp = kernels == "warp" and H * dtype.itemsize % 16 == 0
+    assert ("quantize_warp" in launched()) == warp and ("quantize_rows" in launched()) == (not warp), launched()
+
+
+@pytest.mark.parametrize("H,dtype,recipe", QUANT_CASES)
+def test_quantize_grad_rows(emulated, H, dtype, recipe):
+    T, E, K = 19, 6, 2
+    fp8 = torch.float8_e4m3fn
+    routing_map = make_routing(T, E, K, kind="sparse")
+    probs = make_probs(routing_map)
+    grad = torch.randn(T, H).to(dtype)
+    n_rows = int(routing_map.sum()) + 2
+    _, _, row_map, _ = _cpu.permute(grad, routing_map, probs, n_rows, False)
+    groups = (RF.scale_shape(1, H, recipe)[1:] or (1,))[0]
+    for p in (None, probs):
+        codes, scales = QK.quantize_grad_rows(grad, row_map, n_rows, p, recipe, fp8, RF.FP8_MAX[fp8],
+                                              RF.EMAX_ELEM[fp8], groups, False)  # fmt: skip
+        d_rows = _cpu.unpermute_bwd(grad, None, row_map, n_rows, p, False)[0]
+        want_q, want_s = RF.quantize(d_rows, recipe, fp8)
+        assert_same(codes, want_q.view(torch.uint8), f"codes (probs {p is not None})")
+        assert_same(scales, want_s, f"scales (probs {p is not None})")
 
 
 @pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64))
@@ -291,8 +331,9 @@ TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, tor
 
 @st.composite
 def dispatch_cases(draw):
-    """A permute / unpermute problem: shapes around the kernels' boundaries (a warp's 32 experts, a block's 128
-    threads, 16-byte packs, tail blocks of 32 rows, 256-token tiles), any map and row dtype, strided rows."""
+    """A permute / unpermute problem: shapes around the kernels' boundaries (a warp's 32 experts, 4 tokens a block,
+    16-byte packs, tail blocks of 32 rows, 256-token tiles, the 4096-entry small-map limit), any map and row
+    dtype, strided rows."""
     T = draw(st.integers(1, 300))
     E = draw(st.sampled_from((1, 2, 7, 31, 32, 33, 64, 65, 130, 600)))
     K = draw(st.integers(0, min(E, 9)))
@@ -305,7 +346,7 @@ def dispatch_cases(draw):
     return dict(
         T=T, E=E, H=H, routing_map=routing_map, n_out=n_out, drop_and_pad=drop_and_pad,
         dtype=draw(st.sampled_from(TOKEN_DTYPES)), strided=draw(st.booleans()),
-        align=draw(st.sampled_from((1, 4, 16))),
+        kernels=draw(st.sampled_from(KINDS)), align=draw(st.sampled_from((1, 4, 16))),
     )  # fmt: skip
 
 
@@ -320,7 +361,8 @@ def test_fuzz_dispatch(case):
     x = (torch.randn(T, H + 2) * 8).to(dtype)
     x = x[:, 1 : H + 1] if case["strided"] else x[:, :H].contiguous()
     n_out, drop_and_pad = case["n_out"], case["drop_and_pad"]
-    with cuda_emu.emulated("shuffled"):
+    with cuda_emu.emulated("shuffled"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(D, "_GATHER_KERNEL", case["kernels"])
         got = D._permute_cuda(x, routing_map, probs, n_out, drop_and_pad)
         want = _cpu.permute(x, routing_map, probs, n_out, drop_and_pad)
         for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):

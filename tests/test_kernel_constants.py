@@ -10,27 +10,31 @@ from pathlib import Path
 import pytest
 
 from moe_raw._kernels import dispatch as D
+from moe_raw._kernels import quantize as Q
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
-# (python constant in moe_raw/_kernels/dispatch.py, .cu file, constexpr name there)
+# (launcher module, its python constant, .cu file, constexpr name there)
 MIRRORS = [
-    ("_TILE_TOKENS", "permute.cu", "kTileTokens"),
-    ("_ROW_THREADS", "permute.cu", "kRowThreads"),
-    ("_TAIL_ROWS", "permute.cu", "kTailRows"),
-    ("_STAGE_BYTES", "permute.cu", "kStageBytes"),
-    ("_CHUNK_ROWS", "chunks.cu", "kChunkRows"),
-    ("_CHUNK_THREADS", "chunks.cu", "kChunkThreads"),
-    ("MAX_SPLITS", "chunks.cu", "kMaxSplits"),
-    ("_TOKENS_PER_BLOCK", "topk.cu", "kTokensPerBlock"),
+    (D, "_TILE_TOKENS", "permute.cu", "kTileTokens"),
+    (D, "_ROW_THREADS", "permute.cu", "kRowThreads"),
+    (D, "_TAIL_ROWS", "permute.cu", "kTailRows"),
+    (D, "_STAGE_BYTES", "permute.cu", "kStageBytes"),
+    (D, "_CHUNK_ROWS", "chunks.cu", "kChunkRows"),
+    (D, "_CHUNK_THREADS", "chunks.cu", "kChunkThreads"),
+    (D, "MAX_SPLITS", "chunks.cu", "kMaxSplits"),
+    (D, "_TOKENS_PER_BLOCK", "topk.cu", "kTokensPerBlock"),
+    (Q, "_THREADS", "quantize.cu", "kQuantThreads"),
+    (Q, "_WARP_THREADS", "quantize.cu", "kWarpQuantThreads"),
 ]
 
 
-@pytest.mark.parametrize("py_name, cu_file, cu_name", MIRRORS, ids=[m[0] for m in MIRRORS])
-def test_python_mirror_equals_the_kernel_constant(py_name, cu_file, cu_name):
+@pytest.mark.parametrize("module, py_name, cu_file, cu_name", MIRRORS, ids=[m[1] for m in MIRRORS])
+def test_python_mirror_equals_the_kernel_constant(module, py_name, cu_file, cu_name):
     values = re.findall(rf"constexpr int {cu_name} = (\d+);", (KERNELS / cu_file).read_text())
     assert len(values) == 1, f"{cu_file}: expected one `constexpr int {cu_name} = N;`, found {values}"
-    assert getattr(D, py_name) == int(values[0]), f"{py_name} = {getattr(D, py_name)} but {cu_name} = {values[0]}"
+    got = getattr(module, py_name)
+    assert got == int(values[0]), f"{module.__name__}.{py_name} = {got} but {cu_name} = {values[0]}"
 
 
 def test_launch_names_use_the_kernels_template_constants():

@@ -26,6 +26,9 @@ the sweep and the > 2^31-element test); ``python -m pytest -q tests/test_permute
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -1118,6 +1121,141 @@ def test_no_host_sync_with_num_out_tokens(path):
             moe_raw.permute(x, rm, p)  # num_out_tokens=None: the documented device-to-host read
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The row kernels against each other, bit for bit: permute_small (small maps, one launch, no tables) and
+# permute_scatter (after the tables); gather_warp (a warp a token, the default) and gather_reduce (a block a token).
+# CUDA only.
+
+# (tokens dtype, T, H, E, K, routing kind, probs dtype, map form, num_out_tokens - T * K, drop_and_pad). The first
+# ten have T * E <= 4096 (permute_small unless _SMALL_MAP is lowered), the rest more.
+_ROW_KERNEL_CASES = [
+    (BF16, 16, 1024, 8, 2, "topk", F32, "bool", 0, False),
+    (F32, 1, 13, 1, 1, "topk", None, "bool", 0, False),
+    (F16, 7, 1001, 64, 8, "sparse", BF16, "int64", 3, False),  # spare rows
+    (BF16, 64, 7168, 64, 8, "topk", BF16, "strided", -100, False),  # dropped tail, 16 KiB stages (sm_90)
+    (F32, 256, 2048, 16, 4, "empty_expert", F64, "uint8", 0, False),
+    (BF16, 4, 7168, 1024, 8, "topk", F32, "bool", 0, False),  # E = 1024: the scan over experts, 8 a thread
+    (F16, 3, 7, 1365, 2, "sparse", F16, "int32", 5, False),  # E not a multiple of the block
+    (BF16, 33, 2048, 32, 4, "topk", F32, "bool", -40, True),  # drop_and_pad below capacity
+    (F32, 40, 100, 8, 2, "sparse", F32, "transposed", 24, True),  # padding copies of unrouted tokens
+    (torch.float8_e4m3fn, 50, 7168, 64, 8, "topk", None, "bool", 0, False),  # 1-byte tokens
+    (BF16, 1027, 7168, 256, 8, "topk", F32, "bool", 0, False),  # DeepSeek-V3's E, K, H; a last block of 3 tokens
+    (F16, 1027, 1001, 64, 8, "sparse", BF16, "int32", 17, False),  # odd rows (2-byte packs), spare rows
+    (F32, 513, 4096, 8, 2, "topk", F32, "transposed", -300, False),  # Mixtral's E, K; dropped tail
+    (BF16, 300, 2048, 100, 6, "empty_expert", F32, "bool", -200, True),  # E = 100: 4 rounds of 32 experts a warp
+    (torch.float8_e4m3fn, 1000, 7168, 256, 8, "topk", None, "bool", 0, False),
+    (F32, 100, 256, 1200, 4, "sparse", F64, "bool", 0, False),  # E 1200: bf16 / fp32 gathers still a warp a token
+]
+
+
+@pytest.mark.parametrize("value, expected", [("1", "block block"), ("0", "warp warp"), (None, "warp warp")])
+def test_block_kernels_switch(value, expected):
+    """MOE_RAW_BLOCK_KERNELS=1 at import selects the block-a-token kernels of the gather (unpermute, permute's
+    backward) and of permute_quantized (read once, as the other switches); unset or 0 keeps the warp-a-token
+    defaults."""
+    env = {k: v for k, v in os.environ.items() if k != "MOE_RAW_BLOCK_KERNELS"}
+    if value is not None:
+        env["MOE_RAW_BLOCK_KERNELS"] = value
+    code = "from moe_raw._kernels import dispatch, quantize; print(dispatch._GATHER_KERNEL, quantize._QUANT_KERNEL)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
+
+
+@pytest.mark.parametrize("num_experts", [8, 256, 1000, 1500, 3000, 4096])
+@pytest.mark.parametrize("dtype", [BF16, F64])
+def test_warp_kernels_fit_the_default_shared_memory(dtype, num_experts, monkeypatch):
+    """gather_warp keeps a row list per warp, 4x gather_reduce's: it must only be chosen where those fit the 48 KiB
+    every block gets (beyond, the block kernel opts in to more). The CUDA launchers run here on CPU tensors with the
+    launch captured (no GPU): gather_warp asks for <= 46 KiB, and the large E take gather_reduce."""
+    from moe_raw import _launch
+    from moe_raw._kernels import dispatch as D
+
+    launches = []
+    monkeypatch.setattr(D, "launch", lambda family, name, dev, grid, block, args, shared_mem=0: launches.append(
+        (name, shared_mem)))  # fmt: skip
+    T, H = 40, 64
+    rm = make_routing(T, num_experts, 4)
+    p = make_probs(rm, F64 if dtype == F64 else F32)
+    x = torch.randn(T, H).to(dtype)
+    rows, _, row_map, _ = D._permute_cuda(x, rm, p, T * 4, False, want_indices=False)
+    D._gather_cuda(rows, row_map, T, probs=p)
+    D._unpermute_bwd_cuda(x, rows, row_map, T * 4, p, True)
+    names = [name for name, _ in launches]
+    assert any("permute_" in n for n in names) and any("gather_" in n for n in names), names
+    for name, shared in launches:
+        if "_warp" in name:
+            assert shared <= _launch._SHARED_NO_OPT_IN, (name, shared)
+    gathers = [n for n in names if "gather_" in n]
+    if num_experts >= 3000:  # the warps' lists do not fit: the block kernel
+        assert all("gather_reduce" in n for n in gathers), names
+    if num_experts <= 256:
+        assert all("gather_warp" in n for n in gathers), names
+
+
+def _map_form(rm, form):
+    if form == "strided":  # every other column of a wider map
+        wide = torch.zeros(rm.shape[0], 2 * rm.shape[1], dtype=torch.bool, device=rm.device)
+        wide[:, ::2] = rm
+        return wide[:, ::2]
+    if form == "transposed":
+        return rm.t().contiguous().t()
+    return rm if form == "bool" else rm.to(getattr(torch, form))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", _ROW_KERNEL_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[1]}-E{c[3]}-{c[7]}-n{c[8]:+d}")
+def test_row_kernels_agree(case, monkeypatch):
+    """Every output of permute (fused and unfused), of unpermute's row map rebuild, of permute_and_pad, of unpermute
+    (row map and CSR), of permute's backward and unpermute's rows gradient is bit for bit the same whichever row
+    kernels ran: permute_small or permute_scatter; gather_warp or gather_reduce."""
+    from moe_raw._kernels import dispatch as D
+
+    dtype, T, H, E, K, kind, pdtype, form, extra, drop_and_pad = case
+    rm = _map_form(make_routing(T, E, K, DEV, kind), form)
+    p = make_probs(rm.bool(), pdtype) if pdtype is not None else None
+    x = _randn((T, H), F32, DEV).to(dtype)
+    n_out = T * K + extra
+
+    arithmetic = dtype in (F32, F16, BF16)  # unpermute and gradients: float tokens only
+    n_rows = E * min(n_out // E, T) if drop_and_pad else n_out
+    g_rows = _randn((n_rows, H), F32, DEV).to(dtype) if arithmetic else None
+    g_probs = torch.randn(n_rows, device=DEV).to(p.dtype) if p is not None else None
+    g_out = _randn((T, H), F32, DEV).to(dtype) if arithmetic else None
+
+    def run():
+        outs = []
+        for fused in (False, True):
+            outs += moe_raw.permute(x, rm, p, n_out, fused=fused, drop_and_pad=drop_and_pad)
+        outs.append(D._row_map_from_routing(rm, n_out, drop_and_pad))
+        if not drop_and_pad:
+            outs += moe_raw.permute_and_pad(x, rm, p, 16, n_out)
+        if arithmetic:  # the gathers: unpermute (row map, and CSR without a map) and permute's backward
+            rows, _, row_map = moe_raw.permute(x, rm, p, n_out, fused=True, drop_and_pad=drop_and_pad)
+            outs.append(moe_raw.unpermute(rows, row_map, (T, H), p, fused=True, drop_and_pad=drop_and_pad))
+            rows, _, index = moe_raw.permute(x, rm, None, n_out, drop_and_pad=drop_and_pad)
+            outs.append(moe_raw.unpermute(rows, index, (T, H), drop_and_pad=drop_and_pad))
+            xg = x.clone().requires_grad_()
+            pg = p.clone().requires_grad_() if p is not None else None
+            rows, p_rows, _ = moe_raw.permute(xg, rm, pg, n_out, fused=True, drop_and_pad=drop_and_pad)
+            torch.autograd.backward(
+                [rows, p_rows] if pg is not None else [rows], [g_rows, g_probs][: 1 + (pg is not None)]
+            )
+            outs += [xg.grad, pg.grad if pg is not None else None]
+            rows = rows.detach().requires_grad_()  # unpermute's backward: d rows exact, d probs close
+            pu = p.clone().requires_grad_() if p is not None else None
+            moe_raw.unpermute(rows, row_map, (T, H), pu, fused=True, drop_and_pad=drop_and_pad).backward(g_out)
+            outs += [rows.grad, pu.grad if pu is not None else None]
+        return [t for t in outs if t is not None]
+
+    default = run()
+    for small_map, gather in ((0, "warp"), (0, "block")):
+        monkeypatch.setattr(D, "_SMALL_MAP", small_map)
+        monkeypatch.setattr(D, "_GATHER_KERNEL", gather)
+        for i, (a, b) in enumerate(zip(run(), default, strict=True)):
+            assert_exact(a, b, f"output {i}: gather {gather} (small maps {small_map}) vs the default")
 
 
 # ----------------------------------------------------------------------------------------------------------------

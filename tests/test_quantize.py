@@ -439,6 +439,35 @@ def test_no_host_sync_with_num_out_tokens(recipe):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", FP8, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("recipe", RF.RECIPES)
+@pytest.mark.parametrize("hidden", [96, 160, 2048, 7168])
+def test_quantize_kernels_agree(hidden, recipe, dtype, fp8, monkeypatch):
+    """quantize_warp (a warp a token, rows of whole 16-byte packs) and quantize_rows (a block a token) give the same
+    bits, on rows of awkward values (zeros, -0, NaN, inf, subnormal scales, ties), with spare and padding rows."""
+    from moe_raw._kernels import quantize as QK
+
+    if recipe == "mxfp8" and hidden % 32:
+        pytest.skip("mxfp8 needs H % 32 == 0")
+    T, E = 50, 16
+    rm = make_routing(T, E, 4, "cuda", kind="sparse")
+    x = _awkward(T, hidden, dtype).to("cuda")
+    p = make_probs(rm)
+    runs = {}
+    for kernel in ("warp", "block"):
+        monkeypatch.setattr(QK, "_QUANT_KERNEL", kernel)
+        runs[kernel] = [
+            moe_raw.permute_quantized(x, rm, p, T * 4 + 7, recipe, fp8),
+            moe_raw.permute_quantized(x, rm, p, None, recipe, fp8, align_size=32),
+        ]
+    for i, (warp, block) in enumerate(zip(runs["warp"], runs["block"], strict=True)):
+        for name, a, b in zip(("q", "scales", "probs", "row_map"), warp, block, strict=True):
+            assert_exact(a, b, f"call {i} {name}: quantize_warp vs quantize_rows")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # dequantize (public) and bad input
 

@@ -17,9 +17,12 @@ import torch
 
 from moe_raw import _cpu, _env, _launch, reference
 from moe_raw import _validate as V
-from moe_raw._launch import CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
+from moe_raw._launch import _SHARED_NO_OPT_IN, CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
 
 _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
+# permute_small (no routing tables: each block counts the whole map) serves maps of at most this many entries when
+# the row count is given: one launch instead of two, for the small calls where launches are the cost.
+_SMALL_MAP = 4096
 _ROW_THREADS = 128  # kRowThreads
 _TAIL_ROWS = 32  # kTailRows
 _STAGE_BYTES = 16384  # kStageBytes
@@ -105,14 +108,34 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
     return buf[: num_tokens + lines], ws, buf
 
 
-_SCATTER_NAMES = {vb: f"moe_raw::permute_scatter<{vb}>" for vb in (16, 8, 4, 2, 1)}
+# The gather (unpermute forward, permute backward): "warp" (gather_warp, a warp a token, no block barrier) or
+# "block" (gather_reduce, a block a token). On the H200 the warp kernel is 2-11% faster at every bench shape; a warp
+# a token lost there for permute (bulk-copy stores from a block's stage are faster) and unpermute's backward, so
+# those have only the block kernels (bench/results/2026-12-05-h200-candidate). Tests set it to compare the two.
+_GATHER_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
+_WARPS = _ROW_THREADS // 32  # tokens a block of gather_warp
 
 
-def _scatter(tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, blocks, n_keep, capacity, pads):
-    """Launch permute_scatter (kernels/permute.cu) over ``blocks`` blocks: token blocks, then blocks that zero spare
-    and padding rows. ``tokens`` None writes only the row map / indices / probs (no rows). ``capacity``: rows per
-    expert of drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
+def _on_warps(list_bytes: int) -> bool:
+    """Whether the gather runs a warp a token: each warp keeps its own row list (list_bytes of shared memory), so
+    the block needs _WARPS lists; gather_warp runs only where those fit the shared memory every block gets without
+    opting in (up to E of about 1000-3000), gather_reduce (one list a block) otherwise."""
+    return _GATHER_KERNEL == "warp" and _WARPS * list_bytes + _SMEM_SLACK <= _SHARED_NO_OPT_IN
+
+
+_SCATTER_NAMES = {(way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in (16, 8, 4, 2, 1)}
+
+
+def _scatter(
+    tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, extra_blocks, n_keep, capacity, pads
+):
+    """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
+    padding rows. With ``ws`` (the routing tables' address) permute_scatter; ``ws`` 0 (no tables: a map of at most
+    _SMALL_MAP entries) permute_small. ``tokens`` None writes only
+    the row map / indices / probs (no rows). ``capacity``: rows per expert of drop_and_pad, None otherwise;
+    ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
     num_tokens, num_experts = routing_map.shape
+    way = "scatter" if ws else "small"
     src_ptr = src_stride = row_bytes = stage = 0
     vb = 16
     if tokens is not None:
@@ -122,13 +145,16 @@ def _scatter(tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_ro
         vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src_stride, src_ptr, out.data_ptr()))
         if vb == 16:  # the kernel's 128-aligned stage of up to 16 KiB of the row (bulk copies)
             stage = 128 + min(row_bytes, _STAGE_BYTES)
+    # permute_small's counts in front, the row list and scratch, then the stage
+    counts = 0 if ws else 4 * ((3 * num_experts + 2) & ~1)
+    blocks, shared = num_tokens + extra_blocks, counts + 8 * num_experts + stage
     map_st, map_se = routing_map.stride()
     launch(
-        "permute", _SCATTER_NAMES[vb], routing_map.device, blocks, _ROW_THREADS,
+        "permute", _SCATTER_NAMES[way, vb], routing_map.device, blocks, _ROW_THREADS,
         (src_ptr, src_stride, ptr(out), row_bytes, num_tokens, num_experts, n_rows, int(capacity is not None),
          capacity or 0, routing_map.data_ptr(), routing_map.element_size(), map_st, map_se, ws, row_map.data_ptr(),
          ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads)),
-        shared_mem=8 * num_experts + stage,  # the row list and scratch, then the stage
+        shared_mem=shared,
     )  # fmt: skip
 
 
@@ -137,8 +163,11 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     num_tokens, hidden = tokens.shape
     num_experts = routing_map.shape[1]
     dev = tokens.device
-    row_map, ws, buf = _map_and_workspace(routing_map)
-    _tables(routing_map, ws)
+    if num_out_tokens is not None and num_tokens * num_experts <= _SMALL_MAP:  # permute_small: no tables
+        row_map, ws = torch.empty((num_tokens + 1, num_experts), dtype=torch.int32, device=dev), 0
+    else:
+        row_map, ws, buf = _map_and_workspace(routing_map)
+        _tables(routing_map, ws)
     n_rows = num_out_tokens
     if n_rows is None:
         # the routed count (expert_start[E], the workspace's last word): the one device-to-host read
@@ -154,7 +183,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     indices = torch.empty(n_rows, dtype=torch.int64, device=dev) if want_indices else None
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
     src = tokens if want_rows else None
-    _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, num_tokens + tail_blocks, n_rows,
+    _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, tail_blocks, n_rows,
              capacity if drop_and_pad else None, None)  # fmt: skip
     return out, pprobs, row_map, indices
 
@@ -174,7 +203,10 @@ def _acc_size(dtype: torch.dtype) -> int:
 
 
 _GATHER_NAMES = {
-    (dtype, vb): f"moe_raw::gather_reduce<{ctype}, {vb}>" for dtype, ctype in CTYPES.items() for vb in (16, 8, 4, 2, 1)
+    (way, dtype, vb): f"moe_raw::gather_{way}<{ctype}, {vb}>"
+    for way in ("reduce", "warp")
+    for dtype, ctype in CTYPES.items()
+    for vb in (16, 8, 4, 2, 1)
 }
 
 
@@ -204,10 +236,15 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
         out = torch.empty((num_tokens, hidden), dtype=dtype, device=dev)
         rows_stride = rows.stride()[0]
         vb = _vec_bytes(esize, hidden * esize, rows_stride * esize, rows.data_ptr(), out.data_ptr())
-    smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
+    # the row list and weights (gather_warp: one of each a warp, row lists first)
+    smem = 4 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)
+    if _on_warps(smem):
+        way, blocks, smem = "warp", cdiv(num_tokens, _WARPS), _WARPS * smem + _SMEM_SLACK
+    else:
+        way, blocks, smem = "reduce", num_tokens, smem + _SMEM_SLACK
     csr_ptr, csr_rows = csr if csr else (None, None)
     launch(
-        "permute", _GATHER_NAMES[dtype, vb], dev, num_tokens, _ROW_THREADS,
+        "permute", _GATHER_NAMES[way, dtype, vb], dev, blocks, _ROW_THREADS,
         (ptr(rows), rows_stride, n_rows, ptr(out), hidden, hidden, num_tokens, num_experts, ptr(row_map),
          ptr(csr_ptr), ptr(csr_rows), *_scalar_args(probs),
          ptr(g_pprobs), (SCALAR_CODE[g_pprobs.dtype] if g_pprobs is not None else 0),
@@ -234,15 +271,15 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     if rows is not None:
         quantities += [rows.stride(0) * esize, rows.data_ptr()]
     vb = _vec_bytes(esize, *quantities)
-    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype) + _SMEM_SLACK
+    smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)  # the row, expert, weight lists
+    blocks = num_tokens + cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0)
     launch(
-        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev,
-        num_tokens + cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
+        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev, blocks, _ROW_THREADS,
         (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
          (n_rows), (hidden), (num_tokens), (num_experts), ptr(row_map), *_scalar_args(probs),
          ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0),
          (row_map[num_tokens + 1].data_ptr() if aligned else 0)),
-        shared_mem=smem,
+        shared_mem=smem + _SMEM_SLACK,
     )  # fmt: skip
     return d_rows, dprobs
 
@@ -343,8 +380,8 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
         n_rows = num_out_tokens + num_experts * (align - 1)  # the worst case: every expert pads align - 1 rows
     out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev)
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
-    blocks = num_tokens + cdiv(n_rows, _TAIL_ROWS) + num_experts  # tokens, spare rows, each expert's padding
-    _scatter(tokens, out, routing_map, ws, row_map, None, probs, pprobs, n_rows, blocks, n_keep, None,
+    extra_blocks = cdiv(n_rows, _TAIL_ROWS) + num_experts  # spare rows, each expert's padding
+    _scatter(tokens, out, routing_map, ws, row_map, None, probs, pprobs, n_rows, extra_blocks, n_keep, None,
              row_map[num_tokens + 1])  # fmt: skip
     return out, pprobs, row_map, counts[0], counts[1]
 
