@@ -551,24 +551,6 @@ __device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t row
   }
 }
 
-// out_row = the sum of a token's n rows: its row list with weights, or (csr_rows given) the CSR rows with weight 1.
-// One instantiation per row source, not a select per row: the CSR path has no shared row list to read.
-template <typename T, int VB>
-__device__ __forceinline__ void sum_token_rows(const T* __restrict__ rows, int64_t rows_stride, T* __restrict__ out_row,
-                                               int64_t hidden, int n, const int* list_rows,
-                                               const typename Acc<T>::type* list_w, const int64_t* csr_rows,
-                                               int first, int step) {
-  using A = typename Acc<T>::type;
-  auto* o = reinterpret_cast<typename Vec<VB>::type*>(out_row);
-  if (!csr_rows) {
-    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },
-                    [&](int j) { return list_w[j]; }, first, step);
-  } else {
-    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[j]; }, [](int) { return A(1); },
-                    first, step);
-  }
-}
-
 // Pair (t, e) of a row-map gather: the row summed into token t (-1 if none) and its weight *w (probs[t, e], or 1),
 // with dprobs[t, e] written when asked (g_pprobs[row] for routed pairs, 0 elsewhere).
 template <typename A>
@@ -605,6 +587,7 @@ __global__ void __launch_bounds__(kRowThreads)
                   const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                   const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs, int dprobs_code) {
   using A = typename Acc<T>::type;
+  using V = typename Vec<VB>::type;
   extern __shared__ int smem[];
   int* list_rows = smem;                                        // [num_experts]
   A* list_w = reinterpret_cast<A*>(smem + ((num_experts + 1) & ~1));  // [num_experts], 8-byte aligned
@@ -632,8 +615,15 @@ __global__ void __launch_bounds__(kRowThreads)
     csr_beg = csr_ptr[t];
     n = static_cast<int>(csr_ptr[t + 1] - csr_beg);
   }
-  sum_token_rows<T, VB>(rows, rows_stride, out + t * out_stride, hidden, n, list_rows, list_w,
-                        row_map ? nullptr : csr_rows + csr_beg, threadIdx.x, blockDim.x);
+  // One instantiation per row source, not a select per row: the CSR path has no shared row list to read.
+  V* o = reinterpret_cast<V*>(out + t * out_stride);
+  if (row_map) {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },
+                    [&](int j) { return list_w[j]; }, threadIdx.x, blockDim.x);
+  } else {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[csr_beg + j]; },
+                    [](int) { return A(1); }, threadIdx.x, blockDim.x);
+  }
 }
 
 // gather_reduce with a warp a token (kRowThreads / 32 tokens a block) and no block barrier: the warp builds its
@@ -648,6 +638,7 @@ __global__ void __launch_bounds__(kRowThreads, 12)
                 const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                 const void* __restrict__ g_pprobs, int g_code, void* __restrict__ dprobs, int dprobs_code) {
   using A = typename Acc<T>::type;
+  using V = typename Vec<VB>::type;
   constexpr int kWarps = kRowThreads / 32;
   extern __shared__ int smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -677,8 +668,14 @@ __global__ void __launch_bounds__(kRowThreads, 12)
     csr_beg = csr_ptr[t];
     n = static_cast<int>(csr_ptr[t + 1] - csr_beg);
   }
-  sum_token_rows<T, VB>(rows, rows_stride, out + t * out_stride, hidden, n, list_rows, list_w,
-                        row_map ? nullptr : csr_rows + csr_beg, lane, 32);
+  V* o = reinterpret_cast<V*>(out + t * out_stride);
+  if (row_map) {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return static_cast<int64_t>(list_rows[j]); },
+                    [&](int j) { return list_w[j]; }, lane, 32);
+  } else {
+    sum_rows<T, VB>(rows, rows_stride, o, hidden, n, [&](int j) { return csr_rows[csr_beg + j]; },
+                    [](int) { return A(1); }, lane, 32);
+  }
 }
 
 // One pass of unpermute's backward over a thread's packs v = first, first + step, ... of token t's gradient row gv,

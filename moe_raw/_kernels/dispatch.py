@@ -109,9 +109,10 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
 
 
 # The gather (unpermute forward, permute backward): "warp" (gather_warp, a warp a token, no block barrier) or
-# "block" (gather_reduce, a block a token). On the H200 the warp kernel is 2-11% faster at every bench shape; a warp
-# a token lost there for permute (bulk-copy stores from a block's stage are faster) and unpermute's backward, so
-# those have only the block kernels (bench/results/2026-12-05-h200-candidate). Tests set it to compare the two.
+# "block" (gather_reduce, a block a token). On the H200 gather_warp was level with or faster than gather_reduce at
+# every bench shape; a warp a token lost there for permute (bulk-copy stores from a block's stage are faster) and
+# unpermute's backward, so those have only the block kernels (bench/results/2026-12-05-h200-candidate). Tests set
+# it to compare the two.
 _GATHER_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARPS = _ROW_THREADS // 32  # tokens a block of gather_warp
 
