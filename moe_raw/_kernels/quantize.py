@@ -13,7 +13,7 @@ _SPARE_BLOCKS = 1024  # quantize_fill blocks striding over the spare rows (their
 _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 # Rows of whole 16-byte packs are quantized by quantize_warp (a warp a token, no block barrier) when this is "warp"
 # and the warps' row lists fit 48 KiB (E <= 2944), by quantize_rows (a block a token) when "block"; other rows
-# always by quantize_rows. On the H200, quantize_warp is 1.2-1.6x faster at Qwen3-30B-A3B and for mxfp8, level
+# always by quantize_rows. On the H200, quantize_warp is 1.3-1.8x faster at Qwen3-30B-A3B and for mxfp8, level
 # elsewhere (bench/results/2026-12-05-h200-candidate). Tests set it to compare.
 _QUANT_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARP_THREADS = 128  # kernels/quantize.cu kWarpQuantThreads: 4 warps, 4 tokens a block
