@@ -3,8 +3,8 @@
 ncu --clock-control none -k regex:KERNEL -c 1 python -m bench.ncu_permute [shape name] [op]
 
 op (default permute): permute (kernel permute_scatter), unpermute (gather_warp; gather_reduce with
-MOE_RAW_BLOCK_KERNELS=1), unpermute_bwd (unpermute_bwd),
-permute_and_pad (permute_scatter, aligned layout), sort_chunks (chunk_sort; EP 8 ranks' chunks).
+MOE_RAW_BLOCK_KERNELS=1), unpermute_bwd (unpermute_bwd), permute_and_pad (permute_scatter, aligned layout),
+sort_chunks (chunk_sort; EP 8 ranks' chunks).
 """
 
 import sys

@@ -678,67 +678,6 @@ __global__ void __launch_bounds__(kRowThreads, 12)
   }
 }
 
-// One pass of unpermute's backward over a thread's packs v = first, first + step, ... of token t's gradient row gv,
-// for rows j0 .. j0 + m - 1 of its list (m <= kGroup): d_rows[row] = g * w, and with dprobs, dot[k] += the
-// thread's share of dot(g, rows[row]) for the routed rows (list_e >= 0).
-template <typename T, int VB, int kGroup>
-__device__ __forceinline__ void bwd_rows_pass(const typename Vec<VB>::type* __restrict__ gv,
-                                              const T* __restrict__ rows, int64_t rows_stride, T* __restrict__ d_rows,
-                                              int64_t hidden, const int* list_rows,
-                                              const typename Acc<T>::type* list_w, const int* list_e, int j0, int m,
-                                              const void* dprobs, typename Acc<T>::type* dot, int first, int step) {
-  using A = typename Acc<T>::type;
-  using P = Pack<T, VB>;
-  using V = typename Vec<VB>::type;
-  const int64_t nvec = hidden / P::N;
-  for (int64_t v = first; v < nvec; v += step) {
-    P x;
-    x.raw = gv[v];
-    A gx[P::N];
-#pragma unroll
-    for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
-#pragma unroll
-    for (int k = 0; k < kGroup; ++k) {
-      if (k < m) {
-        const int64_t r = list_rows[j0 + k];
-        const A w = list_w[j0 + k];
-        if (dprobs && list_e[j0 + k] >= 0) {
-          P y;
-          y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
-#pragma unroll
-          for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
-        }
-        P d;
-#pragma unroll
-        for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
-        reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
-      }
-    }
-  }
-}
-
-// Pair (t, e) of unpermute's backward: the row it wrote (-1 if none), its weight *w (probs[t, e] for a routed row,
-// or 1 without probs; a padding row 1 without probs, 0 with them) and whether it is routed (only routed pairs get
-// a probs gradient); dprobs[t, e] zeroed when asked (routed pairs are overwritten with their dot product).
-template <typename A>
-__device__ __forceinline__ int bwd_pair(int64_t t, int e, int num_experts, int64_t n_rows,
-                                        const int* __restrict__ row_map, const void* __restrict__ probs,
-                                        int probs_code, int64_t probs_st, int64_t probs_se, void* __restrict__ dprobs,
-                                        int dprobs_code, A* w, bool* routed) {
-  int row = -1;
-  const int code = row_map[t * num_experts + e];
-  if (code >= 0 && code < n_rows) {
-    row = code;
-    *routed = true;
-    if (probs) *w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
-  } else if (code <= -2 && -2 - static_cast<int64_t>(code) < n_rows) {
-    row = -2 - code;
-    *w = probs ? A(0) : A(1);  // a padding row adds nothing to a weighted sum, so its gradient is 0
-  }
-  if (dprobs) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, A(0));
-  return row;
-}
-
 // Unpermute backward, one block per token t (blocks >= T zero spare rows):
 //   d_rows[row] = g[t] * w  (w = probs[t, e] for routed rows, or 1 without probs; padding rows get g[t] without
 //   probs and 0 with them), and with dprobs: dprobs[t, e] = dot(g[t], rows[row]) for routed pairs, 0 elsewhere.
@@ -750,6 +689,7 @@ __global__ void __launch_bounds__(kRowThreads)
                   const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
                   void* __restrict__ dprobs, int dprobs_code, const int* __restrict__ pad_ranges) {
   using A = typename Acc<T>::type;
+  using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   constexpr int kGroup = 8;  // dot products reduced per pass
   extern __shared__ int smem[];
@@ -770,9 +710,18 @@ __global__ void __launch_bounds__(kRowThreads)
     int row = -1;
     bool routed = false;
     A w = A(1);
-    if (e < num_experts)
-      row = bwd_pair(t, e, num_experts, n_rows, row_map, probs, probs_code, probs_st, probs_se, dprobs, dprobs_code,
-                     &w, &routed);
+    if (e < num_experts) {
+      const int code = row_map[t * num_experts + e];
+      if (code >= 0 && code < n_rows) {
+        row = code;
+        routed = true;
+        if (probs) w = load_scalar<A>(probs, probs_code, t * probs_st + e * probs_se);
+      } else if (code <= -2 && -2 - static_cast<int64_t>(code) < n_rows) {
+        row = -2 - code;
+        w = probs ? A(0) : A(1);  // a padding row adds nothing to a weighted sum, so its gradient is 0
+      }
+      if (dprobs) store_scalar<A>(dprobs, dprobs_code, t * num_experts + e, A(0));  // routed pairs overwrite below
+    }
     int count;
     const int pos = block_exclusive_scan(row >= 0 ? 1 : 0, &count);
     if (row >= 0) {
@@ -783,14 +732,37 @@ __global__ void __launch_bounds__(kRowThreads)
     n += count;
   }
   __syncthreads();
+  const int64_t nvec = hidden / P::N;
   const V* gv = reinterpret_cast<const V*>(g + t * g_stride);
   for (int j0 = 0; j0 < n; j0 += kGroup) {
     const int m = min(kGroup, n - j0);
     A dot[kGroup];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) dot[k] = A(0);
-    bwd_rows_pass<T, VB, kGroup>(gv, rows, rows_stride, d_rows, hidden, list_rows, list_w, list_e, j0, m, dprobs,
-                                 dot, threadIdx.x, blockDim.x);
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      P x;
+      x.raw = gv[v];
+      A gx[P::N];
+#pragma unroll
+      for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        if (k < m) {
+          const int64_t r = list_rows[j0 + k];
+          const A w = list_w[j0 + k];
+          if (dprobs && list_e[j0 + k] >= 0) {
+            P y;
+            y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
+#pragma unroll
+            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
+          }
+          P d;
+#pragma unroll
+          for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
+          reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
+        }
+      }
+    }
     if (dprobs) {
       // Fixed-order block reduction: warp butterfly, then warp 0 sums the warps in order.
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

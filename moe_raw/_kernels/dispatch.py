@@ -132,9 +132,9 @@ def _scatter(
 ):
     """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
     padding rows. With ``ws`` (the routing tables' address) permute_scatter; ``ws`` 0 (no tables: a map of at most
-    _SMALL_MAP entries) permute_small. ``tokens`` None writes only
-    the row map / indices / probs (no rows). ``capacity``: rows per expert of drop_and_pad, None otherwise;
-    ``pads``: the aligned layout's padding ranges (row map line T + 1)."""
+    _SMALL_MAP entries) permute_small. ``tokens`` None writes only the row map / indices / probs (no rows).
+    ``capacity``: rows per expert of drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges
+    (row map line T + 1)."""
     num_tokens, num_experts = routing_map.shape
     way = "scatter" if ws else "small"
     src_ptr = src_stride = row_bytes = stage = 0
