@@ -385,30 +385,25 @@ __device__ __forceinline__ void scatter_token(
   for (int e = e_beg; e < e_end; ++e)
     if (scratch[e] >= 0) dest_rows[pos++] = scratch[e];
   __syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef MOE_RAW_BULK_COPY
   if constexpr (VB == 16) {
     // Hopper: stage the token row in shared memory (kStageBytes at a time), then the bulk-copy engine writes
     // it to each destination row: one instruction per destination instead of a 16-byte store per thread.
     constexpr int kStageBytes = 16384;  // moe_raw/_kernels/dispatch.py _STAGE_BYTES sizes the shared memory
     uint8_t* stage = reinterpret_cast<uint8_t*>(
         (reinterpret_cast<uintptr_t>(dest_rows + 2 * num_experts) + 127) & ~static_cast<uintptr_t>(127));
-    const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
     for (int64_t off = 0; off < row_bytes; off += kStageBytes) {
       const int bytes = static_cast<int>(min(static_cast<int64_t>(kStageBytes), row_bytes - off));
       const uint4* s4 = reinterpret_cast<const uint4*>(src + t * src_stride + off);
       // Unrolled so a thread's loads are all in flight before its first shared store (7 per thread at H = 7168).
 #pragma unroll 8
       for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) reinterpret_cast<uint4*>(stage)[v] = s4[v];
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // make the stores visible to the engine
+      bulk_fence_shared();
       __syncthreads();
-      for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        uint8_t* d = dst + static_cast<int64_t>(dest_rows[j]) * row_bytes + off;
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(d), "r"(stage_addr),
-                     "r"(bytes)
-                     : "memory");
-      }
-      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the stage has been read
+      for (int j = threadIdx.x; j < n; j += blockDim.x)
+        bulk_store(dst + static_cast<int64_t>(dest_rows[j]) * row_bytes + off, stage, bytes);
+      bulk_commit();
+      bulk_wait_read();
       __syncthreads();
     }
     return;

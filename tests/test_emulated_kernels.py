@@ -70,7 +70,7 @@ def as_bits(x):
 # (T, E, H, K, dtype, routing kind): odd H and 1-byte rows take the 1 / 2 / 4 / 8-byte pack instances; T * E
 # above 4096 takes the routing tables (permute_scatter) even with num_out_tokens given, below it permute_small; E 33
 # and 300 cross warp_slots' 32-expert rounds unevenly; E 3000 exceeds gather_warp's shared memory and must fall back
-# to gather_reduce.
+# to gather_reduce. H 4100 fp32 (16400-byte rows) takes permute_scatter's bulk-copy stage in two chunks.
 CASES = [
     (1, 1, 8, 1, torch.bfloat16, "topk"),
     (37, 8, 64, 2, torch.bfloat16, "topk"),
@@ -81,6 +81,7 @@ CASES = [
     (300, 16, 24, 4, torch.bfloat16, "sparse"),
     (40, 300, 16, 8, torch.bfloat16, "topk"),
     (9, 3000, 8, 6, torch.float32, "topk"),
+    (6, 4, 4100, 2, torch.float32, "topk"),
 ]
 
 
