@@ -39,7 +39,7 @@
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
 //   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: block = 128 threads striding over the row in
 //   VB-byte packs; grid = T token blocks (gather_warp: ceil(T / 4), a warp a token), then tail blocks that zero
-//   spare rows and, in the aligned layout, E blocks that zero each expert's padding rows. Dynamic shared memory
+//   spare rows and, in the aligned layout, P blocks per expert that zero its padding rows. Dynamic shared memory
 //   holds the token's row list (gather_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
 //   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
@@ -276,8 +276,11 @@ __device__ void zero_rows(uint8_t* dst, int64_t row_bytes, int64_t r0, int64_t r
   }
 }
 
-// Blocks past the T token blocks of a row kernel: the first ceil(n_rows / 32) zero the spare rows [kept, n_rows),
-// then (aligned layout only) one block per expert zeroes its padding rows.
+// Blocks past the T token blocks of a row kernel (`block` counts from the first of them; the grid ends with them):
+// the first ceil(n_rows / 32) zero the spare rows [kept, n_rows), then (aligned layout only) P blocks per expert
+// zero its padding rows, P = (the blocks left) / E, chosen by the host: block j of expert e takes rows j * 32 ..
+// j * 32 + 31 of the range, then every P * 32 rows after. One block per expert (P = 1) left an expert's whole
+// padding (up to align - 1 rows) to one block, the grid's last ones: a long tail at align 128.
 // Aligned layout: expert e's padding rows are [pad_ranges[e], pad_ranges[E + e]) (fewer than align rows).
 template <int VB>
 __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept, int64_t n_rows, int64_t block,
@@ -288,9 +291,13 @@ __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept,
     zero_rows<VB>(dst, row_bytes, max(kept, block * kTailRows), min(n_rows, (block + 1) * kTailRows), sorted_indices,
                   permuted_probs, probs_code);
   } else if (pad_ranges) {
-    const int e = static_cast<int>(block - n_tail);
-    zero_rows<VB>(dst, row_bytes, pad_ranges[e], pad_ranges[num_experts + e], sorted_indices, permuted_probs,
-                  probs_code);
+    const int64_t grid = gridDim.x, first = static_cast<int64_t>(blockIdx.x) - block;  // the first non-token block
+    const int64_t per_expert = (grid - first - n_tail) / num_experts;                   // P
+    const int64_t i = block - n_tail;
+    const int e = static_cast<int>(i / per_expert);
+    const int64_t end = pad_ranges[num_experts + e];
+    for (int64_t r = pad_ranges[e] + (i % per_expert) * kTailRows; r < end; r += per_expert * kTailRows)
+      zero_rows<VB>(dst, row_bytes, r, min(end, r + kTailRows), sorted_indices, permuted_probs, probs_code);
   }
 }
 
