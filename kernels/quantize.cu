@@ -17,8 +17,8 @@
 // (one block a token), dynamic shared memory round_up(H, 16) code bytes + round_up(H * token bytes, 16) (the row,
 // in its dtype) + groups fp32 + E ints + groups bytes. quantize_grad_rows (unpermute's row gradient, quantized):
 // grid = T, block = kQuantThreads, dynamic shared memory round_up(H * grad bytes, 16) + groups fp32 + E (fp32 +
-// int) + groups bytes. quantize_fill: grid = S + E (aligned) or S, S = min(N, 1024) blocks striding over the spare
-// rows, then one block per expert's padding rows; block kQuantThreads.
+// int) + groups bytes. quantize_fill: grid = S + P * E (aligned) or S, S = min(N, 1024) blocks striding over the
+// spare rows, then P blocks per expert striding over its padding rows; block kQuantThreads.
 // Preconditions (moe_raw/quantize.py): row_map from moe_raw's permute (fused) / permute_and_pad on the same routing,
 // its N rows; token rows with unit stride along H; q [N, H] contiguous uint8; scales row-major [N] / [N, G] fp32 or
 // [N, H / 32] uint8; H % 32 == 0 for mxfp8; T * E, N * H < 2^63.
@@ -374,18 +374,20 @@ template <int Threads>
 __global__ void __launch_bounds__(Threads)
     quantize_fill(unsigned char* __restrict__ q, void* __restrict__ scales, int hidden, int groups, int recipe,
                   int64_t num_rows, const int* __restrict__ row_map, int64_t num_tokens, int num_experts,
-                  int aligned) {
+                  int pad_blocks) {
   const int64_t lines = num_tokens * num_experts;
-  // The first gridDim.x - E (aligned) or gridDim.x blocks stride over the spare rows; in the aligned layout the
-  // last E blocks take one expert's padding rows each (fewer than align_size). A 2-D grid (x, 1 + E) launched
-  // ~10^6 blocks that mostly returned at once: 0.63 ms at DeepSeek-V3 on the H200, 5x the quantize itself.
-  const int spare_blocks = static_cast<int>(gridDim.x) - (aligned ? num_experts : 0);
+  // The first gridDim.x - P * E blocks stride over the spare rows; in the aligned layout (P = pad_blocks > 0) the
+  // last P * E blocks take the experts' padding rows (fewer than align_size each), P an expert, striding by P rows.
+  // A 2-D grid (x, 1 + E) launched ~10^6 blocks that mostly returned at once: 0.63 ms at DeepSeek-V3 on the H200,
+  // 5x the quantize itself; one block per expert left an expert's whole padding to one block.
+  const int spare_blocks = static_cast<int>(gridDim.x) - pad_blocks * num_experts;
   int64_t begin, end, step;
   if (static_cast<int>(blockIdx.x) < spare_blocks) {
     begin = row_map[lines] + blockIdx.x, end = num_rows, step = spare_blocks;
   } else {
-    const int e = static_cast<int>(blockIdx.x) - spare_blocks;
-    begin = row_map[lines + num_experts + e], end = row_map[lines + 2 * num_experts + e], step = 1;
+    const int i = static_cast<int>(blockIdx.x) - spare_blocks, e = i / pad_blocks;
+    begin = row_map[lines + num_experts + e] + i % pad_blocks, end = row_map[lines + 2 * num_experts + e];
+    step = pad_blocks;
   }
   end = min(end, num_rows);
   for (int64_t r = begin; r < end; r += step) fill_row(q, scales, r, hidden, groups, recipe, threadIdx.x, Threads);

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_raw import _env
+from moe_raw._kernels.dispatch import _PAD_BLOCKS
 from moe_raw._launch import _SHARED_NO_OPT_IN, SCALAR_CODE, launch, ptr
 
 RECIPE_CODE = {"rowwise": 0, "blockwise": 1, "mxfp8": 2}  # kernels/quantize.cu Recipe
@@ -30,15 +31,16 @@ def _outputs(num_rows, hidden, recipe, groups, dev):
 
 def _fill(codes, scales, recipe, groups, row_map, num_tokens, aligned):
     """quantize_fill: the rows of no token (spare rows past row_map[T, 0], each expert's padding in the aligned
-    layout) get zero codes and scale 1 (byte 127)."""
+    layout, _PAD_BLOCKS blocks an expert) get zero codes and scale 1 (byte 127)."""
     num_rows, hidden = codes.shape
     num_experts = row_map.shape[1]
+    pad_blocks = _PAD_BLOCKS if aligned else 0
     if num_rows:
         launch(
             "quantize", f"moe_raw::quantize_fill<{_THREADS}>", codes.device,
-            min(num_rows, _SPARE_BLOCKS) + (num_experts if aligned else 0), _THREADS,
+            min(num_rows, _SPARE_BLOCKS) + pad_blocks * num_experts, _THREADS,
             (ptr(codes), ptr(scales), hidden, groups, RECIPE_CODE[recipe], num_rows, ptr(row_map), num_tokens,
-             num_experts, int(aligned)),
+             num_experts, pad_blocks),
         )  # fmt: skip
 
 
