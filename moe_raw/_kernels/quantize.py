@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from moe_raw import _env
-from moe_raw._kernels.dispatch import _PAD_BLOCKS
 from moe_raw._launch import _SHARED_NO_OPT_IN, SCALAR_CODE, launch, ptr
 
 RECIPE_CODE = {"rowwise": 0, "blockwise": 1, "mxfp8": 2}  # kernels/quantize.cu Recipe
 _THREADS = 256  # kernels/quantize.cu kQuantThreads
 _SPARE_BLOCKS = 1024  # quantize_fill blocks striding over the spare rows (their count is known only on the device)
+_PAD_BLOCKS = 4  # quantize_fill blocks an expert striding over its padding rows (align is not known here)
 _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 # Rows of whole 16-byte packs are quantized by quantize_warp (a warp a token, no block barrier) when this is "warp"
 # and the warps' row lists fit 48 KiB (E <= 2944), by quantize_rows (a block a token) when "block"; other rows
