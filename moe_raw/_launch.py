@@ -78,9 +78,12 @@ KERNELS = {
     ),
     "router": tuple(f"moe_raw::router_{way}<{v}, {lanes}>" for v, lanes in ROUTER_SHAPES for way in ("fwd", "bwd")),
     "quantize": tuple(
-        f"moe_raw::quantize_{kind}<{c}>"
-        for kind in ("rows", "warp", "grad_rows")
+        f"moe_raw::quantize_{kind}<{c}>" for kind in ("rows", "grad_rows") for c in ("float", "__half", "__nv_bfloat16")
+    )
+    + tuple(
+        f"moe_raw::quantize_warp<{c}, {staged}>"
         for c in ("float", "__half", "__nv_bfloat16")
+        for staged in ("false", "true")
     )
     + ("moe_raw::quantize_fill<256>",),
 }
@@ -147,6 +150,17 @@ def check_device(index: int) -> None:
             + "."
         )
     _supported_devices.add(index)
+
+
+_capabilities: dict = {}  # device index -> (major, minor)
+
+
+def capability(index: int) -> tuple:
+    """Compute capability of CUDA device ``index`` (cached: a launcher may ask on every call)."""
+    cc = _capabilities.get(index)
+    if cc is None:
+        cc = _capabilities[index] = tuple(torch.cuda.get_device_capability(index))
+    return cc
 
 
 class KernelCompileError(RuntimeError):
