@@ -6,7 +6,10 @@ Prints, per bench shape (bf16), the permute forward (with probs, fused, num_out_
 the same byte mix: the device copy (1 read : 1 write), the write-only fills (torch fill_, cudaMemsetAsync) and
 torch's broadcast copy ``out.view(T, K, H).copy_(x[:, None].expand(T, K, H))`` (1 read : K writes, no indexing:
 what a perfect permute of a sorted routing would cost). "mix roofline" is the time the permute's bytes need when
-reads go at the copy rate and writes at the best write-only rate: t = read / copy + write / write_only.
+reads go at the copy rate and writes at the best write-only rate: t = read / copy + write / write_only. Two parts of
+the permute, each timed alone: "map only" is permute of the zero-width tokens ``x[:, :0]`` (the routing tables and
+the row map, probs and indices, no row bytes), "copy only" is ``permute_with_row_map(x, row_map, N)`` (every row
+moved by the scatter_rows kernel from a finished row map: no tables, no block scan).
 ``--kernels DIR`` loads the .cu files from DIR instead of the installed ones (an A/B of two kernel versions in two
 processes on one machine).
 """
@@ -47,8 +50,9 @@ def main() -> None:
     print(f"copy {copy:.0f} GB/s | fill_ {fill:.0f} GB/s ({100 * fill / copy:.0f}% of copy) | "
           f"cudaMemsetAsync {memset:.0f} GB/s ({100 * memset / copy:.0f}%)")  # fmt: skip
     rows = []
-    print("| shape | permute ms | % copy | % mix roofline | expand-copy ms | expand % copy | permute / expand |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | permute ms | % copy | % mix roofline | expand-copy ms | expand % copy | permute / expand | "
+          "map only ms | copy only ms (% copy) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     names = args.shapes.split(",") if args.shapes else list(SHAPES)
     for name in names:
         T, E, H, K = SHAPES[name]
@@ -61,14 +65,22 @@ def main() -> None:
         roof_ms = (read / (copy * 1e9 / 2) + written / (write * 1e9)) * 1e3  # copy GB/s counts read + write
         out = torch.empty((T, K, H), dtype=x.dtype, device="cuda")
         ms_expand = common.do_bench(lambda: out.copy_(x[:, None].expand(T, K, H)))  # noqa: B023
+        out = None
+        x0 = x[:, :0]
+        ms_map = common.do_bench(lambda: moe_raw.permute(x0, rm, probs, num_out_tokens=N, fused=True))  # noqa: B023
+        _, _, row_map = moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)
+        ms_rows = common.do_bench(lambda: moe_raw.permute_with_row_map(x, row_map, N))  # noqa: B023
         gbs = nbytes / (ms * 1e-3) / 1e9
         gbs_expand = (read + written) / (ms_expand * 1e-3) / 1e9
+        gbs_rows = (read + written) / (ms_rows * 1e-3) / 1e9
         row = {"shape": name, "ms": ms, "pct_copy": 100 * gbs / copy, "pct_mix_roofline": 100 * roof_ms / ms,
-               "expand_ms": ms_expand, "expand_pct_copy": 100 * gbs_expand / copy}  # fmt: skip
+               "expand_ms": ms_expand, "expand_pct_copy": 100 * gbs_expand / copy, "map_only_ms": ms_map,
+               "copy_only_ms": ms_rows, "copy_only_pct_copy": 100 * gbs_rows / copy}  # fmt: skip
         rows.append(row)
         print(f"| {name} | {ms:.3f} | {row['pct_copy']:.1f}% | {row['pct_mix_roofline']:.1f}% | {ms_expand:.3f} | "
-              f"{row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} |")  # fmt: skip
-        x = rm = probs = out = None  # free this shape's tensors before the next one
+              f"{row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} | {ms_map:.3f} | {ms_rows:.3f} "
+              f"({row['copy_only_pct_copy']:.1f}%) |")  # fmt: skip
+        x = x0 = rm = probs = row_map = None  # free this shape's tensors before the next one
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
