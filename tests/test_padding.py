@@ -56,7 +56,7 @@ def _case(T, E, K, H, dtype, device, kind="topk"):
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("align", [1, 16, 128])
+@pytest.mark.parametrize("align", [1, 16, 128, 300])  # 300: an expert's padding takes more than 4 blocks a pass
 @pytest.mark.parametrize("T,E,K,H,kind", [(300, 8, 2, 64, "topk"), (1000, 64, 6, 136, "empty_expert"),
                                           (257, 16, 3, 13, "sparse"), (5, 4, 1, 8, "balanced")])  # fmt: skip
 @pytest.mark.parametrize("n_out", [None, "routed", "below"])
@@ -72,6 +72,17 @@ def test_gpu_matches_reference(dtype, align, T, E, K, H, kind, n_out):
     y_ref = reference.unpermute(exp[0].double(), exp[2][: T + 1], (T, H), probs.cpu().double(), fused=True)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     assert torch.allclose(y.cpu().double(), y_ref, rtol=tol, atol=tol)
+    # the other two kernels that zero the padding rows: permute_with_row_map and unpermute's backward
+    n_rows = got[0].shape[0]
+    moved = moe_raw.permute_with_row_map(x, got[2], n_rows)
+    assert torch.equal(moved.cpu(), reference.permute_with_row_map(x.cpu(), exp[2], n_rows))
+    rows = got[0].detach().clone().requires_grad_(True)
+    g = torch.randn(T, H, device="cuda").to(dtype)
+    moe_raw.unpermute(rows, got[2], (T, H), fused=True).backward(g)
+    codes = exp[2][:T]  # row r >= 0 of token t gets g[t]; padding and spare rows get zero
+    want = torch.zeros(n_rows, H, dtype=dtype)
+    want[codes[codes >= 0].long()] = g.cpu()[(codes >= 0).nonzero()[:, 0]]
+    assert torch.equal(rows.grad.cpu(), want), "d_rows (padding rows zero)"
 
 
 @needs_cuda
