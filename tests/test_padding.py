@@ -56,7 +56,7 @@ def _case(T, E, K, H, dtype, device, kind="topk"):
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("align", [1, 16, 128, 300])  # 300: an expert's padding takes more than 4 blocks a pass
+@pytest.mark.parametrize("align", [1, 16, 128, 300])  # 300: up to 299 padding rows an expert
 @pytest.mark.parametrize("T,E,K,H,kind", [(300, 8, 2, 64, "topk"), (1000, 64, 6, 136, "empty_expert"),
                                           (257, 16, 3, 13, "sparse"), (5, 4, 1, 8, "balanced")])  # fmt: skip
 @pytest.mark.parametrize("n_out", [None, "routed", "below"])
