@@ -8,6 +8,8 @@ cold          wall time of one call issued to an idle GPU (synced, then --idle-m
               even torch's one-launch floor).
 extra         cold - back to back (median of 25 cold calls). The same for torch's ``x.clone()`` of the token tensor
               (one launch) is the floor any op pays: a launch from an idle stream plus one synchronize.
+The permute + unpermute pair runs eagerly and as a CUDA-graph replay (captured once): replay pays no Python, no
+validation and no per-kernel launch, so its extra is what a latency-bound caller that captures its layer sees.
 Shapes: bench.bench_permute's DeepSeek-V3 and Qwen3-30B-A3B, bf16.
 """
 
@@ -62,13 +64,35 @@ def cases(T, E, H, K) -> dict:
     permuted, _, row_map = moe_raw.permute(x, rm, probs, num_out_tokens=n, fused=True)
     sizes = rm.sum(0)
     order = torch.arange(E - 1, -1, -1, device="cuda")
+
+    def pair():
+        out, _, rows = moe_raw.permute(x, rm, probs, num_out_tokens=n, fused=True)
+        return moe_raw.unpermute(out, rows, (T, H), probs, fused=True)
+
     return {
         "torch x.clone() (one launch: the floor)": lambda: x.clone(),
         "permute(fused, num_out_tokens, probs)": lambda: moe_raw.permute(x, rm, probs, num_out_tokens=n, fused=True),
         "unpermute(fused, probs)": lambda: moe_raw.unpermute(permuted, row_map, (T, H), probs, fused=True),
         "permute_topk(fused)": lambda: moe_raw.permute_topk(x, top.indices, E, top.values, n, fused=True),
         "sort_chunks_by_idxs": lambda: moe_raw.sort_chunks_by_idxs(permuted, sizes, order),
+        "permute + unpermute (eager)": pair,
+        "permute + unpermute, CUDA-graph replay": captured(pair),
     }
+
+
+def captured(fn):
+    """fn captured once in a CUDA graph, returned as its replay: the path for latency-bound callers (a decode step),
+    where the host work of every op is paid once, at capture. Warm-up on a side stream first, as torch.cuda.graph
+    asks (the kernels compile there)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def main(argv=None) -> int:
