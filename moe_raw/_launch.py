@@ -132,26 +132,6 @@ CHECKED_ARCHS = (80, 86, 89, 90, 100, 120)
 _supported_devices: set = set()  # device indices check_device passed
 
 
-def check_device(index: int) -> None:
-    """Raise RuntimeError if CUDA device ``index`` is older than MIN_COMPUTE_CAPABILITY. Called where kernels are
-    compiled for a device (``_module``, and the Numba compile in moe_raw._kernels.glu_launch), so a launch never
-    pays for it; after the first pass for a device it is one set lookup."""
-    if index in _supported_devices:
-        return
-    if not torch.cuda.is_available():  # a torch without CUDA can't tell (CPU tests with a stand-in CuPy)
-        return
-    cc = tuple(torch.cuda.get_device_capability(index))
-    if cc < MIN_COMPUTE_CAPABILITY:
-        major, minor = MIN_COMPUTE_CAPABILITY
-        raise RuntimeError(
-            f"moe_raw needs compute capability >= {major}.{minor} (Ampere or newer); cuda:{index} is "
-            f"{torch.cuda.get_device_name(index)} ({cc[0]}.{cc[1]}). Its kernels are built and checked for "
-            + ", ".join(f"sm_{a}" for a in CHECKED_ARCHS)
-            + "."
-        )
-    _supported_devices.add(index)
-
-
 _capabilities: dict = {}  # device index -> (major, minor)
 
 
@@ -161,6 +141,26 @@ def capability(index: int) -> tuple:
     if cc is None:
         cc = _capabilities[index] = tuple(torch.cuda.get_device_capability(index))
     return cc
+
+
+def check_device(index: int) -> None:
+    """Raise RuntimeError if CUDA device ``index`` is older than MIN_COMPUTE_CAPABILITY. Called where kernels are
+    compiled for a device (``_module``, and the Numba compile in moe_raw._kernels.glu_launch), so a launch never
+    pays for it; after the first pass for a device it is one set lookup."""
+    if index in _supported_devices:
+        return
+    if not torch.cuda.is_available():  # a torch without CUDA can't tell (CPU tests with a stand-in CuPy)
+        return
+    cc = capability(index)
+    if cc < MIN_COMPUTE_CAPABILITY:
+        major, minor = MIN_COMPUTE_CAPABILITY
+        raise RuntimeError(
+            f"moe_raw needs compute capability >= {major}.{minor} (Ampere or newer); cuda:{index} is "
+            f"{torch.cuda.get_device_name(index)} ({cc[0]}.{cc[1]}). Its kernels are built and checked for "
+            + ", ".join(f"sm_{a}" for a in CHECKED_ARCHS)
+            + "."
+        )
+    _supported_devices.add(index)
 
 
 class KernelCompileError(RuntimeError):

@@ -458,11 +458,14 @@ def test_quantize_kernels_agree(hidden, recipe, dtype, fp8, monkeypatch):
     x = _awkward(T, hidden, dtype).to("cuda")
     p = make_probs(rm)
     device_choice = QK._staged_codes
-    kernels = {"warp": lambda device, hidden: False, "warp, staged where the card has it": device_choice,
-               "block": device_choice}  # fmt: skip
+    kernels = {  # label: (_QUANT_KERNEL, _staged_codes)
+        "warp": ("warp", lambda device, hidden: False),
+        "warp, staged where the card has it": ("warp", device_choice),
+        "block": ("block", device_choice),
+    }
     runs = {}
-    for kernel, staged in kernels.items():
-        monkeypatch.setattr(QK, "_QUANT_KERNEL", kernel.split(",")[0])
+    for kernel, (kind, staged) in kernels.items():
+        monkeypatch.setattr(QK, "_QUANT_KERNEL", kind)
         monkeypatch.setattr(QK, "_staged_codes", staged)
         runs[kernel] = [
             moe_raw.permute_quantized(x, rm, p, T * 4 + 7, recipe, fp8),

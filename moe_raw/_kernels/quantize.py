@@ -19,6 +19,9 @@ _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv
 _QUANT_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARP_THREADS = 128  # kernels/quantize.cu kWarpQuantThreads: 4 warps, 4 tokens a block
 _CODE_CHUNK = 4096  # kernels/quantize.cu kCodeChunk: code bytes each warp of quantize_warp<T, true> stages
+# quantize_warp's instances by (token dtype, staged): names from a table, not formatted on every call
+_WARP_NAMES = {(dtype, staged): f"moe_raw::quantize_warp<{c}, {str(staged).lower()}>"
+               for dtype, c in _CTYPE.items() for staged in (False, True)}  # fmt: skip
 
 
 def _staged_codes(device: torch.device, hidden: int) -> bool:
@@ -75,7 +78,7 @@ def quantize_rows(tokens, row_map, num_rows, recipe, fp8_dtype, fp8_max, emax, g
         if staged:
             shared += stages
         launch(
-            "quantize", f"moe_raw::quantize_warp<{_CTYPE[tokens.dtype]}, {str(staged).lower()}>", tokens.device,
+            "quantize", _WARP_NAMES[tokens.dtype, staged], tokens.device,
             -(-num_tokens // warps), _WARP_THREADS,
             (ptr(tokens), tokens.stride(0), hidden, ptr(row_map), num_experts, RECIPE_CODE[recipe], float(fp8_max),
              emax, int(fp8_dtype == torch.float8_e5m2), ptr(codes), ptr(scales), num_tokens),
