@@ -64,8 +64,18 @@ __device__ int build_tables(const void* sizes, int sizes_bytes, const void* sort
   return static_cast<int>(min(carry_src, n_rows));
 }
 
+// At least 6 blocks a SM (<= 40 registers): the ncu record on the H200 showed 48 registers and 5 blocks (53%
+// occupancy, warps waiting on loads). ptxas (nvcc 13.0) fits the bound with no spills on sm_80 .. sm_90, where the
+// unbounded build of chunk_sort<16> used 40 registers plus 8 bytes of spills; on sm_100 / sm_120 the bound spills
+// (40 / 16 bytes), so those keep ptxas' choice (32-48 registers; a minimum of 1 block made it take 56-108).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+#define MOE_RAW_CHUNK_BOUNDS __launch_bounds__(kChunkThreads)
+#else
+#define MOE_RAW_CHUNK_BOUNDS __launch_bounds__(kChunkThreads, 6)
+#endif
+
 template <int VB>
-__global__ void __launch_bounds__(kChunkThreads)
+__global__ void MOE_RAW_CHUNK_BOUNDS
     chunk_sort(const uint8_t* __restrict__ in, int64_t in_stride, uint8_t* __restrict__ out, int64_t out_stride,
                int64_t n_rows, int64_t row_bytes, const void* __restrict__ sizes, int sizes_bytes,
                const void* __restrict__ sorted_idxs, int idx_bytes, int n_splits, const uint8_t* __restrict__ probs_in,

@@ -114,6 +114,27 @@ __device__ __forceinline__ I block_exclusive_scan(I x, I* total) {
   return warp_base + inc - x;
 }
 
+// Hopper's bulk-copy engine (cp.async.bulk, sm_90+), global <- shared: MOE_RAW_BULK_COPY is defined where the
+// kernels may use it. The test emulator (tests/cuda_emu/cuda_emu.h) defines it and these four functions itself, so
+// the bulk paths run there too (with the ordering rules below checked). Protocol of a thread:
+//   stage rows in shared memory (any threads), bulk_fence_shared() by each writer, a barrier to the issuers,
+//   bulk_store(...) per destination, bulk_commit(), bulk_wait_read() before the stage is written again or the
+//   thread exits. Sizes and both addresses must be multiples of 16 bytes.
+#if !defined(MOE_RAW_BULK_COPY) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOE_RAW_BULK_COPY 1
+// Makes this thread's generic stores to shared memory visible to the bulk-copy engine (the async proxy).
+__device__ __forceinline__ void bulk_fence_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Starts copying `bytes` of shared memory at `stage` to global `dst`, in this thread's open bulk group.
+__device__ __forceinline__ void bulk_store(void* dst, const void* stage, int bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(s), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Waits until every committed bulk copy of this thread has read its source (the stage may be reused).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+#endif
+
 // Compaction across a warp (all 32 lanes call it): the lanes with `has` set take consecutive slots from n on, in
 // lane order (*slot); returns n plus their count. A warp-a-token kernel builds its token's row list with it, 32
 // experts at a time, in ascending expert order and with no block barrier.

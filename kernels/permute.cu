@@ -39,7 +39,7 @@
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
 //   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: block = 128 threads striding over the row in
 //   VB-byte packs; grid = T token blocks (gather_warp: ceil(T / 4), a warp a token), then tail blocks that zero
-//   spare rows and, in the aligned layout, E blocks that zero each expert's padding rows. Dynamic shared memory
+//   spare rows and, in the aligned layout, P blocks per expert that zero its padding rows. Dynamic shared memory
 //   holds the token's row list (gather_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
 //   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
@@ -276,8 +276,11 @@ __device__ void zero_rows(uint8_t* dst, int64_t row_bytes, int64_t r0, int64_t r
   }
 }
 
-// Blocks past the T token blocks of a row kernel: the first ceil(n_rows / 32) zero the spare rows [kept, n_rows),
-// then (aligned layout only) one block per expert zeroes its padding rows.
+// Blocks past the T token blocks of a row kernel (`block` counts from the first of them; the grid ends with them):
+// the first ceil(n_rows / 32) zero the spare rows [kept, n_rows), then (aligned layout only) P blocks per expert
+// zero its padding rows, P = (the blocks left) / E, chosen by the host: block j of expert e takes rows j * 32 ..
+// j * 32 + 31 of the range, then every P * 32 rows after. One block per expert (P = 1) left an expert's whole
+// padding (up to align - 1 rows) to one block, the grid's last ones: a long tail at align 128.
 // Aligned layout: expert e's padding rows are [pad_ranges[e], pad_ranges[E + e]) (fewer than align rows).
 template <int VB>
 __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept, int64_t n_rows, int64_t block,
@@ -288,9 +291,13 @@ __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept,
     zero_rows<VB>(dst, row_bytes, max(kept, block * kTailRows), min(n_rows, (block + 1) * kTailRows), sorted_indices,
                   permuted_probs, probs_code);
   } else if (pad_ranges) {
-    const int e = static_cast<int>(block - n_tail);
-    zero_rows<VB>(dst, row_bytes, pad_ranges[e], pad_ranges[num_experts + e], sorted_indices, permuted_probs,
-                  probs_code);
+    const int64_t grid = gridDim.x, first = static_cast<int64_t>(blockIdx.x) - block;  // the first non-token block
+    const int64_t per_expert = (grid - first - n_tail) / num_experts;                   // P
+    const int64_t i = block - n_tail;
+    const int e = static_cast<int>(i / per_expert);
+    const int64_t end = pad_ranges[num_experts + e];
+    for (int64_t r = pad_ranges[e] + (i % per_expert) * kTailRows; r < end; r += per_expert * kTailRows)
+      zero_rows<VB>(dst, row_bytes, r, min(end, r + kTailRows), sorted_indices, permuted_probs, probs_code);
   }
 }
 
@@ -366,8 +373,9 @@ __device__ __forceinline__ void scatter_token(
   if (t == 0 && row_map) {
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) row_map[num_tokens * num_experts + e] = e == 0 ? kept : 0;
   }
-  // Each thread takes a contiguous run of experts, so one block scan compacts the token's rows in ascending
-  // expert order whatever E is (a scan per 128 experts cost DeepSeek-V3's E = 256 a second round of barriers).
+  // Each thread places a contiguous run of experts: the bulk-copy path sends the row to those rows itself; the
+  // register path compacts all of them with one block scan in ascending expert order whatever E is (a scan per 128
+  // experts cost DeepSeek-V3's E = 256 a second round of barriers).
   int* scratch = dest_rows + num_experts;  // [num_experts]: the row of each expert, -1 if none
   const int per = (num_experts + blockDim.x - 1) / blockDim.x;
   const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
@@ -380,40 +388,40 @@ __device__ __forceinline__ void scatter_token(
     scratch[e] = row;
   }
   if (!src) return;
-  int n;
-  int pos = block_exclusive_scan(mine, &n);
-  for (int e = e_beg; e < e_end; ++e)
-    if (scratch[e] >= 0) dest_rows[pos++] = scratch[e];
-  __syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef MOE_RAW_BULK_COPY
   if constexpr (VB == 16) {
-    // Hopper: stage the token row in shared memory (kStageBytes at a time), then the bulk-copy engine writes
-    // it to each destination row: one instruction per destination instead of a 16-byte store per thread.
+    // Hopper: stage the token row in shared memory (kStageBytes at a time), then each thread has the bulk-copy
+    // engine write it to the rows of its own experts (scratch[e_beg, e_end), which this thread wrote): one
+    // instruction per destination, and no block scan to gather the row list (its barriers held half the warps'
+    // cycles, ncu on the H200). One barrier per chunk: the stage is complete.
     constexpr int kStageBytes = 16384;  // moe_raw/_kernels/dispatch.py _STAGE_BYTES sizes the shared memory
     uint8_t* stage = reinterpret_cast<uint8_t*>(
         (reinterpret_cast<uintptr_t>(dest_rows + 2 * num_experts) + 127) & ~static_cast<uintptr_t>(127));
-    const uint32_t stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
     for (int64_t off = 0; off < row_bytes; off += kStageBytes) {
       const int bytes = static_cast<int>(min(static_cast<int64_t>(kStageBytes), row_bytes - off));
       const uint4* s4 = reinterpret_cast<const uint4*>(src + t * src_stride + off);
       // Unrolled so a thread's loads are all in flight before its first shared store (7 per thread at H = 7168).
 #pragma unroll 8
       for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) reinterpret_cast<uint4*>(stage)[v] = s4[v];
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // make the stores visible to the engine
+      bulk_fence_shared();
       __syncthreads();
-      for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        uint8_t* d = dst + static_cast<int64_t>(dest_rows[j]) * row_bytes + off;
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(d), "r"(stage_addr),
-                     "r"(bytes)
-                     : "memory");
+      if (mine) {
+        for (int e = e_beg; e < e_end; ++e)
+          if (scratch[e] >= 0) bulk_store(dst + static_cast<int64_t>(scratch[e]) * row_bytes + off, stage, bytes);
+        bulk_commit();
+        bulk_wait_read();
       }
-      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the stage has been read
-      __syncthreads();
+      if (off + kStageBytes < row_bytes) __syncthreads();  // every copy has read the stage before it is refilled
     }
     return;
   }
 #endif
+  // Register stores: one block scan compacts the token's rows in ascending expert order for every thread.
+  int n;
+  int pos = block_exclusive_scan(mine, &n);
+  for (int e = e_beg; e < e_end; ++e)
+    if (scratch[e] >= 0) dest_rows[pos++] = scratch[e];
+  __syncthreads();
   const int64_t nvec = row_bytes / VB;
   const V* s = reinterpret_cast<const V*>(src + t * src_stride);
   constexpr int kUnroll = 4;  // loads in flight per thread before the K stores
@@ -537,7 +545,24 @@ __device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t row
 #pragma unroll
         for (int i = 0; i < P::N; ++i) acc[i] += w[k] * to_acc(x[k].v[i]);
     }
-    for (; j < n; ++j) {
+    // The last n - j < 4 rows (all of them at K <= 3) kTail at a time: one at a time left a lane one load per step
+    // at Mixtral's K = 2 (unpermute 84-86% of copy on the H200). Same order, so the same bits. Two for 8- and
+    // 16-byte packs; narrower packs (odd rows) keep one, as two made ptxas spill there (sm_90).
+    constexpr int kTail = VB >= 8 ? 2 : 1;
+    for (; j + kTail <= n; j += kTail) {
+      P x[kTail];
+      A w[kTail];
+#pragma unroll
+      for (int k = 0; k < kTail; ++k) {
+        w[k] = weight(j + k);
+        x[k].raw = reinterpret_cast<const V*>(rows + row(j + k) * rows_stride)[v];
+      }
+#pragma unroll
+      for (int k = 0; k < kTail; ++k)
+#pragma unroll
+        for (int i = 0; i < P::N; ++i) acc[i] += w[k] * to_acc(x[k].v[i]);
+    }
+    if (j < n) {  // kTail 2 and an odd remainder
       const A w = weight(j);
       P x;
       x.raw = reinterpret_cast<const V*>(rows + row(j) * rows_stride)[v];

@@ -13,12 +13,13 @@
 // [row_map[T + 1, e], row_map[T + 2, e]): zero codes, scale 1.0 (E8M0 byte 127).
 //
 // Launch shape: quantize_warp (rows of whole 16-byte packs): grid = ceil(T / 4), block = kWarpQuantThreads = 128
-// (a warp a token), dynamic shared memory 4 * E ints. quantize_rows (any rows): grid = T, block = kQuantThreads
+// (a warp a token), dynamic shared memory 4 * E ints, and with staged codes (sm_90+, H % 16 == 0) 128 + 4 *
+// kCodeChunk bytes more (each warp's code stage for the bulk-copy engine). quantize_rows (any rows): grid = T, block = kQuantThreads
 // (one block a token), dynamic shared memory round_up(H, 16) code bytes + round_up(H * token bytes, 16) (the row,
 // in its dtype) + groups fp32 + E ints + groups bytes. quantize_grad_rows (unpermute's row gradient, quantized):
 // grid = T, block = kQuantThreads, dynamic shared memory round_up(H * grad bytes, 16) + groups fp32 + E (fp32 +
-// int) + groups bytes. quantize_fill: grid = S + E (aligned) or S, S = min(N, 1024) blocks striding over the spare
-// rows, then one block per expert's padding rows; block kQuantThreads.
+// int) + groups bytes. quantize_fill: grid = S + P * E (aligned) or S, S = min(N, 1024) blocks striding over the
+// spare rows, then P blocks per expert striding over its padding rows; block kQuantThreads.
 // Preconditions (moe_raw/quantize.py): row_map from moe_raw's permute (fused) / permute_and_pad on the same routing,
 // its N rows; token rows with unit stride along H; q [N, H] contiguous uint8; scales row-major [N] / [N, G] fp32 or
 // [N, H / 32] uint8; H % 32 == 0 for mxfp8; T * E, N * H < 2^63.
@@ -196,14 +197,61 @@ __device__ __forceinline__ uint2 pack_codes(const uint4& raw, float divisor, flo
   return make_uint2(w[0], w[1]);
 }
 
-template <typename T>
+// Where quantize_warp's codes go. Register stores (kStaged false): each lane writes its pack's codes (8 or 4 bytes)
+// to every destination row. Staged (sm_90+, H % 16 == 0; the host's choice): each lane writes them into its warp's
+// stage, and at the end of each chunk of kCodeChunk bytes the lanes j < n have the bulk-copy engine write the chunk
+// to row dest[j]: one instruction a destination instead of one a lane a pack a destination. Two instances, not a
+// run-time switch: one kernel with both paths took 56 registers on sm_90 (ptxas), 40 with either alone.
+constexpr int kCodeChunk = 4096;  // code bytes a warp stages (moe_raw/_kernels/quantize.py _CODE_CHUNK)
+
+template <bool kStaged>
+struct CodeSink {
+  unsigned char* q;
+  int64_t hidden;
+  const int* dest;
+  int n;
+  unsigned char* stage;  // kStaged: this warp's kCodeChunk bytes
+  int lane;
+  template <int kN>
+  __device__ __forceinline__ void put(int p, int64_t chunk_off, uint2 c) const {
+    const int64_t off = static_cast<int64_t>(p) * kN;
+    if constexpr (kStaged) {
+      unsigned char* s = stage + (off - chunk_off);
+      if constexpr (kN == 8) *reinterpret_cast<uint2*>(s) = c;
+      else *reinterpret_cast<uint32_t*>(s) = c.x;
+    } else {
+      for (int j = 0; j < n; ++j) {
+        unsigned char* out = q + static_cast<int64_t>(dest[j]) * hidden + off;
+        if constexpr (kN == 8) *reinterpret_cast<uint2*>(out) = c;
+        else *reinterpret_cast<uint32_t*>(out) = c.x;
+      }
+    }
+  }
+  // After the chunk [chunk_off, chunk_off + bytes) of the row's codes is staged (all lanes call it).
+  __device__ __forceinline__ void flush(int64_t chunk_off, int bytes) const {
+#ifdef MOE_RAW_BULK_COPY
+    if constexpr (kStaged) {
+      bulk_fence_shared();
+      __syncwarp();
+      for (int j = lane; j < n; j += 32)
+        bulk_store(q + static_cast<int64_t>(dest[j]) * hidden + chunk_off, stage, bytes);
+      bulk_commit();
+      bulk_wait_read();
+      __syncwarp();  // every copy has read the stage before it is refilled
+    }
+#endif
+  }
+};
+
+template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kWarpQuantThreads)
     quantize_warp(const T* __restrict__ tokens, int64_t stride, int hidden, const int* __restrict__ row_map,
                   int num_experts, int recipe, float fp8_max, int emax, int e5m2, unsigned char* __restrict__ q,
                   void* __restrict__ scales, int64_t num_tokens) {
   constexpr int kN = 16 / sizeof(T);  // elements a pack
   constexpr int kWarps = kWarpQuantThreads / 32;
-  extern __shared__ int quant_rows[];  // [kWarps][num_experts]
+  constexpr int kChunkPacks = kCodeChunk / kN;  // a multiple of the 64 packs a round of the grouped recipes takes
+  extern __shared__ int quant_rows[];  // [kWarps][num_experts], then (staged) 128-aligned [kWarps][kCodeChunk]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
@@ -218,6 +266,12 @@ __global__ void __launch_bounds__(kWarpQuantThreads)
     if (has) dest[slot] = code >= 0 ? code : -2 - code;
   }
   __syncwarp();
+  unsigned char* stage = nullptr;
+  if constexpr (kStaged) {
+    const uintptr_t lists = reinterpret_cast<uintptr_t>(quant_rows + kWarps * num_experts);
+    stage = reinterpret_cast<unsigned char*>((lists + 127) & ~static_cast<uintptr_t>(127)) + warp * kCodeChunk;
+  }
+  const CodeSink<kStaged> sink{q, hidden, dest, n, stage, lane};
   const uint4* row = reinterpret_cast<const uint4*>(tokens + t * stride);
   const int packs = hidden / kN;
   if (recipe == kRowwise) {
@@ -228,14 +282,13 @@ __global__ void __launch_bounds__(kWarpQuantThreads)
     for (int off = 16; off > 0; off >>= 1) m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
     unsigned char unused;
     const float divisor = group_divisor(m, recipe, fp8_max, emax, &unused);
+    for (int c0 = 0; c0 < packs; c0 += kChunkPacks) {
+      const int c1 = min(packs, c0 + kChunkPacks);
+      const int64_t chunk_off = static_cast<int64_t>(c0) * kN;
 #pragma unroll 2
-    for (int p = lane; p < packs; p += 32) {
-      const uint2 c = pack_codes<T>(row[p], divisor, fp8_max, e5m2);
-      for (int j = 0; j < n; ++j) {
-        unsigned char* out = q + static_cast<int64_t>(dest[j]) * hidden + static_cast<int64_t>(p) * kN;
-        if constexpr (kN == 8) *reinterpret_cast<uint2*>(out) = c;
-        else *reinterpret_cast<uint32_t*>(out) = c.x;
-      }
+      for (int p = c0 + lane; p < c1; p += 32)
+        sink.template put<kN>(p, chunk_off, pack_codes<T>(row[p], divisor, fp8_max, e5m2));
+      sink.flush(chunk_off, (c1 - c0) * kN);
     }
     for (int j = lane; j < n; j += 32) static_cast<float*>(scales)[dest[j]] = divisor;
     return;
@@ -245,37 +298,38 @@ __global__ void __launch_bounds__(kWarpQuantThreads)
   const int groups = (hidden + group - 1) / group;
   const int lanes_per_group = group / kN;
   constexpr int kUnroll = 2;  // packs a lane loads before it reduces and stores them
-  for (int base = 0; base < packs; base += kUnroll * 32) {
-    uint4 raw[kUnroll];
+  for (int c0 = 0; c0 < packs; c0 += kChunkPacks) {
+    const int c1 = min(packs, c0 + kChunkPacks);
+    const int64_t chunk_off = static_cast<int64_t>(c0) * kN;
+    for (int base = c0; base < c1; base += kUnroll * 32) {
+      uint4 raw[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = base + u * 32 + lane;
-      raw[u] = p < packs ? row[p] : make_uint4(0u, 0u, 0u, 0u);
-    }
+      for (int u = 0; u < kUnroll; ++u) {
+        const int p = base + u * 32 + lane;
+        raw[u] = p < c1 ? row[p] : make_uint4(0u, 0u, 0u, 0u);
+      }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = base + u * 32 + lane;
-      float m = p < packs ? pack_amax<T>(raw[u]) : 0.0f;
-      for (int off = lanes_per_group >> 1; off > 0; off >>= 1)
-        m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
-      if (p < packs) {
-        unsigned char mx = 0;
-        const float divisor = group_divisor(m, recipe, fp8_max, emax, &mx);
-        const uint2 c = pack_codes<T>(raw[u], divisor, fp8_max, e5m2);
-        const int g = p / lanes_per_group;
-        const bool first = p % lanes_per_group == 0;
-        for (int j = 0; j < n; ++j) {
-          const int64_t r = dest[j];
-          unsigned char* out = q + r * hidden + static_cast<int64_t>(p) * kN;
-          if constexpr (kN == 8) *reinterpret_cast<uint2*>(out) = c;
-          else *reinterpret_cast<uint32_t*>(out) = c.x;
-          if (first) {
-            if (recipe == kMxfp8) static_cast<unsigned char*>(scales)[r * groups + g] = mx;
-            else static_cast<float*>(scales)[r * groups + g] = divisor;
+      for (int u = 0; u < kUnroll; ++u) {
+        const int p = base + u * 32 + lane;
+        float m = p < c1 ? pack_amax<T>(raw[u]) : 0.0f;
+        for (int off = lanes_per_group >> 1; off > 0; off >>= 1)
+          m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
+        if (p < c1) {
+          unsigned char mx = 0;
+          const float divisor = group_divisor(m, recipe, fp8_max, emax, &mx);
+          sink.template put<kN>(p, chunk_off, pack_codes<T>(raw[u], divisor, fp8_max, e5m2));
+          if (p % lanes_per_group == 0) {
+            const int g = p / lanes_per_group;
+            for (int j = 0; j < n; ++j) {
+              const int64_t r = dest[j];
+              if (recipe == kMxfp8) static_cast<unsigned char*>(scales)[r * groups + g] = mx;
+              else static_cast<float*>(scales)[r * groups + g] = divisor;
+            }
           }
         }
       }
     }
+    sink.flush(chunk_off, (c1 - c0) * kN);
   }
 }
 
@@ -374,18 +428,20 @@ template <int Threads>
 __global__ void __launch_bounds__(Threads)
     quantize_fill(unsigned char* __restrict__ q, void* __restrict__ scales, int hidden, int groups, int recipe,
                   int64_t num_rows, const int* __restrict__ row_map, int64_t num_tokens, int num_experts,
-                  int aligned) {
+                  int pad_blocks) {
   const int64_t lines = num_tokens * num_experts;
-  // The first gridDim.x - E (aligned) or gridDim.x blocks stride over the spare rows; in the aligned layout the
-  // last E blocks take one expert's padding rows each (fewer than align_size). A 2-D grid (x, 1 + E) launched
-  // ~10^6 blocks that mostly returned at once: 0.63 ms at DeepSeek-V3 on the H200, 5x the quantize itself.
-  const int spare_blocks = static_cast<int>(gridDim.x) - (aligned ? num_experts : 0);
+  // The first gridDim.x - P * E blocks stride over the spare rows; in the aligned layout (P = pad_blocks > 0) the
+  // last P * E blocks take the experts' padding rows (fewer than align_size each), P an expert, striding by P rows.
+  // A 2-D grid (x, 1 + E) launched ~10^6 blocks that mostly returned at once: 0.63 ms at DeepSeek-V3 on the H200,
+  // 5x the quantize itself; one block per expert left an expert's whole padding to one block.
+  const int spare_blocks = static_cast<int>(gridDim.x) - pad_blocks * num_experts;
   int64_t begin, end, step;
   if (static_cast<int>(blockIdx.x) < spare_blocks) {
     begin = row_map[lines] + blockIdx.x, end = num_rows, step = spare_blocks;
   } else {
-    const int e = static_cast<int>(blockIdx.x) - spare_blocks;
-    begin = row_map[lines + num_experts + e], end = row_map[lines + 2 * num_experts + e], step = 1;
+    const int i = static_cast<int>(blockIdx.x) - spare_blocks, e = i / pad_blocks;
+    begin = row_map[lines + num_experts + e] + i % pad_blocks, end = row_map[lines + 2 * num_experts + e];
+    step = pad_blocks;
   }
   end = min(end, num_rows);
   for (int64_t r = begin; r < end; r += step) fill_row(q, scales, r, hidden, groups, recipe, threadIdx.x, Threads);
@@ -402,12 +458,15 @@ namespace moe_raw {
 MOE_RAW_QUANTIZE_ROWS(float)
 MOE_RAW_QUANTIZE_ROWS(__half)
 MOE_RAW_QUANTIZE_ROWS(__nv_bfloat16)
-#define MOE_RAW_QUANTIZE_WARP(T)                                                                          \
-  template __global__ void quantize_warp<T>(const T*, int64_t, int, const int*, int, int, float, int, int, \
-                                            unsigned char*, void*, int64_t);
-MOE_RAW_QUANTIZE_WARP(float)
-MOE_RAW_QUANTIZE_WARP(__half)
-MOE_RAW_QUANTIZE_WARP(__nv_bfloat16)
+#define MOE_RAW_QUANTIZE_WARP(T, S)                                                                          \
+  template __global__ void quantize_warp<T, S>(const T*, int64_t, int, const int*, int, int, float, int, int, \
+                                               unsigned char*, void*, int64_t);
+MOE_RAW_QUANTIZE_WARP(float, false)
+MOE_RAW_QUANTIZE_WARP(__half, false)
+MOE_RAW_QUANTIZE_WARP(__nv_bfloat16, false)
+MOE_RAW_QUANTIZE_WARP(float, true)
+MOE_RAW_QUANTIZE_WARP(__half, true)
+MOE_RAW_QUANTIZE_WARP(__nv_bfloat16, true)
 #define MOE_RAW_QUANTIZE_GRAD_ROWS(T)                                                                                  \
   template __global__ void quantize_grad_rows<T>(const T*, int64_t, int, const int*, int, int64_t, const void*, int, \
                                                  int64_t, int64_t, int, float, int, int, unsigned char*, void*);

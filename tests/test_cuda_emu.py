@@ -67,6 +67,23 @@ __global__ void misaligned(const unsigned char* p, unsigned* out) {
   out[threadIdx.x] = reinterpret_cast<const uint4*>(p + 4)[threadIdx.x].x;  // 16-byte loads 4 bytes off
 }
 __global__ void wide_shift(unsigned* out, int s) { out[threadIdx.x] = 1u << (s + threadIdx.x); }
+// Stage `bytes` of src in shared memory, thread 0 bulk-copies the stage to rows 0..3 of dst. mode 0: correct;
+// 1: thread 0 issues before the barrier; 2: the stage is overwritten before the wait; 3: no wait; 4: misaligned.
+__global__ void bulk_rows(unsigned char* dst, const unsigned char* src, int bytes, int mode) {
+  extern __shared__ unsigned char stage[];
+  for (int i = threadIdx.x; i < bytes; i += blockDim.x) stage[i] = src[i];
+  bulk_fence_shared();
+  if (mode != 1) __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int r = 0; r < 4; ++r) bulk_store(dst + r * bytes + (mode == 4 ? 8 : 0), stage, bytes);
+    bulk_commit();
+  }
+  if (mode == 2) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < bytes; i += blockDim.x) stage[i] = 0;
+  }
+  if (threadIdx.x == 0 && mode != 3) bulk_wait_read();
+}
 __global__ void mixed_collectives(int* out) {
   if (threadIdx.x & 1) out[threadIdx.x] = static_cast<int>(__ballot_sync(0xffffffffu, 1));
   else out[threadIdx.x] = __any_sync(0xffffffffu, 1);
@@ -74,7 +91,7 @@ __global__ void mixed_collectives(int* out) {
 """
 NAMES = ("warp_ops", "indices", "params", "exit_then_barrier", "uninitialized_shared", "ballot_after_exit",
          "deadlock", "shared_overrun", "shfl_outside_mask", "mixed_collectives", "wild_write", "misaligned",
-         "wide_shift")  # fmt: skip
+         "wide_shift", "bulk_rows")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +170,34 @@ def test_reported_errors(lib, name, signature, args, shared, message):
         launch(lib, name, 1, block, signature, *args, shared=shared)
     launch(lib, "exit_then_barrier", 1, 128, "P", addr)  # the next launch runs as usual
     assert list(out[:40]) == [39 - t for t in range(40)]
+
+
+def _bulk_rows(lib, mode, bytes_=256):
+    src = (ctypes.c_ubyte * bytes_)(*[(7 * i + 3) % 251 for i in range(bytes_)])
+    dst = (ctypes.c_ubyte * (4 * bytes_ + 16))()
+    launch(lib, "bulk_rows", 1, 64, "PPii", ctypes.addressof(dst), ctypes.addressof(src), bytes_, mode, shared=bytes_)
+    return bytes(src), bytes(dst)
+
+
+def test_bulk_copy_lands_at_the_wait(lib):
+    src, dst = _bulk_rows(lib, 0)
+    assert dst[: 4 * len(src)] == src * 4
+
+
+@pytest.mark.parametrize(
+    "mode,message",
+    [
+        (1, "changed between its bulk_store and bulk_wait_read"),  # ascending order: thread 0 issues first
+        (2, "changed between its bulk_store and bulk_wait_read"),
+        (3, "exited with a bulk copy it did not wait for"),
+        (4, "multiples of 16"),
+    ],
+)
+def test_bulk_copy_misuse_is_reported(lib, mode, message):
+    if cuda_emu.schedule != "ascending":
+        pytest.skip("mode 1 is a race that the ascending order shows")
+    with pytest.raises(cuda_emu.EmulatedKernelError, match=message):
+        _bulk_rows(lib, mode)
 
 
 def test_threads_launch_concurrently(lib):

@@ -70,7 +70,7 @@ def as_bits(x):
 # (T, E, H, K, dtype, routing kind): odd H and 1-byte rows take the 1 / 2 / 4 / 8-byte pack instances; T * E
 # above 4096 takes the routing tables (permute_scatter) even with num_out_tokens given, below it permute_small; E 33
 # and 300 cross warp_slots' 32-expert rounds unevenly; E 3000 exceeds gather_warp's shared memory and must fall back
-# to gather_reduce.
+# to gather_reduce. H 4100 fp32 (16400-byte rows) takes permute_scatter's bulk-copy stage in two chunks.
 CASES = [
     (1, 1, 8, 1, torch.bfloat16, "topk"),
     (37, 8, 64, 2, torch.bfloat16, "topk"),
@@ -81,6 +81,7 @@ CASES = [
     (300, 16, 24, 4, torch.bfloat16, "sparse"),
     (40, 300, 16, 8, torch.bfloat16, "topk"),
     (9, 3000, 8, 6, torch.float32, "topk"),
+    (6, 4, 4100, 2, torch.float32, "topk"),
 ]
 
 
@@ -177,7 +178,8 @@ def test_unpermute_backward(emulated, case):
     assert "unpermute_bwd" in launched(), launched()
 
 
-@pytest.mark.parametrize("align", (1, 8, 128))
+# align 300: more padding rows an expert than scatter_rows' and unpermute_bwd's 4 padding blocks take at once
+@pytest.mark.parametrize("align", (1, 8, 128, 300))
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6], CASES[7]], ids=case_id)
 def test_permute_and_pad(emulated, align, case):
     x, routing_map, probs = make_case(case)
@@ -216,32 +218,51 @@ QUANT_CASES = [
     for recipe in ("rowwise", "blockwise", "mxfp8")
     if recipe != "mxfp8" or H % 32 == 0
 ]
+FP8_KINDS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# (kernels, fp8, H, dtype, recipe); "warp-staged" is quantize_warp<T, true> (bulk copies). H 4224 / 4160: the staged
+# codes go in two 4096-byte chunks (quantize_warp's kinds only: quantize_rows has no chunks).
+QUANT_ROWS_CASES = [
+    pytest.param(k, FP8_KINDS[f], *c.values, id=f"{k}-{f}-{c.id}")
+    for k in KINDS + ("warp-staged",)
+    for f in FP8_KINDS
+    for c in QUANT_CASES
+] + [
+    pytest.param(k, torch.float8_e4m3fn, H, dtype, recipe, id=f"{k}-e4m3-H{H}-{str(dtype)[6:]}-{recipe}")
+    for k in ("warp", "warp-staged")
+    for H, dtype in ((4224, torch.bfloat16), (4160, torch.float32))
+    for recipe in ("rowwise", "blockwise", "mxfp8")
+]
 
 
-@pytest.mark.parametrize("kernels", KINDS)
-@pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=("e4m3", "e5m2"))
-@pytest.mark.parametrize("H,dtype,recipe", QUANT_CASES)
-def test_quantize_rows(emulated, kernels, fp8, H, dtype, recipe):
+@pytest.mark.parametrize("kernels,fp8,H,dtype,recipe", QUANT_ROWS_CASES)
+def test_quantize_rows(emulated, monkeypatch, kernels, fp8, H, dtype, recipe):
+    staged = kernels == "warp-staged"
+    kernels = "warp" if staged else kernels
     emulated(kernels)
+    monkeypatch.setattr(QK, "_staged_codes", lambda device, hidden: staged and hidden % 16 == 0)
     T, E, K = 23, 12, 3
     routing_map = make_routing(T, E, K, kind="sparse")
     x = torch.randn(T, H).to(dtype) * torch.logspace(-3, 3, T).unsqueeze(1).to(dtype)
     x[3, :40] = 0  # an all-zero block: scale 1
     x[5, 7] = 1e30 if dtype != torch.float16 else 6e4  # saturation
     groups = (RF.scale_shape(1, H, recipe)[1:] or (1,))[0]
-    for aligned in (False, True):
+    for align in (None, 128):  # 128: more padding rows an expert than quantize_fill has blocks for it
         n_rows = int(routing_map.sum()) + 4
-        if aligned:
-            rows, _, row_map, _, _ = reference.permute_and_pad(x, routing_map, None, 16, n_rows)
+        if align:
+            rows, _, row_map, _, _ = reference.permute_and_pad(x, routing_map, None, align, n_rows)
         else:
             rows, _, row_map, _ = _cpu.permute(x, routing_map, None, n_rows, False)
         codes, scales = QK.quantize_rows(x, row_map, rows.shape[0], recipe, fp8, RF.FP8_MAX[fp8], RF.EMAX_ELEM[fp8],
-                                         groups, aligned)  # fmt: skip
+                                         groups, align is not None)  # fmt: skip
         want_q, want_s = RF.quantize(rows, recipe, fp8)
-        assert_same(codes, want_q.view(torch.uint8), f"codes (aligned {aligned})")
-        assert_same(scales, want_s, f"scales (aligned {aligned})")
+        assert_same(codes, want_q.view(torch.uint8), f"codes (align {align})")
+        assert_same(scales, want_s, f"scales (align {align})")
     warp = kernels == "warp" and H * dtype.itemsize % 16 == 0
     assert ("quantize_warp" in launched()) == warp and ("quantize_rows" in launched()) == (not warp), launched()
+    if warp:  # the instance: staged where asked and the row is whole 16-byte code chunks
+        names = {name for name, *_ in cuda_emu.launches if _launch.base_name(name) == "quantize_warp"}
+        flag = "true" if staged and H % 16 == 0 else "false"
+        assert names and all(name.endswith(f", {flag}>") for name in names), names
 
 
 @pytest.mark.parametrize("H,dtype,recipe", QUANT_CASES)

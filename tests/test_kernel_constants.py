@@ -26,6 +26,7 @@ MIRRORS = [
     (D, "_TOKENS_PER_BLOCK", "topk.cu", "kTokensPerBlock"),
     (Q, "_THREADS", "quantize.cu", "kQuantThreads"),
     (Q, "_WARP_THREADS", "quantize.cu", "kWarpQuantThreads"),
+    (Q, "_CODE_CHUNK", "quantize.cu", "kCodeChunk"),
 ]
 
 

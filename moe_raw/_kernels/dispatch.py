@@ -25,6 +25,9 @@ _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
 _SMALL_MAP = 4096
 _ROW_THREADS = 128  # kRowThreads
 _TAIL_ROWS = 32  # kTailRows
+# Blocks per expert zeroing its padding rows in the aligned layout where align is unknown (a row map carries each
+# expert's padding range, not align): 4 cover 128 rows at once, and more are strided.
+_PAD_BLOCKS = 4
 _STAGE_BYTES = 16384  # kStageBytes
 # Bytes past the row lists of gather_reduce / unpermute_bwd: nvcc loads the lists up to 4 entries ahead of the loop
 # bound (two float weights as one 8-byte load, past a 1-expert list: compute-sanitizer memcheck on an H100), so the
@@ -48,6 +51,14 @@ _TOKENS_PER_BLOCK = 8  # kernels/topk.cu kTokensPerBlock
 # unpermute(fused=True) and permute_with_row_map), so its height is the layout's tag: read here, nowhere else.
 def _aligned_layout(row_map: torch.Tensor, num_tokens: int) -> bool:
     return row_map.shape[0] == num_tokens + 3
+
+
+def _pad_blocks(num_experts: int, align: int | None = None) -> int:
+    """The blocks after the spare-row blocks that zero the experts' padding rows (kernels/permute.cu
+    zero_unowned_rows, which reads their count per expert from the grid): one per 32 rows of the most padding an
+    expert can have (align - 1 rows), or _PAD_BLOCKS each. A block per expert left a whole expert's padding to one
+    block at the grid's end."""
+    return num_experts * (max(1, cdiv(align - 1, _TAIL_ROWS)) if align else _PAD_BLOCKS)
 
 
 def _scatter_vec_bytes(vb: int) -> int:
@@ -260,7 +271,7 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     zero."""
     num_tokens, hidden = grad_out.shape
     num_experts = row_map.shape[1]
-    aligned = _aligned_layout(row_map, num_tokens)  # E more blocks zero the padding rows
+    aligned = _aligned_layout(row_map, num_tokens)  # more blocks zero the padding rows
     dev = grad_out.device
     g = row_view(grad_out)
     dtype = g.dtype
@@ -273,7 +284,7 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
         quantities += [rows.stride(0) * esize, rows.data_ptr()]
     vb = _vec_bytes(esize, *quantities)
     smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)  # the row, expert, weight lists
-    blocks = num_tokens + cdiv(n_rows, _TAIL_ROWS) + (num_experts if aligned else 0)
+    blocks = num_tokens + cdiv(n_rows, _TAIL_ROWS) + (_pad_blocks(num_experts) if aligned else 0)
     launch(
         "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev, blocks, _ROW_THREADS,
         (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
@@ -381,7 +392,7 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
         n_rows = num_out_tokens + num_experts * (align - 1)  # the worst case: every expert pads align - 1 rows
     out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev)
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
-    extra_blocks = cdiv(n_rows, _TAIL_ROWS) + num_experts  # spare rows, each expert's padding
+    extra_blocks = cdiv(n_rows, _TAIL_ROWS) + _pad_blocks(num_experts, align)  # spare rows, the experts' padding
     _scatter(tokens, out, routing_map, ws, row_map, None, probs, pprobs, n_rows, extra_blocks, n_keep, None,
              row_map[num_tokens + 1])  # fmt: skip
     return out, pprobs, row_map, counts[0], counts[1]
@@ -405,7 +416,7 @@ def _scatter_rows_cuda(x, row_map, num_tokens, num_rows):
     aligned = _aligned_layout(row_map, num_tokens)
     launch(
         "permute", f"moe_raw::scatter_rows<{vb}>", x.device,
-        num_tokens + cdiv(num_rows, _TAIL_ROWS) + (num_experts if aligned else 0), _ROW_THREADS,
+        num_tokens + cdiv(num_rows, _TAIL_ROWS) + (_pad_blocks(num_experts) if aligned else 0), _ROW_THREADS,
         (ptr(rows), rows.stride(0) * esize, ptr(out), row_bytes, num_tokens, num_experts, num_rows, ptr(row_map),
          ptr(row_map[num_tokens + 1]) if aligned else 0),
         shared_mem=4 * num_experts,

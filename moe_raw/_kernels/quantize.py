@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from moe_raw import _env
+from moe_raw import _env, _launch
 from moe_raw._launch import _SHARED_NO_OPT_IN, SCALAR_CODE, launch, ptr
 
 RECIPE_CODE = {"rowwise": 0, "blockwise": 1, "mxfp8": 2}  # kernels/quantize.cu Recipe
 _THREADS = 256  # kernels/quantize.cu kQuantThreads
 _SPARE_BLOCKS = 1024  # quantize_fill blocks striding over the spare rows (their count is known only on the device)
+_PAD_BLOCKS = 4  # quantize_fill blocks an expert striding over its padding rows (align is not known here)
 _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 # Rows of whole 16-byte packs are quantized by quantize_warp (a warp a token, no block barrier) when this is "warp"
 # and the warps' row lists fit 48 KiB (E <= 2944), by quantize_rows (a block a token) when "block"; other rows
@@ -17,6 +18,21 @@ _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv
 # elsewhere (bench/results/2026-12-05-h200-candidate). Tests set it to compare.
 _QUANT_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARP_THREADS = 128  # kernels/quantize.cu kWarpQuantThreads: 4 warps, 4 tokens a block
+_CODE_CHUNK = 4096  # kernels/quantize.cu kCodeChunk: code bytes each warp of quantize_warp<T, true> stages
+# quantize_warp's instances by (token dtype, staged): names from a table, not formatted on every call
+_WARP_NAMES = {(dtype, staged): f"moe_raw::quantize_warp<{c}, {str(staged).lower()}>"
+               for dtype, c in _CTYPE.items() for staged in (False, True)}  # fmt: skip
+
+
+def _staged_codes(device: torch.device, hidden: int) -> bool:
+    """Whether quantize_warp stages its codes for the bulk-copy engine (the <T, true> instance): rows of whole
+    16-byte code chunks (H % 16 == 0) on sm_90, unless MOE_RAW_NO_BULK_COPY=1 (compute-sanitizer's initcheck does
+    not see the engine's writes). Other cards keep register stores until the staged kernel is measured there. The
+    emulator tests replace this to run both instances."""
+    if _env.NO_BULK_COPY or hidden % 16 or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _launch.capability(index)[0] == 9
 
 
 def _outputs(num_rows, hidden, recipe, groups, dev):
@@ -30,15 +46,16 @@ def _outputs(num_rows, hidden, recipe, groups, dev):
 
 def _fill(codes, scales, recipe, groups, row_map, num_tokens, aligned):
     """quantize_fill: the rows of no token (spare rows past row_map[T, 0], each expert's padding in the aligned
-    layout) get zero codes and scale 1 (byte 127)."""
+    layout, _PAD_BLOCKS blocks an expert) get zero codes and scale 1 (byte 127)."""
     num_rows, hidden = codes.shape
     num_experts = row_map.shape[1]
+    pad_blocks = _PAD_BLOCKS if aligned else 0
     if num_rows:
         launch(
             "quantize", f"moe_raw::quantize_fill<{_THREADS}>", codes.device,
-            min(num_rows, _SPARE_BLOCKS) + (num_experts if aligned else 0), _THREADS,
+            min(num_rows, _SPARE_BLOCKS) + pad_blocks * num_experts, _THREADS,
             (ptr(codes), ptr(scales), hidden, groups, RECIPE_CODE[recipe], num_rows, ptr(row_map), num_tokens,
-             num_experts, int(aligned)),
+             num_experts, pad_blocks),
         )  # fmt: skip
 
 
@@ -55,12 +72,17 @@ def quantize_rows(tokens, row_map, num_rows, recipe, fp8_dtype, fp8_max, emax, g
     warps = _WARP_THREADS // 32
     fits = 4 * warps * num_experts <= _SHARED_NO_OPT_IN  # each warp's row list, in the 48 KiB of any block
     if num_tokens and _QUANT_KERNEL == "warp" and whole_packs and fits:
+        shared = 4 * warps * num_experts  # each warp's row list, then (staged) the warps' 128-aligned code stages
+        stages = 128 + warps * _CODE_CHUNK
+        staged = _staged_codes(tokens.device, hidden) and shared + stages <= _SHARED_NO_OPT_IN
+        if staged:
+            shared += stages
         launch(
-            "quantize", f"moe_raw::quantize_warp<{_CTYPE[tokens.dtype]}>", tokens.device,
+            "quantize", _WARP_NAMES[tokens.dtype, staged], tokens.device,
             -(-num_tokens // warps), _WARP_THREADS,
             (ptr(tokens), tokens.stride(0), hidden, ptr(row_map), num_experts, RECIPE_CODE[recipe], float(fp8_max),
              emax, int(fp8_dtype == torch.float8_e5m2), ptr(codes), ptr(scales), num_tokens),
-            4 * warps * num_experts,  # each warp's row list
+            shared,
         )  # fmt: skip
     elif num_tokens:
         # kernels/quantize.cu: codes, the row in its dtype (each rounded up to 16 bytes), divisors, destinations

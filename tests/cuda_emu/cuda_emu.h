@@ -22,7 +22,7 @@
 // Dynamic shared memory starts as 0xA5 garbage in every block, so a read before a write shows up. Threads are
 // resumed in one of three orders (schedule()); a missing barrier one order hides, another shows. Not modelled:
 // other interleavings, timing, the memory model, bounds of global memory (a wild access to mapped memory passes),
-// inline PTX (the kernels' sm_90 bulk-copy paths are compiled out: __CUDA_ARCH__ is undefined here).
+// inline PTX (the bulk-copy engine of sm_90 is modelled instead: see bulk_store below).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -81,6 +81,14 @@ struct Fiber {
   uint32_t mask = 0;
   uint64_t value = 0, result = 0;
   int arg = 0, width = 32;
+  // Bulk copies this thread issued and has not waited for: destination, source, the source's bytes at issue.
+  struct Bulk {
+    unsigned char* dst;
+    const unsigned char* src;
+    std::vector<unsigned char> seen;
+    bool committed;
+  };
+  std::vector<Bulk> bulk;
 };
 
 struct Launch {
@@ -155,9 +163,15 @@ inline T warp_op(Op op, uint32_t mask, T value, int arg = 0, int width = 32) {
   return out;
 }
 
+inline std::string lane_name(const Launch& l, unsigned t);
+
 inline void fiber_main() {
   Launch* l = current();
   l->body(l->body_arg);
+  if (!l->cur->bulk.empty()) {
+    const unsigned t = static_cast<unsigned>(l->cur - l->fibers.data());
+    fail(lane_name(*l, t) + ": exited with a bulk copy it did not wait for (bulk_commit + bulk_wait_read)");
+  }
   l->cur->state = kDone;
   _longjmp(l->scheduler, 1);  // never resumed
 }
@@ -248,6 +262,7 @@ inline void run_block(Launch& l) {
     f.tid = {t % l.block.x, t / l.block.x % l.block.y, t / (l.block.x * l.block.y)};
     f.state = kRunnable;
     f.started = false;
+    f.bulk.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = stacks() + static_cast<size_t>(t) * kStack;
     f.ctx.uc_stack.ss_size = kStack;
@@ -484,6 +499,48 @@ template <typename T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; 
 template <typename T> inline T atomicMax(T* p, T v) { T old = *p; *p = old > v ? old : v; return old; }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
+
+// Hopper's bulk-copy engine (kernels/common.cuh defines these for sm_90+ and leaves them to us here), so the
+// kernels' bulk paths run on the emulator. A copy's source must lie in the dynamic shared memory; its bytes are
+// taken at bulk_store and compared at the thread's next bulk_wait_read (which first lets the other runnable threads
+// run, as the engine may read late), where the copy lands: a source written
+// between the two (the stage reused too early, or still being filled when the copy was issued) fails the launch,
+// as does a thread that exits with copies it did not wait for. Not modelled: bulk_fence_shared (a no-op).
+#define MOE_RAW_BULK_COPY 1
+inline void bulk_fence_shared() {}
+inline void bulk_store(void* dst, const void* stage, int bytes) {
+  emu::Launch* l = emu::current();
+  const auto* src = static_cast<const unsigned char*>(stage);
+  const unsigned t = static_cast<unsigned>(l->cur - l->fibers.data());
+  if (src < l->dyn.data() || src + bytes > l->dyn.data() + l->dyn_bytes)
+    return emu::fail(emu::lane_name(*l, t) + ": bulk_store's source is not in the dynamic shared memory");
+  if (bytes <= 0 || bytes % 16 || reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+    return emu::fail(emu::lane_name(*l, t) + ": bulk_store of " + std::to_string(bytes) +
+                     " bytes: size and addresses must be multiples of 16");
+  l->cur->bulk.push_back({static_cast<unsigned char*>(dst), src, std::vector<unsigned char>(src, src + bytes), false});
+}
+inline void bulk_commit() {
+  for (auto& b : emu::current()->cur->bulk) b.committed = true;
+}
+inline void bulk_wait_read() {
+  emu::Launch* l = emu::current();
+  auto& pending = l->cur->bulk;
+  const unsigned t = static_cast<unsigned>(l->cur - l->fibers.data());
+  // The engine may read the source any time up to the wait: let every other runnable thread run first.
+  emu::yield_to_scheduler();
+  std::vector<emu::Fiber::Bulk> open;  // not committed: bulk_wait_read does not wait for them
+  for (auto& b : pending) {
+    if (!b.committed) {
+      open.push_back(std::move(b));
+    } else if (std::memcmp(b.src, b.seen.data(), b.seen.size())) {
+      emu::fail(emu::lane_name(*l, t) + ": the shared memory a bulk copy reads changed between its bulk_store and "
+                "bulk_wait_read (a missing barrier)");
+    } else {
+      std::memcpy(b.dst, b.seen.data(), b.seen.size());
+    }
+  }
+  pending = std::move(open);
+}
 // CUDA's min / max overloads: both arguments converted to their common type (int and int64_t -> int64_t).
 template <typename A, typename B> inline std::common_type_t<A, B> min(A a, B b) {
   return static_cast<std::common_type_t<A, B>>(a) < static_cast<std::common_type_t<A, B>>(b) ? a : b;
