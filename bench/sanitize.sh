@@ -10,8 +10,8 @@
 #   workload C  python -m bench.sanitize_cases: every kernel on each of its paths once, tiny shapes, results read back
 #               (the default warp-a-token gather and FP8 quantize)
 #   workload D  workload C with MOE_RAW_BLOCK_KERNELS=1 MOE_RAW_NO_BULK_COPY=1: their block-a-token kernels, 16-byte
-#               rows and FP8 codes written with plain stores (initcheck does not see the sm_90 bulk-copy engine's
-#               writes and reports those rows as uninitialized in workload C)
+#               rows written with plain stores (initcheck does not see the sm_90 bulk-copy engine's writes and would
+#               report those rows as uninitialized)
 # memcheck runs workloads A and B; racecheck, initcheck and synccheck run workloads C and D (on A or B they ran past
 # 2 minutes). memcheck runs with
 # --report-api-errors no: Numba's driver start-up probes optional entry points with cuGetProcAddress, and the

@@ -13,8 +13,7 @@
 // [row_map[T + 1, e], row_map[T + 2, e]): zero codes, scale 1.0 (E8M0 byte 127).
 //
 // Launch shape: quantize_warp (rows of whole 16-byte packs): grid = ceil(T / 4), block = kWarpQuantThreads = 128
-// (a warp a token), dynamic shared memory 4 * E ints, and with staged codes (sm_90+, H % 16 == 0) 128 + 4 *
-// kCodeChunk bytes more (each warp's code stage for the bulk-copy engine). quantize_rows (any rows): grid = T, block = kQuantThreads
+// (a warp a token), dynamic shared memory 4 * E ints. quantize_rows (any rows): grid = T, block = kQuantThreads
 // (one block a token), dynamic shared memory round_up(H, 16) code bytes + round_up(H * token bytes, 16) (the row,
 // in its dtype) + groups fp32 + E ints + groups bytes. quantize_grad_rows (unpermute's row gradient, quantized):
 // grid = T, block = kQuantThreads, dynamic shared memory round_up(H * grad bytes, 16) + groups fp32 + E (fp32 +
@@ -197,61 +196,14 @@ __device__ __forceinline__ uint2 pack_codes(const uint4& raw, float divisor, flo
   return make_uint2(w[0], w[1]);
 }
 
-// Where quantize_warp's codes go. Register stores (kStaged false): each lane writes its pack's codes (8 or 4 bytes)
-// to every destination row. Staged (sm_90+, H % 16 == 0; the host's choice): each lane writes them into its warp's
-// stage, and at the end of each chunk of kCodeChunk bytes the lanes j < n have the bulk-copy engine write the chunk
-// to row dest[j]: one instruction a destination instead of one a lane a pack a destination. Two instances, not a
-// run-time switch: one kernel with both paths took 56 registers on sm_90 (ptxas), 40 with either alone.
-constexpr int kCodeChunk = 4096;  // code bytes a warp stages (moe_raw/_kernels/quantize.py _CODE_CHUNK)
-
-template <bool kStaged>
-struct CodeSink {
-  unsigned char* q;
-  int64_t hidden;
-  const int* dest;
-  int n;
-  unsigned char* stage;  // kStaged: this warp's kCodeChunk bytes
-  int lane;
-  template <int kN>
-  __device__ __forceinline__ void put(int p, int64_t chunk_off, uint2 c) const {
-    const int64_t off = static_cast<int64_t>(p) * kN;
-    if constexpr (kStaged) {
-      unsigned char* s = stage + (off - chunk_off);
-      if constexpr (kN == 8) *reinterpret_cast<uint2*>(s) = c;
-      else *reinterpret_cast<uint32_t*>(s) = c.x;
-    } else {
-      for (int j = 0; j < n; ++j) {
-        unsigned char* out = q + static_cast<int64_t>(dest[j]) * hidden + off;
-        if constexpr (kN == 8) *reinterpret_cast<uint2*>(out) = c;
-        else *reinterpret_cast<uint32_t*>(out) = c.x;
-      }
-    }
-  }
-  // After the chunk [chunk_off, chunk_off + bytes) of the row's codes is staged (all lanes call it).
-  __device__ __forceinline__ void flush(int64_t chunk_off, int bytes) const {
-#ifdef MOE_RAW_BULK_COPY
-    if constexpr (kStaged) {
-      bulk_fence_shared();
-      __syncwarp();
-      for (int j = lane; j < n; j += 32)
-        bulk_store(q + static_cast<int64_t>(dest[j]) * hidden + chunk_off, stage, bytes);
-      bulk_commit();
-      bulk_wait_read();
-      __syncwarp();  // every copy has read the stage before it is refilled
-    }
-#endif
-  }
-};
-
-template <typename T, bool kStaged>
+template <typename T>
 __global__ void __launch_bounds__(kWarpQuantThreads)
     quantize_warp(const T* __restrict__ tokens, int64_t stride, int hidden, const int* __restrict__ row_map,
                   int num_experts, int recipe, float fp8_max, int emax, int e5m2, unsigned char* __restrict__ q,
                   void* __restrict__ scales, int64_t num_tokens) {
   constexpr int kN = 16 / sizeof(T);  // elements a pack
   constexpr int kWarps = kWarpQuantThreads / 32;
-  constexpr int kChunkPacks = kCodeChunk / kN;  // a multiple of the 64 packs a round of the grouped recipes takes
-  extern __shared__ int quant_rows[];  // [kWarps][num_experts], then (staged) 128-aligned [kWarps][kCodeChunk]
+  extern __shared__ int quant_rows[];  // [kWarps][num_experts]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (t >= num_tokens) return;  // no barrier below: a warp without a token leaves
@@ -266,12 +218,6 @@ __global__ void __launch_bounds__(kWarpQuantThreads)
     if (has) dest[slot] = code >= 0 ? code : -2 - code;
   }
   __syncwarp();
-  unsigned char* stage = nullptr;
-  if constexpr (kStaged) {
-    const uintptr_t lists = reinterpret_cast<uintptr_t>(quant_rows + kWarps * num_experts);
-    stage = reinterpret_cast<unsigned char*>((lists + 127) & ~static_cast<uintptr_t>(127)) + warp * kCodeChunk;
-  }
-  const CodeSink<kStaged> sink{q, hidden, dest, n, stage, lane};
   const uint4* row = reinterpret_cast<const uint4*>(tokens + t * stride);
   const int packs = hidden / kN;
   if (recipe == kRowwise) {
@@ -282,13 +228,14 @@ __global__ void __launch_bounds__(kWarpQuantThreads)
     for (int off = 16; off > 0; off >>= 1) m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
     unsigned char unused;
     const float divisor = group_divisor(m, recipe, fp8_max, emax, &unused);
-    for (int c0 = 0; c0 < packs; c0 += kChunkPacks) {
-      const int c1 = min(packs, c0 + kChunkPacks);
-      const int64_t chunk_off = static_cast<int64_t>(c0) * kN;
 #pragma unroll 2
-      for (int p = c0 + lane; p < c1; p += 32)
-        sink.template put<kN>(p, chunk_off, pack_codes<T>(row[p], divisor, fp8_max, e5m2));
-      sink.flush(chunk_off, (c1 - c0) * kN);
+    for (int p = lane; p < packs; p += 32) {
+      const uint2 c = pack_codes<T>(row[p], divisor, fp8_max, e5m2);
+      for (int j = 0; j < n; ++j) {
+        unsigned char* out = q + static_cast<int64_t>(dest[j]) * hidden + static_cast<int64_t>(p) * kN;
+        if constexpr (kN == 8) *reinterpret_cast<uint2*>(out) = c;
+        else *reinterpret_cast<uint32_t*>(out) = c.x;
+      }
     }
     for (int j = lane; j < n; j += 32) static_cast<float*>(scales)[dest[j]] = divisor;
     return;
@@ -298,38 +245,37 @@ __global__ void __launch_bounds__(kWarpQuantThreads)
   const int groups = (hidden + group - 1) / group;
   const int lanes_per_group = group / kN;
   constexpr int kUnroll = 2;  // packs a lane loads before it reduces and stores them
-  for (int c0 = 0; c0 < packs; c0 += kChunkPacks) {
-    const int c1 = min(packs, c0 + kChunkPacks);
-    const int64_t chunk_off = static_cast<int64_t>(c0) * kN;
-    for (int base = c0; base < c1; base += kUnroll * 32) {
-      uint4 raw[kUnroll];
+  for (int base = 0; base < packs; base += kUnroll * 32) {
+    uint4 raw[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int p = base + u * 32 + lane;
-        raw[u] = p < c1 ? row[p] : make_uint4(0u, 0u, 0u, 0u);
-      }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int p = base + u * 32 + lane;
+      raw[u] = p < packs ? row[p] : make_uint4(0u, 0u, 0u, 0u);
+    }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int p = base + u * 32 + lane;
-        float m = p < c1 ? pack_amax<T>(raw[u]) : 0.0f;
-        for (int off = lanes_per_group >> 1; off > 0; off >>= 1)
-          m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
-        if (p < c1) {
-          unsigned char mx = 0;
-          const float divisor = group_divisor(m, recipe, fp8_max, emax, &mx);
-          sink.template put<kN>(p, chunk_off, pack_codes<T>(raw[u], divisor, fp8_max, e5m2));
-          if (p % lanes_per_group == 0) {
-            const int g = p / lanes_per_group;
-            for (int j = 0; j < n; ++j) {
-              const int64_t r = dest[j];
-              if (recipe == kMxfp8) static_cast<unsigned char*>(scales)[r * groups + g] = mx;
-              else static_cast<float*>(scales)[r * groups + g] = divisor;
-            }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int p = base + u * 32 + lane;
+      float m = p < packs ? pack_amax<T>(raw[u]) : 0.0f;
+      for (int off = lanes_per_group >> 1; off > 0; off >>= 1)
+        m = nan_max_abs(m, __shfl_xor_sync(0xffffffffu, m, off));
+      if (p < packs) {
+        unsigned char mx = 0;
+        const float divisor = group_divisor(m, recipe, fp8_max, emax, &mx);
+        const uint2 c = pack_codes<T>(raw[u], divisor, fp8_max, e5m2);
+        const int g = p / lanes_per_group;
+        const bool first = p % lanes_per_group == 0;
+        for (int j = 0; j < n; ++j) {
+          const int64_t r = dest[j];
+          unsigned char* out = q + r * hidden + static_cast<int64_t>(p) * kN;
+          if constexpr (kN == 8) *reinterpret_cast<uint2*>(out) = c;
+          else *reinterpret_cast<uint32_t*>(out) = c.x;
+          if (first) {
+            if (recipe == kMxfp8) static_cast<unsigned char*>(scales)[r * groups + g] = mx;
+            else static_cast<float*>(scales)[r * groups + g] = divisor;
           }
         }
       }
     }
-    sink.flush(chunk_off, (c1 - c0) * kN);
   }
 }
 
@@ -458,15 +404,12 @@ namespace moe_raw {
 MOE_RAW_QUANTIZE_ROWS(float)
 MOE_RAW_QUANTIZE_ROWS(__half)
 MOE_RAW_QUANTIZE_ROWS(__nv_bfloat16)
-#define MOE_RAW_QUANTIZE_WARP(T, S)                                                                          \
-  template __global__ void quantize_warp<T, S>(const T*, int64_t, int, const int*, int, int, float, int, int, \
-                                               unsigned char*, void*, int64_t);
-MOE_RAW_QUANTIZE_WARP(float, false)
-MOE_RAW_QUANTIZE_WARP(__half, false)
-MOE_RAW_QUANTIZE_WARP(__nv_bfloat16, false)
-MOE_RAW_QUANTIZE_WARP(float, true)
-MOE_RAW_QUANTIZE_WARP(__half, true)
-MOE_RAW_QUANTIZE_WARP(__nv_bfloat16, true)
+#define MOE_RAW_QUANTIZE_WARP(T)                                                                          \
+  template __global__ void quantize_warp<T>(const T*, int64_t, int, const int*, int, int, float, int, int, \
+                                            unsigned char*, void*, int64_t);
+MOE_RAW_QUANTIZE_WARP(float)
+MOE_RAW_QUANTIZE_WARP(__half)
+MOE_RAW_QUANTIZE_WARP(__nv_bfloat16)
 #define MOE_RAW_QUANTIZE_GRAD_ROWS(T)                                                                                  \
   template __global__ void quantize_grad_rows<T>(const T*, int64_t, int, const int*, int, int64_t, const void*, int, \
                                                  int64_t, int64_t, int, float, int, int, unsigned char*, void*);

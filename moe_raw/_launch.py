@@ -78,12 +78,9 @@ KERNELS = {
     ),
     "router": tuple(f"moe_raw::router_{way}<{v}, {lanes}>" for v, lanes in ROUTER_SHAPES for way in ("fwd", "bwd")),
     "quantize": tuple(
-        f"moe_raw::quantize_{kind}<{c}>" for kind in ("rows", "grad_rows") for c in ("float", "__half", "__nv_bfloat16")
-    )
-    + tuple(
-        f"moe_raw::quantize_warp<{c}, {staged}>"
+        f"moe_raw::quantize_{kind}<{c}>"
+        for kind in ("rows", "warp", "grad_rows")
         for c in ("float", "__half", "__nv_bfloat16")
-        for staged in ("false", "true")
     )
     + ("moe_raw::quantize_fill<256>",),
 }
@@ -132,17 +129,6 @@ CHECKED_ARCHS = (80, 86, 89, 90, 100, 120)
 _supported_devices: set = set()  # device indices check_device passed
 
 
-_capabilities: dict = {}  # device index -> (major, minor)
-
-
-def capability(index: int) -> tuple:
-    """Compute capability of CUDA device ``index`` (cached: a launcher may ask on every call)."""
-    cc = _capabilities.get(index)
-    if cc is None:
-        cc = _capabilities[index] = tuple(torch.cuda.get_device_capability(index))
-    return cc
-
-
 def check_device(index: int) -> None:
     """Raise RuntimeError if CUDA device ``index`` is older than MIN_COMPUTE_CAPABILITY. Called where kernels are
     compiled for a device (``_module``, and the Numba compile in moe_raw._kernels.glu_launch), so a launch never
@@ -151,7 +137,7 @@ def check_device(index: int) -> None:
         return
     if not torch.cuda.is_available():  # a torch without CUDA can't tell (CPU tests with a stand-in CuPy)
         return
-    cc = capability(index)
+    cc = tuple(torch.cuda.get_device_capability(index))
     if cc < MIN_COMPUTE_CAPABILITY:
         major, minor = MIN_COMPUTE_CAPABILITY
         raise RuntimeError(

@@ -26,7 +26,6 @@ MIRRORS = [
     (D, "_TOKENS_PER_BLOCK", "topk.cu", "kTokensPerBlock"),
     (Q, "_THREADS", "quantize.cu", "kQuantThreads"),
     (Q, "_WARP_THREADS", "quantize.cu", "kWarpQuantThreads"),
-    (Q, "_CODE_CHUNK", "quantize.cu", "kCodeChunk"),
 ]
 
 

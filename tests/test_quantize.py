@@ -446,9 +446,8 @@ def test_no_host_sync_with_num_out_tokens(recipe):
 @pytest.mark.parametrize("recipe", RF.RECIPES)
 @pytest.mark.parametrize("hidden", [96, 160, 2048, 7168])
 def test_quantize_kernels_agree(hidden, recipe, dtype, fp8, monkeypatch):
-    """quantize_warp (a warp a token, rows of whole 16-byte packs; its codes stored from registers, and on sm_90 also
-    staged for the bulk-copy engine) and quantize_rows (a block a token) give the same bits, on rows of awkward values
-    (zeros, -0, NaN, inf, subnormal scales, ties), with spare and padding rows."""
+    """quantize_warp (a warp a token, rows of whole 16-byte packs) and quantize_rows (a block a token) give the same
+    bits, on rows of awkward values (zeros, -0, NaN, inf, subnormal scales, ties), with spare and padding rows."""
     from moe_raw._kernels import quantize as QK
 
     if recipe == "mxfp8" and hidden % 32:
@@ -457,24 +456,16 @@ def test_quantize_kernels_agree(hidden, recipe, dtype, fp8, monkeypatch):
     rm = make_routing(T, E, 4, "cuda", kind="sparse")
     x = _awkward(T, hidden, dtype).to("cuda")
     p = make_probs(rm)
-    device_choice = QK._staged_codes
-    kernels = {  # label: (_QUANT_KERNEL, _staged_codes)
-        "warp": ("warp", lambda device, hidden: False),
-        "warp, staged where the card has it": ("warp", device_choice),
-        "block": ("block", device_choice),
-    }
     runs = {}
-    for kernel, (kind, staged) in kernels.items():
-        monkeypatch.setattr(QK, "_QUANT_KERNEL", kind)
-        monkeypatch.setattr(QK, "_staged_codes", staged)
+    for kernel in ("warp", "block"):
+        monkeypatch.setattr(QK, "_QUANT_KERNEL", kernel)
         runs[kernel] = [
             moe_raw.permute_quantized(x, rm, p, T * 4 + 7, recipe, fp8),
             moe_raw.permute_quantized(x, rm, p, None, recipe, fp8, align_size=32),
         ]
-    for kernel in ("warp", "warp, staged where the card has it"):
-        for i, (warp, block) in enumerate(zip(runs[kernel], runs["block"], strict=True)):
-            for name, a, b in zip(("q", "scales", "probs", "row_map"), warp, block, strict=True):
-                assert_exact(a, b, f"call {i} {name}: quantize_warp ({kernel}) vs quantize_rows")
+    for i, (warp, block) in enumerate(zip(runs["warp"], runs["block"], strict=True)):
+        for name, a, b in zip(("q", "scales", "probs", "row_map"), warp, block, strict=True):
+            assert_exact(a, b, f"call {i} {name}: quantize_warp vs quantize_rows")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ def fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: gpus[index][0])
     monkeypatch.setattr(_launch, "_supported_devices", set())
-    monkeypatch.setattr(_launch, "_capabilities", {})  # check_device reads the capability through this cache
     gpus["calls"] = calls
     return gpus
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_raw import _env, _launch
+from moe_raw import _env
 from moe_raw._launch import _SHARED_NO_OPT_IN, SCALAR_CODE, launch, ptr
 
 RECIPE_CODE = {"rowwise": 0, "blockwise": 1, "mxfp8": 2}  # kernels/quantize.cu Recipe
@@ -18,21 +18,6 @@ _CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv
 # elsewhere (bench/results/2026-12-05-h200-candidate). Tests set it to compare.
 _QUANT_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
 _WARP_THREADS = 128  # kernels/quantize.cu kWarpQuantThreads: 4 warps, 4 tokens a block
-_CODE_CHUNK = 4096  # kernels/quantize.cu kCodeChunk: code bytes each warp of quantize_warp<T, true> stages
-# quantize_warp's instances by (token dtype, staged): names from a table, not formatted on every call
-_WARP_NAMES = {(dtype, staged): f"moe_raw::quantize_warp<{c}, {str(staged).lower()}>"
-               for dtype, c in _CTYPE.items() for staged in (False, True)}  # fmt: skip
-
-
-def _staged_codes(device: torch.device, hidden: int) -> bool:
-    """Whether quantize_warp stages its codes for the bulk-copy engine (the <T, true> instance): rows of whole
-    16-byte code chunks (H % 16 == 0) on sm_90, unless MOE_RAW_NO_BULK_COPY=1 (compute-sanitizer's initcheck does
-    not see the engine's writes). Other cards keep register stores until the staged kernel is measured there. The
-    emulator tests replace this to run both instances."""
-    if _env.NO_BULK_COPY or hidden % 16 or device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _launch.capability(index)[0] == 9
 
 
 def _outputs(num_rows, hidden, recipe, groups, dev):
@@ -72,17 +57,12 @@ def quantize_rows(tokens, row_map, num_rows, recipe, fp8_dtype, fp8_max, emax, g
     warps = _WARP_THREADS // 32
     fits = 4 * warps * num_experts <= _SHARED_NO_OPT_IN  # each warp's row list, in the 48 KiB of any block
     if num_tokens and _QUANT_KERNEL == "warp" and whole_packs and fits:
-        shared = 4 * warps * num_experts  # each warp's row list, then (staged) the warps' 128-aligned code stages
-        stages = 128 + warps * _CODE_CHUNK
-        staged = _staged_codes(tokens.device, hidden) and shared + stages <= _SHARED_NO_OPT_IN
-        if staged:
-            shared += stages
         launch(
-            "quantize", _WARP_NAMES[tokens.dtype, staged], tokens.device,
+            "quantize", f"moe_raw::quantize_warp<{_CTYPE[tokens.dtype]}>", tokens.device,
             -(-num_tokens // warps), _WARP_THREADS,
             (ptr(tokens), tokens.stride(0), hidden, ptr(row_map), num_experts, RECIPE_CODE[recipe], float(fp8_max),
              emax, int(fp8_dtype == torch.float8_e5m2), ptr(codes), ptr(scales), num_tokens),
-            shared,
+            4 * warps * num_experts,  # each warp's row list
         )  # fmt: skip
     elif num_tokens:
         # kernels/quantize.cu: codes, the row in its dtype (each rounded up to 16 bytes), divisors, destinations
