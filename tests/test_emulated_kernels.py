@@ -211,10 +211,18 @@ def test_chunk_sort(emulated, gather, H, dtype):
 
 
 # FP8: (H, dtype, recipe): rows of whole 16-byte packs (quantize_warp) and not (quantize_rows only); blockwise with
-# a partial last block; mxfp8 only where H % 32 == 0 (the op refuses other H before any kernel).
+# a partial last block; mxfp8 only where H % 32 == 0 (the op refuses other H before any kernel). H 2080 bf16 (260
+# packs) and 1048 fp32 (262) give a lane of quantize_warp several packs, its loops several rounds and a partial last.
 QUANT_CASES = [
     pytest.param(H, dtype, recipe, id=f"H{H}-{str(dtype)[6:]}-{recipe}")
-    for H, dtype in ((256, torch.bfloat16), (96, torch.float32), (160, torch.float16), (200, torch.bfloat16))
+    for H, dtype in (
+        (256, torch.bfloat16),
+        (96, torch.float32),
+        (160, torch.float16),
+        (200, torch.bfloat16),
+        (2080, torch.bfloat16),
+        (1048, torch.float32),
+    )
     for recipe in ("rowwise", "blockwise", "mxfp8")
     if recipe != "mxfp8" or H % 32 == 0
 ]
