@@ -1,10 +1,17 @@
-"""Where the host time of a small permute + unpermute goes (launch-bound regime). python -m bench.profile_host"""
+"""Where the host time of a small permute + unpermute goes (launch-bound regime). python -m bench.profile_host
+
+Also times one launch of an empty 7-argument kernel four ways, to tell the driver's share of a launch from the
+wrapper's: moe_raw's launcher, CuPy's launchKernel with moe_raw's packed parameter buffer (no Python around it),
+CuPy's launchKernel with a kernelParams pointer array, and cuLaunchKernel through ctypes with the packed buffer.
+"""
 
 from __future__ import annotations
 
 import cProfile
+import ctypes
 import pstats
 
+import numpy as np
 import torch
 
 import moe_raw
@@ -12,6 +19,49 @@ from moe_raw import _cupy_cache, _launch
 from moe_raw._kernels import dispatch
 
 from .common import host_us
+
+_KEEP_ALIVE: list = []  # the host buffers whose addresses the launch variants pass
+
+
+def launch_variants() -> dict:
+    """Empty-kernel launches on torch's current stream of cuda:0: {label: fn}."""
+    cupy = _cupy_cache.cupy()
+    drv = cupy.cuda.driver
+    src = (
+        'extern "C" __global__ void noop(long long a, long long b, long long c, long long d, long long e, '
+        "long long f, long long g) {}"
+    )
+    with cupy.cuda.Device(0):
+        fn = cupy.RawKernel(src, "noop").kernel  # a cupy Function: .ptr is the CUfunction
+    kern = _launch.compiled_kernel(fn.ptr, "qqqqqqq", owner=fn)
+    args = (1, 2, 3, 4, 5, 6, 7)
+    stream = _launch._raw_stream(0)
+    buf = np.zeros(16, dtype=np.uint64)  # laid out as _launch._param_buffer's: extra array, size at 40, params at 64
+    base = buf.ctypes.data
+    buf[:5] = (1, base + 64, 2, base + 40, 0)
+    kern[1](buf, 40, kern[2], *args)
+    values = np.array(args, dtype=np.int64)
+    pointers = np.array([values.ctypes.data + 8 * i for i in range(len(args))], dtype=np.uint64)
+    params = pointers.ctypes.data
+    _KEEP_ALIVE.extend((fn, buf, values, pointers))
+    cu_launch = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    cu_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    cu_launch.restype = ctypes.c_int
+    status = cu_launch(fn.ptr, 1, 1, 1, 32, 1, 1, 0, stream, None, base)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernel through ctypes returned {status}")
+    return {
+        "noop: moe_raw launch_compiled": lambda: _launch.launch_compiled(kern, 0, 1, 32, args),
+        "noop: cupy launchKernel, packed buffer": lambda: drv.launchKernel(
+            fn.ptr, 1, 1, 1, 32, 1, 1, 0, stream, 0, base
+        ),
+        "noop: cupy launchKernel, kernelParams": lambda: drv.launchKernel(
+            fn.ptr, 1, 1, 1, 32, 1, 1, 0, stream, params, 0
+        ),
+        "noop: ctypes cuLaunchKernel, packed buffer": lambda: cu_launch(
+            fn.ptr, 1, 1, 1, 32, 1, 1, 0, stream, None, base
+        ),
+    }
 
 
 def main():
@@ -40,6 +90,7 @@ def main():
         "permute(fused) public": lambda: moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True),
         "unpermute(fused) public": lambda: moe_raw.unpermute(out, row_map, (T, H), probs, fused=True),
     }
+    parts.update(launch_variants())
     for name, fn in parts.items():
         print(f"{host_us(fn):8.1f} us  {name}")
     pr = cProfile.Profile()
