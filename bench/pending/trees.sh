@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Export main plus each pending patch as a tree under .trees/<name>/ (what bench/export_trees.sh does for a branch),
+# so one device call can A/B them beside the checkout: carry ".trees", then on the device
+#   bash bench/pending/ab.sh           (writes $OUT/ab.log and $OUT/tests-<name>.log)
+# Usage: bash bench/pending/trees.sh [NAME ...]   (default: every bench/pending/*.patch)
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=($(basename -s .patch bench/pending/*.patch))
+for name in "${names[@]}"; do
+  dir=.trees/$name
+  rm -rf "$dir" && mkdir -p "$dir"
+  git archive HEAD | tar -x -C "$dir"
+  git apply --directory="$dir" "bench/pending/$name.patch"
+  echo "$dir: main $(git rev-parse --short HEAD) + bench/pending/$name.patch" | tee "$dir/TREE"
+done
+git rev-parse --short HEAD > .trees/MAIN_SHA
