@@ -115,7 +115,7 @@ __device__ __forceinline__ I block_exclusive_scan(I x, I* total) {
 }
 
 // Hopper's bulk-copy engine (cp.async.bulk, sm_90+), global <- shared: MOE_RAW_BULK_COPY is defined where the
-// kernels may use it. The test emulator (tests/cuda_emu/cuda_emu.h) defines it and these four functions itself, so
+// kernels may use it. The test emulator (tests/cuda_emu/cuda_emu.h) defines it and these six functions itself, so
 // the bulk paths run there too (with the ordering rules below checked). Protocol of a thread:
 //   stage rows in shared memory (any threads), bulk_fence_shared() by each writer, a barrier to the issuers,
 //   bulk_store(...) per destination, bulk_commit(), bulk_wait_read() before the stage is written again or the
@@ -133,6 +133,16 @@ __device__ __forceinline__ void bulk_store(void* dst, const void* stage, int byt
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // Waits until every committed bulk copy of this thread has read its source (the stage may be reused).
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// Starts copying 16 bytes of global `src` to shared `dst` (cp.async, through L2 only), holding no register for the
+// data; stage_fill_wait() waits for all of this thread's fills. Then bulk_fence_shared() and a barrier, as for any
+// stage writer, before the bulk copies read the stage.
+__device__ __forceinline__ void stage_fill16(void* dst, const void* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void stage_fill_wait() {
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+}
 #endif
 
 // Compaction across a warp (all 32 lanes call it): the lanes with `has` set take consecutive slots from n on, in

@@ -377,6 +377,21 @@ __device__ __forceinline__ void scatter_token(
   // register path compacts all of them with one block scan in ascending expert order whatever E is (a scan per 128
   // experts cost DeepSeek-V3's E = 256 a second round of barriers).
   int* scratch = dest_rows + num_experts;  // [num_experts]: the row of each expert, -1 if none
+#ifdef MOE_RAW_BULK_COPY
+  // Hopper, 16-byte rows: the stage (kStageBytes of the row at a time) after the 2 * E ints. Its first fill starts
+  // here, before the places are looked up (map entry -> tables -> row map: two dependent trips to memory that the
+  // row does not depend on), so the row's load overlaps them instead of following them.
+  constexpr int kStageBytes = 16384;  // moe_raw/_kernels/dispatch.py _STAGE_BYTES sizes the shared memory
+  uint8_t* stage = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(dest_rows + 2 * num_experts) + 127) & ~static_cast<uintptr_t>(127));
+  auto fill_stage = [&](int64_t off, int bytes) {  // starts this thread's share of the stage fill (cp.async)
+    const uint8_t* s = src + t * src_stride + off;
+    for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) stage_fill16(stage + 16 * v, s + 16 * v);
+  };
+  if constexpr (VB == 16) {
+    if (src) fill_stage(0, static_cast<int>(min(static_cast<int64_t>(kStageBytes), row_bytes)));
+  }
+#endif
   const int per = (num_experts + blockDim.x - 1) / blockDim.x;
   const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
   int mine = 0;
@@ -390,19 +405,15 @@ __device__ __forceinline__ void scatter_token(
   if (!src) return;
 #ifdef MOE_RAW_BULK_COPY
   if constexpr (VB == 16) {
-    // Hopper: stage the token row in shared memory (kStageBytes at a time), then each thread has the bulk-copy
-    // engine write it to the rows of its own experts (scratch[e_beg, e_end), which this thread wrote): one
-    // instruction per destination, and no block scan to gather the row list (its barriers held half the warps'
-    // cycles, ncu on the H200). One barrier per chunk: the stage is complete.
-    constexpr int kStageBytes = 16384;  // moe_raw/_kernels/dispatch.py _STAGE_BYTES sizes the shared memory
-    uint8_t* stage = reinterpret_cast<uint8_t*>(
-        (reinterpret_cast<uintptr_t>(dest_rows + 2 * num_experts) + 127) & ~static_cast<uintptr_t>(127));
+    // Hopper: the token row goes through the stage in shared memory (kStageBytes at a time, the first fill started
+    // above), then each thread has the bulk-copy engine write it to the rows of its own experts
+    // (scratch[e_beg, e_end), which this thread wrote): one instruction per destination, and no block scan to
+    // gather the row list (its barriers held half the warps' cycles, ncu on the H200). One barrier per chunk: the
+    // stage is complete.
     for (int64_t off = 0; off < row_bytes; off += kStageBytes) {
       const int bytes = static_cast<int>(min(static_cast<int64_t>(kStageBytes), row_bytes - off));
-      const uint4* s4 = reinterpret_cast<const uint4*>(src + t * src_stride + off);
-      // Unrolled so a thread's loads are all in flight before its first shared store (7 per thread at H = 7168).
-#pragma unroll 8
-      for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) reinterpret_cast<uint4*>(stage)[v] = s4[v];
+      if (off) fill_stage(off, bytes);
+      stage_fill_wait();
       bulk_fence_shared();
       __syncthreads();
       if (mine) {

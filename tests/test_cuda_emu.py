@@ -84,6 +84,17 @@ __global__ void bulk_rows(unsigned char* dst, const unsigned char* src, int byte
   }
   if (threadIdx.x == 0 && mode != 3) bulk_wait_read();
 }
+// Fill a stage of `bytes` from src with cp.async (stage_fill16), then copy it to dst with plain loads. mode 0:
+// correct; 1: dst read before the wait (the wait comes after); 2: no wait; 3: source 8 bytes off.
+__global__ void stage_fill_rows(unsigned char* dst, const unsigned char* src, int bytes, int mode) {
+  extern __shared__ unsigned char stage[];
+  for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x)
+    stage_fill16(stage + 16 * v, src + 16 * v + (mode == 3 ? 8 : 0));
+  if (mode == 0) stage_fill_wait();
+  __syncthreads();
+  for (int i = threadIdx.x; i < bytes; i += blockDim.x) dst[i] = stage[i];
+  if (mode == 1) stage_fill_wait();
+}
 __global__ void mixed_collectives(int* out) {
   if (threadIdx.x & 1) out[threadIdx.x] = static_cast<int>(__ballot_sync(0xffffffffu, 1));
   else out[threadIdx.x] = __any_sync(0xffffffffu, 1);
@@ -91,7 +102,7 @@ __global__ void mixed_collectives(int* out) {
 """
 NAMES = ("warp_ops", "indices", "params", "exit_then_barrier", "uninitialized_shared", "ballot_after_exit",
          "deadlock", "shared_overrun", "shfl_outside_mask", "mixed_collectives", "wild_write", "misaligned",
-         "wide_shift", "bulk_rows")  # fmt: skip
+         "wide_shift", "bulk_rows", "stage_fill_rows")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +234,25 @@ def test_threads_launch_concurrently(lib):
     assert not errors, errors
     want = [1000000 * y + 1000 * x + t for y in range(2) for x in range(3) for t in range(96)]
     assert all(results[i] == want for i in range(8))
+
+
+def _stage_fill_rows(lib, mode, bytes_=256):
+    src = (ctypes.c_ubyte * (bytes_ + 16))(*[(5 * i + 1) % 251 for i in range(bytes_ + 16)])
+    dst = (ctypes.c_ubyte * bytes_)()
+    args = ctypes.addressof(dst), ctypes.addressof(src), bytes_, mode
+    launch(lib, "stage_fill_rows", 1, 8, "PPii", *args, shared=bytes_)
+    return bytes(src)[:bytes_], bytes(dst)
+
+
+def test_stage_fill_lands_at_the_wait(lib):
+    src, dst = _stage_fill_rows(lib, 0)
+    assert dst == src
+    # Read before the wait: the first reader after the barrier sees other threads' fills still missing (garbage).
+    src, dst = _stage_fill_rows(lib, 1)
+    assert dst != src and b"\xa5" * 16 in dst
+
+
+@pytest.mark.parametrize("mode,message", [(2, "exited with a stage fill it did not wait for"), (3, "multiples of 16")])
+def test_stage_fill_misuse_is_reported(lib, mode, message):
+    with pytest.raises(cuda_emu.EmulatedKernelError, match=message):
+        _stage_fill_rows(lib, mode)

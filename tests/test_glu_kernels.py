@@ -25,6 +25,7 @@ import torch
 from conftest import (
     GLU_DTYPES,
     assert_close_2x,
+    assert_dw_close,
     glu_inputs,
     needs_cuda,
     numba_launch,
@@ -95,6 +96,26 @@ def test_vector_and_element_paths_agree(kernels):
     assert torch.equal(out_vec, out_elem)
     assert torch.equal(dy_vec, dy_elem)
     torch.testing.assert_close(dw_vec, dw_elem, rtol=1e-6, atol=1e-6)  # same terms, summed in another grouping
+
+
+@pytest.mark.parametrize("units", [33, 97])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vector_kernels_two_units_a_step_and_a_last_one(kernels, dtype, units):
+    """The 16-byte kernels load a lane's units two at a time (c, c + 32), then a last single one. 33 units a row:
+    lane 0 one pair, lanes 1-31 a single unit; 97: backward lane 0 two pairs, lanes 1-31 a pair and a single unit,
+    forward (segments of 64 units) a full segment of pairs, then 33 units as above."""
+    f = units * 16 // torch.tensor([], dtype=dtype).element_size()  # F elements per half row: `units` vectors
+    y, g, w = _inputs(3, f, dtype)
+    y64, g64, w64 = y.double(), g.double(), w.double()
+    _assert_close(S.swiglu(y), R.swiglu(y64), R.swiglu(y), dtype, "swiglu")
+    _assert_close(S.weighted_swiglu(y, w), R.weighted_swiglu(y64, w64), R.weighted_swiglu(y, w), dtype, "weighted")
+    _assert_close(S.swiglu_back(g, y), R.swiglu_back(g64, y64), R.swiglu_back(g, y), dtype, "swiglu_back")
+    dy, dw = S.weighted_swiglu_back(g, y, w)
+    dy_t, dw_t = R.weighted_swiglu_back(g, y, w)
+    dy_r, dw_r = R.weighted_swiglu_back(g64, y64, w64)
+    _assert_close(dy, dy_r, dy_t, dtype, "weighted_swiglu_back dy")
+    assert_dw_close(dw, dw_r, dw_t, R.swiglu(y64) * g64, "weighted_swiglu_back dweights")
+    assert len(kernels) == 4 and all(spec[2] for spec in kernels), kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

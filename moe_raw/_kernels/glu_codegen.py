@@ -8,9 +8,10 @@ at F = 2048 went from 88% to 93-94% of copy (64 units; 32: 92-94%, 128: 91%, 16:
 bench/results/2026-12-04-h200-issue16). Lanes stride over the row's F columns (the segment's) in *units*: a
 16-byte vector (``ld.global.v4.u32`` / ``st.global.v4.u32``, 8 bf16/fp16 or 4 fp32 values) when every row start, the
 gate/up split and every stride are 16-byte aligned and y, g and the output share one dtype; else one element
-(any F, any dtype mix). All math in fp32. The weighted backward writes ``dy`` and reduces the per-row dot
-``sum(swiglu(y) * g)`` for ``dweights`` in the same pass: each lane sums its columns in order, then a fixed
-pairwise tree over the 32 lanes in shared memory: no atomics, bitwise deterministic.
+(any F, any dtype mix). A lane's units are c, c + 32, ...; 16-byte units are loaded two at a time before either
+is stored (6 / 4 loads in flight a lane in the backward / forward, not 3 / 2). All math in fp32. The weighted
+backward writes ``dy`` and reduces the per-row dot ``sum(swiglu(y) * g)`` for ``dweights`` in the same pass: each
+lane sums its columns in order, then a fixed pairwise tree over the 32 lanes in shared memory: no atomics.
 bf16 and fp16 are handled as uint16 bit patterns (Numba has no reliable bf16 type): bf16 widens by a 16-bit
 shift and narrows with round-to-nearest-even in integer code (NaN -> 0x7FC0, as torch's scalar conversion);
 fp16 converts with the hardware cvt on the GPU and with exact integer code under the simulator (both checked
@@ -22,19 +23,8 @@ backward reads g (F) and y (2F) and writes dy (2F) per row, plus a weight read a
 Measured on an H100 (bf16, copy 3018 GB/s): forward 93% / 95% of copy at N=32768 F=2048 / N=98304 F=768,
 weighted backward 93% / 97% (torch.compile of the seed: 97% / 55% and 53% / 24%).
 
-Launch cost. Numba's dispatcher costs 52-104 us a call with torch tensors (measured on an H100). Here each kernel is
-compiled once per (signature, device) and its loaded function handle is launched through
-``moe_raw._launch.launch_compiled``: one ``struct.pack_into`` of the argument words, one ``cuLaunchKernel`` on
-torch's current stream (CUDA-graph capturable). The packing reproduces Numba's kernel ABI (``_ARRAY_ABI``).
-The first call of each signature on a device compiles it (NVVM, about a second). Host time of one op at N=16
-on the H100 hosts: 14-20 us forward, 26-29 us weighted backward (its two output allocations, ~5 us each there,
-and the launch, ~8 us, are most of it); torch.compile of the seed: 49-72 us (bench/results/*-h100-swiglu).
-
-numpy >= 2.5 with numba-cuda 0.30: numba-cuda's ``numba/cuda/np/arrayobj.py`` runs ``overload(np.row_stack)``
-when its target is first set up (the first compile), and numpy 2.5 removed ``np.row_stack``, so that compile
-fails with ``AttributeError: module 'numpy' has no attribute 'row_stack'``. Before its first compile moe_raw
-imports that module with a stand-in ``np.row_stack`` and deletes the stand-in right after
-(``_numba_numpy_compat``): numpy is left as it was, Numba's registry is complete, and nothing else changes.
+numpy >= 2.5 with numba-cuda 0.30: see ``_numba_numpy_compat`` (numba-cuda registers ``np.row_stack``, which
+numpy 2.5 removed, at its first compile). Launch cost: ``glu_launch``.
 
 Launching (argument packing, caches, the simulator) is ``glu_launch``; the public functions ``moe_raw.activations``.
 """
@@ -518,23 +508,41 @@ def _pyfunc(spec):
     oenc = d["codecs"][oc][1]
     block = _SIM_BLOCK if d["sim"] else _BLOCK
     if kind == "fwd":
-        # One unit of a row: a 16-byte vector of outputs from the gate's and up's vectors, or one element.
+        # One lane's units of a row segment: c, c + 32, ... < end (a 16-byte vector, or one element).
         if vec:
 
             @d["dev"]
-            def fwd_unit(y, out, yg, yu, ob, c, scale):
-                g0, g1, g2, g3 = ld4(y, yg + 4 * c)
-                u0, u1, u2, u3 = ld4(y, yu + 4 * c)
+            def fwd_load(y, yg, yu, c):
+                return ld4(y, yg + 4 * c), ld4(y, yu + 4 * c)
+
+            @d["dev"]
+            def fwd_store(out, ob, c, words, scale):
+                (g0, g1, g2, g3), (u0, u1, u2, u3) = words
                 st4(
                     out, ob + 4 * c,
                     fwd_word(g0, u0, scale), fwd_word(g1, u1, scale), fwd_word(g2, u2, scale), fwd_word(g3, u3, scale),
                 )  # fmt: skip
 
+            @d["dev"]
+            def fwd_lane(y, out, yg, yu, ob, c, end, scale):
+                # Two units a step, both loaded before either is stored: the compiler cannot move a load above a
+                # store to `out` (it may alias y), so this is what puts 4 loads, not 2, in flight per lane.
+                while c + 32 < end:
+                    near = fwd_load(y, yg, yu, c)
+                    far = fwd_load(y, yg, yu, c + 32)
+                    fwd_store(out, ob, c, near, scale)
+                    fwd_store(out, ob, c + 32, far, scale)
+                    c += 64
+                if c < end:  # a last single unit
+                    fwd_store(out, ob, c, fwd_load(y, yg, yu, c), scale)
+
         else:
 
             @d["dev"]
-            def fwd_unit(y, out, yg, yu, ob, c, scale):
-                out[ob + c] = oenc(gate(ydec(y[yg + c])) * linear(ydec(y[yu + c])) * scale)
+            def fwd_lane(y, out, yg, yu, ob, c, end, scale):
+                while c < end:
+                    out[ob + c] = oenc(gate(ydec(y[yg + c])) * linear(ydec(y[yu + c])) * scale)
+                    c += 32
 
         seg = _FWD_SEGMENT_UNITS
 
@@ -550,11 +558,7 @@ def _pyfunc(spec):
             scale = wdec(w[row * w_stride]) if weighted else float32(1.0)
             yg = row * y_stride
             ob = row * out_stride
-            c = c0 + int64(tid & 31)
-            end = min(n_cols, c0 + seg)
-            while c < end:
-                fwd_unit(y, out, yg, yg + half, ob, c, scale)
-                c += 32
+            fwd_lane(y, out, yg, yg + half, ob, c0 + int64(tid & 31), min(n_cols, c0 + seg), scale)
 
         return swiglu_fwd
 
@@ -575,15 +579,17 @@ def _pyfunc(spec):
         if lane == 0 and row < n_rows:
             dw[row] = wenc(part[tid])
 
-    # One unit of a row (c: a 16-byte vector of the gate and up halves, or one element): writes dy's units, returns
-    # the unit's share of the weight gradient's dot product.
+    # One lane's units of a row: c, c + 32, ... < n_cols. Writes dy's units and returns the lane's share of the
+    # weight gradient's dot product, summed in column order.
     if vec:
 
         @d["dev"]
-        def bwd_unit(g, y, dy, gb, yg, yu, dg, du, c, scale):
-            q0, q1, q2, q3 = ld4(g, gb + 4 * c)
-            a0, a1, a2, a3 = ld4(y, yg + 4 * c)
-            b0, b1, b2, b3 = ld4(y, yu + 4 * c)
+        def bwd_load(g, y, gb, yg, yu, c):
+            return ld4(g, gb + 4 * c), ld4(y, yg + 4 * c), ld4(y, yu + 4 * c)
+
+        @d["dev"]
+        def bwd_store(dy, dg, du, c, words, scale):
+            (q0, q1, q2, q3), (a0, a1, a2, a3), (b0, b1, b2, b3) = words
             dg0, du0, p0 = bwd_word(q0, a0, b0, scale)
             dg1, du1, p1 = bwd_word(q1, a1, b1, scale)
             dg2, du2, p2 = bwd_word(q2, a2, b2, scale)
@@ -592,15 +598,34 @@ def _pyfunc(spec):
             st4(dy, du + 4 * c, du0, du1, du2, du3)
             return (p0 + p1) + (p2 + p3)
 
+        @d["dev"]
+        def bwd_lane(g, y, dy, gb, yg, yu, dg, du, c, n_cols, scale):
+            # Two units a step, both loaded before either is stored: the compiler cannot move a load above a store
+            # to dy (it may alias g or y). The sum keeps the one-unit loop's order (the same dweights bit for bit).
+            acc = float32(0.0)
+            while c + 32 < n_cols:
+                near = bwd_load(g, y, gb, yg, yu, c)
+                far = bwd_load(g, y, gb, yg, yu, c + 32)
+                acc += bwd_store(dy, dg, du, c, near, scale)
+                acc += bwd_store(dy, dg, du, c + 32, far, scale)
+                c += 64
+            if c < n_cols:  # a last single unit
+                acc += bwd_store(dy, dg, du, c, bwd_load(g, y, gb, yg, yu, c), scale)
+            return acc
+
     else:
         gdec = d["codecs"][gc][0]
 
         @d["dev"]
-        def bwd_unit(g, y, dy, gb, yg, yu, dg, du, c, scale):
-            dgate, dup, p = bwd(gdec(g[gb + c]), ydec(y[yg + c]), ydec(y[yu + c]), scale)
-            dy[dg + c] = oenc(dgate)
-            dy[du + c] = oenc(dup)
-            return p
+        def bwd_lane(g, y, dy, gb, yg, yu, dg, du, c, n_cols, scale):
+            acc = float32(0.0)
+            while c < n_cols:
+                dgate, dup, p = bwd(gdec(g[gb + c]), ydec(y[yg + c]), ydec(y[yu + c]), scale)
+                dy[dg + c] = oenc(dgate)
+                dy[du + c] = oenc(dup)
+                acc += p
+                c += 32
+            return acc
 
     def swiglu_bwd(g, y, w, dy, dw, n_rows, n_cols, g_stride, y_stride, half, dy_stride, w_stride):
         tid = cuda.threadIdx.x
@@ -612,10 +637,7 @@ def _pyfunc(spec):
             gb = row * g_stride
             yg = row * y_stride
             dg = row * dy_stride
-            c = int64(lane)
-            while c < n_cols:
-                acc += bwd_unit(g, y, dy, gb, yg, yg + half, dg, dg + half, c, scale)
-                c += 32
+            acc = bwd_lane(g, y, dy, gb, yg, yg + half, dg, dg + half, int64(lane), n_cols, scale)
         if weighted:
             store_row_sum(dw, acc, tid, lane, row, n_rows)
 

@@ -89,6 +89,8 @@ struct Fiber {
     bool committed;
   };
   std::vector<Bulk> bulk;
+  // Stage fills (cp.async) this thread started and has not waited for: destination, the source's 16 bytes.
+  std::vector<std::pair<unsigned char*, std::vector<unsigned char>>> fills;
 };
 
 struct Launch {
@@ -171,6 +173,10 @@ inline void fiber_main() {
   if (!l->cur->bulk.empty()) {
     const unsigned t = static_cast<unsigned>(l->cur - l->fibers.data());
     fail(lane_name(*l, t) + ": exited with a bulk copy it did not wait for (bulk_commit + bulk_wait_read)");
+  }
+  if (!l->cur->fills.empty()) {
+    const unsigned t = static_cast<unsigned>(l->cur - l->fibers.data());
+    fail(lane_name(*l, t) + ": exited with a stage fill it did not wait for (stage_fill_wait)");
   }
   l->cur->state = kDone;
   _longjmp(l->scheduler, 1);  // never resumed
@@ -263,6 +269,7 @@ inline void run_block(Launch& l) {
     f.state = kRunnable;
     f.started = false;
     f.bulk.clear();
+    f.fills.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = stacks() + static_cast<size_t>(t) * kStack;
     f.ctx.uc_stack.ss_size = kStack;
@@ -540,6 +547,25 @@ inline void bulk_wait_read() {
     }
   }
   pending = std::move(open);
+}
+// cp.async's 16-byte fills of shared memory (kernels/common.cuh): a fill lands only at its thread's
+// stage_fill_wait, so the stage holds its 0xA5 garbage (or older bytes) until then and a read of it before the wait,
+// by any thread, sees them. A thread that exits with fills it did not wait for fails the launch.
+inline void stage_fill16(void* dst, const void* src) {
+  emu::Launch* l = emu::current();
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  const unsigned t = static_cast<unsigned>(l->cur - l->fibers.data());
+  if (d < l->dyn.data() || d + 16 > l->dyn.data() + l->dyn_bytes)
+    return emu::fail(emu::lane_name(*l, t) + ": stage_fill16's destination is not in the dynamic shared memory");
+  if (reinterpret_cast<uintptr_t>(d) % 16 || reinterpret_cast<uintptr_t>(s) % 16)
+    return emu::fail(emu::lane_name(*l, t) + ": stage_fill16's addresses must be multiples of 16");
+  l->cur->fills.emplace_back(d, std::vector<unsigned char>(s, s + 16));
+}
+inline void stage_fill_wait() {
+  auto& fills = emu::current()->cur->fills;
+  for (auto& f : fills) std::memcpy(f.first, f.second.data(), 16);
+  fills.clear();
 }
 // CUDA's min / max overloads: both arguments converted to their common type (int and int64_t -> int64_t).
 template <typename A, typename B> inline std::common_type_t<A, B> min(A a, B b) {
