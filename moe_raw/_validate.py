@@ -217,6 +217,111 @@ def permute_inputs(op: str, tokens, routing_map, router_probs) -> tuple[int, int
     return num_tokens, num_experts
 
 
+def permute_args(op: str, tokens, routing_map, router_probs, num_out_tokens, fused, drop_and_pad):
+    """Every metadata check of ``moe_raw.permute``; returns (T, E, num_out_tokens as int or None, fused,
+    drop_and_pad as bools). A call whose signature passed them before returns at once (``_signature``)."""
+    sig = None
+    if (
+        fused.__class__ is bool
+        and drop_and_pad.__class__ is bool
+        and (num_out_tokens is None or num_out_tokens.__class__ is int)  # a bool would share 1's signature
+    ):
+        sig = _signature(op, (num_out_tokens, fused, drop_and_pad), tokens, routing_map, router_probs)
+        hit = _checked.get(sig)
+        if hit is not None:
+            return hit
+    num_tokens, num_experts = permute_inputs(op, tokens, routing_map, router_probs)
+    n_out = size_arg(num_out_tokens, "num_out_tokens", op)
+    fused, drop_and_pad = flag(fused, "fused", op), flag(drop_and_pad, "drop_and_pad", op)
+    if drop_and_pad and n_out is None:
+        raise ValueError(f"{op}: drop_and_pad=True needs num_out_tokens (the capacity is num_out_tokens // E)")
+    same_device(op, tokens=tokens, routing_map=routing_map, probs=router_probs)
+    result = (num_tokens, num_experts, n_out, fused, drop_and_pad)
+    if sig is not None and tokens.dtype not in BYTE_DTYPES:  # 1-byte tokens: the gradient check reads grad mode
+        _remember(sig, result)
+    return result
+
+
+def unpermute_args(op: str, permuted_tokens, sorted_indices, shape, router_probs, routing_map, fused, drop_and_pad):
+    """Every metadata check of ``moe_raw.unpermute`` (``shape``: its restore_shape); returns (T, N, fused,
+    drop_and_pad as bools). A call whose signature passed them before returns at once (``_signature``)."""
+    sig = None
+    if (
+        fused.__class__ is bool
+        and drop_and_pad.__class__ is bool
+        and shape.__class__ in (tuple, torch.Size)
+        and len(shape) == 2
+        and shape[0].__class__ is int
+        and shape[1].__class__ is int
+    ):
+        sig = _signature(op, (shape, fused, drop_and_pad), permuted_tokens, sorted_indices, router_probs,
+                         routing_map)  # fmt: skip
+        hit = _checked.get(sig)
+        if hit is not None:
+            return hit
+    tensor(permuted_tokens, "permuted_tokens", op, 2, FLOAT_DTYPES)
+    n_rows, hidden = permuted_tokens.shape
+    num_tokens, _ = restore_shape(op, shape, hidden)
+    fused, drop_and_pad = flag(fused, "fused", op), flag(drop_and_pad, "drop_and_pad", op)
+    if fused:
+        num_experts = fused_row_map(
+            op, sorted_indices, num_tokens, "sorted_indices", "restore_shape[0]", "with fused=True "
+        )
+    else:
+        tensor(sorted_indices, "sorted_indices", op, 1, (torch.int64, torch.int32))
+        if sorted_indices.shape[0] != n_rows:
+            raise ValueError(
+                f"{op}: sorted_indices has {sorted_indices.shape[0]} entries but permuted_tokens has {n_rows} rows"
+            )
+        num_experts = routing_map.shape[1] if isinstance(routing_map, torch.Tensor) and routing_map.dim() == 2 else None
+    if routing_map is not None:
+        routing(op, routing_map, num_tokens, num_experts)
+        num_experts = routing_map.shape[1]
+    if router_probs is not None:
+        if num_experts is None:
+            raise ValueError(f"{op}: routing_map is required when probs is given with fused=False (as in the seed)")
+        probs(op, router_probs, num_tokens, num_experts)
+    same_device(
+        op, permuted_tokens=permuted_tokens, sorted_indices=sorted_indices, probs=router_probs, routing_map=routing_map
+    )
+    result = (num_tokens, n_rows, fused, drop_and_pad)
+    if sig is not None:
+        _remember(sig, result)
+    return result
+
+
+# Signatures of permute / unpermute calls whose metadata checks passed, and what the checks returned. Those checks
+# read each tensor's class, shape, dtype, layout and device and the scalar arguments' values, all of which the
+# signature holds, so a signature seen before cannot fail them: the call skips them (about 2 us of a small call's
+# host time each, issue 16). Value checks (MOE_RAW_DEBUG=1) still run on every call.
+_checked: dict = {}
+_CHECKED_MAX = 1024  # a training run sees a few signatures; T changes every step after an expert-parallel all-to-all
+
+
+def _signature(op: str, scalars: tuple, *tensors):
+    """A hashable signature of a call (its scalar arguments, each tensor's metadata), or None where one could hide a
+    failing check: a tensor subclass (torch.compile's fake tensors, a user's wrapper), a non-tensor where a tensor
+    goes, or a call being traced by torch.compile. The callers admit scalars only of exact classes (a flag exactly
+    a bool, a size exactly an int), as True == 1 would otherwise give a bad call a good call's signature."""
+    if torch.compiler.is_compiling():
+        return None
+    parts = [op, scalars]
+    for t in tensors:
+        if t is None:
+            parts.append(None)
+        elif t.__class__ is torch.Tensor:
+            parts.append((t.shape, t.dtype, t.layout, t.device))
+        else:
+            return None
+    return tuple(parts)
+
+
+def _remember(sig: tuple, result: tuple) -> None:
+    if len(_checked) >= _CHECKED_MAX:
+        _checked.clear()
+    _checked[sig] = result
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Gated activations (moe_raw.activations): y [..., 2F] = [gate | up], weights [N, 1], g [..., F]
 

@@ -145,12 +145,9 @@ def permute(
     MOE_RAW_DEBUG=1 at import (each check is a device-to-host read).
     """
     op = "moe_raw.permute"
-    num_tokens, num_experts = V.permute_inputs(op, tokens, routing_map, probs)
-    n_out = V.size_arg(num_out_tokens, "num_out_tokens", op)
-    fused, drop_and_pad = V.flag(fused, "fused", op), V.flag(drop_and_pad, "drop_and_pad", op)
-    if drop_and_pad and n_out is None:
-        raise ValueError(f"{op}: drop_and_pad=True needs num_out_tokens (the capacity is num_out_tokens // E)")
-    V.same_device(op, tokens=tokens, routing_map=routing_map, probs=probs)
+    num_tokens, num_experts, n_out, fused, drop_and_pad = V.permute_args(
+        op, tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad
+    )
     if V.DEBUG:
         V.routing_values(op, routing_map)
     if torch.compiler.is_compiling():  # traced by torch.compile: the custom op (moe_raw/_ops.py)
@@ -203,30 +200,8 @@ def unpermute(
     the flag, out-of-range indices are skipped on every device (CPU and CUDA alike).
     """
     op = "moe_raw.unpermute"
-    V.tensor(permuted_tokens, "permuted_tokens", op, 2, V.FLOAT_DTYPES)
-    n_rows, hidden = permuted_tokens.shape
-    num_tokens, _ = V.restore_shape(op, restore_shape, hidden)
-    fused, drop_and_pad = V.flag(fused, "fused", op), V.flag(drop_and_pad, "drop_and_pad", op)
-    if fused:
-        num_experts = V.fused_row_map(
-            op, sorted_indices, num_tokens, "sorted_indices", "restore_shape[0]", "with fused=True "
-        )
-    else:
-        V.tensor(sorted_indices, "sorted_indices", op, 1, (torch.int64, torch.int32))
-        if sorted_indices.shape[0] != n_rows:
-            raise ValueError(
-                f"{op}: sorted_indices has {sorted_indices.shape[0]} entries but permuted_tokens has {n_rows} rows"
-            )
-        num_experts = routing_map.shape[1] if isinstance(routing_map, torch.Tensor) and routing_map.dim() == 2 else None
-    if routing_map is not None:
-        V.routing(op, routing_map, num_tokens, num_experts)
-        num_experts = routing_map.shape[1]
-    if probs is not None:
-        if num_experts is None:
-            raise ValueError(f"{op}: routing_map is required when probs is given with fused=False (as in the seed)")
-        V.probs(op, probs, num_tokens, num_experts)
-    V.same_device(
-        op, permuted_tokens=permuted_tokens, sorted_indices=sorted_indices, probs=probs, routing_map=routing_map
+    num_tokens, n_rows, fused, drop_and_pad = V.unpermute_args(
+        op, permuted_tokens, sorted_indices, restore_shape, probs, routing_map, fused, drop_and_pad
     )
     if V.DEBUG:
         if fused:

@@ -294,6 +294,141 @@ def test_bad_input_cpu(case):
         fn(*args, **kwargs)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Signatures seen before (moe_raw._validate.permute_args / unpermute_args skip the checks of a call whose signature
+# passed them): a call that differs from a good one in any one thing the checks read still fails, on every device.
+
+
+def _seen_cases(d, other):
+    """(id, good call, bad call differing from it in one thing the checks read). ``other``: another device."""
+    p_good = c(P, d.x, d.rm, d.probs, num_out_tokens=1, fused=True)
+    u_good = c(U, d.fused_out, d.row_map, (T, H), d.probs, fused=True)
+    u_unfused = c(U, d.out, d.idx, (T, H), d.probs, d.rm)
+    fp8 = d.x.to(F8)
+    out1, _, map1 = moe_raw.permute(d.x[:1], d.rm[:1], d.probs[:1], num_out_tokens=K, fused=True)
+    one = (out1, map1)  # one token: restore_shape (1, H)
+    narrow = d.fused_out[:, :1]  # hidden 1: restore_shape (T, 1)
+    return [
+        ("permute-tokens-layout", p_good, c(P, d.x.to_sparse(), d.rm, d.probs, num_out_tokens=1, fused=True)),
+        ("permute-tokens-dtype", p_good, c(P, d.x.to(torch.complex64), d.rm, d.probs, num_out_tokens=1, fused=True)),
+        ("permute-tokens-rank", p_good, c(P, d.x[None], d.rm, d.probs, num_out_tokens=1, fused=True)),
+        ("permute-tokens-device", p_good, c(P, d.x.to(other), d.rm, d.probs, num_out_tokens=1, fused=True)),
+        ("permute-map-dtype", p_good, c(P, d.x, d.rm.half(), d.probs, num_out_tokens=1, fused=True)),
+        ("permute-map-rows", p_good, c(P, d.x[:-1], d.rm, d.probs[:-1], num_out_tokens=1, fused=True)),
+        ("permute-map-layout", p_good, c(P, d.x, d.rm.to_sparse(), d.probs, num_out_tokens=1, fused=True)),
+        ("permute-probs-shape", p_good, c(P, d.x, d.rm, d.probs[:, :-1], num_out_tokens=1, fused=True)),
+        ("permute-probs-dtype", p_good, c(P, d.x, d.rm, d.probs.to(torch.int32), num_out_tokens=1, fused=True)),
+        ("permute-probs-device", p_good, c(P, d.x, d.rm, d.probs.to(other), num_out_tokens=1, fused=True)),
+        ("permute-size-bool", p_good, c(P, d.x, d.rm, d.probs, num_out_tokens=True, fused=True)),
+        ("permute-flag-str", p_good, c(P, d.x, d.rm, d.probs, num_out_tokens=1, fused="yes")),
+        ("permute-flag-float", p_good, c(P, d.x, d.rm, d.probs, num_out_tokens=1, fused=1.0)),  # 1.0 == True
+        (
+            "permute-drop-float",
+            c(P, d.x, d.rm, d.probs, num_out_tokens=E, drop_and_pad=True),
+            c(P, d.x, d.rm, d.probs, num_out_tokens=E, drop_and_pad=1.0),
+        ),
+        (
+            "permute-drop-no-size",
+            c(P, d.x, d.rm, d.probs, fused=True),
+            c(P, d.x, d.rm, d.probs, fused=True, drop_and_pad=True),
+        ),
+        # 1-byte tokens leave no signature (their gradient check reads grad mode): checked on every call
+        (
+            "permute-byte-grad",
+            c(P, fp8, d.rm, d.probs, num_out_tokens=1),
+            c(P, fp8.clone().requires_grad_(), d.rm, d.probs, num_out_tokens=1),
+        ),
+        ("unpermute-rows-rank", u_good, c(U, d.fused_out[None], d.row_map, (T, H), d.probs, fused=True)),
+        ("unpermute-rows-dtype", u_good, c(U, d.fused_out.to(torch.int32), d.row_map, (T, H), d.probs, fused=True)),
+        ("unpermute-rows-layout", u_good, c(U, d.fused_out.to_sparse(), d.row_map, (T, H), d.probs, fused=True)),
+        ("unpermute-map-dtype", u_good, c(U, d.fused_out, d.row_map.long(), (T, H), d.probs, fused=True)),
+        ("unpermute-map-rows", u_good, c(U, d.fused_out, d.row_map[:-1], (T, H), d.probs, fused=True)),
+        ("unpermute-map-device", u_good, c(U, d.fused_out, d.row_map.to(other), (T, H), d.probs, fused=True)),
+        ("unpermute-shape-hidden", u_good, c(U, d.fused_out, d.row_map, (T, H + 1), d.probs, fused=True)),
+        ("unpermute-shape-tokens", u_good, c(U, d.fused_out, d.row_map, (T + 1, H), d.probs, fused=True)),
+        ("unpermute-shape-bool", u_good, c(U, d.fused_out, d.row_map, (T, True), d.probs, fused=True)),
+        (
+            "unpermute-one-token-bool",
+            c(U, *one, (1, H), d.probs[:1], fused=True),  # True == 1
+            c(U, *one, (True, H), d.probs[:1], fused=True),
+        ),
+        (
+            "unpermute-hidden-one-bool",
+            c(U, narrow, d.row_map, (T, 1), d.probs, fused=True),
+            c(U, narrow, d.row_map, (T, True), d.probs, fused=True),
+        ),
+        ("unpermute-shape-float", u_good, c(U, d.fused_out, d.row_map, (float(T), H), d.probs, fused=True)),
+        ("unpermute-probs-shape", u_good, c(U, d.fused_out, d.row_map, (T, H), d.probs[:-1], fused=True)),
+        ("unpermute-probs-device", u_good, c(U, d.fused_out, d.row_map, (T, H), d.probs.to(other), fused=True)),
+        ("unpermute-flag-none", u_good, c(U, d.fused_out, d.row_map, (T, H), d.probs, fused=None)),
+        ("unpermute-flag-float", u_good, c(U, d.fused_out, d.row_map, (T, H), d.probs, fused=1.0)),
+        ("unpermute-indices-count", u_unfused, c(U, d.out, d.idx[:-1], (T, H), d.probs, d.rm)),
+        ("unpermute-indices-dtype", u_unfused, c(U, d.out, d.idx.to(torch.int16), (T, H), d.probs, d.rm)),
+        ("unpermute-no-map", u_unfused, c(U, d.out, d.idx, (T, H), d.probs)),
+        ("unpermute-map-experts", u_unfused, c(U, d.out, d.idx, (T, H), d.probs, d.rm[:, :-1])),
+    ]
+
+
+def _seen_inputs(dev):
+    d = _inputs(dev)
+    d.fused_out = moe_raw.permute(d.x, d.rm, d.probs, num_out_tokens=T * K, fused=True)[0]
+    return d, ("meta" if dev == "cpu" else "cpu")
+
+
+_SEEN_IDS = [case[0] for case in _seen_cases(*_seen_inputs("cpu"))]
+
+
+def _raised(call) -> BaseException:
+    fn, args, kwargs = call
+    with pytest.raises((TypeError, ValueError)) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("i", range(len(_SEEN_IDS)), ids=_SEEN_IDS)
+def test_seen_signature_still_checks_every_argument(dev, i, monkeypatch):
+    """Cold (no signature seen) and right after the good call (its signature seen): the same error."""
+    d, other = _seen_inputs(dev)
+    name, good, bad = _seen_cases(d, other)[i]
+    monkeypatch.setattr(V, "_checked", {})
+    cold = _raised(bad)
+    fn, args, kwargs = good
+    fn(*args, **kwargs)
+    assert bool(V._checked) != (name == "permute-byte-grad"), "the good call should have left its signature"
+    warm = _raised(bad)
+    assert (type(warm), str(warm)) == (type(cold), str(cold))
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_seen_signature_skips_the_checks(dev, monkeypatch):
+    """A second call with new tensors of the same metadata runs none of the checks and gives the same results; a
+    call that changes one thing runs them again. The signatures kept stay bounded."""
+    d, _ = _seen_inputs(dev)
+    monkeypatch.setattr(V, "_checked", {})
+    first = moe_raw.permute(d.x, d.rm, d.probs, num_out_tokens=T * K, fused=True)
+    y1 = moe_raw.unpermute(first[0], first[2], (T, H), d.probs, fused=True)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a seen signature ran the checks")
+
+    for name in ("permute_inputs", "tensor", "fused_row_map", "restore_shape", "same_device"):
+        monkeypatch.setattr(V, name, fail)
+    x2, p2 = d.x.clone() * 2, d.probs.clone()
+    second = moe_raw.permute(x2, d.rm, p2, num_out_tokens=T * K, fused=True)
+    y2 = moe_raw.unpermute(second[0], second[2], torch.Size((T, H)), p2, fused=True)  # a Size is the same shape
+    assert torch.equal(second[0], first[0] * 2) and torch.equal(second[2], first[2])
+    torch.testing.assert_close(y2, y1 * 2)
+    with pytest.raises(AssertionError, match="ran the checks"):
+        moe_raw.permute(d.x, d.rm, d.probs, num_out_tokens=T * K - 1, fused=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(V, "_CHECKED_MAX", 4)
+    monkeypatch.setattr(V, "_checked", {})
+    for n in range(10):
+        moe_raw.permute(d.x, d.rm, d.probs, num_out_tokens=n, fused=True)
+        assert 1 <= len(V._checked) <= 4
+
+
 def test_weighted_bias_swiglu_impl_zero_width():
     """F = 0 is valid (swiglu accepts it): [N, 0] and [S, B, 0] inputs give [N, 0] / [S, B, 0], no reshape error."""
     w = torch.rand(6, 1)
