@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the device, after bench/pending/trees.sh: each pending tree's benchmark beside the checkout's (one process each,
 # checkout first, then the tree, then the checkout again: the order effect shows), then the GPU tests of the files
-# the patch touches, in that tree. Logs: $OUT/ab.log, $OUT/tests-<name>.log. About 2 minutes a patch.
+# the patch touches, in that tree. Logs: $OUT/probe.log, $OUT/ab.log, $OUT/tests-<name>.log. About 2 minutes a
+# patch.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 R=$PWD
@@ -16,6 +17,10 @@ declare -A TESTS=(
   [glu-fwd-regs]="tests/test_glu_kernels.py tests/test_activations.py tests/test_activations_api.py"
 )
 run() { echo "=== [$1] $2"; (cd "$3" && PYTHONPATH=$3 timeout 150 bash -c "$2") 2>&1; }
+# First, on the checkout: permute beside its ceilings at every bench shape. Its "copy only" column (rows moved from a
+# finished row map, no lookups) says whether permute's forward on this card is held by the routing lookups (copy only
+# well above permute) or by the scattered writes themselves (the two level): measured so far on the H100 only.
+run checkout "python3 -m bench.probe_permute" "$R" > "$OUT/probe.log"
 for dir in "$R"/.trees/*/; do
   name=$(basename "$dir")
   [ -n "${BENCH[$name]:-}" ] || continue
