@@ -227,7 +227,7 @@ def permute_args(op: str, tokens, routing_map, router_probs, num_out_tokens, fus
         and (num_out_tokens is None or num_out_tokens.__class__ is int)  # a bool would share 1's signature
     ):
         sig = _signature(op, (num_out_tokens, fused, drop_and_pad), tokens, routing_map, router_probs)
-        hit = _checked.get(sig)
+        hit = _checked.get(sig) if sig is not None else None  # traced (sig None): no read a guard could watch
         if hit is not None:
             return hit
     num_tokens, num_experts = permute_inputs(op, tokens, routing_map, router_probs)
@@ -256,7 +256,7 @@ def unpermute_args(op: str, permuted_tokens, sorted_indices, shape, router_probs
     ):
         sig = _signature(op, (shape, fused, drop_and_pad), permuted_tokens, sorted_indices, router_probs,
                          routing_map)  # fmt: skip
-        hit = _checked.get(sig)
+        hit = _checked.get(sig) if sig is not None else None
         if hit is not None:
             return hit
     tensor(permuted_tokens, "permuted_tokens", op, 2, FLOAT_DTYPES)

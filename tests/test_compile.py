@@ -91,6 +91,28 @@ def test_round_trip_csr(device):
     _assert_compiled_matches(_csr_round_trip, [torch.randn(T, H, device=device)], routing_map)
 
 
+def _fused_pair(tokens, routing_map, probs):
+    out, pprobs, row_map = moe_raw.permute(tokens, routing_map, probs, num_out_tokens=T * K, fused=True)
+    return moe_raw.unpermute(out, row_map, tokens.shape, probs, fused=True), pprobs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_signatures_do_not_recompile(device, monkeypatch):
+    """Eager calls leave signatures in moe_raw._validate's cache; a compiled graph never reads it (no guard on it),
+    so new eager signatures between two compiled calls do not recompile it, and its results stay the eager ones."""
+    routing_map, probs = _routing(device)
+    tokens = torch.randn(T, H, device=device)
+    compiled = torch.compile(_fused_pair, fullgraph=True, dynamic=False, backend="eager")
+    first = compiled(tokens, routing_map, probs)
+    for n in range(1, 4):  # new signatures: the cache changes
+        moe_raw.permute(tokens, routing_map, probs, num_out_tokens=n, fused=True)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    again = compiled(tokens, routing_map, probs)
+    eager = _fused_pair(tokens, routing_map, probs)
+    for a, b, c in zip(first, again, eager, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
 def _routed_count(tokens, routing_map):
     out, _, index = moe_raw.permute(tokens, routing_map, fused=True)  # N = the routed count, data-dependent
     return moe_raw.unpermute(out, index, tokens.shape, fused=True)
