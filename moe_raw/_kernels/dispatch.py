@@ -174,9 +174,10 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     """(permuted [N, H] | None, permuted_probs [N] | None, row_map [T+1, E] int32, sorted_indices [N] | None)."""
     num_tokens, hidden = tokens.shape
     num_experts = routing_map.shape[1]
-    dev = tokens.device
+    # outputs by new_empty: dtype and device come from the tensor, not parsed from keywords (0.3 us an allocation,
+    # which a small call pays four times a permute + unpermute pair)
     if num_out_tokens is not None and num_tokens * num_experts <= _SMALL_MAP:  # permute_small: no tables
-        row_map, ws = torch.empty((num_tokens + 1, num_experts), dtype=torch.int32, device=dev), 0
+        row_map, ws = routing_map.new_empty((num_tokens + 1, num_experts), dtype=torch.int32), 0
     else:
         row_map, ws, buf = _map_and_workspace(routing_map)
         _tables(routing_map, ws)
@@ -191,9 +192,9 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
         capacity = min(n_rows // num_experts, num_tokens)  # the seed slices argsort(...)[:, :capacity]
         n_rows = num_experts * capacity
     tail_blocks = cdiv(n_rows, _TAIL_ROWS) if (num_out_tokens is not None and not drop_and_pad) else 0
-    out = torch.empty((n_rows, hidden), dtype=tokens.dtype, device=dev) if want_rows else None
-    indices = torch.empty(n_rows, dtype=torch.int64, device=dev) if want_indices else None
-    pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
+    out = tokens.new_empty((n_rows, hidden)) if want_rows else None
+    indices = routing_map.new_empty(n_rows, dtype=torch.int64) if want_indices else None
+    pprobs = probs.new_empty(n_rows) if probs is not None else None
     src = tokens if want_rows else None
     _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, tail_blocks, n_rows,
              capacity if drop_and_pad else None, None)  # fmt: skip
@@ -245,7 +246,7 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
             raise TypeError(f"moe_raw: summing rows needs a float dtype ({', '.join(map(str, CTYPES))}), got {dtype}")
         n_rows, hidden = rows.shape
         esize = rows.element_size()
-        out = torch.empty((num_tokens, hidden), dtype=dtype, device=dev)
+        out = rows.new_empty((num_tokens, hidden))
         rows_stride = rows.stride()[0]
         vb = _vec_bytes(esize, hidden * esize, rows_stride * esize, rows.data_ptr(), out.data_ptr())
     # the row list and weights (gather_warp: one of each a warp, row lists first)
