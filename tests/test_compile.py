@@ -97,7 +97,7 @@ def _fused_pair(tokens, routing_map, probs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eager_signatures_do_not_recompile(device, monkeypatch):
+def test_eager_signatures_do_not_recompile(device):
     """Eager calls leave signatures in moe_raw._validate's cache; a compiled graph never reads it (no guard on it),
     so new eager signatures between two compiled calls do not recompile it, and its results stay the eager ones."""
     routing_map, probs = _routing(device)
@@ -106,8 +106,8 @@ def test_eager_signatures_do_not_recompile(device, monkeypatch):
     first = compiled(tokens, routing_map, probs)
     for n in range(1, 4):  # new signatures: the cache changes
         moe_raw.permute(tokens, routing_map, probs, num_out_tokens=n, fused=True)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    again = compiled(tokens, routing_map, probs)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # (pytest's monkeypatch would delete the option)
+        again = compiled(tokens, routing_map, probs)
     eager = _fused_pair(tokens, routing_map, probs)
     for a, b, c in zip(first, again, eager, strict=True):
         assert torch.equal(a, b) and torch.equal(b, c)
