@@ -8,6 +8,8 @@ export PYTHONUNBUFFERED=1
 R=$PWD
 OUT=${OUT:-$R/bench/results/latest}
 mkdir -p "$OUT"
+# a fresh device has the checkout but not its install (entry points, metadata): the benchmarks import it from $R
+timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /dev/null 2>&1 || echo "install failed" >> "$OUT/ab.log"
 declare -A BENCH=(
   [chunks-resident]="python3 -m bench.bench_dispatch"
   [glu-fwd-regs]="python3 -m bench.bench_swiglu --activations swiglu"

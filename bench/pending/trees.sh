@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=($(basename -s .patch bench/pending/*.patch))
+rm -rf .trees  # only the trees named here: ab.sh A/Bs every tree it finds
 for name in "${names[@]}"; do
   dir=.trees/$name
   rm -rf "$dir" && mkdir -p "$dir"
