@@ -61,6 +61,21 @@ def _assert_close(out, ref64, torch_same, dtype, what=""):
 # Kernels under the simulator vs the fp64 reference
 
 
+def _check_swiglu_ops(y, g, w, dtype):
+    """swiglu, weighted_swiglu, swiglu_back and weighted_swiglu_back's dy against the fp64 reference (assert_close_2x);
+    returns weighted_swiglu_back's dweights, its fp64 and same-dtype references and the fp64 terms it sums, for the
+    caller's dweights check."""
+    y64, g64, w64 = y.double(), g.double(), w.double()
+    _assert_close(S.swiglu(y), R.swiglu(y64), R.swiglu(y), dtype, "swiglu")
+    _assert_close(S.weighted_swiglu(y, w), R.weighted_swiglu(y64, w64), R.weighted_swiglu(y, w), dtype, "weighted")
+    _assert_close(S.swiglu_back(g, y), R.swiglu_back(g64, y64), R.swiglu_back(g, y), dtype, "swiglu_back")
+    dy, dw = S.weighted_swiglu_back(g, y, w)
+    dy_t, dw_t = R.weighted_swiglu_back(g, y, w)
+    dy_r, dw_r = R.weighted_swiglu_back(g64, y64, w64)
+    _assert_close(dy, dy_r, dy_t, dtype, "weighted_swiglu_back dy")
+    return dw, dw_r, dw_t, R.swiglu(y64) * g64
+
+
 # N = 33 spans 17 simulated blocks, the costly case: with F = 8 (16-byte kernels) and 13 (element kernels) only.
 NF = [(1, 1), (1, 8), (1, 13), (7, 1), (7, 8), (7, 13), (33, 8), (33, 13)]
 
@@ -70,14 +85,7 @@ NF = [(1, 1), (1, 8), (1, 13), (7, 1), (7, 8), (7, 13), (33, 8), (33, 13)]
 def test_kernels_match_reference(kernels, dtype, n, f):
     wdtype = torch.float32 if n != 7 else dtype  # weights in fp32 or in y.dtype
     y, g, w = _inputs(n, f, dtype, wdtype)
-    y64, g64, w64 = y.double(), g.double(), w.double()
-    _assert_close(S.swiglu(y), R.swiglu(y64), R.swiglu(y), dtype, "swiglu")
-    _assert_close(S.weighted_swiglu(y, w), R.weighted_swiglu(y64, w64), R.weighted_swiglu(y, w), dtype, "weighted")
-    _assert_close(S.swiglu_back(g, y), R.swiglu_back(g64, y64), R.swiglu_back(g, y), dtype, "swiglu_back")
-    dy, dw = S.weighted_swiglu_back(g, y, w)
-    dy_t, dw_t = R.weighted_swiglu_back(g, y, w)
-    dy_r, dw_r = R.weighted_swiglu_back(g64, y64, w64)
-    _assert_close(dy, dy_r, dy_t, dtype, "weighted_swiglu_back dy")
+    dw, dw_r, dw_t, _ = _check_swiglu_ops(y, g, w, dtype)
     _assert_close(dw, dw_r, dw_t, wdtype, "weighted_swiglu_back dweights")
     assert len(kernels) == 4
     # 16-byte units exactly when a half row is a multiple of 16 bytes (F = 8 here, every dtype)
@@ -106,15 +114,8 @@ def test_vector_kernels_two_units_a_step_and_a_last_one(kernels, dtype, units):
     forward (segments of 64 units) a full segment of pairs, then 33 units as above."""
     f = units * 16 // torch.tensor([], dtype=dtype).element_size()  # F elements per half row: `units` vectors
     y, g, w = _inputs(3, f, dtype)
-    y64, g64, w64 = y.double(), g.double(), w.double()
-    _assert_close(S.swiglu(y), R.swiglu(y64), R.swiglu(y), dtype, "swiglu")
-    _assert_close(S.weighted_swiglu(y, w), R.weighted_swiglu(y64, w64), R.weighted_swiglu(y, w), dtype, "weighted")
-    _assert_close(S.swiglu_back(g, y), R.swiglu_back(g64, y64), R.swiglu_back(g, y), dtype, "swiglu_back")
-    dy, dw = S.weighted_swiglu_back(g, y, w)
-    dy_t, dw_t = R.weighted_swiglu_back(g, y, w)
-    dy_r, dw_r = R.weighted_swiglu_back(g64, y64, w64)
-    _assert_close(dy, dy_r, dy_t, dtype, "weighted_swiglu_back dy")
-    assert_dw_close(dw, dw_r, dw_t, R.swiglu(y64) * g64, "weighted_swiglu_back dweights")
+    dw, dw_r, dw_t, terms = _check_swiglu_ops(y, g, w, dtype)
+    assert_dw_close(dw, dw_r, dw_t, terms, "weighted_swiglu_back dweights")
     assert len(kernels) == 4 and all(spec[2] for spec in kernels), kernels
 
 
