@@ -584,6 +584,9 @@ def _codec_kernels(code):
     """Numba kernels (Numba's own launch) that run moe_raw's conversion device functions elementwise."""
     from numba import cuda
 
+    # These compile through cuda.jit, not moe_raw's compile path: the numpy 2.5 shim must run first, or the compile
+    # fails in any test worker where no moe_raw kernel compiled before (order-dependent under xdist).
+    GC._numba_numpy_compat()
     dec, enc = GC._defs()["codecs"][code]
 
     @cuda.jit
