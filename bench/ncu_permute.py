@@ -4,7 +4,8 @@ ncu --clock-control none -k regex:KERNEL -c 1 python -m bench.ncu_permute [shape
 
 op (default permute): permute (kernel permute_scatter), unpermute (gather_warp; gather_reduce with
 MOE_RAW_BLOCK_KERNELS=1), unpermute_bwd (unpermute_bwd), permute_and_pad (permute_scatter, aligned layout),
-sort_chunks (chunk_sort; EP 8 ranks' chunks), quantize_rowwise / quantize_blockwise / quantize_mxfp8
+sort_chunks (chunk_sort; EP 8 ranks' chunks), copy_only (scatter_rows: permute's rows moved from a finished row
+map, no routing lookups: bench.probe_permute's "copy only"), quantize_rowwise / quantize_blockwise / quantize_mxfp8
 (permute_quantized with that recipe: kernel quantize_warp; quantize_rows with MOE_RAW_BLOCK_KERNELS=1).
 """
 
@@ -41,6 +42,7 @@ OPS = {
     "unpermute_bwd": unpermute_bwd,
     "permute_and_pad": lambda: moe_raw.permute_and_pad(x, rm, probs, 16),
     "sort_chunks": lambda: moe_raw.sort_chunks_by_idxs(permuted, sizes, order),
+    "copy_only": lambda: moe_raw.permute_with_row_map(x, row_map, n),
 }
 for recipe in ("rowwise", "blockwise", "mxfp8"):
     OPS[f"quantize_{recipe}"] = lambda r=recipe: moe_raw.permute_quantized(x, rm, probs, num_out_tokens=n, recipe=r)
