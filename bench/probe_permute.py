@@ -9,7 +9,10 @@ what a perfect permute of a sorted routing would cost). "mix roofline" is the ti
 reads go at the copy rate and writes at the best write-only rate: t = read / copy + write / write_only. Two parts of
 the permute, each timed alone: "map only" is permute of the zero-width tokens ``x[:, :0]`` (the routing tables and
 the row map, probs and indices, no row bytes), "copy only" is ``permute_with_row_map(x, row_map, N)`` (every row
-moved by the scatter_rows kernel from a finished row map: no tables, no block scan).
+moved by the scatter_rows kernel from a finished row map: no tables, no block scan). "token-major" is the same
+kernel with a row map that sends each token's K copies to K adjacent rows (rows t*K .. t*K + K - 1 when every token
+has K experts): the same bytes and instructions, only the destinations differ. If it is much faster than "copy
+only", the expert-major order of permute's output (fixed by the API), not the kernel, holds the scatter back.
 ``--kernels DIR`` loads the .cu files from DIR instead of the installed ones (an A/B of two kernel versions in two
 processes on one machine).
 """
@@ -51,8 +54,8 @@ def main() -> None:
           f"cudaMemsetAsync {memset:.0f} GB/s ({100 * memset / copy:.0f}%)")  # fmt: skip
     rows = []
     print("| shape | permute ms | % copy | % mix roofline | expand-copy ms | expand % copy | permute / expand | "
-          "map only ms | copy only ms (% copy) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "map only ms | copy only ms (% copy) | token-major ms (% copy) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     names = args.shapes.split(",") if args.shapes else list(SHAPES)
     for name in names:
         T, E, H, K = SHAPES[name]
@@ -70,17 +73,27 @@ def main() -> None:
         ms_map = common.do_bench(lambda: moe_raw.permute(x0, rm, probs, num_out_tokens=N, fused=True))  # noqa: B023
         _, _, row_map = moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)
         ms_rows = common.do_bench(lambda: moe_raw.permute_with_row_map(x, row_map, N))  # noqa: B023
+        routed = row_map[:T] >= 0
+        first = torch.cumsum(routed.sum(1), 0) - routed.sum(1)  # each token's first row, token-major
+        local = torch.cumsum(routed.int(), 1) - 1  # rank of each routed expert within its token
+        token_major = row_map.clone()
+        token_major[:T] = torch.where(routed, (first[:, None] + local).int(), -1)
+        ms_token = common.do_bench(lambda: moe_raw.permute_with_row_map(x, token_major, N))  # noqa: B023
         gbs = nbytes / (ms * 1e-3) / 1e9
         gbs_expand = (read + written) / (ms_expand * 1e-3) / 1e9
         gbs_rows = (read + written) / (ms_rows * 1e-3) / 1e9
+        gbs_token = (read + written) / (ms_token * 1e-3) / 1e9
         row = {"shape": name, "ms": ms, "pct_copy": 100 * gbs / copy, "pct_mix_roofline": 100 * roof_ms / ms,
                "expand_ms": ms_expand, "expand_pct_copy": 100 * gbs_expand / copy, "map_only_ms": ms_map,
-               "copy_only_ms": ms_rows, "copy_only_pct_copy": 100 * gbs_rows / copy}  # fmt: skip
+               "copy_only_ms": ms_rows, "copy_only_pct_copy": 100 * gbs_rows / copy,
+               "token_major_ms": ms_token, "token_major_pct_copy": 100 * gbs_token / copy}  # fmt: skip
         rows.append(row)
-        print(f"| {name} | {ms:.3f} | {row['pct_copy']:.1f}% | {row['pct_mix_roofline']:.1f}% | {ms_expand:.3f} | "
-              f"{row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} | {ms_map:.3f} | {ms_rows:.3f} "
-              f"({row['copy_only_pct_copy']:.1f}%) |")  # fmt: skip
-        x = x0 = rm = probs = row_map = None  # free this shape's tensors before the next one
+        print(
+            f"| {name} | {ms:.3f} | {row['pct_copy']:.1f}% | {row['pct_mix_roofline']:.1f}% | {ms_expand:.3f} | "
+            f"{row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} | {ms_map:.3f} | {ms_rows:.3f} "
+            f"({row['copy_only_pct_copy']:.1f}%) | {ms_token:.3f} ({row['token_major_pct_copy']:.1f}%) |"
+        )
+        x = x0 = rm = probs = row_map = token_major = None  # free this shape's tensors before the next one
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
