@@ -13,8 +13,8 @@
 #   sanitize  bench/sanitize.sh              compute-sanitizer memcheck / racecheck / initcheck / synccheck
 #   probe   python -m bench.probe_permute    permute fwd beside copy / write-only / broadcast-copy ceilings; also with
 #           MOE_RAW_NO_BULK_COPY=1 and, where .probe/old holds other kernels/*.cu, with those (A/B)
-#   ncu     Nsight Compute on permute_scatter (DeepSeek-V3, Qwen3 shapes), the SwiGLU forward (moe_raw and
-#           torch.compile's kernel) and torch's fill and copy kernels
+#   ncu     Nsight Compute on permute_scatter and its no-lookup twin scatter_rows (DeepSeek-V3, Qwen3 shapes),
+#           the SwiGLU forward (moe_raw and torch.compile's kernel) and torch's fill and copy kernels
 # Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
 set -uo pipefail
 OUT=${OUT:-bench/results/latest}
@@ -51,6 +51,9 @@ for step in "$@"; do
           echo "--- permute_scatter $shape"
           ncu --clock-control none -k regex:permute_scatter -c 1 --section SpeedOfLight --section Occupancy \
             --section WarpStateStats --section MemoryWorkloadAnalysis --metrics $metrics python3 -m bench.ncu_permute $shape
+          echo "--- scatter_rows $shape (the same rows from a finished row map: no lookups)"
+          ncu --clock-control none -k regex:scatter_rows -c 1 --section SpeedOfLight --section Occupancy \
+            --metrics $metrics python3 -m bench.ncu_permute $shape copy_only
         done
         echo "--- swiglu fwd N 32768 F 2048: moe_raw, then torch.compile's triton kernel"
         ncu --clock-control none -k regex:"swiglu|triton" -c 4 --section SpeedOfLight --section Occupancy \
