@@ -14,9 +14,10 @@ kernel with a row map that sends each token's K copies to K adjacent rows (rows 
 has K experts): the same bytes and instructions, only the destinations differ. If it is much faster than "copy
 only", the expert-major order of permute's output (fixed by the API), not the kernel, holds the scatter back.
 "write-only" writes the same N rows with no reads (a probe kernel here: one block a token, its K rows stored from
-registers), at permute's expert-major rows and at the token-major ones, as a share of the best write-only rate
-(fill_ / memset): near 100% means the scattered rows write at memset's rate, and what the copies lose comes from
-mixing the token reads in.
+registers), as a share of the best write-only rate (fill_ / memset): at permute's expert-major rows one row after
+the other, the same rows interleaved in 2 KiB steps as scatter_rows writes them, and the token-major rows one after
+the other. Near 100% means the scattered rows write at memset's rate and what the copies lose comes from mixing the
+token reads in; row-by-row well above interleaved means the store order is what costs.
 ``--kernels DIR`` loads the .cu files from DIR instead of the installed ones (an A/B of two kernel versions in two
 processes on one machine).
 """
@@ -43,12 +44,19 @@ def _fill_gbs(nbytes: int = 2 << 30) -> float:
 
 
 # One block a token: zeros (the token id in the first word) to each of its K destination rows, 16-byte stores, no
-# reads but the K row numbers. dest: int32 [T, K]; row_vecs: 16-byte vectors a row.
+# reads but the K row numbers. dest: int32 [T, K]; row_vecs: 16-byte vectors a row. interleave 0: one row after
+# the other (each row's bytes in one sweep); 1: as scatter_rows stores, each 2 KiB step of the row to all K rows
+# before the next step.
 _WRITE_ONLY_SRC = r"""
 extern "C" __global__ void write_only_rows(uint4* __restrict__ dst, const int* __restrict__ dest, int k,
-                                           long long row_vecs) {
+                                           long long row_vecs, int interleave) {
   const long long t = blockIdx.x;
   const uint4 z = make_uint4(static_cast<unsigned>(t), 0u, 0u, 0u);
+  if (interleave) {
+    for (long long v = threadIdx.x; v < row_vecs; v += blockDim.x)
+      for (int j = 0; j < k; ++j) __stcs(dst + static_cast<long long>(dest[t * k + j]) * row_vecs + v, z);
+    return;
+  }
   for (int j = 0; j < k; ++j) {
     uint4* d = dst + static_cast<long long>(dest[t * k + j]) * row_vecs;
     for (long long v = threadIdx.x; v < row_vecs; v += blockDim.x) __stcs(d + v, z);
@@ -58,13 +66,13 @@ extern "C" __global__ void write_only_rows(uint4* __restrict__ dst, const int* _
 _KEEP: list = []  # the cupy Function that owns the probe kernel's module
 
 
-def _write_only(out: torch.Tensor, dest: torch.Tensor):
+def _write_only(out: torch.Tensor, dest: torch.Tensor, interleave: bool = False):
     """A launcher of write_only_rows on torch's current stream: ``out`` [N, H] (16-byte rows), ``dest`` [T, K]."""
     fn = _cupy_cache.cupy().RawKernel(_WRITE_ONLY_SRC, "write_only_rows").kernel
     _KEEP.append(fn)
-    kern = _launch.compiled_kernel(fn.ptr, "PPiq", owner=fn)
+    kern = _launch.compiled_kernel(fn.ptr, "PPiqi", owner=fn)
     row_vecs = out.shape[1] * out.element_size() // 16
-    args = (out.data_ptr(), dest.data_ptr(), dest.shape[1], row_vecs)
+    args = (out.data_ptr(), dest.data_ptr(), dest.shape[1], row_vecs, int(interleave))
     return lambda: _launch.launch_compiled(kern, out.device.index, dest.shape[0], 128, args)
 
 
@@ -85,8 +93,8 @@ def main() -> None:
     rows = []
     print("| shape | permute ms | % copy | % mix roofline | expand-copy ms | expand % copy | permute / expand | "
           "map only ms | copy only ms (% copy) | token-major ms (% copy) | write-only ms (% write) | "
-          "write-only token-major ms (% write) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "write-only interleaved ms (% write) | write-only token-major ms (% write) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     names = args.shapes.split(",") if args.shapes else list(SHAPES)
     for name in names:
         T, E, H, K = SHAPES[name]
@@ -111,9 +119,11 @@ def main() -> None:
         token_major[:T] = torch.where(routed, (first[:, None] + local).int(), -1)
         ms_token = common.do_bench(lambda: moe_raw.permute_with_row_map(x, token_major, N))  # noqa: B023
         rows_out = torch.empty((N, H), dtype=x.dtype, device="cuda")
-        ms_write = common.do_bench(_write_only(rows_out, row_map[:T][routed].view(T, K).contiguous()))
+        dest = row_map[:T][routed].view(T, K).contiguous()
+        ms_write = common.do_bench(_write_only(rows_out, dest))
+        ms_write_mixed = common.do_bench(_write_only(rows_out, dest, interleave=True))
         ms_write_token = common.do_bench(_write_only(rows_out, token_major[:T][routed].view(T, K).contiguous()))
-        rows_out = None
+        rows_out = dest = None
         gbs = nbytes / (ms * 1e-3) / 1e9
         gbs_expand = (read + written) / (ms_expand * 1e-3) / 1e9
         gbs_rows = (read + written) / (ms_rows * 1e-3) / 1e9
@@ -123,6 +133,8 @@ def main() -> None:
                "copy_only_ms": ms_rows, "copy_only_pct_copy": 100 * gbs_rows / copy,
                "token_major_ms": ms_token, "token_major_pct_copy": 100 * gbs_token / copy,
                "write_only_ms": ms_write, "write_only_pct_write": 100 * written / (ms_write * 1e-3) / 1e9 / write,
+               "write_only_interleaved_ms": ms_write_mixed,
+               "write_only_interleaved_pct_write": 100 * written / (ms_write_mixed * 1e-3) / 1e9 / write,
                "write_only_token_major_ms": ms_write_token,
                "write_only_token_major_pct_write": 100 * written / (ms_write_token * 1e-3) / 1e9 / write}  # fmt: skip
         rows.append(row)
@@ -130,7 +142,8 @@ def main() -> None:
             f"| {name} | {ms:.3f} | {row['pct_copy']:.1f}% | {row['pct_mix_roofline']:.1f}% | {ms_expand:.3f} | "
             f"{row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} | {ms_map:.3f} | {ms_rows:.3f} "
             f"({row['copy_only_pct_copy']:.1f}%) | {ms_token:.3f} ({row['token_major_pct_copy']:.1f}%) | "
-            f"{ms_write:.3f} ({row['write_only_pct_write']:.1f}%) | {ms_write_token:.3f} "
+            f"{ms_write:.3f} ({row['write_only_pct_write']:.1f}%) | {ms_write_mixed:.3f} "
+            f"({row['write_only_interleaved_pct_write']:.1f}%) | {ms_write_token:.3f} "
             f"({row['write_only_token_major_pct_write']:.1f}%) |"
         )
         x = x0 = rm = probs = row_map = token_major = None  # free this shape's tensors before the next one
