@@ -63,16 +63,16 @@ extern "C" __global__ void write_only_rows(uint4* __restrict__ dst, const int* _
   }
 }
 """
-_KEEP: list = []  # the cupy Function that owns the probe kernel's module
 
 
 def _write_only(out: torch.Tensor, dest: torch.Tensor, interleave: bool = False):
-    """A launcher of write_only_rows on torch's current stream: ``out`` [N, H] (16-byte rows), ``dest`` [T, K]."""
-    fn = _cupy_cache.cupy().RawKernel(_WRITE_ONLY_SRC, "write_only_rows").kernel
-    _KEEP.append(fn)
+    """A launcher of write_only_rows on torch's current stream: ``out`` [N, H] (16-byte rows), ``dest`` [T, K]. The
+    kernel tuple holds the cupy Function (its owner), so the module stays loaded while the launcher lives."""
+    fn = _cupy_cache.cupy().RawKernel(_WRITE_ONLY_SRC, "write_only_rows").kernel  # compiled once, then CuPy's cache
     kern = _launch.compiled_kernel(fn.ptr, "PPiqi", owner=fn)
     row_vecs = out.shape[1] * out.element_size() // 16
     args = (out.data_ptr(), dest.data_ptr(), dest.shape[1], row_vecs, int(interleave))
+    # the lambda reads out and dest, so it keeps the memory its launches write and read alive
     return lambda: _launch.launch_compiled(kern, out.device.index, dest.shape[0], 128, args)
 
 

@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=($(basename -s .patch bench/pending/*.patch))
+shopt -s nullglob
+if [ ${#names[@]} -eq 0 ]; then for p in bench/pending/*.patch; do names+=("$(basename "$p" .patch)"); done; fi
+[ ${#names[@]} -gt 0 ] || { echo "trees.sh: no patch in bench/pending/" >&2; exit 1; }
 rm -rf .trees  # only the trees named here: ab.sh A/Bs every tree it finds
 for name in "${names[@]}"; do
   dir=.trees/$name
