@@ -18,6 +18,12 @@ registers), as a share of the best write-only rate (fill_ / memset): at permute'
 the other, the same rows interleaved in 2 KiB steps as scatter_rows writes them, and the token-major rows one after
 the other. Near 100% means the scattered rows write at memset's rate and what the copies lose comes from mixing the
 token reads in; row-by-row well above interleaved means the store order is what costs.
+"phased" (``--phased``, a second table) moves the same rows in batches: each block loads a batch of consecutive
+whole token rows into shared memory (cp.async), then bulk-stores each row to its K rows, batch after batch. The
+batch is the rows one block's shared memory holds, or a fraction of it; the grid is persistent (every block
+resident at once, looping over the batches) or one batch a block; "barrier" adds a grid barrier after each round of
+batches, so that no SM reads while another writes. Faster than "copy only" says what a row mover can win by
+staging many whole rows a block.
 ``--kernels DIR`` loads the .cu files from DIR instead of the installed ones (an A/B of two kernel versions in two
 processes on one machine).
 """
@@ -63,17 +69,113 @@ extern "C" __global__ void write_only_rows(uint4* __restrict__ dst, const int* _
   }
 }
 """
+_WRITE_ONLY_SIGNATURE = "PPiqi"  # _launch.SIGNATURES' letters: P pointer, q int64, i int32
 
 
 def _write_only(out: torch.Tensor, dest: torch.Tensor, interleave: bool = False):
     """A launcher of write_only_rows on torch's current stream: ``out`` [N, H] (16-byte rows), ``dest`` [T, K]. The
     kernel tuple holds the cupy Function (its owner), so the module stays loaded while the launcher lives."""
     fn = _cupy_cache.cupy().RawKernel(_WRITE_ONLY_SRC, "write_only_rows").kernel  # compiled once, then CuPy's cache
-    kern = _launch.compiled_kernel(fn.ptr, "PPiqi", owner=fn)
+    kern = _launch.compiled_kernel(fn.ptr, _WRITE_ONLY_SIGNATURE, owner=fn)
     row_vecs = out.shape[1] * out.element_size() // 16
     args = (out.data_ptr(), dest.data_ptr(), dest.shape[1], row_vecs, int(interleave))
     # the lambda reads out and dest, so it keeps the memory its launches write and read alive
     return lambda: _launch.launch_compiled(kern, out.device.index, dest.shape[0], 128, args)
+
+
+# Batches of rows_per_block consecutive token rows, a block at a time: load the batch whole into shared memory
+# (cp.async 16 B), then bulk-store each row to its K destination rows; a grid smaller than the batch count loops
+# (batch blockIdx.x, then + gridDim.x, ...: "rounds"). mode 0: no barrier; 1: a grid barrier after each round once
+# the stores have read the stage; 2: once they have completed (needs every block resident: a persistent grid).
+# The barrier counter only grows (one arrival a block a barrier), so no reset between launches: the target of an
+# arrival is the next multiple of the grid. A runaway spin traps instead of hanging. dest: int32 [T, K].
+_PHASED_SRC = r"""
+using namespace moe_raw;
+
+__device__ __forceinline__ void grid_barrier(unsigned long long* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned long long old = atomicAdd(counter, 1ull);
+    const unsigned long long target = (old / gridDim.x + 1) * gridDim.x;
+    long long spins = 0;
+    while (*reinterpret_cast<volatile unsigned long long*>(counter) < target) {
+      __nanosleep(20);
+      if (++spins > (1LL << 26)) __trap();
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    phased_rows(const uint4* __restrict__ src, uint4* __restrict__ dst, const int* __restrict__ dest, int k,
+                long long row_vecs, long long num_tokens, int rows_per_block, int mode, unsigned long long* counter) {
+#ifdef MOE_RAW_BULK_COPY  // sm_90+; the launcher never runs it elsewhere
+  extern __shared__ __align__(128) uint4 stage[];
+  const long long per_round = static_cast<long long>(gridDim.x) * rows_per_block;
+  for (long long base = 0; base < num_tokens; base += per_round) {
+    const long long t0 = base + static_cast<long long>(blockIdx.x) * rows_per_block;
+    const long long rows = max(0LL, min(static_cast<long long>(rows_per_block), num_tokens - t0));
+    const long long nv = rows * row_vecs;
+    for (long long i = threadIdx.x; i < nv; i += blockDim.x) stage_fill16(stage + i, src + t0 * row_vecs + i);
+    stage_fill_wait();
+    bulk_fence_shared();
+    __syncthreads();
+    for (long long j = threadIdx.x; j < rows * k; j += blockDim.x) {
+      const long long r = j / k;
+      bulk_store(dst + static_cast<long long>(dest[(t0 + r) * k + j % k]) * row_vecs, stage + r * row_vecs,
+                 static_cast<int>(row_vecs * 16));
+    }
+    bulk_commit();
+    if (mode == 2) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    else bulk_wait_read();
+    __syncthreads();
+    if (mode) grid_barrier(counter);
+  }
+#endif
+}
+"""
+_PHASED_SIGNATURE = "PPPiqqiiP"
+
+
+# (label, batch = the rows shared memory holds / divisor, persistent grid, mode); per batch: one batch a block
+_PHASED_CONFIGS = (
+    ("1/1 persistent", 1, True, 0),
+    ("1/1 persistent, barrier", 1, True, 1),
+    ("1/2 persistent", 2, True, 0),
+    ("1/2 per batch", 2, False, 0),
+    ("1/4 persistent", 4, True, 0),
+    ("1/4 per batch", 4, False, 0),
+    ("1/8 per batch", 8, False, 0),
+    ("1/16 per batch", 16, False, 0),
+)
+
+
+def _phased(x: torch.Tensor, out: torch.Tensor, dest: torch.Tensor, divisor: int, persistent: bool, mode: int):
+    """A launcher of phased_rows on torch's current stream (x [T, H], out [N, H], dest [T, K]), block 256, batches
+    of (rows shared memory holds) / divisor rows; the grid: every block resident at once (persistent) or one batch
+    a block. None where a row does not fit in shared memory or the card has no bulk copy (sm < 90)."""
+    props = torch.cuda.get_device_properties(x.device)
+    if props.major < 9:
+        return None
+    row_bytes = x.shape[1] * x.element_size()
+    rows = (props.shared_memory_per_block_optin - 1024) // row_bytes // divisor
+    if rows < 1:
+        return None
+    cupy = _cupy_cache.cupy()
+    common_h = (_launch._kernels_dir() / "common.cuh").read_text()
+    fn = cupy.RawKernel(common_h + _PHASED_SRC, "phased_rows", options=_launch.NVRTC_OPTIONS).kernel
+    kern = _launch.compiled_kernel(fn.ptr, _PHASED_SIGNATURE, owner=fn)
+    smem = rows * row_bytes
+    _launch._allow_shared_mem(kern[0], x.device.index, smem)
+    per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 256, smem)
+    grid = props.multi_processor_count * per_sm if persistent else _launch.cdiv(x.shape[0], rows)
+    counter = torch.zeros(1, dtype=torch.int64, device=x.device)
+    args = (x.data_ptr(), out.data_ptr(), dest.data_ptr(), dest.shape[1], row_bytes // 16, x.shape[0], rows, mode,
+            counter.data_ptr())  # fmt: skip
+    # the lambda reads x, out, dest and counter, so it keeps them alive
+    return lambda: (counter, _launch.launch_compiled(kern, x.device.index, grid, 256, args, smem))
 
 
 def main() -> None:
@@ -81,6 +183,7 @@ def main() -> None:
     ap.add_argument("--kernels", help="directory holding permute.cu / common.cuh to load instead")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--shapes", default=None, help="comma list of bench shape names (default: all)")
+    ap.add_argument("--phased", action="store_true", help="also time the phased row movers (a second table)")
     args = ap.parse_args()
     if args.kernels:
         _launch._kernels_dir = lambda: pathlib.Path(args.kernels).resolve()
@@ -90,7 +193,7 @@ def main() -> None:
     write = max(fill, memset)
     print(f"copy {copy:.0f} GB/s | fill_ {fill:.0f} GB/s ({100 * fill / copy:.0f}% of copy) | "
           f"cudaMemsetAsync {memset:.0f} GB/s ({100 * memset / copy:.0f}%)")  # fmt: skip
-    rows = []
+    rows, phased_lines = [], []
     print("| shape | permute ms | % copy | % mix roofline | expand-copy ms | expand % copy | permute / expand | "
           "map only ms | copy only ms (% copy) | token-major ms (% copy) | write-only ms (% write) | "
           "write-only interleaved ms (% write) | write-only token-major ms (% write) |")  # fmt: skip
@@ -123,6 +226,21 @@ def main() -> None:
         ms_write = common.do_bench(_write_only(rows_out, dest))
         ms_write_mixed = common.do_bench(_write_only(rows_out, dest, interleave=True))
         ms_write_token = common.do_bench(_write_only(rows_out, token_major[:T][routed].view(T, K).contiguous()))
+        phased, cells = {}, []
+        if args.phased:
+            ref = moe_raw.permute(x, rm, probs, num_out_tokens=N, fused=True)[0]
+            for label, divisor, persistent, mode in _PHASED_CONFIGS:
+                launch = _phased(x, rows_out, dest, divisor, persistent, mode)
+                if launch is None:
+                    cells.append("n/a")
+                    continue
+                rows_out.zero_()
+                launch()
+                assert torch.equal(rows_out, ref), f"phased_rows {label} moved the wrong rows at {name}"
+                ms_phased = common.do_bench(launch)
+                phased[f"phased_{label}_ms"] = ms_phased
+                cells.append(f"{ms_phased:.3f} ({100 * (read + written) / (ms_phased * 1e-3) / 1e9 / copy:.1f}%)")
+            ref = None
         rows_out = dest = None
         gbs = nbytes / (ms * 1e-3) / 1e9
         gbs_expand = (read + written) / (ms_expand * 1e-3) / 1e9
@@ -136,8 +254,11 @@ def main() -> None:
                "write_only_interleaved_ms": ms_write_mixed,
                "write_only_interleaved_pct_write": 100 * written / (ms_write_mixed * 1e-3) / 1e9 / write,
                "write_only_token_major_ms": ms_write_token,
-               "write_only_token_major_pct_write": 100 * written / (ms_write_token * 1e-3) / 1e9 / write}  # fmt: skip
+               "write_only_token_major_pct_write": 100 * written / (ms_write_token * 1e-3) / 1e9 / write,
+               **phased}  # fmt: skip
         rows.append(row)
+        if cells:
+            phased_lines.append(f"| {name} | {ms_rows:.3f} ({row['copy_only_pct_copy']:.1f}%) | {' | '.join(cells)} |")
         print(
             f"| {name} | {ms:.3f} | {row['pct_copy']:.1f}% | {row['pct_mix_roofline']:.1f}% | {ms_expand:.3f} | "
             f"{row['expand_pct_copy']:.1f}% | {ms / ms_expand:.3f} | {ms_map:.3f} | {ms_rows:.3f} "
@@ -148,6 +269,11 @@ def main() -> None:
         )
         x = x0 = rm = probs = row_map = token_major = None  # free this shape's tensors before the next one
         torch.cuda.empty_cache()
+    if phased_lines:
+        print("\nphased row movers (ms, % copy): copy only = scatter_rows")
+        print("| shape | copy only | " + " | ".join(c[0] for c in _PHASED_CONFIGS) + " |")
+        print("|---|---|" + "---|" * len(_PHASED_CONFIGS))
+        print("\n".join(phased_lines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"copy_gbs": copy, "fill_gbs": fill, "memset_gbs": memset, "rows": rows}, f, indent=1)

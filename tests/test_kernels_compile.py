@@ -75,3 +75,26 @@ def test_nvrtc_error_names_file_and_line():
 def test_every_kernel_has_a_signature(family):
     bases = {_launch.base_name(n) for n in _launch.KERNELS[family]}
     assert bases == set(_launch.SIGNATURES[family])
+
+
+@pytest.mark.parametrize("arch", (80, 90))
+def test_nvrtc_compiles_the_permute_probe_kernels(arch):
+    """bench.probe_permute's own kernels (the write-only rows; the phased row mover, over common.cuh's bulk-copy
+    helpers) compile as its launchers build them, with an empty log, and take parameters of the widths their
+    launchers pack: a probe that runs on the GPU only must not find out there that it no longer builds."""
+    import re
+
+    from bench import probe_permute as P
+
+    common_h = (_launch._kernels_dir() / "common.cuh").read_text()
+    options = tuple(o.replace(f"-arch=sm_{arch}", f"-arch=compute_{arch}") for o in _options(arch))  # PTX to read
+    width = {"P": "u64", "q": "u64", "i": "u32"}
+    for code, name, signature in ((P._WRITE_ONLY_SRC, "write_only_rows", P._WRITE_ONLY_SIGNATURE),
+                                  (common_h + P._PHASED_SRC, "phased_rows", P._PHASED_SIGNATURE)):  # fmt: skip
+        _, prog = _nvrtc_program(code, f"{name}.cu", None, method="ptx")
+        log = io.StringIO()
+        ptx, _ = prog.compile(options, log)
+        assert log.getvalue().strip("\x00 \n") == "", log.getvalue()
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        params = re.search(rf"\.entry {name}\((.*?)\)", ptx, re.S).group(1)
+        assert re.findall(r"\.param \.(u64|u32)", params) == [width[c] for c in signature], (name, params)
