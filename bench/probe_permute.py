@@ -152,6 +152,11 @@ _PHASED_CONFIGS = (
 )
 
 
+def _phased_source() -> str:
+    """phased_rows' NVRTC source: common.cuh (the bulk-copy helpers), then _PHASED_SRC."""
+    return (_launch._kernels_dir() / "common.cuh").read_text() + _PHASED_SRC
+
+
 def _phased(x: torch.Tensor, out: torch.Tensor, dest: torch.Tensor, divisor: int, persistent: bool, mode: int):
     """A launcher of phased_rows on torch's current stream (x [T, H], out [N, H], dest [T, K]), block 256, batches
     of (rows shared memory holds) / divisor rows; the grid: every block resident at once (persistent) or one batch
@@ -164,8 +169,7 @@ def _phased(x: torch.Tensor, out: torch.Tensor, dest: torch.Tensor, divisor: int
     if rows < 1:
         return None
     cupy = _cupy_cache.cupy()
-    common_h = (_launch._kernels_dir() / "common.cuh").read_text()
-    fn = cupy.RawKernel(common_h + _PHASED_SRC, "phased_rows", options=_launch.NVRTC_OPTIONS).kernel
+    fn = cupy.RawKernel(_phased_source(), "phased_rows", options=_launch.NVRTC_OPTIONS).kernel
     kern = _launch.compiled_kernel(fn.ptr, _PHASED_SIGNATURE, owner=fn)
     smem = rows * row_bytes
     _launch._allow_shared_mem(kern[0], x.device.index, smem)

@@ -86,11 +86,10 @@ def test_nvrtc_compiles_the_permute_probe_kernels(arch):
 
     from bench import probe_permute as P
 
-    common_h = (_launch._kernels_dir() / "common.cuh").read_text()
     options = tuple(o.replace(f"-arch=sm_{arch}", f"-arch=compute_{arch}") for o in _options(arch))  # PTX to read
     width = {"P": "u64", "q": "u64", "i": "u32"}
     for code, name, signature in ((P._WRITE_ONLY_SRC, "write_only_rows", P._WRITE_ONLY_SIGNATURE),
-                                  (common_h + P._PHASED_SRC, "phased_rows", P._PHASED_SIGNATURE)):  # fmt: skip
+                                  (P._phased_source(), "phased_rows", P._PHASED_SIGNATURE)):  # fmt: skip
         _, prog = _nvrtc_program(code, f"{name}.cu", None, method="ptx")
         log = io.StringIO()
         ptx, _ = prog.compile(options, log)
