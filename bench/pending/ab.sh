@@ -14,11 +14,13 @@ timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /d
 declare -A BENCH=(
   [pdl-scatter]="python3 -m bench.permute_fwd"
   [permute-grouped]="python3 -m bench.permute_fwd"
+  [grouped-pdl]="python3 -m bench.permute_fwd"
 )
 # the GPU test files each patch touches
 declare -A TESTS=(
   [pdl-scatter]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py"
   [permute-grouped]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_reliability_gpu.py tests/test_fuzz.py"
+  [grouped-pdl]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py tests/test_fuzz.py"
 )
 run() { echo "=== [$1] $2"; (cd "$3" && PYTHONPATH=$3 timeout 150 bash -c "$2") 2>&1; }
 # First, on the checkout: permute beside its ceilings at every bench shape. Its "copy only" column (rows moved from a
