@@ -10,7 +10,7 @@ and a compile raises when an entry can't be read (a directory in its place) or t
 read-only directory or file system). moe_raw turns both into a compile without the disk cache, with one
 ``RuntimeWarning`` naming the directory: ``_import_cupy`` imports CuPy with a private temporary directory, and
 ``compile_module`` compiles again with ``CUPY_CACHE_IN_MEMORY=1``. The kernels then work, but every new process
-compiles them again (about 5 s). A read-only directory that already holds the entries still serves them.
+compiles the kernels it uses again (seconds). A read-only directory that already holds the entries still serves them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def warn(path: str, error: OSError) -> None:
         _warned = True
         warnings.warn(
             f"moe_raw: CuPy could not use its kernel cache directory {path!r} (CUPY_CACHE_DIR): {error}. Compiling "
-            "without it, so every new process compiles the kernels again (about 5 s). Point CUPY_CACHE_DIR at a "
+            "without it, so every new process compiles the kernels it uses again (seconds). Point CUPY_CACHE_DIR at a "
             "writable directory to keep them.",
             RuntimeWarning,
             stacklevel=2,

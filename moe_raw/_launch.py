@@ -2,8 +2,9 @@
 
 * Sources are read with ``importlib.resources`` from the installed package ``moe_raw.kernels`` (the wheel ships
   them), prefixed with ``#line 1 "<path>"`` so NVRTC errors name the real file and line.
-* One ``cupy.RawModule`` per (family, device) holds every template instance (``name_expressions``); CuPy caches
-  the binary on disk (``~/.cupy/kernel_cache``), so only the first use on a machine compiles.
+* A ``cupy.RawModule`` per (family, group of template instances, device) (``name_expressions``;
+  ``_compile_group``: a first call compiles the instances it is likely to use, not the family); CuPy caches the
+  binary on disk (``~/.cupy/kernel_cache``), so only the first use on a machine compiles.
 * Launches go to torch's current stream of the tensors' device (its raw handle, no stream object), so they order
   with torch ops and are captured by ``torch.cuda.graph``.
 * Arguments are packed with one ``struct`` per kernel (SIGNATURES: the C type of every parameter) into a per-thread
@@ -35,7 +36,7 @@ from moe_raw import _cupy_cache
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float64: "double"}
 SCALAR_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # kernels/common.cuh
 
-# Every kernel instance a family exposes; all are compiled together, once per device.
+# Every kernel instance a family exposes, compiled in groups (_compile_group), once per device.
 _VEC_BYTES = (16, 8, 4, 2, 1)
 
 
@@ -111,8 +112,28 @@ SIGNATURES = {
     },
 }
 
+
+def _compile_group(family: str, name: str) -> tuple[str, ...]:
+    """The instances of KERNELS[family] compiled in one module with ``name``: those a call that needs ``name`` is
+    likely to need next, so that a first call compiles what it uses, not the whole family. NVRTC's time grows with
+    the instances (ptxas most of it): on 2 CPU cores router.cu takes 22 s for its 14, 4 s for one (V, L) pair's
+    forward and backward, of which a model uses one (its E); permute.cu's gathers are in one group per element
+    type. The other families compile whole (1-3.5 s)."""
+    names = KERNELS[family]
+    args = name[name.index("<") :]
+    if family == "router":  # router_fwd<V, L> with router_bwd<V, L>
+        return tuple(n for n in names if n.endswith(args))
+    if family == "permute":
+        gathers = ("gather_reduce", "gather_warp", "unpermute_bwd")
+        if base_name(name) in gathers:  # the row sums of one element type, every vector width
+            ctype = args[1:].split(",")[0]
+            return tuple(n for n in names if base_name(n) in gathers and n[n.index("<") + 1 :].startswith(ctype + ","))
+        return tuple(n for n in names if base_name(n) not in gathers)  # the map kernels and the byte movers
+    return names
+
+
 _lock = threading.Lock()
-_modules: dict = {}
+_modules: dict = {}  # (family, instances, device index) -> cupy.RawModule
 _kernels: dict = {}
 _tls = threading.local()
 _PARAMS_OFFSET = 64  # bytes: the cuLaunchKernel `extra` array and the buffer size live before the parameters
@@ -187,8 +208,11 @@ def kernel_source(family: str) -> str:
         return f'#line 1 "{path}"\n' + "\n".join(lines)
 
 
-def _module(family: str, device_index: int):
-    key = (family, device_index)
+def _module(family: str, device_index: int, names: tuple[str, ...] | None = None):
+    """The compiled module of kernels/<family>.cu holding the instances ``names`` (default: all of KERNELS[family])
+    for device ``device_index``; compiled once per process (and from CuPy's disk cache after the first process)."""
+    names = KERNELS[family] if names is None else names
+    key = (family, names, device_index)
     mod = _modules.get(key)
     if mod is not None:
         return mod
@@ -200,7 +224,7 @@ def _module(family: str, device_index: int):
         cupy = _cupy_cache.cupy()
         code = kernel_source(family)
         with cupy.cuda.Device(device_index):
-            mod = cupy.RawModule(code=code, options=NVRTC_OPTIONS, name_expressions=KERNELS[family])
+            mod = cupy.RawModule(code=code, options=NVRTC_OPTIONS, name_expressions=names)
             try:
                 _cupy_cache.compile_module(mod)
             except cupy.cuda.compiler.CompileException as e:
@@ -219,7 +243,7 @@ def function(family: str, name: str, device_index: int):
     key = (family, name, device_index)
     kern = _kernels.get(key)
     if kern is None:
-        mod = _module(family, device_index)
+        mod = _module(family, device_index, _compile_group(family, name))
         with _cupy_cache.cupy().cuda.Device(device_index):
             # RawKernel.kernel: the cupy.cuda.Function (its .ptr is the CUfunction) loaded in this device's context
             fn = mod.get_function(name).kernel

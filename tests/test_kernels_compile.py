@@ -1,7 +1,11 @@
-"""NVRTC compiles every kernel family with every template instance the launcher asks for, to SASS for every
-architecture moe_raw claims (_launch.CHECKED_ARCHS), as CuPy does at run time (CPU only: NVRTC needs no GPU). This
-catches what nvcc in CI cannot: NVRTC has no libc headers and its own predefined macros. About 5.5 s an arch on
-CI's 2 cores (permute.cu is most of it)."""
+"""NVRTC compiles every kernel family with every template instance the launcher asks for, for every architecture
+moe_raw claims (_launch.CHECKED_ARCHS), as CuPy does at run time (CPU only: NVRTC needs no GPU). This catches what
+nvcc in CI cannot: NVRTC has no libc headers and its own predefined macros.
+
+To SASS (NVRTC's front end and ptxas, as at run time) for one architecture of each set of ``__CUDA_ARCH__`` branches
+the kernels have (_CUBIN_ARCHS); to PTX (the front end) for the others, whose ptxas step .ci/compile_kernels.sh runs
+through nvcc with warnings as errors. ptxas is most of a cubin's time: on CI's 2 cores router.cu takes 22 s to a
+cubin and 8 s to PTX, permute.cu 8.5 / 4.2 s, quantize.cu 3.5 / 1.4 s (2026-12-05)."""
 
 import importlib.resources
 import io
@@ -39,21 +43,36 @@ def _options(arch=90):
     return (*_launch.NVRTC_OPTIONS, "-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space", *include)
 
 
+# One architecture of each set of __CUDA_ARCH__ branches in kernels/: below 9.0 (no bulk copies), 9.0 (common.cuh's
+# bulk copies and programmatic launches), 10.0 and up (also chunks.cu's sm_100 branch).
+_CUBIN_ARCHS = (80, 90, 100)
+
+
 @pytest.mark.parametrize("arch", _launch.CHECKED_ARCHS)
 @pytest.mark.parametrize("family", sorted(_launch.KERNELS))
 def test_nvrtc_compiles_every_instance(family, arch):
-    """Every instance to a cubin for sm_<arch> (front end, the __CUDA_ARCH__ branches, ptxas), with an empty log:
-    a ptxas warning (sm_75's is "Value of threads per SM ... is out of range") fails too."""
+    """Every instance for sm_<arch>, with an empty log. _CUBIN_ARCHS: to a cubin (front end, the __CUDA_ARCH__
+    branches, ptxas), so a ptxas warning (sm_75's is "Value of threads per SM ... is out of range") fails too; the
+    other architectures: to PTX for that architecture (the front end and its branches)."""
     _, nvrtc = _nvrtc()
     supported = getattr(nvrtc, "getSupportedArchs", lambda: None)()
     if supported is not None and arch not in supported:
         major, minor = nvrtc.getVersion()
         pytest.skip(f"NVRTC {major}.{minor} cannot target sm_{arch} (sm_100 / sm_120 need NVRTC >= 12.8)")
     names = list(_launch.KERNELS[family])
-    compiler, prog = _nvrtc_program(_launch.kernel_source(family), f"{family}.cu", names)
+    cubin = arch in _CUBIN_ARCHS
+    options = _options(arch)
+    if not cubin:
+        options = tuple(o.replace(f"-arch=sm_{arch}", f"-arch=compute_{arch}") for o in options)
+    compiler, prog = _nvrtc_program(_launch.kernel_source(family), f"{family}.cu", names, "cubin" if cubin else "ptx")
     log = io.StringIO()
-    cubin, mapping = prog.compile(_options(arch), log)
-    assert cubin[:4] == b"\x7fELF"  # a cubin, not PTX
+    binary, mapping = prog.compile(options, log)
+    if cubin:
+        assert binary[:4] == b"\x7fELF"  # a cubin, not PTX
+    else:
+        ptx = binary.decode() if isinstance(binary, bytes) else binary
+        assert f".target sm_{arch}" in ptx, ptx[:400]
+        assert all(f".entry {mapping[n]}(" in ptx for n in names), "an instance is missing from the PTX"
     assert sorted(mapping) == sorted(names)
     assert log.getvalue().strip("\x00 \n") == "", log.getvalue()
 
@@ -75,6 +94,46 @@ def test_nvrtc_error_names_file_and_line():
 def test_every_kernel_has_a_signature(family):
     bases = {_launch.base_name(n) for n in _launch.KERNELS[family]}
     assert bases == set(_launch.SIGNATURES[family])
+
+
+def _groups(family):
+    return sorted({_launch._compile_group(family, n) for n in _launch.KERNELS[family]})
+
+
+@pytest.mark.parametrize("family", sorted(_launch.KERNELS))
+def test_compile_groups_split_each_family(family):
+    """The launcher compiles a family in groups (_launch._compile_group): every instance is in exactly one, which
+    holds it, and a group is what its members name; the router's are one (V, L) pair's forward and backward, the
+    permute family's gathers one group per element type."""
+    names = _launch.KERNELS[family]
+    groups = _groups(family)
+    assert sorted(n for g in groups for n in g) == sorted(names)  # a partition
+    for n in names:
+        assert n in _launch._compile_group(family, n)
+        assert all(_launch._compile_group(family, m) == _launch._compile_group(family, n)
+                   for m in _launch._compile_group(family, n))  # fmt: skip
+    if family == "router":
+        assert groups == sorted((f"moe_raw::router_fwd<{v}, {lanes}>", f"moe_raw::router_bwd<{v}, {lanes}>")
+                                for v, lanes in _launch.ROUTER_SHAPES)  # fmt: skip
+    if family == "permute":
+        g = _launch._compile_group(family, "moe_raw::gather_warp<__nv_bfloat16, 16>")
+        assert {_launch.base_name(n) for n in g} == {"gather_reduce", "gather_warp", "unpermute_bwd"}
+        assert all("<__nv_bfloat16, " in n for n in g) and len(g) == 12  # 3 kernels x vector widths 16 ... 2
+        assert "moe_raw::permute_scatter<16>" in _launch._compile_group(family, "moe_raw::routing_pack<256>")
+
+
+@pytest.mark.parametrize("family", sorted(_launch.KERNELS))
+def test_nvrtc_compiles_each_group_alone(family):
+    """Each group compiles by itself, as the launcher compiles it (to PTX for sm_90 with an empty log: an instance
+    that compiled only beside another, e.g. a template another group instantiates, would fail here)."""
+    _nvrtc()
+    options = tuple(o.replace("-arch=sm_90", "-arch=compute_90") for o in _options(90))
+    for group in _groups(family):
+        _, prog = _nvrtc_program(_launch.kernel_source(family), f"{family}.cu", list(group), method="ptx")
+        log = io.StringIO()
+        ptx, mapping = prog.compile(options, log)
+        assert sorted(mapping) == sorted(group)
+        assert log.getvalue().strip("\x00 \n") == "", (group, log.getvalue())
 
 
 @pytest.mark.parametrize("arch", (80, 90))
