@@ -15,6 +15,8 @@
 #           MOE_RAW_NO_BULK_COPY=1 and, where .probe/old holds other kernels/*.cu, with those (A/B)
 #   ncu     Nsight Compute on permute_scatter and its no-lookup twin scatter_rows (DeepSeek-V3, Qwen3 shapes),
 #           the SwiGLU forward (moe_raw and torch.compile's kernel) and torch's fill and copy kernels
+#   cold    host and cold-call latency: bench.cold_call (cold against back to back, the README's table),
+#           bench.cold_trace (where a cold call's extra goes: host time, launches, gaps), bench.host_times
 # Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
 set -uo pipefail
 OUT=${OUT:-bench/results/latest}
@@ -62,6 +64,11 @@ for step in "$@"; do
         ncu --clock-control none -k regex:"[Ff]ill|[Cc]opy" -c 3 --metrics $metrics \
           python3 -c "import torch; d=torch.empty(2<<30,dtype=torch.uint8,device='cuda'); s=torch.empty_like(d); s.fill_(2); d.fill_(1); d.copy_(s); torch.cuda.synchronize()"
       } 2>&1 | tee "$OUT/ncu.txt" || status=1 ;;
+    cold)
+      { echo "--- cold_call"; python3 -m bench.cold_call --out "$OUT/cold_call.json"
+        echo "--- cold_trace"; python3 -m bench.cold_trace --out "$OUT/cold_trace.json"
+        echo "--- host_times"; python3 -m bench.host_times --out "$OUT/host_times.json"
+      } 2>&1 | tee "$OUT/cold.md" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
