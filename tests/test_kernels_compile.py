@@ -156,3 +156,42 @@ def test_nvrtc_compiles_the_permute_probe_kernels(arch):
         ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
         params = re.search(rf"\.entry {name}\((.*?)\)", ptx, re.S).group(1)
         assert re.findall(r"\.param \.(u64|u32)", params) == [width[c] for c in signature], (name, params)
+
+
+def test_first_calls_compile_only_their_groups(monkeypatch):
+    """What the launcher compiles at first use (a stand-in CuPy records each module's instances; no GPU): a router
+    call compiles its (V, L) pair only, its backward reuses that module, another E compiles another pair; a bf16
+    unpermute compiles the bf16 gathers, not the other element types'."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from moe_raw import _cupy_cache
+
+    modules = []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            self.names = tuple(name_expressions)
+            modules.append(self.names)
+
+        def compile(self):
+            pass
+
+        def get_function(self, name):
+            assert name in self.names, f"{name} is not in the module's instances"  # as CuPy's lookup fails
+            return SimpleNamespace(kernel=SimpleNamespace(ptr=1000 + len(modules)))
+
+    fake = SimpleNamespace(RawModule=RawModule, cuda=SimpleNamespace(Device=lambda index: contextlib.nullcontext()))
+    monkeypatch.setattr(_cupy_cache, "cupy", lambda: fake)
+    monkeypatch.setattr(_launch, "_modules", {})
+    monkeypatch.setattr(_launch, "_kernels", {})
+    _launch.function("router", "moe_raw::router_fwd<16, 4>", 0)
+    _launch.function("router", "moe_raw::router_bwd<16, 4>", 0)
+    assert modules == [("moe_raw::router_fwd<16, 4>", "moe_raw::router_bwd<16, 4>")]
+    _launch.function("router", "moe_raw::router_fwd<16, 8>", 0)
+    assert modules[1] == ("moe_raw::router_fwd<16, 8>", "moe_raw::router_bwd<16, 8>")
+    _launch.function("permute", "moe_raw::gather_warp<__nv_bfloat16, 16>", 0)
+    _launch.function("permute", "moe_raw::unpermute_bwd<__nv_bfloat16, 8>", 0)
+    assert len(modules) == 3 and all("<__nv_bfloat16, " in n for n in modules[2])
+    _launch.function("router", "moe_raw::router_fwd<16, 4>", 1)  # another device: its own module
+    assert len(modules) == 4 and modules[3] == modules[0]
