@@ -116,12 +116,13 @@ SIGNATURES = {
 def _compile_group(family: str, name: str) -> tuple[str, ...]:
     """The instances of KERNELS[family] compiled in one module with ``name``: those a call that needs ``name`` is
     likely to need next, so that a first call compiles what it uses, not the whole family. NVRTC's time grows with
-    the instances (ptxas most of it): on 2 CPU cores router.cu takes 22 s for its 14, 4 s for one (V, L) pair's
-    forward and backward, of which a model uses one (its E); permute.cu's gathers are in one group per element
-    type. The other families compile whole (1-3.5 s)."""
+    the instances (ptxas most of it): to an sm_90 cubin on one CPU core, router.cu takes 23 s for its 14, 2.7 s for
+    one (V, L) pair's forward and backward, of which a model uses one (its E). Groups: the router's and quantize's
+    instances of the same template arguments (a pair; an element type's quantize kernels), permute's gathers one
+    group per element type and the rest of permute one; chunks and topk whole (under 1 s)."""
     names = KERNELS[family]
     args = name[name.index("<") :]
-    if family == "router":  # router_fwd<V, L> with router_bwd<V, L>
+    if family in ("router", "quantize"):  # router_fwd<V, L> with router_bwd<V, L>; quantize_*<T> of one T
         return tuple(n for n in names if n.endswith(args))
     if family == "permute":
         gathers = ("gather_reduce", "gather_warp", "unpermute_bwd")

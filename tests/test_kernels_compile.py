@@ -103,8 +103,9 @@ def _groups(family):
 @pytest.mark.parametrize("family", sorted(_launch.KERNELS))
 def test_compile_groups_split_each_family(family):
     """The launcher compiles a family in groups (_launch._compile_group): every instance is in exactly one, which
-    holds it, and a group is what its members name; the router's are one (V, L) pair's forward and backward, the
-    permute family's gathers one group per element type."""
+    holds it, and a group is what its members name; the router's are one (V, L) pair's forward and backward,
+    quantize's one element type's kernels (the fill alone), the permute family's gathers one group per element
+    type."""
     names = _launch.KERNELS[family]
     groups = _groups(family)
     assert sorted(n for g in groups for n in g) == sorted(names)  # a partition
@@ -115,6 +116,11 @@ def test_compile_groups_split_each_family(family):
     if family == "router":
         assert groups == sorted((f"moe_raw::router_fwd<{v}, {lanes}>", f"moe_raw::router_bwd<{v}, {lanes}>")
                                 for v, lanes in _launch.ROUTER_SHAPES)  # fmt: skip
+    if family == "quantize":
+        assert _launch._compile_group(family, "moe_raw::quantize_warp<__nv_bfloat16>") == tuple(
+            f"moe_raw::quantize_{kind}<__nv_bfloat16>" for kind in ("rows", "warp", "grad_rows")
+        )
+        assert _launch._compile_group(family, "moe_raw::quantize_fill<256>") == ("moe_raw::quantize_fill<256>",)
     if family == "permute":
         g = _launch._compile_group(family, "moe_raw::gather_warp<__nv_bfloat16, 16>")
         assert {_launch.base_name(n) for n in g} == {"gather_reduce", "gather_warp", "unpermute_bwd"}
