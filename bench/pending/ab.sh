@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the device, after bench/pending/trees.sh: each pending tree's benchmark beside the checkout's (one process each,
 # checkout first, then the tree, then the checkout again: the order effect shows), then the GPU tests of the files
-# the patch touches, in that tree. Logs: $OUT/probe.log, $OUT/ab.log, $OUT/tests-<name>.log. About 2 minutes a
-# patch.
+# each patch touches, in its tree, then the probe. Logs: $OUT/ab.log, $OUT/tests-<name>.log, $OUT/probe.log. About
+# 2 minutes a patch; all of it ends by AB_DEADLINE (below).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 R=$PWD
@@ -22,16 +22,32 @@ declare -A TESTS=(
   [permute-grouped]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_reliability_gpu.py tests/test_fuzz.py"
   [grouped-pdl]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py tests/test_fuzz.py"
 )
-run() { echo "=== [$1] $2"; (cd "$3" && PYTHONPATH=$3 timeout 150 bash -c "$2") 2>&1; }
-# First, on the checkout: permute beside its ceilings at every bench shape. Its "copy only" column (rows moved from a
+# Everything ends before the device's 10-minute limit (AB_DEADLINE seconds after the start, default 570): each step's
+# timeout is cut to the time left, and a step with under 30 s left is skipped (logged). Order: every tree's A/B
+# first (the result), then each tree's GPU tests, then the probe.
+DEADLINE=${AB_DEADLINE:-570}
+left() { local t=$((DEADLINE - SECONDS)); [ "$t" -lt "$1" ] && t=$((t < 0 ? 0 : t)) || t=$1; echo "$t"; }
+run() {
+  local t; t=$(left 150)
+  if [ "$t" -lt 30 ]; then echo "=== [$1] $2: skipped, ${t}s left of the deadline"; return; fi
+  echo "=== [$1] $2 (+${SECONDS}s)"; (cd "$3" && PYTHONPATH=$3 timeout "$t" bash -c "$2") 2>&1
+}
+trees=()
+for dir in "$R"/.trees/*/; do
+  name=$(basename "$dir")
+  [ -n "${BENCH[$name]:-}" ] && trees+=("$name")
+done
+for name in "${trees[@]}"; do
+  { run checkout "${BENCH[$name]}" "$R"; run "$name" "${BENCH[$name]}" "$R/.trees/$name"; run checkout "${BENCH[$name]}" "$R"; } >> "$OUT/ab.log"
+done
+for name in "${trees[@]}"; do
+  t=$(left 240)
+  if [ "$t" -lt 30 ]; then echo "$name tests: skipped, ${t}s left of the deadline" >> "$OUT/ab.log"; continue; fi
+  (cd "$R/.trees/$name" && PYTHONPATH=$R/.trees/$name MOE_RAW_HYPOTHESIS_PROFILE=gpu timeout "$t" python3 -m pytest -q -n 14 \
+    -m "gpu and not slow" -p no:cacheprovider ${TESTS[$name]}) > "$OUT/tests-$name.log" 2>&1
+  echo "$name tests rc=$? (+${SECONDS}s)" >> "$OUT/ab.log"
+done
+# Last, on the checkout: permute beside its ceilings at every bench shape. Its "copy only" column (rows moved from a
 # finished row map, no lookups) says whether permute's forward on this card is held by the routing lookups (copy only
 # well above permute) or by the scattered writes themselves (the two level): measured so far on the H100 only.
 run checkout "python3 -m bench.probe_permute" "$R" > "$OUT/probe.log"
-for dir in "$R"/.trees/*/; do
-  name=$(basename "$dir")
-  [ -n "${BENCH[$name]:-}" ] || continue
-  { run checkout "${BENCH[$name]}" "$R"; run "$name" "${BENCH[$name]}" "$dir"; run checkout "${BENCH[$name]}" "$R"; } >> "$OUT/ab.log"
-  (cd "$dir" && PYTHONPATH=$dir MOE_RAW_HYPOTHESIS_PROFILE=gpu timeout 240 python3 -m pytest -q -n 14 -m "gpu and not slow" \
-    -p no:cacheprovider ${TESTS[$name]}) > "$OUT/tests-$name.log" 2>&1
-  echo "$name tests rc=$?" >> "$OUT/ab.log"
-done
