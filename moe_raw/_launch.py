@@ -120,17 +120,21 @@ def _compile_group(family: str, name: str) -> tuple[str, ...]:
     one (V, L) pair's forward and backward, of which a model uses one (its E). Groups: the router's and quantize's
     instances of the same template arguments (a pair; an element type's quantize kernels), permute's gathers one
     group per element type and the rest of permute one; chunks and topk whole (under 1 s)."""
-    names = KERNELS[family]
+    key = _group_key(family, name)
+    return tuple(n for n in KERNELS[family] if _group_key(family, n) == key)
+
+
+_GATHERS = ("gather_reduce", "gather_warp", "unpermute_bwd")  # permute.cu's row sums, templated on the element type
+
+
+def _group_key(family: str, name: str):
+    """What the instances of one compile group share (``_compile_group``)."""
     args = name[name.index("<") :]
     if family in ("router", "quantize"):  # router_fwd<V, L> with router_bwd<V, L>; quantize_*<T> of one T
-        return tuple(n for n in names if n.endswith(args))
-    if family == "permute":
-        gathers = ("gather_reduce", "gather_warp", "unpermute_bwd")
-        if base_name(name) in gathers:  # the row sums of one element type, every vector width
-            ctype = args[1:].split(",")[0]
-            return tuple(n for n in names if base_name(n) in gathers and n[n.index("<") + 1 :].startswith(ctype + ","))
-        return tuple(n for n in names if base_name(n) not in gathers)  # the map kernels and the byte movers
-    return names
+        return args
+    if family == "permute" and base_name(name) in _GATHERS:  # "<T": one element type, every vector width
+        return args.split(",")[0]
+    return None  # the rest of the family: permute's map kernels and byte movers, chunks, topk
 
 
 _lock = threading.Lock()

@@ -33,14 +33,15 @@ def _nvrtc_program(code, name, names, method="cubin"):
     return compiler, compiler._NVRTCProgram(code, name, name_expressions=names, method=method)
 
 
-def _options(arch=90):
+def _options(arch=90, ptx=False):
     """CuPy's NVRTC options for a device of compute capability ``arch`` (cupy/cuda/compiler.py in CuPy 14:
     _compile_with_cache_cuda adds -ftz=true; _compile_using_nvrtc_no_warning -arch=sm_XX, which makes a cubin, and
     --device-as-default-execution-space). On a CUDA machine CuPy adds the toolkit headers itself; here the nvcc
     install provides cuda_bf16.h."""
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     include = [f"-I{cuda_home}/include"] if os.path.isdir(f"{cuda_home}/include") else []
-    return (*_launch.NVRTC_OPTIONS, "-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space", *include)
+    target = f"-arch=compute_{arch}" if ptx else f"-arch=sm_{arch}"  # compute_XX: PTX to read, no ptxas
+    return (*_launch.NVRTC_OPTIONS, "-ftz=true", target, "--device-as-default-execution-space", *include)
 
 
 # One architecture of each set of __CUDA_ARCH__ branches in kernels/: below 9.0 (no bulk copies), 9.0 (common.cuh's
@@ -61,9 +62,7 @@ def test_nvrtc_compiles_every_instance(family, arch):
         pytest.skip(f"NVRTC {major}.{minor} cannot target sm_{arch} (sm_100 / sm_120 need NVRTC >= 12.8)")
     names = list(_launch.KERNELS[family])
     cubin = arch in _CUBIN_ARCHS
-    options = _options(arch)
-    if not cubin:
-        options = tuple(o.replace(f"-arch=sm_{arch}", f"-arch=compute_{arch}") for o in options)
+    options = _options(arch, ptx=not cubin)
     compiler, prog = _nvrtc_program(_launch.kernel_source(family), f"{family}.cu", names, "cubin" if cubin else "ptx")
     log = io.StringIO()
     binary, mapping = prog.compile(options, log)
@@ -133,7 +132,7 @@ def test_nvrtc_compiles_each_group_alone(family):
     """Each group compiles by itself, as the launcher compiles it (to PTX for sm_90 with an empty log: an instance
     that compiled only beside another, e.g. a template another group instantiates, would fail here)."""
     _nvrtc()
-    options = tuple(o.replace("-arch=sm_90", "-arch=compute_90") for o in _options(90))
+    options = _options(90, ptx=True)
     for group in _groups(family):
         _, prog = _nvrtc_program(_launch.kernel_source(family), f"{family}.cu", list(group), method="ptx")
         log = io.StringIO()
@@ -151,7 +150,7 @@ def test_nvrtc_compiles_the_permute_probe_kernels(arch):
 
     from bench import probe_permute as P
 
-    options = tuple(o.replace(f"-arch=sm_{arch}", f"-arch=compute_{arch}") for o in _options(arch))  # PTX to read
+    options = _options(arch, ptx=True)
     width = {"P": "u64", "q": "u64", "i": "u32"}
     for code, name, signature in ((P._WRITE_ONLY_SRC, "write_only_rows", P._WRITE_ONLY_SIGNATURE),
                                   (P._phased_source(), "phased_rows", P._PHASED_SIGNATURE)):  # fmt: skip
