@@ -26,7 +26,7 @@ declare -A TESTS=(
 # timeout is cut to the time left, and a step with under 30 s left is skipped (logged). Order: every tree's A/B
 # first (the result), then each tree's GPU tests, then the probe.
 DEADLINE=${AB_DEADLINE:-570}
-left() { local t=$((DEADLINE - SECONDS)); [ "$t" -lt "$1" ] && t=$((t < 0 ? 0 : t)) || t=$1; echo "$t"; }
+left() { local t=$((DEADLINE - SECONDS)); t=$((t > $1 ? $1 : t)); echo $((t < 0 ? 0 : t)); }  # min(cap, time left)
 run() {
   local t; t=$(left 150)
   if [ "$t" -lt 30 ]; then echo "=== [$1] $2: skipped, ${t}s left of the deadline"; return; fi
