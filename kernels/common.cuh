@@ -145,6 +145,22 @@ __device__ __forceinline__ void stage_fill_wait() {
 }
 #endif
 
+// Programmatic dependent launch (sm_90+). A kernel launched with overlap (moe_raw/_launch.py launch(...,
+// overlap=True)) may start while the kernel before it on the stream is still running: before pdl_wait() it must
+// not read anything that kernel writes, nor write anything that kernel reads; pdl_wait() returns once that kernel
+// has completed and its writes are visible. pdl_trigger() in the kernel before lets such a launch start at once
+// instead of when its blocks exit. Both are no-ops below sm_90, for a launch without overlap, and in the emulator.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Compaction across a warp (all 32 lanes call it): the lanes with `has` set take consecutive slots from n on, in
 // lane order (*slot); returns n plus their count. A warp-a-token kernel builds its token's row list with it, 32
 // experts at a time, in ascending expert order and with no block barrier.

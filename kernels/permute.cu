@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict_
                                                          int64_t map_st, int64_t map_se, int64_t num_tokens,
                                                          int num_experts, int* __restrict__ ws) {
   static_assert(kThreads == kTileTokens, "one thread per token of the tile");
+  pdl_trigger();  // a single-block pack is the last map kernel: permute_scatter may start loading rows now
   __shared__ int warp_count[kThreads / 32][32];
   const int64_t n_words = (num_tokens + 31) / 32, n_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
   uint32_t* words = reinterpret_cast<uint32_t*>(ws);
@@ -223,6 +224,7 @@ __global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict_
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) routing_scan(int* __restrict__ ws, int64_t num_tokens, int num_experts) {
+  pdl_trigger();  // permute_scatter, launched with overlap after it, loads its first rows while this block scans
   scan_tiles(ws, num_tokens, num_experts);
 }
 
@@ -235,6 +237,7 @@ __global__ void __launch_bounds__(kThreads)
     pad_offsets(const int* __restrict__ ws, int64_t num_tokens, int num_experts, int64_t n_keep, int align,
                 int* __restrict__ pad_ranges, int* __restrict__ kept_out, int64_t* __restrict__ tokens_per_expert,
                 int64_t* __restrict__ padded_counts) {
+  pdl_trigger();  // the aligned layout's last map kernel: permute_scatter may start loading rows now
   const Tables tab(ws, num_tokens, num_experts);
   int carry = 0;
   for (int e0 = 0; e0 < num_experts; e0 += kThreads) {
@@ -361,10 +364,28 @@ __device__ __forceinline__ void scatter_token(
     int64_t* __restrict__ sorted_indices, const void* __restrict__ probs, int probs_code, int64_t probs_st,
     int64_t probs_se, void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
   using V = typename Vec<VB>::type;
+  const int64_t t = blockIdx.x;
+#ifdef MOE_RAW_BULK_COPY
+  // Hopper, 16-byte rows: the stage (kStageBytes of the row at a time) after the 2 * E ints. Its first fill starts
+  // here, before the places are looked up (map entry -> tables -> row map: two dependent trips to memory that the
+  // row does not depend on), so the row's load overlaps them instead of following them. It starts before pdl_wait
+  // too: launched with overlap, the first blocks load their rows while the map kernels finish (they write only the
+  // tables, ws).
+  constexpr int kStageBytes = 16384;  // moe_raw/_kernels/dispatch.py _STAGE_BYTES sizes the shared memory
+  uint8_t* stage = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(dest_rows + 2 * num_experts) + 127) & ~static_cast<uintptr_t>(127));
+  auto fill_stage = [&](int64_t off, int bytes) {  // starts this thread's share of the stage fill (cp.async)
+    const uint8_t* s = src + t * src_stride + off;
+    for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) stage_fill16(stage + 16 * v, s + 16 * v);
+  };
+  if constexpr (VB == 16) {
+    if (src && t < num_tokens) fill_stage(0, static_cast<int>(min(static_cast<int64_t>(kStageBytes), row_bytes)));
+  }
+#endif
+  pdl_wait();  // the tables (and, in the aligned layout, pad_ranges) are complete from here on
   const int64_t total = tab.start(num_experts);
   const int64_t kept =
       drop_and_pad ? n_rows : (pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows));
-  const int64_t t = blockIdx.x;
   if (t >= num_tokens) {
     zero_unowned_rows<VB>(dst, row_bytes, kept, n_rows, t - num_tokens, pad_ranges, num_experts, sorted_indices,
                           permuted_probs, probs_code);
@@ -377,21 +398,6 @@ __device__ __forceinline__ void scatter_token(
   // register path compacts all of them with one block scan in ascending expert order whatever E is (a scan per 128
   // experts cost DeepSeek-V3's E = 256 a second round of barriers).
   int* scratch = dest_rows + num_experts;  // [num_experts]: the row of each expert, -1 if none
-#ifdef MOE_RAW_BULK_COPY
-  // Hopper, 16-byte rows: the stage (kStageBytes of the row at a time) after the 2 * E ints. Its first fill starts
-  // here, before the places are looked up (map entry -> tables -> row map: two dependent trips to memory that the
-  // row does not depend on), so the row's load overlaps them instead of following them.
-  constexpr int kStageBytes = 16384;  // moe_raw/_kernels/dispatch.py _STAGE_BYTES sizes the shared memory
-  uint8_t* stage = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(dest_rows + 2 * num_experts) + 127) & ~static_cast<uintptr_t>(127));
-  auto fill_stage = [&](int64_t off, int bytes) {  // starts this thread's share of the stage fill (cp.async)
-    const uint8_t* s = src + t * src_stride + off;
-    for (int v = threadIdx.x; v < bytes / 16; v += blockDim.x) stage_fill16(stage + 16 * v, s + 16 * v);
-  };
-  if constexpr (VB == 16) {
-    if (src) fill_stage(0, static_cast<int>(min(static_cast<int64_t>(kStageBytes), row_bytes)));
-  }
-#endif
   const int per = (num_experts + blockDim.x - 1) / blockDim.x;
   const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
   int mine = 0;

@@ -22,6 +22,7 @@ CuPy is imported, and its disk cache's failures absorbed, by ``moe_raw._cupy_cac
 
 from __future__ import annotations
 
+import ctypes
 import importlib.resources
 import os
 import pathlib
@@ -175,6 +176,22 @@ def check_device(index: int) -> None:
     _supported_devices.add(index)
 
 
+_bulk_copy_devices: dict = {}  # device index -> has_bulk_copy
+
+
+def has_bulk_copy(device: torch.device) -> bool:
+    """Whether the kernels compile their bulk-copy paths for ``device`` (a CUDA device of sm_90+: kernels/common.cuh
+    defines MOE_RAW_BULK_COPY there; False for any other device). sm_90 also runs programmatic dependent launches
+    (``launch(..., overlap=True)``). Cached: one dict lookup after the first call. The test emulator, whose kernels
+    take those paths on CPU tensors, replaces it."""
+    if device.type != "cuda":
+        return False
+    ok = _bulk_copy_devices.get(device.index)
+    if ok is None:
+        ok = _bulk_copy_devices[device.index] = torch.cuda.get_device_capability(device.index)[0] >= 9
+    return ok
+
+
 class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel source; the message carries the compiler log with real file:line locations."""
 
@@ -296,13 +313,18 @@ def ptr(x) -> int:
     return x.__cuda_array_interface__["data"][0]
 
 
-def launch(family: str, name: str, device: torch.device, grid, block: int, args: tuple, shared_mem: int = 0):
+def launch(
+    family: str, name: str, device: torch.device, grid, block: int, args: tuple, shared_mem: int = 0,
+    overlap: bool = False,
+):  # fmt: skip
     """Launch kernel ``name`` of ``kernels/<family>.cu`` on torch's current stream of ``device``.
 
     grid: int (grid.x < 2^31) or (x, y); block: threads per block; args: Python ints in kernel order, device
     addresses from ``ptr`` (SIGNATURES gives each parameter's C type). Callers skip launches with no work.
     cuLaunchKernel copies the parameters before it returns, so the buffer is reused at once (a captured CUDA
     graph keeps its own copy). This is the hot path of every small call: keep it free of lookups.
+    overlap: a programmatic dependent launch (kernels/common.cuh pdl_wait), which may start before the kernel
+    ahead of it on the stream has finished; only for kernels that call pdl_wait() before touching its outputs.
     """
     index = device.index
     if index is None:
@@ -310,7 +332,7 @@ def launch(family: str, name: str, device: torch.device, grid, block: int, args:
     kern = _kernels.get((family, name, index)) or function(family, name, index)
     if shared_mem > _SHARED_NO_OPT_IN:
         _allow_shared_mem(kern[0], index, shared_mem)
-    launch_compiled(kern, index, grid, block, args, shared_mem)
+    launch_compiled(kern, index, grid, block, args, shared_mem, overlap)
 
 
 # A block gets 48 KiB of shared memory (static + dynamic) unless its function opted in to more. The row kernels'
@@ -345,8 +367,9 @@ def compiled_kernel(cufunction: int, signature: str, owner=None) -> tuple:
     return (cufunction, params.pack_into, size, owner)
 
 
-def launch_compiled(kern: tuple, index: int, grid, block: int, args: tuple, shared_mem: int = 0):
-    """Launch a ``function`` / ``compiled_kernel`` tuple on torch's current stream of device ``index``."""
+def launch_compiled(kern: tuple, index: int, grid, block: int, args: tuple, shared_mem: int = 0, overlap=False):
+    """Launch a ``function`` / ``compiled_kernel`` tuple on torch's current stream of device ``index`` (overlap:
+    see ``launch``)."""
     buf = getattr(_tls, "buf", None)
     if buf is None:
         buf, base = _param_buffer()
@@ -354,17 +377,18 @@ def launch_compiled(kern: tuple, index: int, grid, block: int, args: tuple, shar
         base = _tls.base
     kern[1](buf, 40, kern[2], *args)
     gx, gy = grid if grid.__class__ is tuple else (grid, 1)
+    run = _launch_kernel_overlapped if overlap else _launch_kernel
     if _get_device() != index:
         with _cupy_cache.cupy().cuda.Device(index):
-            _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
+            run(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
         return
     try:
-        _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
+        run(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
     except _cupy_cache.cupy().cuda.driver.CUDADriverError as e:
         if "CUDA_ERROR_INVALID_CONTEXT" not in str(e):
             raise
         _cupy_cache.cupy().cuda.runtime.setDevice(index)  # a thread with no current context yet: bind the primary one
-        _launch_kernel(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
+        run(kern[0], gx, gy, 1, block, 1, 1, shared_mem, _raw_stream(index), 0, base)
 
 
 def _launch_kernel(*args):
@@ -373,6 +397,50 @@ def _launch_kernel(*args):
     cupy = _cupy_cache.cupy()
     _launch_kernel, _get_device = cupy.cuda.driver.launchKernel, cupy.cuda.runtime.getDevice
     return _launch_kernel(*args)
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h): the id, padding to 8, a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
+    _fields_ = [(f, ctypes.c_uint) for f in ("gx", "gy", "gz", "bx", "by", "bz", "shared_mem")] + [
+        ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)
+    ]  # fmt: skip
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def _launch_kernel_overlapped(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params, extra):
+    """cuLaunchKernelEx with programmatic stream serialization allowed (the arguments of cuLaunchKernel), through
+    ctypes: CuPy has no binding for it. Where the driver library or the entry point is missing, a plain launch
+    (correct: the kernel's pdl_wait() then returns at once)."""
+    global _launch_kernel_overlapped
+    try:
+        entry = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError):
+        _launch_kernel_overlapped = _launch_kernel
+        return _launch_kernel(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params, extra)
+    entry.restype = ctypes.c_int
+    entry.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    driver_error = _cupy_cache.cupy().cuda.driver.CUDADriverError
+
+    def launch_overlapped(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params, extra):
+        config = getattr(_tls, "overlap_config", None)
+        if config is None:  # one config and attribute a thread (the attribute is the same for every launch)
+            attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+            attr.value[0] = 1
+            config = _LaunchConfig(attrs=ctypes.pointer(attr), num_attrs=1)
+            _tls.overlap_config, _tls.overlap_attr = config, attr
+        config.gx, config.gy, config.gz, config.bx, config.by, config.bz = gx, gy, gz, bx, by, bz
+        config.shared_mem, config.stream = shared_mem, stream
+        status = entry(ctypes.byref(config), f, params or None, extra)
+        if status:
+            raise driver_error(status)
+
+    _launch_kernel_overlapped = launch_overlapped
+    return launch_overlapped(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params, extra)
 
 
 def _get_device() -> int:

@@ -113,6 +113,28 @@ def test_permute(emulated, case):
     assert ("permute_small" in launched()) == (T * E <= D._SMALL_MAP), launched()
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=case_id)
+def test_permute_overlapped_launch(emulated, monkeypatch, case):
+    """Where permute_scatter stages rows (16-byte rows, a device with programmatic dependent launch), they total
+    _OVERLAP_MIN_BYTES and no host read came between (num_out_tokens given), it is launched with overlap after the
+    map kernels (its blocks start loading rows before routing_scan ends; kernels/common.cuh pdl_wait), with the CPU
+    path's outputs; below the size, or after the read of N, a plain launch."""
+    x, routing_map, probs = make_case(case)
+    n = int(routing_map.sum())
+    monkeypatch.setattr(D, "_SMALL_MAP", 0)  # permute_scatter (with tables) for a known N too
+    for num_out_tokens in (n, None):
+        want = _cpu.permute(x, routing_map, probs, num_out_tokens, False)
+        for min_bytes in (0, x.numel() * x.element_size() + 1):
+            monkeypatch.setattr(D, "_OVERLAP_MIN_BYTES", min_bytes)
+            cuda_emu.overlapped.clear()
+            got = D._permute_cuda(x, routing_map, probs, num_out_tokens, False)
+            for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+                assert_same(g, w, name)
+            overlapped = min_bytes == 0 and num_out_tokens is not None
+            want_launch = ["moe_raw::permute_scatter<16>"] if overlapped else []
+            assert cuda_emu.overlapped == want_launch, (num_out_tokens, min_bytes, cuda_emu.overlapped)
+
+
 @pytest.mark.parametrize("case", CASES[1:6] + CASES[7:], ids=case_id)
 def test_permute_strided_rows_and_int_map(emulated, case):
     x, routing_map, probs = make_case(case, strided=True)

@@ -4,6 +4,7 @@ fails here instead of launching a wrong grid or too little shared memory."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -41,3 +42,51 @@ def test_launch_names_use_the_kernels_template_constants():
     """The template arguments baked into launch names (routing_pack<256>, routing_scan<1024>) match the tile sizes."""
     source = Path(D.__file__).read_text()
     assert f"moe_raw::routing_pack<{D._TILE_TOKENS}>" in source
+
+
+def test_launch_config_structs_match_cuda_h(tmp_path):
+    """moe_raw._launch's ctypes mirrors of CUlaunchConfig / CUlaunchAttribute (the overlapped launch's
+    cuLaunchKernelEx) have cuda.h's sizes and field offsets, compiled here from the toolkit's header."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from moe_raw import _launch
+
+    include = Path("/usr/local/cuda/include")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not (include / "cuda.h").is_file():
+        pytest.skip("needs a C compiler and the CUDA toolkit's cuda.h")
+    src = tmp_path / "layout.c"
+    src.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <cuda.h>\nint main(void) {\n"
+        '  printf("%zu %zu %zu %zu %zu %zu %d\\n", sizeof(CUlaunchAttribute), offsetof(CUlaunchAttribute, value),\n'
+        "         sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, hStream), offsetof(CUlaunchConfig, attrs),\n"
+        "         offsetof(CUlaunchConfig, numAttrs), (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);\n"
+        "  return 0;\n}\n"
+    )
+    subprocess.run([cc, f"-I{include}", str(src), "-o", str(tmp_path / "layout")], check=True)
+    want = [int(v) for v in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True).stdout.split()]
+    A, C = _launch._LaunchAttribute, _launch._LaunchConfig
+    got = [ctypes.sizeof(A), A.value.offset, ctypes.sizeof(C), C.stream.offset, C.attrs.offset, C.num_attrs.offset,
+           _launch._PROGRAMMATIC_STREAM_SERIALIZATION]  # fmt: skip
+    assert got == want
+
+
+@pytest.mark.skipif(os.environ.get("MOE_RAW_EMULATE_KERNELS") == "1", reason="the emulator replaces the launchers")
+def test_overlapped_launch_falls_back_without_the_driver_entry(monkeypatch):
+    """Where libcuda or its cuLaunchKernelEx cannot be loaded, an overlapped launch is a plain one (the kernels'
+    pdl_wait() then returns at once), not an error."""
+    import ctypes
+
+    from moe_raw import _launch
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    calls = []
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    monkeypatch.setattr(_launch, "_launch_kernel", lambda *args: calls.append(args))
+    monkeypatch.setattr(_launch, "_launch_kernel_overlapped", _launch._launch_kernel_overlapped)
+    _launch._launch_kernel_overlapped(7, 2, 1, 1, 128, 1, 1, 0, 0, 0, 1234)
+    assert calls == [(7, 2, 1, 1, 128, 1, 1, 0, 0, 0, 1234)]

@@ -1047,10 +1047,16 @@ def _graph_step(path, T, H, n_out, x, rm, p, g):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
 @pytest.mark.parametrize("path", _GRAPH_PATHS)
-def test_cuda_graph_capture_and_replay(path):
+def test_cuda_graph_capture_and_replay(path, overlap, monkeypatch):
     """Capture permute -> unpermute and their backward with num_out_tokens given; replay on new data (more and
-    fewer routed pairs than num_out_tokens) == eager. Any host sync during capture raises."""
+    fewer routed pairs than num_out_tokens) == eager. Any host sync during capture raises. overlapped: permute's
+    row kernel captured as a programmatic dependent launch (on sm_90; the size threshold lowered to 0)."""
+    if overlap:
+        from moe_raw._kernels import dispatch
+
+        monkeypatch.setattr(dispatch, "_OVERLAP_MIN_BYTES", 0)
     T, H, E, K = 256, 1024, 16, 4
     n_out = T * K - 40  # topk maps overflow it (dropped tail), sparse maps underflow it (spare rows)
     with_probs = path != "csr"
@@ -1096,6 +1102,32 @@ def test_cuda_graph_capture_and_replay(path):
         assert_exact(sx.grad, xl.grad, f"graph replay ({kind}) d tokens")
         if pl is not None:
             assert_exact(sp.grad, pl.grad, f"graph replay ({kind}) d probs")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("T, E, H, K", [(300, 16, 1024, 4), (4096, 256, 7168, 8), (2048, 64, 2048, 6)])
+def test_overlapped_row_kernel_matches_plain(T, E, H, K, monkeypatch):
+    """permute and permute_and_pad, N given or not, with permute_scatter launched with overlap where allowed (every
+    size, N given) or plainly (no size): bit-identical rows, probs, row maps and indices, on a side stream too (the
+    launch goes on torch's current stream)."""
+    from moe_raw._kernels import dispatch
+
+    rm = make_routing(T, E, K, DEV, "sparse")
+    x, p = _randn((T, H), BF16, DEV), make_probs(rm, F32)
+    results = {}
+    for overlap, threshold in ((True, 0), (False, 1 << 62)):
+        monkeypatch.setattr(dispatch, "_OVERLAP_MIN_BYTES", threshold)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            got = (*moe_raw.permute(x, rm, p, num_out_tokens=T * K, fused=True), *moe_raw.permute(x, rm, p),
+                   *moe_raw.permute_and_pad(x, rm, p, 16, num_out_tokens=T * K),
+                   *moe_raw.permute_and_pad(x, rm, p, 16))  # fmt: skip
+        torch.cuda.current_stream().wait_stream(side)
+        results[overlap] = got
+    for i, (a, b) in enumerate(zip(results[True], results[False], strict=True)):
+        assert_exact(a, b, f"output {i}")
 
 
 @pytest.mark.gpu
@@ -1173,8 +1205,8 @@ def test_warp_kernels_fit_the_default_shared_memory(dtype, num_experts, monkeypa
     from moe_raw._kernels import dispatch as D
 
     launches = []
-    monkeypatch.setattr(D, "launch", lambda family, name, dev, grid, block, args, shared_mem=0: launches.append(
-        (name, shared_mem)))  # fmt: skip
+    monkeypatch.setattr(D, "launch", lambda family, name, dev, grid, block, args, shared_mem=0, overlap=False:
+                        launches.append((name, shared_mem)))  # fmt: skip
     T, H = 40, 64
     rm = make_routing(T, num_experts, 4)
     p = make_probs(rm, F64 if dtype == F64 else F32)

@@ -29,6 +29,10 @@ _TAIL_ROWS = 32  # kTailRows
 # expert's padding range, not align): 4 cover 128 rows at once, and more are strided.
 _PAD_BLOCKS = 4
 _STAGE_BYTES = 16384  # kStageBytes
+# permute_scatter is launched with overlap (a programmatic dependent launch: its blocks load their token rows while
+# the map kernels before it finish) where it stages rows (sm_90, 16-byte rows) and the rows total at least this
+# many bytes; below it the plain launch's lower host cost matters more than a few microseconds of GPU time.
+_OVERLAP_MIN_BYTES = 1 << 22
 # Bytes past the row lists of gather_reduce / unpermute_bwd: nvcc loads the lists up to 4 entries ahead of the loop
 # bound (two float weights as one 8-byte load, past a 1-expert list: compute-sanitizer memcheck on an H100), so the
 # allocation covers 4 more fp64 entries.
@@ -138,14 +142,17 @@ def _on_warps(list_bytes: int) -> bool:
 _SCATTER_NAMES = {(way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in (16, 8, 4, 2, 1)}
 
 
-def _scatter(
-    tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, extra_blocks, n_keep, capacity, pads
+def _scatter(  # fmt: skip
+    tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, extra_blocks, n_keep, capacity, pads,
+    map_pending,
 ):
     """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
     padding rows. With ``ws`` (the routing tables' address) permute_scatter; ``ws`` 0 (no tables: a map of at most
     _SMALL_MAP entries) permute_small. ``tokens`` None writes only the row map / indices / probs (no rows).
     ``capacity``: rows per expert of drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges
-    (row map line T + 1)."""
+    (row map line T + 1). ``map_pending``: no host read since the map kernels were queued, so they may still run
+    and the row kernel's overlapped launch has something to hide; after a read (N unknown) they have finished, and
+    the plain launch's lower host cost is exposed instead (H100 A/B: unknown N 0.5-1.3% slower overlapped)."""
     num_tokens, num_experts = routing_map.shape
     way = "scatter" if ws else "small"
     src_ptr = src_stride = row_bytes = stage = 0
@@ -161,12 +168,17 @@ def _scatter(
     counts = 0 if ws else 4 * ((3 * num_experts + 2) & ~1)
     blocks, shared = num_tokens + extra_blocks, counts + 8 * num_experts + stage
     map_st, map_se = routing_map.stride()
+    device = routing_map.device
+    overlap = (
+        map_pending and ws and stage and num_tokens * row_bytes >= _OVERLAP_MIN_BYTES
+        and _launch.has_bulk_copy(device)
+    )  # fmt: skip
     launch(
-        "permute", _SCATTER_NAMES[way, vb], routing_map.device, blocks, _ROW_THREADS,
+        "permute", _SCATTER_NAMES[way, vb], device, blocks, _ROW_THREADS,
         (src_ptr, src_stride, ptr(out), row_bytes, num_tokens, num_experts, n_rows, int(capacity is not None),
          capacity or 0, routing_map.data_ptr(), routing_map.element_size(), map_st, map_se, ws, row_map.data_ptr(),
          ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads)),
-        shared_mem=shared,
+        shared_mem=shared, overlap=bool(overlap),
     )  # fmt: skip
 
 
@@ -197,7 +209,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     pprobs = probs.new_empty(n_rows) if probs is not None else None
     src = tokens if want_rows else None
     _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, tail_blocks, n_rows,
-             capacity if drop_and_pad else None, None)  # fmt: skip
+             capacity if drop_and_pad else None, None, num_out_tokens is not None)  # fmt: skip
     return out, pprobs, row_map, indices
 
 
@@ -395,7 +407,7 @@ def _permute_and_pad_cuda(tokens, routing_map, probs, align, num_out_tokens):
     pprobs = torch.empty(n_rows, dtype=probs.dtype, device=dev) if probs is not None else None
     extra_blocks = cdiv(n_rows, _TAIL_ROWS) + _pad_blocks(num_experts, align)  # spare rows, the experts' padding
     _scatter(tokens, out, routing_map, ws, row_map, None, probs, pprobs, n_rows, extra_blocks, n_keep, None,
-             row_map[num_tokens + 1])  # fmt: skip
+             row_map[num_tokens + 1], num_out_tokens is not None)  # fmt: skip
     return out, pprobs, row_map, counts[0], counts[1]
 
 

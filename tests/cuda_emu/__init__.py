@@ -170,6 +170,7 @@ class EmulatedKernelError(RuntimeError):
 
 
 launches: list = []  # (kernel name, grid, block, shared bytes) of every emulated launch, for tests that check which
+overlapped: list = []  # kernel names of the launches made with overlap (programmatic dependent launches)
 
 
 def _function(family: str, name: str, index: int):
@@ -186,6 +187,13 @@ def _launch_kernel(handle, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
     run(lib, i, (gx, gy), bx, smem, extra + _launch._PARAMS_OFFSET, name)  # the parameters _launch packed
 
 
+def _launch_kernel_overlapped(handle, *args):
+    """An overlapped launch (``_launch.launch(..., overlap=True)``): recorded in ``overlapped``, then run as any
+    other (the emulator runs launches one after another, which an overlapped launch's pdl_wait also guarantees)."""
+    overlapped.append(_handles[handle][1])
+    _launch_kernel(handle, *args)
+
+
 @contextlib.contextmanager
 def emulated(order: str = "ascending"):
     """Inside: every ``moe_raw._launch`` launch runs on the emulator (CPU tensors), threads resumed in ``order``
@@ -198,6 +206,8 @@ def emulated(order: str = "ascending"):
         _get_device=_launch._get_device,
         _raw_stream=_launch._raw_stream,
         _allow_shared_mem=_launch._allow_shared_mem,
+        _launch_kernel_overlapped=_launch._launch_kernel_overlapped,
+        has_bulk_copy=_launch.has_bulk_copy,
         _kernels=dict(_launch._kernels),
     )
     current_device = torch.cuda.current_device
@@ -208,6 +218,8 @@ def emulated(order: str = "ascending"):
         _launch._get_device = lambda: 0
         _launch._raw_stream = lambda index: 0
         _launch._allow_shared_mem = lambda *args: None
+        _launch._launch_kernel_overlapped = _launch_kernel_overlapped
+        _launch.has_bulk_copy = lambda device: True  # cuda_emu.h defines MOE_RAW_BULK_COPY; pdl_wait is a no-op
         torch.cuda.current_device = lambda: 0
         yield
     finally:
