@@ -142,8 +142,20 @@ def _on_warps(list_bytes: int) -> bool:
 _SCATTER_NAMES = {(way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in (16, 8, 4, 2, 1)}
 
 
-def _scatter(  # fmt: skip
-    tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, extra_blocks, n_keep, capacity, pads,
+def _scatter(
+    tokens,
+    out,
+    routing_map,
+    ws,
+    row_map,
+    indices,
+    probs,
+    pprobs,
+    n_rows,
+    extra_blocks,
+    n_keep,
+    capacity,
+    pads,
     map_pending,
 ):
     """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
