@@ -12,15 +12,11 @@ mkdir -p "$OUT"
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /dev/null 2>&1 || echo "install failed" >> "$OUT/ab.log"
 # one entry per pending patch: its benchmark (one process; checkout, tree, checkout)
 declare -A BENCH=(
-  [pdl-scatter]="python3 -m bench.permute_fwd"
   [permute-grouped]="python3 -m bench.permute_fwd"
-  [grouped-pdl]="python3 -m bench.permute_fwd"
 )
 # the GPU test files each patch touches
 declare -A TESTS=(
-  [pdl-scatter]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py"
-  [permute-grouped]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_reliability_gpu.py tests/test_fuzz.py"
-  [grouped-pdl]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py tests/test_fuzz.py"
+  [permute-grouped]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py tests/test_fuzz.py"
 )
 # Everything ends before the device's 10-minute limit (AB_DEADLINE seconds after the start, default 570): each step's
 # timeout is cut to the time left, and a step with under 30 s left is skipped (logged). Order: every tree's A/B
