@@ -7,3 +7,5 @@ R=$PWD
 MOE_RAW_HYPOTHESIS_PROFILE=gpu timeout $((585 - SECONDS)) python3 -m pytest -v -n 14 -m "gpu and not slow" -p no:cacheprovider tests > $OUT/gpu-tests.log 2>&1
 echo "suite rc=$? (+${SECONDS}s)" >> $OUT/ab.log
 tail -3 $OUT/ab.log
+# time left: cold calls (pdl-scatter's launch path under a cold start)
+if [ $SECONDS -lt 530 ]; then timeout $((590 - SECONDS)) python3 -m bench.cold_call > $OUT/cold.log 2>&1; fi
