@@ -42,6 +42,9 @@
 //   spare rows and, in the aligned layout, P blocks per expert that zero its padding rows. Dynamic shared memory
 //   holds the token's row list (gather_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
 //   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
+//   Overlap: on sm_90, with 16-byte rows totalling >= 4 MiB and no host read since the map kernels (N given), the
+//   host launches permute_scatter as a programmatic dependent launch. Its blocks start their row's stage fill,
+//   then pdl_wait() before reading the tables; routing_pack / routing_scan / pad_offsets call pdl_trigger() first.
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
 //   last dim, VB divides the row bytes, the row stride and both base addresses; T * E < 2^31; E <= 4096;
 //   N < 2^31 - 2.
