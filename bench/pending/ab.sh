@@ -15,8 +15,9 @@ declare -A BENCH=(
   [permute-grouped]="python3 -m bench.permute_fwd"
   [permute-grouped-ilp]="python3 -m bench.permute_fwd"
 )
-# the GPU test files each patch touches (test_fuzz waits for the whole suite after a merge: with it, a tree's tests
-# outran their 240 s in bench/results/2026-12-05-h100-pending-ab3)
+# the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
+# (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in
+# bench/results/2026-12-05-h100-pending-ab3)
 declare -A TESTS=(
   [permute-grouped]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py"
   [permute-grouped-ilp]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py"
@@ -42,7 +43,7 @@ done
 for name in "${trees[@]}"; do
   t=$(left 240)
   if [ "$t" -lt 30 ]; then echo "$name tests: skipped, ${t}s left of the deadline" >> "$OUT/ab.log"; continue; fi
-  (cd "$R/.trees/$name" && PYTHONPATH=$R/.trees/$name MOE_RAW_HYPOTHESIS_PROFILE=gpu timeout "$t" python3 -m pytest -q -n 14 \
+  (cd "$R/.trees/$name" && PYTHONPATH=$R/.trees/$name MOE_RAW_HYPOTHESIS_PROFILE=gpu timeout "$t" python3 -m pytest -v -n 14 \
     -m "gpu and not slow" -p no:cacheprovider ${TESTS[$name]}) > "$OUT/tests-$name.log" 2>&1
   echo "$name tests rc=$? (+${SECONDS}s)" >> "$OUT/ab.log"
 done
