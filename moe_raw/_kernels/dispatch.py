@@ -143,21 +143,9 @@ _SCATTER_NAMES = {(way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatte
 
 
 def _scatter(
-    tokens,
-    out,
-    routing_map,
-    ws,
-    row_map,
-    indices,
-    probs,
-    pprobs,
-    n_rows,
-    extra_blocks,
-    n_keep,
-    capacity,
-    pads,
+    tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, extra_blocks, n_keep, capacity, pads,
     map_pending,
-):
+):  # fmt: skip
     """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
     padding rows. With ``ws`` (the routing tables' address) permute_scatter; ``ws`` 0 (no tables: a map of at most
     _SMALL_MAP entries) permute_small. ``tokens`` None writes only the row map / indices / probs (no rows).
