@@ -230,9 +230,10 @@ def kernel_source(family: str) -> str:
         return f'#line 1 "{path}"\n' + "\n".join(lines)
 
 
-def _module(family: str, device_index: int, names: tuple[str, ...]):
-    """The compiled module of kernels/<family>.cu holding the instances ``names`` (a ``_compile_group``) for device
-    ``device_index``; compiled once per process (and from CuPy's disk cache after the first process)."""
+def _module(family: str, device_index: int, names: tuple[str, ...] | None = None):
+    """The compiled module of kernels/<family>.cu holding the instances ``names`` (default: all of KERNELS[family])
+    for device ``device_index``; compiled once per process (and from CuPy's disk cache after the first process)."""
+    names = KERNELS[family] if names is None else names
     key = (family, names, device_index)
     mod = _modules.get(key)
     if mod is not None:
