@@ -316,7 +316,7 @@ __device__ __forceinline__ int place_pair(const Prefix& tab, int64_t t, int e, i
                                           int64_t* __restrict__ sorted_indices, const void* __restrict__ probs,
                                           int probs_code, int64_t probs_st, int64_t probs_se,
                                           void* __restrict__ permuted_probs, int64_t n_keep,
-                                          const int* __restrict__ pad_ranges) {
+                                          const int* pad_ranges) {
   int row = -1;  // this pair's permuted row, -1 if none
   const bool routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
   if (!drop_and_pad) {
@@ -365,7 +365,7 @@ __device__ __forceinline__ void scatter_token(
     int64_t row_bytes, int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
     const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se, int* __restrict__ row_map,
     int64_t* __restrict__ sorted_indices, const void* __restrict__ probs, int probs_code, int64_t probs_st,
-    int64_t probs_se, void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+    int64_t probs_se, void* __restrict__ permuted_probs, int64_t n_keep, const int* pad_ranges) {
   using V = typename Vec<VB>::type;
   const int64_t t = blockIdx.x;
 #ifdef MOE_RAW_BULK_COPY
@@ -469,9 +469,10 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
     permute_scatter(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
                     int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
                     const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
-                    const int* __restrict__ ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
+                    const int* ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
                     const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
-                    void* __restrict__ permuted_probs, int64_t n_keep, const int* __restrict__ pad_ranges) {
+                    void* __restrict__ permuted_probs, int64_t n_keep, const int* pad_ranges) {
+  // ws and pad_ranges without __restrict__: the kernel ahead writes them (common.cuh pdl_wait)
   extern __shared__ int smem[];  // scatter_token's 2 * E ints and stage
   const Tables tab(ws, num_tokens, num_experts);
   scatter_token<VB>(tab, smem, src, src_stride, dst, row_bytes, num_tokens, num_experts, n_rows, drop_and_pad,
