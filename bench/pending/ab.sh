@@ -12,6 +12,7 @@ mkdir -p "$OUT"
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /dev/null 2>&1 || echo "install failed" >> "$OUT/ab.log"
 # one entry per pending patch: its benchmark (one process; checkout, tree, checkout)
 declare -A BENCH=(
+  [base]="python3 -m bench.permute_fwd"  # trees.sh BASE=REV: an older main
   [permute-grouped]="python3 -m bench.permute_fwd"
   [permute-grouped-ilp]="python3 -m bench.permute_fwd"
 )
@@ -22,6 +23,7 @@ declare -A TESTS=(
   [permute-grouped]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py"
   [permute-grouped-ilp]="tests/test_permute.py tests/test_padding.py tests/test_parity.py tests/test_launch_gpu.py tests/test_reliability_gpu.py"
 )
+# AB_TESTS=0: the A/B and the probe only (the caller runs the tests).
 # Everything ends before the device's 10-minute limit (AB_DEADLINE seconds after the start, default 570): each step's
 # timeout is cut to the time left, and a step with under 30 s left is skipped (logged). Order: every tree's A/B
 # first (the result), then each tree's GPU tests, then the probe.
@@ -41,6 +43,7 @@ for name in "${trees[@]}"; do
   { run checkout "${BENCH[$name]}" "$R"; run "$name" "${BENCH[$name]}" "$R/.trees/$name"; run checkout "${BENCH[$name]}" "$R"; } >> "$OUT/ab.log"
 done
 for name in "${trees[@]}"; do
+  [ -n "${TESTS[$name]:-}" ] && [ "${AB_TESTS:-1}" = 1 ] || continue  # base: main's tests run on the checkout
   t=$(left 240)
   if [ "$t" -lt 30 ]; then echo "$name tests: skipped, ${t}s left of the deadline" >> "$OUT/ab.log"; continue; fi
   (cd "$R/.trees/$name" && PYTHONPATH=$R/.trees/$name MOE_RAW_HYPOTHESIS_PROFILE=gpu timeout "$t" python3 -m pytest -v -n 14 \

@@ -2,7 +2,8 @@
 # Export main plus each pending patch as a tree under .trees/<name>/ (what bench/export_trees.sh does for a branch),
 # so one device call can A/B them beside the checkout: carry ".trees", then on the device
 #   bash bench/pending/ab.sh           (writes $OUT/ab.log and $OUT/tests-<name>.log)
-# Usage: bash bench/pending/trees.sh [NAME ...]   (default: every bench/pending/*.patch)
+# Usage: [BASE=REV] bash bench/pending/trees.sh [NAME ...]   (default: every bench/pending/*.patch)
+#   BASE: also export commit REV as .trees/base, to A/B a change already on main against the main before it
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 names=("$@")
@@ -17,4 +18,8 @@ for name in "${names[@]}"; do
   git apply --directory="$dir" "bench/pending/$name.patch"
   echo "$dir: main $(git rev-parse --short HEAD) + bench/pending/$name.patch" | tee "$dir/TREE"
 done
+if [ -n "${BASE:-}" ]; then
+  mkdir -p .trees/base && git archive "$BASE" | tar -x -C .trees/base
+  echo ".trees/base: $(git rev-parse --short "$BASE")" | tee .trees/base/TREE
+fi
 git rev-parse --short HEAD > .trees/MAIN_SHA
