@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (at most 570 s), after `BASE=a4dcb54 bash bench/pending/trees.sh permute-grouped-ilp` here,
-# carrying .trees. Logs in $OUT, most important first:
+# carrying .trees. Logs in $OUT, most important first (all by CALL_END seconds, default 570):
 # 1. on an H200 only, the record: python -m bench in full, cold calls, probe (about 190 s on an H100), record.tgz;
 # 2. bench/pending/ab.sh without tests: permute forward of the checkout (plain table loads, 484701d) beside
 #    .trees/base (a4dcb54: read-only table loads) and beside permute-grouped-ilp, then the probe;
@@ -13,8 +13,8 @@ R=$PWD
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "$gpu" > "$OUT0/gpu.txt"
 step() { echo "$1 rc=$2 (+${SECONDS}s)" >> "$OUT0/steps.log"; }
-tests() {  # tests DIR LOG: the permute files' GPU tests in DIR, by 570 s after the start
-  local left=$((570 - SECONDS))
+tests() {  # tests DIR LOG: the permute files' GPU tests in DIR, by CALL_END
+  local left=$((${CALL_END:-570} - SECONDS))
   [ "$left" -ge 60 ] || { step "$2 skipped" "-"; return; }
   (cd "$1" && PYTHONPATH=$1 MOE_RAW_HYPOTHESIS_PROFILE=gpu timeout "$left" python3 -m pytest -v -n 14 \
     -m "gpu and not slow" -p no:cacheprovider tests/test_permute.py tests/test_padding.py tests/test_parity.py \
