@@ -90,3 +90,16 @@ def test_overlapped_launch_falls_back_without_the_driver_entry(monkeypatch):
     monkeypatch.setattr(_launch, "_launch_kernel_overlapped", _launch._launch_kernel_overlapped)
     _launch._launch_kernel_overlapped(7, 2, 1, 1, 128, 1, 1, 0, 0, 0, 1234)
     assert calls == [(7, 2, 1, 1, 128, 1, 1, 0, 0, 0, 1234)]
+
+
+def test_overlapped_kernels_read_the_tables_through_plain_pointers():
+    """permute_scatter, the kernel launched with overlap (kernels/common.cuh pdl_wait), takes what the kernel ahead
+    writes (the tables ws, and pad_ranges) without ``const __restrict__``: read-only loads of them may be scheduled
+    above griddepcontrol.wait (nvcc 13.0 did so for sm_90 in a pending kernel: bench/results/2026-12-06-h100-main).
+    So do the helpers that pass pad_ranges on after the wait."""
+    source = (KERNELS / "permute.cu").read_text()
+    for fn in ("permute_scatter", "scatter_token", "place_pair"):
+        heads = re.findall(rf"\b{fn}\s*\(([^{{;]*)\)\s*{{", source)
+        assert len(heads) == 1, f"permute.cu: expected one definition of {fn}, found {len(heads)}"
+        for param in ("ws", "pad_ranges"):
+            assert not re.search(rf"__restrict__\s+{param}\b", heads[0]), f"{fn} takes {param} as __restrict__"
