@@ -153,7 +153,7 @@ __device__ __forceinline__ void stage_fill_wait() {
 // What that kernel writes must reach the overlapped kernel through pointers without `const __restrict__`: those
 // become read-only loads (ld.global.nc, LDG.CONSTANT), which ptxas may schedule above griddepcontrol.wait, since
 // read-only data cannot change during the kernel. nvcc 13.0 did so for sm_90 in a kernel of bench/pending
-// (permute-grouped: its first reads of the tables came before the wait, and 7 GPU tests failed, on an H100
+// (permute-grouped-ilp: its first reads of the tables came before the wait, and 7 GPU tests failed, on an H100
 // (bench/results/2026-12-06-h100-main); plain pointers kept them after it).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
