@@ -14,6 +14,7 @@ timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /d
 declare -A BENCH=(
   [base]="python3 -m bench.permute_fwd"  # trees.sh BASE=REV: an older main
   [permute-grouped-ilp]="python3 -m bench.permute_fwd"
+  [permute-grouped-all]="python3 -m bench.permute_fwd"  # the patch taken on every shape (constants 0)
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
 # (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in

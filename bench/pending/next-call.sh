@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The next device call, after `BASE=a4dcb54 bash bench/pending/trees.sh permute-grouped-ilp` here, carrying .trees.
+# The next device call, after `BASE=a4dcb54 bash bench/pending/trees.sh permute-grouped-ilp` here and a copy of that
+# tree as .trees/permute-grouped-all with dispatch.py's _GROUP_MIN_ROW_BYTES and _GROUP_MIN_PAIRS set to 0 (the patch
+# on every shape: the H100's rule may not be the H200's), carrying .trees.
 # Most important first, all by CALL_END seconds (default 570; lower it when little device time is left):
 # 1. on an H200 only, the record: python -m bench in full, cold calls, probe (about 190 s on an H100): record.tgz;
 # 2. the GPU tests that exercise the overlapped row kernels (overlap, grouped, row kernels agree, side stream, graph
 #    replay) on the checkout (main's plain table loads, 484701d) and in .trees/permute-grouped-ilp (about 100 s);
 # 3. bench/pending/ab.sh without its tests: permute forward of the checkout beside .trees/base (a4dcb54: read-only
-#    table loads) and beside permute-grouped-ilp, then the probe (about 90 s);
+#    table loads), permute-grouped-all and permute-grouped-ilp, then the probe (about 130 s);
 # 4. the whole GPU suite on the checkout in the time left (about 300 s on an H100).
 # Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), logs.tgz (tests-*.log, ab.log, probe.log,
 # record.log), record.tgz.
@@ -38,7 +40,7 @@ tests "$R" tests-main-overlap.log 100 "${FILES[@]}" -k "$K"
 tests "$R/.trees/permute-grouped-ilp" tests-permute-grouped-ilp.log 100 "${FILES[@]}" -k "$K"
 left=$((END - SECONDS))
 if [ "$left" -ge 60 ]; then
-  AB_TESTS=0 AB_DEADLINE=$((left < 100 ? left : 100)) bash bench/pending/ab.sh
+  AB_TESTS=0 AB_DEADLINE=$((left < 150 ? left : 150)) bash bench/pending/ab.sh
   step ab $?
 fi
 tests "$R" tests-main-suite.log 600 tests
