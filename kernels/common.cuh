@@ -152,9 +152,9 @@ __device__ __forceinline__ void stage_fill_wait() {
 // instead of when its blocks exit. Both are no-ops below sm_90, for a launch without overlap, and in the emulator.
 // What that kernel writes must reach the overlapped kernel through pointers without `const __restrict__`: those
 // become read-only loads (ld.global.nc, LDG.CONSTANT), which ptxas may schedule above griddepcontrol.wait, since
-// read-only data cannot change during the kernel. nvcc 13.0 did so for sm_90 in a kernel of bench/pending
-// (permute-grouped-ilp: its first reads of the tables came before the wait, and 7 GPU tests failed, on an H100
-// (bench/results/2026-12-06-h100-main); plain pointers kept them after it).
+// read-only data cannot change during the kernel. nvcc 13.0 did so for sm_90 in permute_grouped's first version
+// (its first reads of the tables came before the wait, and 7 GPU tests failed, on an H100:
+// bench/results/2026-12-06-h100-main); plain pointers kept them after it (bench/results/2026-12-06-h100-grouped).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

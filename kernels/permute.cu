@@ -6,6 +6,9 @@
 //   permute_scatter              one block per token: finds the token's rows from the tables, writes its row-map
 //                                line, sorted_indices / permuted_probs entries, and copies the token to each row
 //                                (on sm_90 with 16-byte rows: staged in shared memory, written by bulk copies).
+//   permute_grouped              permute_scatter for up to 32 consecutive tokens a block (sm_90, 16-byte rows of
+//                                8-16 KiB, K >= 4: where it won), all their rows staged, looked up at once, then
+//                                bulk-copied.
 //   permute_small                permute_scatter without the tables, for small maps with the row count given: each
 //                                block counts the whole map in shared memory (T * E reads a block), so a small
 //                                permute is one launch, not two.
@@ -38,7 +41,8 @@
 //
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
 //   routing_scan, pad_offsets: grid = 1, block = 1024. Row kernels: block = 128 threads striding over the row in
-//   VB-byte packs; grid = T token blocks (gather_warp: ceil(T / 4), a warp a token), then tail blocks that zero
+//   VB-byte packs; grid = T token blocks (gather_warp: ceil(T / 4), a warp a token; permute_grouped: 256 threads,
+//   ceil(T / group) blocks of `group` tokens and group * row bytes of stage), then tail blocks that zero
 //   spare rows and, in the aligned layout, P blocks per expert that zero its padding rows. Dynamic shared memory
 //   holds the token's row list (gather_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
 //   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
@@ -176,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict_
                                                          int64_t map_st, int64_t map_se, int64_t num_tokens,
                                                          int num_experts, int* __restrict__ ws) {
   static_assert(kThreads == kTileTokens, "one thread per token of the tile");
-  pdl_trigger();  // a single-block pack is the last map kernel: permute_scatter may start loading rows now
+  pdl_trigger();  // a single-block pack is the last map kernel: the row kernel may start loading rows now
   __shared__ int warp_count[kThreads / 32][32];
   const int64_t n_words = (num_tokens + 31) / 32, n_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
   uint32_t* words = reinterpret_cast<uint32_t*>(ws);
@@ -227,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict_
 
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) routing_scan(int* __restrict__ ws, int64_t num_tokens, int num_experts) {
-  pdl_trigger();  // permute_scatter, launched with overlap after it, loads its first rows while this block scans
+  pdl_trigger();  // the row kernel, launched with overlap after it, loads its first rows while this block scans
   scan_tiles(ws, num_tokens, num_experts);
 }
 
@@ -240,7 +244,7 @@ __global__ void __launch_bounds__(kThreads)
     pad_offsets(const int* __restrict__ ws, int64_t num_tokens, int num_experts, int64_t n_keep, int align,
                 int* __restrict__ pad_ranges, int* __restrict__ kept_out, int64_t* __restrict__ tokens_per_expert,
                 int64_t* __restrict__ padded_counts) {
-  pdl_trigger();  // the aligned layout's last map kernel: permute_scatter may start loading rows now
+  pdl_trigger();  // the aligned layout's last map kernel: the row kernel may start loading rows now
   const Tables tab(ws, num_tokens, num_experts);
   int carry = 0;
   for (int e0 = 0; e0 < num_experts; e0 += kThreads) {
@@ -478,6 +482,138 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
   scatter_token<VB>(tab, smem, src, src_stride, dst, row_bytes, num_tokens, num_experts, n_rows, drop_and_pad,
                     capacity, routing_map, map_bytes, map_st, map_se, row_map, sorted_indices, probs, probs_code,
                     probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
+}
+
+// permute_grouped: permute_scatter's work for `group` consecutive tokens a block (group divides 32, so they are
+// bits [t0 % 32, t0 % 32 + group) of one bit word of the tables), on sm_90 with 16-byte rows of at most kStageBytes,
+// E <= kGroupThreads * kGroupExperts, and no drop_and_pad (the host checks all of it; permute_scatter serves the
+// rest). Why: staging several whole rows a block is what lifted a lookup-free mover to 91-97% of copy
+// (bench.probe_permute --phased, H100), and fused per-token lookups took that gain away when they grew with the
+// batch. Here the lookups do not grow with it: each thread reads three words per expert it owns (the bit word, its
+// word prefix, its tile base), and every (token, expert) row of the group follows in registers from them (the
+// Tables formula: tile_base + word_prefix + popc of the word's bits below the token). Order: start the cp.async fill
+// of the group's rows; look up; write the group's row-map lines (coalesced), sorted_indices and permuted_probs; wait
+// for the fill; bulk-store every routed row from the stage. Blocks after ceil(T / group) zero spare and padding rows
+// as permute_scatter's tail blocks do. Shared memory: group * row_bytes (the stage, 128-aligned).
+constexpr int kGroupThreads = 256;
+constexpr int kGroupExperts = 4;  // experts a thread owns at most: E <= 1024
+static_assert(kGroupThreads * kGroupExperts == 1024, "moe_raw/_kernels/dispatch.py _GROUP_MAX_EXPERTS");
+
+template <int VB>
+__global__ void __launch_bounds__(kGroupThreads)
+    permute_grouped(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
+                    int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
+                    const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
+                    const int* ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
+                    const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
+                    void* __restrict__ permuted_probs, int64_t n_keep, const int* pad_ranges, int group) {
+  // ws and pad_ranges without __restrict__: the kernel ahead writes them (common.cuh pdl_wait)
+  static_assert(VB == 16, "16-byte rows only");
+#ifdef MOE_RAW_BULK_COPY
+  {
+    extern __shared__ __align__(128) uint8_t group_stage[];
+    const int64_t token_blocks = (num_tokens + group - 1) / group;
+    const int64_t t0 = static_cast<int64_t>(blockIdx.x) * group;
+    const int n = blockIdx.x < token_blocks ? static_cast<int>(min(static_cast<int64_t>(group), num_tokens - t0)) : 0;
+    const int vecs = static_cast<int>(row_bytes / 16);
+    // The fill starts before pdl_wait: launched with overlap, the first blocks load their rows while the map
+    // kernels finish (those write only the tables and pad_ranges, which nothing here reads before the wait).
+    for (int i = threadIdx.x; i < n * vecs; i += blockDim.x) {
+      const int j = i / vecs, v = i - j * vecs;
+      stage_fill16(group_stage + static_cast<int64_t>(j) * row_bytes + 16 * v, src + (t0 + j) * src_stride + 16 * v);
+    }
+    pdl_wait();
+    const Tables tab(ws, num_tokens, num_experts);
+    const int64_t total = tab.start(num_experts);
+    const int64_t kept = pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows);
+    if (blockIdx.x >= token_blocks) {
+      zero_unowned_rows<VB>(dst, row_bytes, kept, n_rows, blockIdx.x - token_blocks, pad_ranges, num_experts,
+                            sorted_indices, permuted_probs, probs_code);
+      return;
+    }
+    if (t0 == 0 && row_map) {
+      for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
+        row_map[num_tokens * num_experts + e] = e == 0 ? static_cast<int>(kept) : 0;
+    }
+    // This thread's experts e = threadIdx.x + k * blockDim.x: the group's bits of e's word (bit j: token t0 + j
+    // routes to e), the routed pairs before (t0, e) in expert-major order, and the row offset of e's layout.
+    const int64_t w = t0 >> 5, tile = t0 / kTileTokens;
+    const int shift = static_cast<int>(t0 & 31);
+    const uint32_t group_mask = n == 32 ? 0xffffffffu : (1u << n) - 1u;
+    uint32_t bits[kGroupExperts];
+    int before[kGroupExperts], offset[kGroupExperts];
+#pragma unroll
+    for (int k = 0; k < kGroupExperts; ++k) {
+      const int e = threadIdx.x + k * blockDim.x;
+      bits[k] = 0u;
+      before[k] = offset[k] = 0;
+      if (e < num_experts) {
+        const uint32_t word = tab.words[e * tab.n_words + w];
+        bits[k] = (word >> shift) & group_mask;
+        before[k] = tab.tile_base[e * tab.n_tiles + tile] + tab.word_prefix[e * tab.n_words + w] +
+                    __popc(word & ((1u << shift) - 1u));
+        // aligned: expert e's rows start where expert e - 1's padding ends
+        if (pad_ranges) offset[k] = (e ? pad_ranges[num_experts + e - 1] : 0) - tab.start(e);
+      }
+    }
+    // The row of (t0 + j, e_k), -1 if not routed or past n_keep.
+    auto row_of = [&](int k, int j) {
+      if (!((bits[k] >> j) & 1u)) return -1;
+      const int b = before[k] + __popc(bits[k] & ((1u << j) - 1u));
+      return b < n_keep ? b + offset[k] : -1;
+    };
+    // kLookupBatch tokens at a time: their probs loads are issued together, then their stores, so a thread waits
+    // one load latency a batch rather than one a token (a group of 16-32 tokens was a chain of 16-32 dependent
+    // load -> store steps).
+    constexpr int kLookupBatch = 8;
+#pragma unroll
+    for (int k = 0; k < kGroupExperts; ++k) {
+      const int e = threadIdx.x + k * blockDim.x;
+      if (e >= num_experts) continue;
+      for (int j0 = 0; j0 < n; j0 += kLookupBatch) {
+        int rows[kLookupBatch];
+        double p[kLookupBatch];  // a double carries every probs dtype exactly
+#pragma unroll
+        for (int u = 0; u < kLookupBatch; ++u) {
+          rows[u] = j0 + u < n ? row_of(k, j0 + u) : -1;
+          p[u] = permuted_probs && rows[u] >= 0
+                     ? load_scalar<double>(probs, probs_code, (t0 + j0 + u) * probs_st + e * probs_se)
+                     : 0.0;
+        }
+#pragma unroll
+        for (int u = 0; u < kLookupBatch; ++u) {
+          const int64_t t = t0 + j0 + u;
+          if (row_map && j0 + u < n) row_map[t * num_experts + e] = rows[u];
+          if (rows[u] >= 0) {
+            if (sorted_indices) sorted_indices[rows[u]] = t;
+            if (permuted_probs) store_scalar<double>(permuted_probs, probs_code, rows[u], p[u]);
+          }
+        }
+      }
+    }
+    stage_fill_wait();
+    bulk_fence_shared();
+    __syncthreads();
+    bool issued = false;
+    for (int j = 0; j < n; ++j) {
+#pragma unroll
+      for (int k = 0; k < kGroupExperts; ++k) {
+        const int row = row_of(k, j);
+        if (row >= 0) {
+          bulk_store(dst + static_cast<int64_t>(row) * row_bytes, group_stage + static_cast<int64_t>(j) * row_bytes,
+                     static_cast<int>(row_bytes));
+          issued = true;
+        }
+      }
+    }
+    if (issued) {
+      bulk_commit();
+      bulk_wait_read();
+    }
+  }
+#else
+  __trap();  // the host launches it only where the bulk-copy path is compiled (sm_90+)
+#endif
 }
 
 // permute_small: permute_scatter without the tables, for small maps (the host takes it when T * E <= 4096, E <=
@@ -874,6 +1010,10 @@ MOE_RAW_ROW_KERNELS(double, 8)
                                              int, int64_t, const void*, int, int64_t, int64_t, const int*, int*, \
                                              int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,       \
                                              const int*);
+template __global__ void permute_grouped<16>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t, int,
+                                             int64_t, const void*, int, int64_t, int64_t, const int*, int*,
+                                             int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,
+                                             const int*, int);
 #define MOE_RAW_SCATTER_ROWS(VB)                                                                                \
   template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
                                             const int*, const int*);

@@ -108,20 +108,67 @@ def test_permute(emulated, case):
         want = _cpu.permute(x, routing_map, probs, n_out, drop_and_pad)
         for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
             assert_same(g, w, f"{name} (num_out_tokens={n_out}, drop_and_pad={drop_and_pad})")
-    assert {"routing_pack", "permute_scatter"} <= launched(), launched()  # num_out_tokens None: the tables
     T, E = routing_map.shape
+    # num_out_tokens None: the tables, then the row kernel: permute_grouped for 16-byte rows of 8-16 KiB, at least
+    # 4 routed pairs a token and E <= 1024 (not for drop_and_pad), else permute_scatter
+    row_bytes = x.shape[1] * x.element_size()
+    grouped = (
+        row_bytes % 16 == 0 and D._GROUP_MIN_ROW_BYTES <= row_bytes <= D._STAGE_BYTES and E <= D._GROUP_MAX_EXPERTS
+        and int(routing_map.sum()) >= D._GROUP_MIN_PAIRS * T
+    )  # fmt: skip
+    assert {"routing_pack", "permute_grouped" if grouped else "permute_scatter"} <= launched(), launched()
+    assert ("permute_grouped" in launched()) == grouped, launched()
     assert ("permute_small" in launched()) == (T * E <= D._SMALL_MAP), launched()
 
 
+def grouped_everywhere(monkeypatch):
+    """permute_grouped for every row size and pair count (by default only where it won: 8-16 KiB rows, >= 4 pairs a
+    token), so the small test shapes run it."""
+    monkeypatch.setattr(D, "_GROUP_MIN_ROW_BYTES", 0)
+    monkeypatch.setattr(D, "_GROUP_MIN_PAIRS", 0)
+
+
+@pytest.mark.parametrize("group", [1, 2, 8, 32])
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[7]], ids=case_id)
+def test_permute_grouped_group_sizes(emulated, monkeypatch, case, group):
+    """permute_grouped with `group` tokens a block (the host sizes it from the row bytes; forced here), so a block's
+    tokens start inside a 32-token bit word (group < 32) and the last block can be partial: rows, probs, row map and
+    indices equal the CPU path's, for permute (row count known or not, drops, spare rows) and permute_and_pad."""
+    x, routing_map, probs = make_case(case)
+    row_bytes = x.shape[1] * x.element_size()
+    grouped_everywhere(monkeypatch)
+    monkeypatch.setattr(D, "_GROUP_BYTES", group * row_bytes)
+    routed = int(routing_map.sum())
+    for n_out in (None, routed + 5, max(routed - 7, 0)):
+        got = D._permute_cuda(x, routing_map, probs, n_out, False)
+        want = _cpu.permute(x, routing_map, probs, n_out, False)
+        for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+            assert_same(g, w, f"{name} (num_out_tokens={n_out})")
+    for n_out in (None, routed - 1):
+        got = D._permute_and_pad_cuda(x, routing_map, probs, 16, n_out)
+        want = reference.permute_and_pad(x, routing_map, probs, 16, n_out)
+        for name, g, w in zip(("rows", "probs", "row_map", "tokens_per_expert", "padded"), got, want, strict=True):
+            assert_same(g, w, f"permute_and_pad {name} (num_out_tokens={n_out})")
+    grids = {grid[0] for name, grid, *_ in cuda_emu.launches if _launch.base_name(name) == "permute_grouped"}
+    T = routing_map.shape[0]
+    assert min(grids) >= -(-T // group), grids  # ceil(T / group) token blocks (+ tail blocks)
+
+
+@pytest.mark.parametrize("kernel", ["permute_grouped", "permute_scatter"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=case_id)
-def test_permute_overlapped_launch(emulated, monkeypatch, case):
-    """Where permute_scatter stages rows (16-byte rows, a device with programmatic dependent launch), they total
+def test_permute_overlapped_launch(emulated, monkeypatch, case, kernel):
+    """Where the row kernel stages rows (16-byte rows, a device with programmatic dependent launch), they total
     _OVERLAP_MIN_BYTES and no host read came between (num_out_tokens given), it is launched with overlap after the
     map kernels (its blocks start loading rows before routing_scan ends; kernels/common.cuh pdl_wait), with the CPU
-    path's outputs; below the size, or after the read of N, a plain launch."""
+    path's outputs; below the size, or after the read of N, a plain launch. Both row kernels: permute_grouped where
+    it applies, permute_scatter (forced by a zero expert limit)."""
     x, routing_map, probs = make_case(case)
     n = int(routing_map.sum())
-    monkeypatch.setattr(D, "_SMALL_MAP", 0)  # permute_scatter (with tables) for a known N too
+    monkeypatch.setattr(D, "_SMALL_MAP", 0)  # the row kernels with tables for a known N too
+    if kernel == "permute_scatter":
+        monkeypatch.setattr(D, "_GROUP_MAX_EXPERTS", 0)
+    else:
+        grouped_everywhere(monkeypatch)
     for num_out_tokens in (n, None):
         want = _cpu.permute(x, routing_map, probs, num_out_tokens, False)
         for min_bytes in (0, x.numel() * x.element_size() + 1):
@@ -131,7 +178,7 @@ def test_permute_overlapped_launch(emulated, monkeypatch, case):
             for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
                 assert_same(g, w, name)
             overlapped = min_bytes == 0 and num_out_tokens is not None
-            want_launch = ["moe_raw::permute_scatter<16>"] if overlapped else []
+            want_launch = [f"moe_raw::{kernel}<16>"] if overlapped else []
             assert cuda_emu.overlapped == want_launch, (num_out_tokens, min_bytes, cuda_emu.overlapped)
 
 

@@ -21,6 +21,8 @@ MIRRORS = [
     (D, "_ROW_THREADS", "permute.cu", "kRowThreads"),
     (D, "_TAIL_ROWS", "permute.cu", "kTailRows"),
     (D, "_STAGE_BYTES", "permute.cu", "kStageBytes"),
+    (D, "_GROUP_THREADS", "permute.cu", "kGroupThreads"),
+    (D, "_GROUP_EXPERTS", "permute.cu", "kGroupExperts"),
     (D, "_CHUNK_ROWS", "chunks.cu", "kChunkRows"),
     (D, "_CHUNK_THREADS", "chunks.cu", "kChunkThreads"),
     (D, "MAX_SPLITS", "chunks.cu", "kMaxSplits"),
@@ -93,12 +95,12 @@ def test_overlapped_launch_falls_back_without_the_driver_entry(monkeypatch):
 
 
 def test_overlapped_kernels_read_the_tables_through_plain_pointers():
-    """permute_scatter, the kernel launched with overlap (kernels/common.cuh pdl_wait), takes what the kernel ahead
-    writes (the tables ws, and pad_ranges) without ``const __restrict__``: read-only loads of them may be scheduled
-    above griddepcontrol.wait (nvcc 13.0 did so for sm_90 in a pending kernel: bench/results/2026-12-06-h100-main).
-    So do the helpers that pass pad_ranges on after the wait."""
+    """permute_scatter and permute_grouped, the kernels launched with overlap (kernels/common.cuh pdl_wait), take
+    what the kernel ahead writes (the tables ws, and pad_ranges) without ``const __restrict__``: read-only loads of
+    them may be scheduled above griddepcontrol.wait (nvcc 13.0 did so for sm_90 in permute_grouped:
+    bench/results/2026-12-06-h100-main). So do the helpers that pass pad_ranges on after the wait."""
     source = (KERNELS / "permute.cu").read_text()
-    for fn in ("permute_scatter", "scatter_token", "place_pair"):
+    for fn in ("permute_scatter", "permute_grouped", "scatter_token", "place_pair"):
         heads = re.findall(rf"\b{fn}\s*\(([^{{;]*)\)\s*{{", source)
         assert len(heads) == 1, f"permute.cu: expected one definition of {fn}, found {len(heads)}"
         for param in ("ws", "pad_ranges"):

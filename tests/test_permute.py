@@ -1106,13 +1106,49 @@ def test_cuda_graph_capture_and_replay(path, overlap, monkeypatch):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("T, E, H, K", [(300, 16, 1024, 4), (4096, 256, 7168, 8), (2048, 64, 2048, 6)])
-def test_overlapped_row_kernel_matches_plain(T, E, H, K, monkeypatch):
-    """permute and permute_and_pad, N given or not, with permute_scatter launched with overlap where allowed (every
-    size, N given) or plainly (no size): bit-identical rows, probs, row maps and indices, on a side stream too (the
-    launch goes on torch's current stream)."""
+@pytest.mark.parametrize("group", [1, 8, 32, None])
+@pytest.mark.parametrize("T, E, H, K", [(300, 16, 1024, 4), (4096, 256, 7168, 8), (2048, 64, 2048, 6), (999, 8, 64, 2)])
+def test_grouped_row_kernel_matches_scatter(T, E, H, K, group, monkeypatch):
+    """permute_grouped (sm_90, 16-byte rows: several tokens a block; group None: as the host sizes it) against
+    permute_scatter (forced by a zero expert limit): bit-identical rows, probs, row maps and indices for permute
+    with and without num_out_tokens, with dropped pairs, and permute_and_pad."""
     from moe_raw._kernels import dispatch
 
+    rm = make_routing(T, E, K, DEV, "sparse")
+    x, p = _randn((T, H), BF16, DEV), make_probs(rm, F32)
+    routed = int(rm.sum())
+
+    def run():
+        return (*moe_raw.permute(x, rm, p, num_out_tokens=T * K, fused=True), *moe_raw.permute(x, rm, p),
+                *moe_raw.permute(x, rm, p, num_out_tokens=routed - 3, fused=True),
+                *moe_raw.permute_and_pad(x, rm, p, 16))  # fmt: skip
+
+    monkeypatch.setattr(dispatch, "_GROUP_MIN_ROW_BYTES", 0)  # every row size and pair count
+    monkeypatch.setattr(dispatch, "_GROUP_MIN_PAIRS", 0)
+    if group is not None:
+        monkeypatch.setattr(dispatch, "_GROUP_BYTES", group * H * 2)
+    grouped = run()
+    monkeypatch.setattr(dispatch, "_GROUP_MAX_EXPERTS", 0)
+    for i, (a, b) in enumerate(zip(grouped, run(), strict=True)):
+        assert_exact(a, b, f"output {i}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["grouped", "scatter"])
+@pytest.mark.parametrize("T, E, H, K", [(300, 16, 1024, 4), (4096, 256, 7168, 8), (2048, 64, 2048, 6)])
+def test_overlapped_row_kernel_matches_plain(T, E, H, K, kernel, monkeypatch):
+    """permute and permute_and_pad, N given or not, with the row kernel (permute_grouped where it applies, or
+    permute_scatter, forced by a zero expert limit) launched with overlap where allowed (every size, N given) or
+    plainly (no size): bit-identical rows, probs, row maps and indices, on a side stream too (the launch goes on
+    torch's current stream)."""
+    from moe_raw._kernels import dispatch
+
+    if kernel == "scatter":
+        monkeypatch.setattr(dispatch, "_GROUP_MAX_EXPERTS", 0)
+    else:  # every row size and pair count
+        monkeypatch.setattr(dispatch, "_GROUP_MIN_ROW_BYTES", 0)
+        monkeypatch.setattr(dispatch, "_GROUP_MIN_PAIRS", 0)
     rm = make_routing(T, E, K, DEV, "sparse")
     x, p = _randn((T, H), BF16, DEV), make_probs(rm, F32)
     results = {}
@@ -1242,7 +1278,7 @@ def _map_form(rm, form):
 def test_row_kernels_agree(case, monkeypatch):
     """Every output of permute (fused and unfused), of unpermute's row map rebuild, of permute_and_pad, of unpermute
     (row map and CSR), of permute's backward and unpermute's rows gradient is bit for bit the same whichever row
-    kernels ran: permute_small or permute_scatter; gather_warp or gather_reduce."""
+    kernels ran: permute_small, permute_scatter or permute_grouped; gather_warp or gather_reduce."""
     from moe_raw._kernels import dispatch as D
 
     dtype, T, H, E, K, kind, pdtype, form, extra, drop_and_pad = case
@@ -1283,11 +1319,16 @@ def test_row_kernels_agree(case, monkeypatch):
         return [t for t in outs if t is not None]
 
     default = run()
-    for small_map, gather in ((0, "warp"), (0, "block")):
+    for small_map, gather, grouped in ((0, "warp", False), (0, "block", False), (0, "warp", True)):
         monkeypatch.setattr(D, "_SMALL_MAP", small_map)
         monkeypatch.setattr(D, "_GATHER_KERNEL", gather)
+        if grouped:  # permute_grouped for every row size and pair count where it applies
+            monkeypatch.setattr(D, "_GROUP_MIN_ROW_BYTES", 0)
+            monkeypatch.setattr(D, "_GROUP_MIN_PAIRS", 0)
         for i, (a, b) in enumerate(zip(run(), default, strict=True)):
-            assert_exact(a, b, f"output {i}: gather {gather} (small maps {small_map}) vs the default")
+            assert_exact(
+                a, b, f"output {i}: gather {gather} (small maps {small_map}, grouped {grouped}) vs the default"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------

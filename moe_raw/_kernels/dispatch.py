@@ -29,6 +29,21 @@ _TAIL_ROWS = 32  # kTailRows
 # expert's padding range, not align): 4 cover 128 rows at once, and more are strided.
 _PAD_BLOCKS = 4
 _STAGE_BYTES = 16384  # kStageBytes
+# permute_grouped (kernels/permute.cu) takes `group` consecutive tokens a block, their rows staged whole, where the
+# bulk-copy path runs (sm_90, 16-byte rows of at most _STAGE_BYTES), E <= _GROUP_MAX_EXPERTS and drop_and_pad is
+# off, and where it won in two same-run A/Bs against permute_scatter (H100, bench/results/2026-12-06-h100-main and
+# -h100-grouped): rows of at least _GROUP_MIN_ROW_BYTES and at least _GROUP_MIN_PAIRS rows a token (DeepSeek-V3,
+# 14 KiB rows at K 8: 4.4-4.8% faster; T16k-E128, 8 KiB at K 6: 1-1.2%). On every shape it lost 2.4-3.5% with 4 KiB
+# rows at K 8 (Qwen3-30B-A3B) and 0-4% at K 1-2 (T16k-E4-K1, Mixtral).
+# group: the largest power of two <= 32 whose rows fit _GROUP_BYTES. bench.probe_permute --phased (H100,
+# 2026-12-05) moved the rows fastest with large batches at K 6-8 (115 KiB: 97% of copy at DeepSeek-V3).
+_GROUP_MIN_ROW_BYTES = 8192
+_GROUP_MIN_PAIRS = 4
+_GROUP_THREADS = 256  # kGroupThreads
+_GROUP_EXPERTS = 4  # kGroupExperts: experts a thread owns
+_GROUP_MAX_EXPERTS = _GROUP_THREADS * _GROUP_EXPERTS
+_GROUP_BYTES = 112 * 1024
+_GROUP_BYTES_MAX = 227 * 1024  # the dynamic shared memory a block may have on sm_90
 # permute_scatter is launched with overlap (a programmatic dependent launch: its blocks load their token rows while
 # the map kernels before it finish) where it stages rows (sm_90, 16-byte rows) and the rows total at least this
 # many bytes; below it the plain launch's lower host cost matters more than a few microseconds of GPU time.
@@ -68,6 +83,15 @@ def _pad_blocks(num_experts: int, align: int | None = None) -> int:
 def _scatter_vec_bytes(vb: int) -> int:
     """permute_scatter's vector width: 16 takes the bulk-copy path on sm_90, unless MOE_RAW_NO_BULK_COPY=1."""
     return vb if vb != 16 or _BULK_COPY else 8
+
+
+def _group(row_bytes: int) -> int:
+    """permute_grouped's tokens a block: a power of two <= 32 (a divisor of the tables' 32-token bit words)."""
+    target = min(_GROUP_BYTES, _GROUP_BYTES_MAX)
+    group = 1
+    while group < 32 and 2 * group * row_bytes <= target:
+        group *= 2
+    return group
 
 
 def _vec_bytes(elem: int, *byte_quantities: int) -> int:
@@ -168,18 +192,22 @@ def _scatter(
     counts = 0 if ws else 4 * ((3 * num_experts + 2) & ~1)
     blocks, shared = num_tokens + extra_blocks, counts + 8 * num_experts + stage
     map_st, map_se = routing_map.stride()
+    args = (src_ptr, src_stride, ptr(out), row_bytes, num_tokens, num_experts, n_rows, int(capacity is not None),
+            capacity or 0, routing_map.data_ptr(), routing_map.element_size(), map_st, map_se, ws, row_map.data_ptr(),
+            ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads))  # fmt: skip
     device = routing_map.device
-    overlap = (
-        map_pending and ws and stage and num_tokens * row_bytes >= _OVERLAP_MIN_BYTES
-        and _launch.has_bulk_copy(device)
+    staged = bool(ws and stage) and _launch.has_bulk_copy(device)
+    overlap = map_pending and staged and num_tokens * row_bytes >= _OVERLAP_MIN_BYTES
+    grouped = (
+        staged and _GROUP_MIN_ROW_BYTES <= row_bytes <= _STAGE_BYTES and n_rows >= _GROUP_MIN_PAIRS * num_tokens
+        and capacity is None and num_experts <= _GROUP_MAX_EXPERTS
     )  # fmt: skip
-    launch(
-        "permute", _SCATTER_NAMES[way, vb], device, blocks, _ROW_THREADS,
-        (src_ptr, src_stride, ptr(out), row_bytes, num_tokens, num_experts, n_rows, int(capacity is not None),
-         capacity or 0, routing_map.data_ptr(), routing_map.element_size(), map_st, map_se, ws, row_map.data_ptr(),
-         ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads)),
-        shared_mem=shared, overlap=bool(overlap),
-    )  # fmt: skip
+    if grouped:
+        group = _group(row_bytes)
+        launch("permute", "moe_raw::permute_grouped<16>", device, cdiv(num_tokens, group) + extra_blocks,
+               _GROUP_THREADS, (*args, group), shared_mem=group * row_bytes, overlap=overlap)  # fmt: skip
+        return
+    launch("permute", _SCATTER_NAMES[way, vb], device, blocks, _ROW_THREADS, args, shared_mem=shared, overlap=overlap)
 
 
 def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want_rows=True, want_indices=True):
