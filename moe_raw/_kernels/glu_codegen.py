@@ -9,7 +9,9 @@ bench/results/2026-12-04-h200-issue16). Lanes stride over the row's F columns (t
 16-byte vector (``ld.global.v4.u32`` / ``st.global.v4.u32``, 8 bf16/fp16 or 4 fp32 values) when every row start, the
 gate/up split and every stride are 16-byte aligned and y, g and the output share one dtype; else one element
 (any F, any dtype mix). A lane's units are c, c + 32, ...; 16-byte units are loaded two at a time before either
-is stored (6 / 4 loads in flight a lane in the backward / forward, not 3 / 2). All math in fp32. The weighted
+is stored (in the PTX, 6 / 4 loads a lane before the first store in the backward / forward, not 3 / 2; but
+ptxas, nvJitLink 13.5 for sm_90, issues the second unit's loads after the first unit's math: at 53 / 40 registers
+it keeps 3 / 2 in flight, docs/performance.md, ninth session). All math in fp32. The weighted
 backward writes ``dy`` and reduces the per-row dot ``sum(swiglu(y) * g)`` for ``dweights`` in the same pass: each
 lane sums its columns in order, then a fixed pairwise tree over the 32 lanes in shared memory: no atomics.
 bf16 and fp16 are handled as uint16 bit patterns (Numba has no reliable bf16 type): bf16 widens by a 16-bit
