@@ -13,8 +13,8 @@ timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /d
 # one entry per pending patch: its benchmark (one process; checkout, tree, checkout)
 declare -A BENCH=(
   [base]="python3 -m bench.permute_fwd"  # trees.sh BASE=REV: an older main
-  [glu-fwd-occupancy]="python3 -m bench.bench_swiglu"
-  [glu-bwd-occupancy]="python3 -m bench.bench_swiglu"
+  [glu-fwd-occupancy]="python3 -m bench.bench_swiglu --activations swiglu"
+  [glu-bwd-occupancy]="python3 -m bench.bench_swiglu --activations swiglu"
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
 # (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in
