@@ -13,6 +13,7 @@ timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /d
 # one entry per pending patch: its benchmark (one process; checkout, tree, checkout)
 declare -A BENCH=(
   [base]="python3 -m bench.permute_fwd"  # trees.sh BASE=REV: an older main
+  [permute-grouped-all]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_ALL=1
   [glu-fwd-occupancy]="python3 -m bench.bench_swiglu --activations swiglu"
   [glu-bwd-occupancy]="python3 -m bench.bench_swiglu --activations swiglu"
 )

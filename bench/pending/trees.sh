@@ -2,8 +2,9 @@
 # Export main plus each pending patch as a tree under .trees/<name>/ (what bench/export_trees.sh does for a branch),
 # so one device call can A/B them beside the checkout: carry ".trees", then on the device
 #   bash bench/pending/ab.sh           (writes $OUT/ab.log and $OUT/tests-<name>.log)
-# Usage: [BASE=REV] bash bench/pending/trees.sh [NAME ...]   (default: every bench/pending/*.patch)
+# Usage: [BASE=REV] [GROUPED_ALL=1] bash bench/pending/trees.sh [NAME ...]   (default: every bench/pending/*.patch)
 #   BASE: also export commit REV as .trees/base, to A/B a change already on main against the main before it
+#   GROUPED_ALL: also export main with permute_grouped taken on every shape (dispatch.py's _GROUP_MIN_* = 0)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 names=("$@")
@@ -18,6 +19,14 @@ for name in "${names[@]}"; do
   git apply --directory="$dir" "bench/pending/$name.patch"
   echo "$dir: main $(git rev-parse --short HEAD) + bench/pending/$name.patch" | tee "$dir/TREE"
 done
+if [ -n "${GROUPED_ALL:-}" ]; then  # main with permute_grouped on every shape: is the H100's rule the H200's?
+  mkdir -p .trees/permute-grouped-all && git archive HEAD | tar -x -C .trees/permute-grouped-all
+  sed -i 's/^_GROUP_MIN_ROW_BYTES = .*/_GROUP_MIN_ROW_BYTES = 0/; s/^_GROUP_MIN_PAIRS = .*/_GROUP_MIN_PAIRS = 0/' \
+    .trees/permute-grouped-all/moe_raw/_kernels/dispatch.py
+  grep -q "^_GROUP_MIN_PAIRS = 0" .trees/permute-grouped-all/moe_raw/_kernels/dispatch.py
+  echo ".trees/permute-grouped-all: main $(git rev-parse --short HEAD), permute_grouped on every shape" \
+    | tee .trees/permute-grouped-all/TREE
+fi
 if [ -n "${BASE:-}" ]; then
   mkdir -p .trees/base && git archive "$BASE" | tar -x -C .trees/base
   echo ".trees/base: $(git rev-parse --short "$BASE")" | tee .trees/base/TREE
