@@ -9,9 +9,8 @@ bench/results/2026-12-04-h200-issue16). Lanes stride over the row's F columns (t
 16-byte vector (``ld.global.v4.u32`` / ``st.global.v4.u32``, 8 bf16/fp16 or 4 fp32 values) when every row start, the
 gate/up split and every stride are 16-byte aligned and y, g and the output share one dtype; else one element
 (any F, any dtype mix). A lane's units are c, c + 32, ...; 16-byte units are loaded two at a time before either
-is stored (in the PTX, 6 / 4 loads a lane before the first store in the backward / forward, not 3 / 2; but
-ptxas, nvJitLink 13.5 for sm_90, issues the second unit's loads after the first unit's math: at 53 / 40 registers
-it keeps 3 / 2 in flight, docs/performance.md, ninth session). All math in fp32. The weighted
+is stored in the PTX, but ptxas (sm_90) issues the second unit's loads after the first unit's math (SASS:
+docs/performance.md, ninth session). All math in fp32. The weighted
 backward writes ``dy`` and reduces the per-row dot ``sum(swiglu(y) * g)`` for ``dweights`` in the same pass: each
 lane sums its columns in order, then a fixed pairwise tree over the 32 lanes in shared memory: no atomics.
 bf16 and fp16 are handled as uint16 bit patterns (Numba has no reliable bf16 type): bf16 widens by a 16-bit
@@ -22,13 +21,11 @@ against torch on every bit pattern). silu uses torch's accurate expf / division 
 the cheaper math keeps the backward under the H100's issue rate at full bandwidth).
 Bytes (bench/bench_swiglu.py): forward reads 2F and writes F elements per row (+ one weight); the weighted
 backward reads g (F) and y (2F) and writes dy (2F) per row, plus a weight read and a dweight write.
-Measured on an H100 (bf16, copy 3018 GB/s): forward 93% / 95% of copy at N=32768 F=2048 / N=98304 F=768,
-weighted backward 93% / 97% (torch.compile of the seed: 97% / 55% and 53% / 24%).
+Measured: the README's performance table (records in bench/results/).
 
 numpy >= 2.5 with numba-cuda 0.30: see ``_numba_numpy_compat`` (numba-cuda registers ``np.row_stack``, which
-numpy 2.5 removed, at its first compile). Launch cost: ``glu_launch``.
-
-Launching (argument packing, caches, the simulator) is ``glu_launch``; the public functions ``moe_raw.activations``.
+numpy 2.5 removed, at its first compile). Launching (argument packing, caches, launch cost, the simulator) is
+``glu_launch``; the public functions ``moe_raw.activations``.
 """
 
 from __future__ import annotations
