@@ -110,6 +110,13 @@ struct Tables {
   __device__ __forceinline__ int start(int e) const { return expert_start[e]; }
 };
 
+// Aligned layout (pad_ranges = row map line T + 1): what to add to a pair's flat prefix for its row, since expert
+// e's rows start where expert e - 1's padding ends. 0 without the aligned layout (pad_ranges null).
+template <typename Prefix>
+__device__ __forceinline__ int aligned_offset(const Prefix& tab, const int* pad_ranges, int num_experts, int e) {
+  return pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) - tab.start(e) : 0;
+}
+
 // What Tables gives, for one token t only, counted by the whole block straight from the routing map (T * E map
 // reads per block: the host uses it for small maps only). smem: 3 * E + 1 ints, count[E] (routed tokens of each
 // expert), start[E + 1] (their exclusive scan; start[E] = all routed pairs), before[E] (the routed tokens of each
@@ -326,10 +333,7 @@ __device__ __forceinline__ int place_pair(const Prefix& tab, int64_t t, int e, i
   if (!drop_and_pad) {
     if (routed) {
       const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
-      if (before < n_keep) {
-        // aligned: expert e's rows start where expert e - 1's padding ends
-        row = pad_ranges ? (e ? pad_ranges[num_experts + e - 1] : 0) + (before - tab.start(e)) : before;
-      }
+      if (before < n_keep) row = before + aligned_offset(tab, pad_ranges, num_experts, e);
     }
   } else {
     const int start = tab.start(e), count = tab.start(e + 1) - start;
@@ -537,7 +541,7 @@ __global__ void __launch_bounds__(kGroupThreads)
     }
     // This thread's experts e = threadIdx.x + k * blockDim.x: the group's bits of e's word (bit j: token t0 + j
     // routes to e), the routed pairs before (t0, e) in expert-major order, and the row offset of e's layout.
-    const int64_t w = t0 >> 5, tile = t0 / kTileTokens;
+    const int64_t w = t0 >> 5;
     const int shift = static_cast<int>(t0 & 31);
     const uint32_t group_mask = n == 32 ? 0xffffffffu : (1u << n) - 1u;
     uint32_t bits[kGroupExperts];
@@ -548,12 +552,9 @@ __global__ void __launch_bounds__(kGroupThreads)
       bits[k] = 0u;
       before[k] = offset[k] = 0;
       if (e < num_experts) {
-        const uint32_t word = tab.words[e * tab.n_words + w];
-        bits[k] = (word >> shift) & group_mask;
-        before[k] = tab.tile_base[e * tab.n_tiles + tile] + tab.word_prefix[e * tab.n_words + w] +
-                    __popc(word & ((1u << shift) - 1u));
-        // aligned: expert e's rows start where expert e - 1's padding ends
-        if (pad_ranges) offset[k] = (e ? pad_ranges[num_experts + e - 1] : 0) - tab.start(e);
+        bits[k] = (tab.words[e * tab.n_words + w] >> shift) & group_mask;
+        before[k] = tab.flat_prefix(e, t0);
+        offset[k] = aligned_offset(tab, pad_ranges, num_experts, e);
       }
     }
     // The row of (t0 + j, e_k), -1 if not routed or past n_keep.
