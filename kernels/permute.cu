@@ -674,6 +674,45 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// sum_rows for exactly R rows, U of this thread's packs (v, v + step, ...) a step while all U are in the row: the
+// R * U loads first, then each pack's sum in ascending j (acc = 0, then acc += w_j * x_j, as sum_rows writes it).
+// Returns the first pack it did not write.
+template <typename T, int VB, int R, int U, typename RowFn, typename WeightFn>
+__device__ __forceinline__ int64_t sum_packs(const T* __restrict__ rows, int64_t rows_stride,
+                                             typename Vec<VB>::type* __restrict__ o, int64_t nvec, RowFn row,
+                                             WeightFn weight, int64_t v, int step) {
+  using A = typename Acc<T>::type;
+  using P = Pack<T, VB>;
+  using V = typename Vec<VB>::type;
+  const V* src[R];
+  A w[R];
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    src[k] = reinterpret_cast<const V*>(rows + row(k) * rows_stride);
+    w[k] = weight(k);
+  }
+  for (; v + static_cast<int64_t>(U - 1) * step < nvec; v += static_cast<int64_t>(U) * step) {
+    P x[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int k = 0; k < R; ++k) x[u][k].raw = src[k][v + u * step];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      P y;
+#pragma unroll
+      for (int i = 0; i < P::N; ++i) {
+        A acc = A(0);
+#pragma unroll
+        for (int k = 0; k < R; ++k) acc += w[k] * to_acc(x[u][k].v[i]);
+        y.v[i] = from_acc<T, A>(acc);
+      }
+      o[v + u * step] = y.raw;
+    }
+  }
+  return v;
+}
+
 // o[v] = sum_j weight(j) * rows[row(j)][v] over j < n, in ascending j (fp32 / fp64), for this thread's packs v;
 // first, step: the block's threads (threadIdx.x, blockDim.x) or a warp's lanes (lane, 32).
 template <typename T, int VB, typename RowFn, typename WeightFn>
@@ -684,7 +723,14 @@ __device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t row
   using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   const int64_t nvec = hidden / P::N;
-  for (int64_t v = first; v < nvec; v += step) {
+  int64_t v = first;
+  // One or two rows (K 1-2, a warp-uniform n): one pack a step leaves a lane one or two loads in flight, too few
+  // bytes to cover the DRAM latency (gather_warp lost 4% at K 1 when fewer warps fit: bench/results/
+  // 2026-12-06-h100-ninth-main/ab). Take kPacks (or kPacks / 2) packs a step, their loads issued first; each
+  // pack's sum is the loop's below, term for term, so the same bits. 8- and 16-byte packs only, as kTail.
+  if (VB >= 8 && n == 1) v = sum_packs<T, VB, 1, 4>(rows, rows_stride, o, nvec, row, weight, v, step);
+  if (VB >= 8 && n == 2) v = sum_packs<T, VB, 2, 2>(rows, rows_stride, o, nvec, row, weight, v, step);
+  for (; v < nvec; v += step) {
     A acc[P::N];
 #pragma unroll
     for (int i = 0; i < P::N; ++i) acc[i] = A(0);
