@@ -2,8 +2,8 @@
 
 ncu --clock-control none -k regex:KERNEL -c 1 python -m bench.ncu_permute [shape name] [op]
 
-op (default permute): permute (kernel permute_scatter), unpermute (gather_warp; gather_reduce with
-MOE_RAW_BLOCK_KERNELS=1), unpermute_bwd (unpermute_bwd), permute_and_pad (permute_scatter, aligned layout),
+op (default permute): permute (kernel permute_scatter), unpermute (gather_reduce; gather_warp with
+MOE_RAW_BLOCK_KERNELS=0), unpermute_bwd (unpermute_bwd), permute_and_pad (permute_scatter, aligned layout),
 sort_chunks (chunk_sort; EP 8 ranks' chunks), copy_only (scatter_rows: permute's rows moved from a finished row
 map, no routing lookups: bench.probe_permute's "copy only"), quantize_rowwise / quantize_blockwise / quantize_mxfp8
 (permute_quantized with that recipe: kernel quantize_warp; quantize_rows with MOE_RAW_BLOCK_KERNELS=1).

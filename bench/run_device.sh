@@ -15,7 +15,8 @@
 #           MOE_RAW_NO_BULK_COPY=1 and, where .probe/old holds other kernels/*.cu, with those (A/B)
 #   ncu     Nsight Compute on permute_scatter and its no-lookup twin scatter_rows (DeepSeek-V3, Qwen3 shapes),
 #           the SwiGLU forward (moe_raw and torch.compile's kernel) and torch's fill and copy kernels
-#   ncu_gather  Nsight Compute on the gathers: gather_warp (unpermute forward) at every bench shape and
+#   ncu_gather  Nsight Compute on the gathers: gather_reduce / gather_warp (unpermute forward; the one
+#           MOE_RAW_BLOCK_KERNELS picks, the default gather_reduce) at every bench shape and
 #           unpermute_bwd at DeepSeek-V3 and T16k-E128-H4096-K6 (DRAM and L2 against their peaks, occupancy, stalls)
 #   cold    host and cold-call latency: bench.cold_call (cold against back to back, the README's table),
 #           bench.cold_trace (where a cold call's extra goes: host time, launches, gaps), bench.host_times
@@ -69,8 +70,8 @@ for step in "$@"; do
     ncu_gather)
       metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
       { for shape in DeepSeek-V3 T16k-E128-H4096-K6 T16k-E4-H7168-K1 Mixtral-8x7B Qwen3-30B-A3B; do
-          echo "--- gather_warp (unpermute fwd) $shape"
-          ncu --clock-control none -k regex:gather_warp -c 1 --section SpeedOfLight --section Occupancy \
+          echo "--- gather (unpermute fwd) $shape"
+          ncu --clock-control none -k regex:"gather_(reduce|warp)" -c 1 --section SpeedOfLight --section Occupancy \
             --section WarpStateStats --metrics $metrics python3 -m bench.ncu_permute $shape unpermute
         done
         for shape in DeepSeek-V3 T16k-E128-H4096-K6; do

@@ -8,7 +8,7 @@
 #               permute_and_pad and its backward, top-k routing (CUDA-graph tests need torch's caching allocator,
 #               which is off here, so they are left out)
 #   workload C  python -m bench.sanitize_cases: every kernel on each of its paths once, tiny shapes, results read back
-#               (the default warp-a-token gather and FP8 quantize)
+#               with MOE_RAW_BLOCK_KERNELS=0: the warp-a-token gather and FP8 quantize
 #   workload D  workload C with MOE_RAW_BLOCK_KERNELS=1 MOE_RAW_NO_BULK_COPY=1: their block-a-token kernels, 16-byte
 #               rows written with plain stores (initcheck does not see the sm_90 bulk-copy engine's writes and would
 #               report those rows as uninitialized)
@@ -51,7 +51,7 @@ for tool in "${tools[@]}"; do
     if [ "$workload" = A ]; then
       cmd=(python3 -m bench --quick --no-bench --out "${TMPDIR:-/tmp}/moe_raw_sanitize_selfcheck")
     elif [ "$workload" = C ]; then
-      cmd=(python3 -m bench.sanitize_cases)
+      cmd=(env MOE_RAW_BLOCK_KERNELS=0 python3 -m bench.sanitize_cases)
     elif [ "$workload" = D ]; then
       cmd=(env MOE_RAW_BLOCK_KERNELS=1 MOE_RAW_NO_BULK_COPY=1 python3 -m bench.sanitize_cases)
     else

@@ -16,7 +16,8 @@
 //                                ascending expert order: bitwise deterministic, no atomics). Unpermute forward and
 //                                permute backward (optionally also the permuted-probs gradient).
 //   gather_warp                  gather_reduce with a warp a token and no block barrier, the same sums in the same
-//                                order (the default where each warp's row list fits the default shared memory).
+//                                order (MOE_RAW_BLOCK_KERNELS=0, where each warp's row list fits the default shared
+//                                memory; gather_reduce is the default: faster on the H100).
 //   unpermute_bwd                one block per token: d_row = g[t] * w for each of its rows, and
 //                                dprobs[t, e] = dot(g[t], row) (fixed-order block reduction) for routed pairs.
 //   scatter_rows                 one block per token: copies row t of any [T, ...] tensor (e.g. FP8 scales) to every

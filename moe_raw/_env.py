@@ -4,9 +4,9 @@
   the device, a host sync (``moe_raw._validate.DEBUG``; tests set that attribute directly).
 * ``MOE_RAW_NO_BULK_COPY=1``: permute writes 16-byte rows with plain stores instead of the sm_90 bulk-copy engine,
   whose writes compute-sanitizer's initcheck does not see (a few % slower).
-* ``MOE_RAW_BLOCK_KERNELS=1``: the gather (unpermute forward, permute backward) and permute_quantized run their
-  block-a-token kernels instead of the default warp-a-token ones (the same results; for comparing the two and for
-  isolating a fault).
+* ``MOE_RAW_BLOCK_KERNELS``: which row kernels the gather (unpermute forward, permute backward) and permute_quantized
+  run, for comparing them and isolating a fault (the same results either way): ``1`` the block-a-token ones, ``0``
+  the warp-a-token ones, unset each op's default (the gather: a block a token; permute_quantized: a warp a token).
 """
 
 from __future__ import annotations
@@ -20,4 +20,5 @@ def _on(name: str) -> bool:
 
 DEBUG = _on("MOE_RAW_DEBUG")
 NO_BULK_COPY = _on("MOE_RAW_NO_BULK_COPY")
-BLOCK_KERNELS = _on("MOE_RAW_BLOCK_KERNELS")
+# True / False where set (1 / 0), None where unset: each op keeps its default kernel.
+BLOCK_KERNELS = _on("MOE_RAW_BLOCK_KERNELS") if os.environ.get("MOE_RAW_BLOCK_KERNELS", "") != "" else None

@@ -1193,7 +1193,7 @@ def test_no_host_sync_with_num_out_tokens(path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The row kernels against each other, bit for bit: permute_small (small maps, one launch, no tables) and
-# permute_scatter (after the tables); gather_warp (a warp a token, the default) and gather_reduce (a block a token).
+# permute_scatter (after the tables); gather_reduce (a block a token, the default) and gather_warp (a warp a token).
 # CUDA only.
 
 # (tokens dtype, T, H, E, K, routing kind, probs dtype, map form, num_out_tokens - T * K, drop_and_pad). The first
@@ -1218,11 +1218,13 @@ _ROW_KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("value, expected", [("1", "block block"), ("0", "warp warp"), (None, "warp warp")])
+@pytest.mark.parametrize(
+    "value, expected", [("1", "block block"), ("0", "warp warp"), (None, "block warp"), ("", "block warp")]
+)
 def test_block_kernels_switch(value, expected):
-    """MOE_RAW_BLOCK_KERNELS=1 at import selects the block-a-token kernels of the gather (unpermute, permute's
-    backward) and of permute_quantized (read once, as the other switches); unset or 0 keeps the warp-a-token
-    defaults."""
+    """MOE_RAW_BLOCK_KERNELS at import picks the kernels of the gather (unpermute, permute's backward) and of
+    permute_quantized (read once, as the other switches): 1 the block-a-token ones, 0 the warp-a-token ones, unset
+    or empty each op's default (the gather a block a token, permute_quantized a warp a token)."""
     env = {k: v for k, v in os.environ.items() if k != "MOE_RAW_BLOCK_KERNELS"}
     if value is not None:
         env["MOE_RAW_BLOCK_KERNELS"] = value
@@ -1240,6 +1242,7 @@ def test_warp_kernels_fit_the_default_shared_memory(dtype, num_experts, monkeypa
     from moe_raw import _launch
     from moe_raw._kernels import dispatch as D
 
+    monkeypatch.setattr(D, "_GATHER_KERNEL", "warp")  # the default is the block kernel
     launches = []
     monkeypatch.setattr(D, "launch", lambda family, name, dev, grid, block, args, shared_mem=0, overlap=False:
                         launches.append((name, shared_mem)))  # fmt: skip

@@ -147,12 +147,13 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
     return buf[: num_tokens + lines], ws, buf
 
 
-# The gather (unpermute forward, permute backward): "warp" (gather_warp, a warp a token, no block barrier) or
-# "block" (gather_reduce, a block a token). On the H200 gather_warp was level with or faster than gather_reduce at
-# every bench shape; a warp a token lost there for permute (bulk-copy stores from a block's stage are faster) and
-# unpermute's backward, so those have only the block kernels (bench/results/2026-12-05-h200-candidate). Tests set
-# it to compare the two.
-_GATHER_KERNEL = "block" if _env.BLOCK_KERNELS else "warp"
+# The gather (unpermute forward, permute backward): "block" (gather_reduce, a block a token) or "warp" (gather_warp,
+# a warp a token, no block barrier). On an H100, same run, gather_reduce was 2.0-2.6% faster at every bench shape
+# (bench/results/2026-12-06-h100-ncu-gather: DeepSeek-V3's 4096 tokens fill under one wave of warps, 47% achieved
+# occupancy under ncu); on the H200 gather_warp had been faster, but against a gather_reduce at 44 registers (10
+# blocks a SM, since fixed; bench/results/2026-12-05-h200-candidate). A warp a token lost there for permute and
+# unpermute's backward, so those have only the block kernels. MOE_RAW_BLOCK_KERNELS=0 and tests choose the warp one.
+_GATHER_KERNEL = "warp" if _env.BLOCK_KERNELS is False else "block"
 _WARPS = _ROW_THREADS // 32  # tokens a block of gather_warp
 
 
