@@ -2,10 +2,12 @@
 # The next device call (main after the gather-packs merge, 2026-12-06), carrying nothing:
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
 # seconds (default 570; lower it when little device time is left), most important first:
-# - on an H200: the record (python -m bench in full, cold calls, probe; about 190 s on an H100), then the whole GPU
-#   suite in the time left (about 310 s on an H100);
-# - on an H100: the whole GPU suite first (the merged kernel has run only its own files' GPU tests), then the record.
-# Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz.
+# - on an H200: the record (python -m bench in full, cold calls, probe; about 190 s on an H100), then the gathers'
+#   block-a-token default against the warp-a-token kernel (bench.gather_ab, MOE_RAW_BLOCK_KERNELS unset / 0, two
+#   rounds, about 50 s: the H100 chose the block one), then the whole GPU suite in the time left (about 380 s on an H100);
+# - on an H100: the whole GPU suite first (the block-a-token gather has not run it as the default), then the record.
+# Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz,
+# kinds.log (H200).
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
@@ -30,6 +32,12 @@ record() {
   step record $?
   tar czf "$OUT/record.tgz" -C "$OUT" r && rm -rf "$OUT/r"
 }
+kinds() {
+  for k in "" 0 "" 0; do
+    echo "=== MOE_RAW_BLOCK_KERNELS=$k (+${SECONDS}s)"; MOE_RAW_BLOCK_KERNELS=$k timeout 60 python3 -m bench.gather_ab
+  done > "$OUT/kinds.log" 2>&1
+  step kinds $?
+}
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-if [[ $gpu == *H200* ]]; then record; suite; else suite; record; fi
+if [[ $gpu == *H200* ]]; then record; kinds; suite; else suite; record; fi
 cat "$OUT/steps.log"
