@@ -725,10 +725,11 @@ __device__ __forceinline__ void sum_rows(const T* __restrict__ rows, int64_t row
   using V = typename Vec<VB>::type;
   const int64_t nvec = hidden / P::N;
   int64_t v = first;
-  // One or two rows (K 1-2, a warp-uniform n): one pack a step leaves a lane one or two loads in flight, too few
-  // bytes to cover the DRAM latency (gather_warp lost 4% at K 1 when fewer warps fit: bench/results/
-  // 2026-12-06-h100-ninth-main/ab). Take kPacks (or kPacks / 2) packs a step, their loads issued first; each
-  // pack's sum is the loop's below, term for term, so the same bits. 8- and 16-byte packs only, as kTail.
+  // One or two rows (K 1-2; n is uniform over the warp or block): one pack a step leaves a thread one or two loads
+  // in flight, too few bytes to cover the DRAM latency (gather_warp lost 4% at K 1 when fewer warps fit:
+  // bench/results/2026-12-06-h100-ninth-main/ab). Take 4 (K 1) or 2 (K 2) packs a step, their loads issued first
+  // (1.4-2.4% faster at K 1-2 on the H100: 2026-12-06-h100-gather-packs); each pack's sum is the loop's below, term
+  // for term, so the same bits. 8- and 16-byte packs only, as kTail.
   if (VB >= 8 && n == 1) v = sum_packs<T, VB, 1, 4>(rows, rows_stride, o, nvec, row, weight, v, step);
   if (VB >= 8 && n == 2) v = sum_packs<T, VB, 2, 2>(rows, rows_stride, o, nvec, row, weight, v, step);
   for (; v < nvec; v += step) {
