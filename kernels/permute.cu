@@ -915,7 +915,7 @@ __global__ void __launch_bounds__(kRowThreads, 12)
 //   d_rows[row] = g[t] * w  (w = probs[t, e] for routed rows, or 1 without probs; padding rows get g[t] without
 //   probs and 0 with them), and with dprobs: dprobs[t, e] = dot(g[t], rows[row]) for routed pairs, 0 elsewhere.
 template <typename T, int VB>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : 12)
     unpermute_bwd(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ rows, int64_t rows_stride,
                   T* __restrict__ d_rows,
                   int64_t n_rows, int64_t hidden, int64_t num_tokens, int num_experts, const int* __restrict__ row_map,
@@ -978,21 +978,34 @@ __global__ void __launch_bounds__(kRowThreads)
       A gx[P::N];
 #pragma unroll
       for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
+      const auto store_scaled = [&](int64_t r, A w) {
+        P d;
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) {
+        for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
+        reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
+      };
+      // Two rows a step, both row loads issued before either is used: a row at a time left a lane one load in
+      // flight (its first use followed it). Each row's dot sums the same terms in the same order: the same bits.
+#pragma unroll
+      for (int k = 0; k < kGroup; k += 2) {
         if (k < m) {
-          const int64_t r = list_rows[j0 + k];
-          const A w = list_w[j0 + k];
-          if (dprobs && list_e[j0 + k] >= 0) {
-            P y;
-            y.raw = reinterpret_cast<const V*>(rows + r * rows_stride)[v];
+          const bool two = k + 1 < m;
+          const int64_t r0 = list_rows[j0 + k], r1 = two ? list_rows[j0 + k + 1] : r0;
+          const bool dot0 = dprobs && list_e[j0 + k] >= 0, dot1 = two && dprobs && list_e[j0 + k + 1] >= 0;
+          P y0, y1;
+          y0.raw = y1.raw = V{};
+          if (dot0) y0.raw = reinterpret_cast<const V*>(rows + r0 * rows_stride)[v];
+          if (dot1) y1.raw = reinterpret_cast<const V*>(rows + r1 * rows_stride)[v];
+          store_scaled(r0, list_w[j0 + k]);
+          if (two) store_scaled(r1, list_w[j0 + k + 1]);
+          if (dot0) {
 #pragma unroll
-            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y.v[i]);
+            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y0.v[i]);
           }
-          P d;
+          if (dot1) {
 #pragma unroll
-          for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
-          reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
+            for (int i = 0; i < P::N; ++i) dot[k + 1] += gx[i] * to_acc(y1.v[i]);
+          }
         }
       }
     }

@@ -239,6 +239,7 @@ def test_unpermute_backward(emulated, case):
     T, H = x.shape
     n_rows = int(routing_map.sum()) + 3
     rows, row_map, _ = permuted(x, routing_map, probs, n_rows)
+    rows = torch.randn(rows.shape).to(x.dtype)  # the experts' outputs: a token's rows differ, so do their dots
     grad = torch.randn(T, H).to(x.dtype)
     for p, need_dprobs in ((None, False), (probs, False), (probs, True)):
         got = D._unpermute_bwd_cuda(grad, rows, row_map, n_rows, p, need_dprobs)
