@@ -914,6 +914,8 @@ __global__ void __launch_bounds__(kRowThreads, 12)
 // Unpermute backward, one block per token t (blocks >= T zero spare rows):
 //   d_rows[row] = g[t] * w  (w = probs[t, e] for routed rows, or 1 without probs; padding rows get g[t] without
 //   probs and 0 with them), and with dprobs: dprobs[t, e] = dot(g[t], rows[row]) for routed pairs, 0 elsewhere.
+// 12 blocks a SM (<= 40 registers; left to itself ptxas gave the two-rows-a-step bf16 16-byte instance 48, 10
+// blocks), fp64 8 (at 12 it spilled 44-124 bytes; sm_90).
 template <typename T, int VB>
 __global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : 12)
     unpermute_bwd(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ rows, int64_t rows_stride,
@@ -925,6 +927,7 @@ __global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : 12)
   using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   constexpr int kGroup = 8;  // dot products reduced per pass
+  static_assert(kGroup % 2 == 0, "rows are taken two a step");
   extern __shared__ int smem[];
   int* list_rows = smem;
   int* list_e = smem + num_experts;
