@@ -45,6 +45,7 @@ def shape_cases(T, E, H, K) -> dict:
 
     return {
         "x.clone() (floor)": lambda: x.clone(),
+        # ws is buf's address: the lambda holds buf so the workspace outlives this function
         "tables only (routing_pack + routing_scan)": lambda: (buf, D._tables(rm, ws)),
         "_permute_cuda (no validation)": lambda: D._permute_cuda(x, rm, probs, n, False, want_indices=False),
         "_permute_cuda, overlap off": no_overlap,

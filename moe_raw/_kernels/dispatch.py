@@ -148,7 +148,7 @@ def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
 
 
 # The gather (unpermute forward, permute backward): "block" (gather_reduce, a block a token) or "warp" (gather_warp,
-# a warp a token, no block barrier). On an H100, same run, gather_reduce was 2.0-2.6% faster at every bench shape
+# a warp a token, no block barrier). On an H100, same run, gather_reduce was 1.4-2.6% faster at every bench shape
 # (bench/results/2026-12-06-h100-ncu-gather: DeepSeek-V3's 4096 tokens fill under one wave of warps, 47% achieved
 # occupancy under ncu); on the H200 gather_warp had been faster, but against a gather_reduce at 44 registers (10
 # blocks a SM, since fixed; bench/results/2026-12-05-h200-candidate). A warp a token lost there for permute and
