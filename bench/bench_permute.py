@@ -221,19 +221,16 @@ def _host_fns(T, E, H, K):
 
 
 def host_time_rows():
-    rows = []
+    """Host microseconds per permute + unpermute pair at T 16 and 128 (launch-bound), every provider's loops
+    interleaved (common.host_us_many)."""
     E, H, K = 8, 1024, 2
-    for T in (16, 128):
-        for provider, fn in _host_fns(T, E, H, K):
-            rows.append(
-                {
-                    "shape": f"T={T} E={E} H={H} K={K}",
-                    "op": "permute+unpermute (fwd, no grad)",
-                    "provider": provider,
-                    "us": common.host_us(fn),
-                }
-            )
-    return rows
+    fns = {(T, provider): fn for T in (16, 128) for provider, fn in _host_fns(T, E, H, K)}
+    us = common.host_us_many(fns)
+    return [
+        {"shape": f"T={T} E={E} H={H} K={K}", "op": "permute+unpermute (fwd, no grad)", "provider": provider,
+         "us": us[T, provider]}
+        for T, provider in fns
+    ]  # fmt: skip
 
 
 def main(argv=None):

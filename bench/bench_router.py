@@ -82,18 +82,18 @@ def bench_rows(copy_gbs, dtype=torch.float32, names=None, tokens=TOKENS):
 
 
 def host_time_rows(dtype=torch.float32):
-    """Host microseconds per router call at T = 16 (launch-bound): moe_raw, the seed, and two plain torch ops."""
-    rows = []
+    """Host microseconds per router call at T = 16 (launch-bound): moe_raw, the seed, and two plain torch ops, their
+    loops interleaved (common.host_us_many)."""
+    fns = {}
     for name in ROUTERS:
         logits, K, kw = _args(name, 16, dtype)
         for provider, fn in (("moe_raw", moe_raw.topk_routing_with_score_function),
                              ("seed", R.topk_routing_with_score_function)):  # fmt: skip
-            us = common.host_us(lambda a=(fn, logits, K, kw): _fwd(*a))
-            rows.append({"shape": f"{name} T=16", "op": "router fwd", "provider": provider, "us": us})
+            fns[f"{name} T=16", "router fwd", provider] = lambda a=(fn, logits, K, kw): _fwd(*a)
     x = torch.randn(16, 256, device="cuda")
-    us = common.host_us(lambda: torch.softmax(x, -1).topk(8, -1))
-    rows.append({"shape": "T=16", "op": "two torch ops (softmax, topk)", "provider": "torch", "us": us})
-    return rows
+    fns["T=16", "two torch ops (softmax, topk)", "torch"] = lambda: torch.softmax(x, -1).topk(8, -1)
+    us = common.host_us_many(fns)
+    return [{"shape": s, "op": op, "provider": provider, "us": us[s, op, provider]} for s, op, provider in fns]
 
 
 def main() -> int:

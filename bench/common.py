@@ -52,19 +52,32 @@ def peak_gb(fn) -> float:
 
 
 def host_us(fn, iters: int = 200, repeats: int = 7) -> float:
-    """Host microseconds per call of fn() (tiny GPU work: the loop is launch-bound), median of `repeats` loops that
-    sync only at their end. The median damps the host machine's noise (seen: 64 to 97 us between runs)."""
-    for _ in range(20):
-        fn()
+    """Host microseconds per call of fn() (tiny GPU work: the loop is launch-bound): host_us_many of fn alone."""
+    return host_us_many({"fn": fn}, iters, repeats)["fn"]
+
+
+def host_us_many(fns: dict, iters: int = 200, repeats: int = 7) -> dict:
+    """{name: host microseconds per call of fns[name]()} (tiny GPU work: each loop is launch-bound), each the median
+    of `repeats` loops of `iters` calls that sync only at their end. The loops are interleaved (round r times every
+    fn, starting one further along each round), so a slow spell of the host machine falls on every fn alike, not on
+    whichever is measured first: one H100 host ran the first loop of a fixed-order run 1.5x slower than the same
+    call measured later (bench/results/2026-12-06-h100-twelfth-main). The median damps the rest of the noise."""
+    names = list(fns)
+    for name in names:
+        for _ in range(20):
+            fns[name]()
     torch.cuda.synchronize()
-    per_call = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        per_call.append((time.perf_counter() - t0) / iters * 1e6)
-        torch.cuda.synchronize()
-    return sorted(per_call)[len(per_call) // 2]
+    per_call = {name: [] for name in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            per_call[name].append((time.perf_counter() - t0) / iters * 1e6)
+            torch.cuda.synchronize()
+    return {name: sorted(v)[len(v) // 2] for name, v in per_call.items()}
 
 
 def write_bandwidth_gbs(nbytes: int = 2 << 30) -> float:

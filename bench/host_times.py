@@ -1,9 +1,10 @@
 """Host time per call of the public ops at launch-bound sizes, through the public API only, so that two commits
 (a refactor's before and after) can be compared with the same script: python -m bench.host_times [--out FILE.json]
 
-Each figure is the median of 7 loops of 200 calls that sync only at their end (bench.common.host_us); the GPU work
-is tiny (T = 16 tokens, N = 16 rows), so the loop measures the host. Absolute times move 10-60% between machines and
-runs: compare two commits in one process run each, back to back on one machine, and read ratios.
+Each figure is the median of 7 loops of 200 calls that sync only at their end, every call's loops interleaved
+(bench.common.host_us_many); the GPU work is tiny (T = 16 tokens, N = 16 rows), so the loop measures the host.
+Absolute times move 10-60% between machines and runs: compare two commits in one process run each, back to back on
+one machine, and read ratios.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 import moe_raw
 
-from .common import environment, host_us
+from .common import environment, host_us_many
 
 
 def cases() -> dict:
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 0
-    rows = {name: host_us(fn) for name, fn in cases().items()}
+    rows = host_us_many(cases())
     env = environment()
     print(f"host us per call, {env.get('gpu')}, git {env.get('git_sha')}")
     print("| call | host us |\n| --- | --- |")
