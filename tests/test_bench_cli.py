@@ -288,3 +288,24 @@ def test_cold_trace_analyse_attributes_kernels_to_calls():
     first, second = analyse(no_launches, "call ")
     assert first["launches"] == 0 and [k[0] for k in first["kernel_list"]] == ["routing_pack"]
     assert [k[0] for k in second["kernel_list"]] == ["permute_scatter", "gather_reduce"]
+
+
+def test_host_us_many_interleaves_every_fn_and_returns_medians(monkeypatch):
+    """bench.common.host_us_many: each round times every fn once, starting one further along (no fn is always the
+    first measured), and each figure is the median of its fn's loops."""
+    from bench import common
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    order = []
+    clock = iter(range(10**6))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    fns = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    us = common.host_us_many(fns, iters=2, repeats=3)
+    assert order[:60] == [n for n in "abc" for _ in range(20)]  # the warm-up calls, fn by fn
+    loops = order[60:]
+    assert len(loops) == 3 * 3 * 2
+    firsts = [loops[i] for i in range(0, len(loops), 6)]  # the fn each round starts with
+    assert firsts == ["a", "b", "c"]
+    # every loop of 2 calls spans one tick of the fake clock: 0.5 ticks a call
+    assert us == {"a": 0.5e6, "b": 0.5e6, "c": 0.5e6}
+    assert common.host_us(lambda: None, iters=4, repeats=1) == 0.25e6
