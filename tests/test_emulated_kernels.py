@@ -124,6 +124,32 @@ def test_permute(emulated, case):
     assert ("permute_small" in launched()) == (T * E <= D._SMALL_MAP), launched()
 
 
+@pytest.mark.parametrize(
+    ("T", "E"),
+    [(200, 4096), (600, 3000), (300, 40)],
+    ids=["pack-alone-2-rounds", "scan-2-rounds", "scan-1-round"],
+)
+def test_routing_tables(emulated, T, E):
+    """routing_pack + routing_scan's tables against torch: each (expert, 256-token tile) count and its exclusive
+    prefix in expert-major order (tile_base), each expert's first row (expert_start). The scan stages 8 entries a
+    thread a round: T <= 256 runs it inside routing_pack (256 threads: E 4096 is two rounds), else routing_scan
+    (1024 threads: 3 tiles x E 3000 is two rounds)."""
+    routing_map = make_routing(T, E, 3, kind="topk")
+    n_words, n_tiles = -(-T // 32), -(-T // 256)
+    buf = torch.full((D._workspace_ints(T, E),), -7, dtype=torch.int32)
+    D._tables(routing_map, buf.data_ptr())
+    padded = torch.zeros(n_tiles * 256, E, dtype=torch.int64)
+    padded[:T] = routing_map.long()
+    tile_sums = padded.view(n_tiles, 256, E).sum(1).t().reshape(-1)  # [E * n_tiles], expert-major
+    tile_base = torch.cumsum(tile_sums, 0) - tile_sums
+    ew, m = n_words * E, n_tiles * E
+    assert torch.equal(buf[2 * ew : 2 * ew + m].long(), tile_sums)
+    assert torch.equal(buf[2 * ew + m : 2 * ew + 2 * m].long(), tile_base)
+    starts = torch.cat([tile_base[::n_tiles], tile_sums.sum().view(1)])
+    assert torch.equal(buf[2 * ew + 2 * m :].long(), starts)
+    assert ("routing_scan" in launched()) == (n_tiles > 1)
+
+
 def grouped_everywhere(monkeypatch):
     """permute_grouped for every row size and pair count (by default only where it won: 8-16 KiB rows, >= 4 pairs a
     token), so the small test shapes run it."""
