@@ -126,14 +126,14 @@ def test_permute(emulated, case):
 
 @pytest.mark.parametrize(
     ("T", "E"),
-    [(200, 4096), (600, 3000), (300, 40)],
-    ids=["pack-alone-2-rounds", "scan-2-rounds", "scan-1-round"],
+    [(200, 4096), (200, 60), (600, 3000), (600, 1000), (300, 40)],
+    ids=["pack-2-rounds", "pack-small", "scan-2-rounds", "scan-1-round", "scan-small"],
 )
 def test_routing_tables(emulated, T, E):
     """routing_pack + routing_scan's tables against torch: each (expert, 256-token tile) count and its exclusive
     prefix in expert-major order (tile_base), each expert's first row (expert_start). The scan stages 8 entries a
     thread a round: T <= 256 runs it inside routing_pack (256 threads: E 4096 is two rounds), else routing_scan
-    (1024 threads: 3 tiles x E 3000 is two rounds)."""
+    (1024 threads: 3 tiles x E 3000 is two rounds, x E 1000 one); "small": a few entries (E or 2 E)."""
     routing_map = make_routing(T, E, 3, kind="topk")
     n_words, n_tiles = -(-T // 32), -(-T // 256)
     buf = torch.full((D._workspace_ints(T, E),), -7, dtype=torch.int32)
