@@ -44,9 +44,10 @@
 //   routing_scan, pad_offsets: grid = 1, block = 1024 (routing_scan: a 33.9 KiB static stage of tile sums).
 //   Row kernels: block = 128 threads striding over the row in VB-byte packs; grid = T token blocks (gather_warp:
 //   ceil(T / 4), a warp a token; permute_grouped: 256 threads, ceil(T / group) blocks of `group` tokens and
-//   group * row bytes of stage), then tail blocks that zero spare rows and, in the aligned layout, P blocks per expert that zero its padding rows. Dynamic shared memory
-//   holds the token's row list (gather_warp: one a warp; permute_scatter's Hopper path: also a 16 KiB stage of
-//   the row; permute_small: (3 * E + 2) & ~1 ints of counts in front).
+//   group * row bytes of stage), then tail blocks that zero spare rows and, in the aligned layout, P blocks per
+//   expert that zero its padding rows. Dynamic shared memory holds the token's row list (gather_warp: one a warp;
+//   permute_scatter's Hopper path: also a 16 KiB stage of the row; permute_small: (3 * E + 2) & ~1 ints of counts
+//   in front).
 //   Overlap: on sm_90, with 16-byte rows totalling >= 4 MiB and no host read since the map kernels (N given), the
 //   host launches permute_scatter as a programmatic dependent launch. Its blocks start their row's stage fill,
 //   then pdl_wait() before reading the tables; routing_pack / routing_scan / pad_offsets call pdl_trigger() first.
