@@ -165,7 +165,7 @@ constexpr int kScanPerThread = 8;
 // different banks.
 __device__ __forceinline__ int scan_slot(int j) { return j + (j >> 5); }
 
-template <int kThreads>  // blockDim.x: the stage is sized for it (routing_scan 1024: 33 KiB; routing_pack 256)
+template <int kThreads>  // blockDim.x: the stage is sized for it (routing_scan 1024: 33.9 KiB; routing_pack 256: 8.4)
 __device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
   constexpr int kStage = kScanPerThread * kThreads;
   __shared__ int stage[kStage + kStage / 32];
@@ -174,11 +174,10 @@ __device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
   const int* tile_sums = ws + 2 * ew;
   int* tile_base = ws + 2 * ew + m;
   int* expert_start = ws + 2 * ew + 2 * m;
-  constexpr int round = kStage;
   const int beg = kScanPerThread * static_cast<int>(threadIdx.x);
   int carry = 0;
-  for (int64_t base = 0; base < m; base += round) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(round), m - base));
+  for (int64_t base = 0; base < m; base += kStage) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kStage), m - base));
     for (int j = threadIdx.x; j < n; j += kThreads) stage[scan_slot(j)] = tile_sums[base + j];
     __syncthreads();
     int v[kScanPerThread];
