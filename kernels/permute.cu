@@ -41,7 +41,7 @@
 // tables with no host sync (one when T <= 256); TE's mask path needs three and a dense int32 [T, E] scan.
 //
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
-//   routing_scan, pad_offsets: grid = 1, block = 1024 (routing_scan: a 33.9 KiB static stage of tile sums).
+//   routing_scan, pad_offsets: grid = 1, block = 1024 (routing_scan: a 33 KiB static stage of tile sums).
 //   Row kernels: block = 128 threads striding over the row in VB-byte packs; grid = T token blocks (gather_warp:
 //   ceil(T / 4), a warp a token; permute_grouped: 256 threads, ceil(T / group) blocks of `group` tokens and
 //   group * row bytes of stage), then tail blocks that zero spare rows and, in the aligned layout, P blocks per
@@ -165,7 +165,7 @@ constexpr int kScanPerThread = 8;
 // different banks.
 __device__ __forceinline__ int scan_slot(int j) { return j + (j >> 5); }
 
-template <int kThreads>  // blockDim.x: the stage is sized for it (routing_scan 1024: 33.9 KiB; routing_pack 256: 8.4)
+template <int kThreads>  // blockDim.x: the stage is sized for it (routing_scan 1024: 33 KiB; routing_pack 256: 8.25 KiB)
 __device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
   constexpr int kStage = kScanPerThread * kThreads;
   __shared__ int stage[kStage + kStage / 32];
