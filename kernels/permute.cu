@@ -165,7 +165,8 @@ constexpr int kScanPerThread = 8;
 // different banks.
 __device__ __forceinline__ int scan_slot(int j) { return j + (j >> 5); }
 
-template <int kThreads>  // blockDim.x: the stage is sized for it (routing_scan 1024: 33 KiB; routing_pack 256: 8.25 KiB)
+// kThreads: blockDim.x, which sizes the stage (routing_scan 1024: 33 KiB; routing_pack 256: 8.25 KiB).
+template <int kThreads>
 __device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
   constexpr int kStage = kScanPerThread * kThreads;
   __shared__ int stage[kStage + kStage / 32];
