@@ -20,6 +20,5 @@ def _on(name: str) -> bool:
 
 DEBUG = _on("MOE_RAW_DEBUG")
 NO_BULK_COPY = _on("MOE_RAW_NO_BULK_COPY")
-# True / False where set (1 / 0, as _on reads it), None where unset or empty: each op keeps its default kernel.
-_block_kernels = os.environ.get("MOE_RAW_BLOCK_KERNELS", "")
-BLOCK_KERNELS = _block_kernels != "0" if _block_kernels else None
+# True / False where set (_on: 1 / 0), None where unset or empty: each op keeps its default kernel.
+BLOCK_KERNELS = _on("MOE_RAW_BLOCK_KERNELS") if os.environ.get("MOE_RAW_BLOCK_KERNELS") else None
