@@ -176,6 +176,18 @@ __device__ void scan_tiles(int* ws, int64_t num_tokens, int num_experts) {
   int* tile_base = ws + 2 * ew + m;
   int* expert_start = ws + 2 * ew + 2 * m;
   const int beg = kScanPerThread * static_cast<int>(threadIdx.x);
+  if (m <= kThreads) {  // one entry a thread, straight from global memory (coalesced): no stage, one block scan
+    const int i = threadIdx.x;
+    const int v = i < m ? tile_sums[i] : 0;
+    int total;
+    const int prefix = block_exclusive_scan(v, &total);
+    if (i < m) {
+      tile_base[i] = prefix;
+      if (i % n_tiles == 0) expert_start[i / n_tiles] = prefix;
+    }
+    if (threadIdx.x == 0) expert_start[num_experts] = total;
+    return;
+  }
   int carry = 0;
   for (int64_t base = 0; base < m; base += kStage) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kStage), m - base));
@@ -359,15 +371,17 @@ __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept,
 // Routed or padding pair (t, e): its permuted row (-1 if none: not routed, dropped, or no padding slot), with its
 // row-map entry, sorted_indices and permuted_probs entries written. Tab: Tables or MapPrefix.
 template <class Prefix>
-__device__ __forceinline__ int place_pair(const Prefix& tab, int64_t t, int e, int num_experts,
-                                          int drop_and_pad, int64_t capacity, const void* __restrict__ routing_map,
-                                          int map_bytes, int64_t map_st, int64_t map_se, int* __restrict__ row_map,
+__device__ __forceinline__ int place_pair(const Prefix& tab, int64_t t, int e, bool routed, int num_experts,
+                                          int drop_and_pad, int64_t capacity, int* __restrict__ row_map,
                                           int64_t* __restrict__ sorted_indices, const void* __restrict__ probs,
                                           int probs_code, int64_t probs_st, int64_t probs_se,
                                           void* __restrict__ permuted_probs, int64_t n_keep,
                                           const int* pad_ranges) {
   int row = -1;  // this pair's permuted row, -1 if none
-  const bool routed = map_entry(routing_map, map_bytes, t * map_st + e * map_se);
+  // The prob is loaded with the table words (one trip to memory for both, not one after them), and only where the
+  // map routes: an off-route NaN never reaches the output. A double carries every probs dtype exactly.
+  const double p =
+      routed && permuted_probs ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
   if (!drop_and_pad) {
     if (routed) {
       const int before = tab.flat_prefix(e, t);  // routed pairs before (t, e), experts < e included
@@ -389,12 +403,7 @@ __device__ __forceinline__ int place_pair(const Prefix& tab, int64_t t, int e, i
   if (row_map) row_map[t * num_experts + e] = row < 0 ? -1 : (routed ? row : -2 - row);
   if (row >= 0) {
     if (sorted_indices) sorted_indices[row] = t;
-    if (permuted_probs) {
-      // probs is read only where the map routes: an off-route NaN never reaches the output. A double carries
-      // every probs dtype exactly.
-      const double p = routed ? load_scalar<double>(probs, probs_code, t * probs_st + e * probs_se) : 0.0;
-      store_scalar<double>(permuted_probs, probs_code, row, p);
-    }
+    if (permuted_probs) store_scalar<double>(permuted_probs, probs_code, row, p);
   }
   return row;
 }
@@ -431,6 +440,15 @@ __device__ __forceinline__ void scatter_token(
     if (src && t < num_tokens) fill_stage(0, static_cast<int>(min(static_cast<int64_t>(kStageBytes), row_bytes)));
   }
 #endif
+  // This thread's experts (a contiguous run of at most 32: E <= 4096, 128 threads) and whether token t routes to
+  // each, read before pdl_wait: the routing map is an input the map kernels only read, so launched with overlap the
+  // first blocks have it when the tables are done, and later blocks issue it with the stage fill.
+  const int per = (num_experts + blockDim.x - 1) / blockDim.x;
+  const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
+  uint32_t routed = 0;  // bit e - e_beg
+  if (t < num_tokens)
+    for (int e = e_beg; e < e_end; ++e)
+      routed |= static_cast<uint32_t>(map_entry(routing_map, map_bytes, t * map_st + e * map_se)) << (e - e_beg);
   pdl_wait();  // the tables (and, in the aligned layout, pad_ranges) are complete from here on
   const int64_t total = tab.start(num_experts);
   const int64_t kept =
@@ -447,12 +465,10 @@ __device__ __forceinline__ void scatter_token(
   // register path compacts all of them with one block scan in ascending expert order whatever E is (a scan per 128
   // experts cost DeepSeek-V3's E = 256 a second round of barriers).
   int* scratch = dest_rows + num_experts;  // [num_experts]: the row of each expert, -1 if none
-  const int per = (num_experts + blockDim.x - 1) / blockDim.x;
-  const int e_beg = min(num_experts, static_cast<int>(threadIdx.x) * per), e_end = min(num_experts, e_beg + per);
   int mine = 0;
   for (int e = e_beg; e < e_end; ++e) {
-    const int row = place_pair(tab, t, e, num_experts, drop_and_pad, capacity, routing_map, map_bytes, map_st, map_se,
-                               row_map, sorted_indices, probs, probs_code, probs_st, probs_se, permuted_probs, n_keep,
+    const int row = place_pair(tab, t, e, (routed >> (e - e_beg)) & 1u, num_experts, drop_and_pad, capacity, row_map,
+                               sorted_indices, probs, probs_code, probs_st, probs_se, permuted_probs, n_keep,
                                pad_ranges);
     if (row >= 0) ++mine;
     scratch[e] = row;
