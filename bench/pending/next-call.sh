@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The next device call (main after the twelfth session, 2026-12-06), carrying nothing:
+# The next device call (main after the thirteenth session, 2026-12-06), carrying nothing:
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
 # seconds (default 570; lower it when little device time is left), most important first:
 # - on an H200: the record (python -m bench in full, cold calls, probe; about 190 s on an H100), then the gathers'
 #   block-a-token default against the warp-a-token kernel (bench.gather_ab, MOE_RAW_BLOCK_KERNELS unset / 0, two
 #   rounds, about 50 s: the H100 chose the block one), then the whole GPU suite in the time left (301-437 s on H100s);
-# - on an H100: the whole GPU suite first (the record when time is left: on the twelfth session's host the suite
-#   took 437 s and the record, 273 s, ran in a second call).
+# - on an H100: the whole GPU suite first (the record when time is left: on the H100 hosts so far the suite
+#   took 383-437 s and the record 240-273 s: a second call, or CALL_END=590 and the record cut).
 # Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz,
 # kinds.log (H200).
 set -u
