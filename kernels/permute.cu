@@ -41,7 +41,8 @@
 // tables with no host sync (one when T <= 256); TE's mask path needs three and a dense int32 [T, E] scan.
 //
 // Launch shapes: routing_pack: grid = NB, block = 256 (one warp per 32 tokens, loops over experts).
-//   routing_scan, pad_offsets: grid = 1, block = 1024 (routing_scan: a 33 KiB static stage of tile sums).
+//   routing_scan, pad_offsets: grid = 1, block = 1024 (routing_scan: a 33 KiB static stage of tile sums, unused
+//   where E * NB <= 1024: one entry a thread).
 //   Row kernels: block = 128 threads striding over the row in VB-byte packs; grid = T token blocks (gather_warp:
 //   ceil(T / 4), a warp a token; permute_grouped: 256 threads, ceil(T / group) blocks of `group` tokens and
 //   group * row bytes of stage), then tail blocks that zero spare rows and, in the aligned layout, P blocks per
@@ -49,8 +50,9 @@
 //   permute_scatter's Hopper path: also a 16 KiB stage of the row; permute_small: (3 * E + 2) & ~1 ints of counts
 //   in front).
 //   Overlap: on sm_90, with 16-byte rows totalling >= 4 MiB and no host read since the map kernels (N given), the
-//   host launches permute_scatter as a programmatic dependent launch. Its blocks start their row's stage fill,
-//   then pdl_wait() before reading the tables; routing_pack / routing_scan / pad_offsets call pdl_trigger() first.
+//   host launches permute_scatter as a programmatic dependent launch. Its blocks start their row's stage fill and
+//   read their token's routing-map entries (an input the map kernels only read), then pdl_wait() before reading
+//   the tables; routing_pack / routing_scan / pad_offsets call pdl_trigger() first.
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
 //   last dim, VB divides the row bytes, the row stride and both base addresses; T * E < 2^31; E <= 4096;
 //   N < 2^31 - 2.

@@ -7,7 +7,6 @@ constants an ``act`` ``Act(alpha, linear_offset, limit, cubic)`` (SwiGLU is ``(1
 in float32 / float16 / bfloat16 run the Numba kernels (``moe_raw._kernels.glu_launch``); CPU tensors and float64
 run the same formulas in torch, in fp32 (fp64 for fp64). One autograd node per call when an input requires grad
 (``_GluFn``); none otherwise.
-(``_GluFn``); none otherwise.
 """
 
 from __future__ import annotations
