@@ -70,9 +70,11 @@ def as_bits(x):
 # (T, E, H, K, dtype, routing kind): odd H and 1-byte rows take the 1 / 2 / 4 / 8-byte pack instances; T * E
 # above 4096 takes the routing tables (permute_scatter) even with num_out_tokens given, below it permute_small; E 33
 # and 300 cross warp_slots' 32-expert rounds unevenly; E 3000 exceeds gather_warp's shared memory and must fall back
-# to gather_reduce. H 4100 fp32 (16400-byte rows) takes permute_scatter's bulk-copy stage in two chunks. The sums'
-# several-packs-a-step path (sum_packs: K 1 and 2, 8- and 16-byte packs) needs U * step packs and leaves a tail:
-# H 4100 fp32 at K 2 (1025 packs), H 4104 bf16 at K 1 (513 packs: 4 steps and a tail a warp, one and a tail a block).
+# to gather_reduce; E 4096 (the most supported) gives each of a row kernel's 128 threads a run of 32 experts, all the
+# bits of scatter_token's routed mask. H 4100 fp32 (16400-byte rows) takes permute_scatter's bulk-copy stage in two
+# chunks. The sums' several-packs-a-step path (sum_packs: K 1 and 2, 8- and 16-byte packs) needs U * step packs and
+# leaves a tail: H 4100 fp32 at K 2 (1025 packs), H 4104 bf16 at K 1 (513 packs: 4 steps and a tail a warp, one and a
+# tail a block).
 CASES = [
     (1, 1, 8, 1, torch.bfloat16, "topk"),
     (37, 8, 64, 2, torch.bfloat16, "topk"),
@@ -83,6 +85,7 @@ CASES = [
     (300, 16, 24, 4, torch.bfloat16, "sparse"),
     (40, 300, 16, 8, torch.bfloat16, "topk"),
     (9, 3000, 8, 6, torch.float32, "topk"),
+    (3, 4096, 8, 4, torch.bfloat16, "topk"),
     (6, 4, 4100, 2, torch.float32, "topk"),
     (5, 4, 4104, 1, torch.bfloat16, "topk"),
 ]
