@@ -15,12 +15,12 @@ rm -rf .trees  # only the trees named here: ab.sh A/Bs every tree it finds
 for name in "${names[@]}"; do
   dir=.trees/$name
   rm -rf "$dir" && mkdir -p "$dir"
-  git archive HEAD | tar -x -C "$dir"
+  git archive HEAD | tar -x -C "$dir" --exclude=bench/results  # records: 7 MB a tree of the 64 MiB carry
   git apply --directory="$dir" "bench/pending/$name.patch"
   echo "$dir: main $(git rev-parse --short HEAD) + bench/pending/$name.patch" | tee "$dir/TREE"
 done
 if [ -n "${GROUPED_ALL:-}" ]; then  # main with permute_grouped on every shape: is the H100's rule the H200's?
-  mkdir -p .trees/permute-grouped-all && git archive HEAD | tar -x -C .trees/permute-grouped-all
+  mkdir -p .trees/permute-grouped-all && git archive HEAD | tar -x -C .trees/permute-grouped-all --exclude=bench/results
   sed -i 's/^_GROUP_MIN_ROW_BYTES = .*/_GROUP_MIN_ROW_BYTES = 0/; s/^_GROUP_MIN_PAIRS = .*/_GROUP_MIN_PAIRS = 0/' \
     .trees/permute-grouped-all/moe_raw/_kernels/dispatch.py
   grep -q "^_GROUP_MIN_PAIRS = 0" .trees/permute-grouped-all/moe_raw/_kernels/dispatch.py
@@ -28,7 +28,7 @@ if [ -n "${GROUPED_ALL:-}" ]; then  # main with permute_grouped on every shape: 
     | tee .trees/permute-grouped-all/TREE
 fi
 if [ -n "${BASE:-}" ]; then
-  mkdir -p .trees/base && git archive "$BASE" | tar -x -C .trees/base
+  mkdir -p .trees/base && git archive "$BASE" | tar -x -C .trees/base --exclude=bench/results
   echo ".trees/base: $(git rev-parse --short "$BASE")" | tee .trees/base/TREE
 fi
 git rev-parse --short HEAD > .trees/MAIN_SHA
