@@ -21,6 +21,7 @@ declare -A BENCH=(
   [grouped-unscanned-all]="python3 -m bench.permute_fwd"  # A/B only: no TESTS entry
   [tail-cap]="python3 -m bench.permute_fwd"
   [grouped-unscanned-tail]="python3 -m bench.permute_fwd"  # grouped-unscanned + tail-cap, as they would merge
+  [grouped-unscanned-gated]="python3 -m bench.permute_fwd"  # grouped-unscanned-tail up to 16 tiles
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
 # (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in
@@ -32,6 +33,7 @@ declare -A TESTS=(
   [grouped-unscanned]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
   [tail-cap]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
   [grouped-unscanned-tail]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
+  [grouped-unscanned-gated]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
 )
 # AB_TESTS=0: the A/B and the probe only (the caller runs the tests).
 # Everything ends before the device's 10-minute limit (AB_DEADLINE seconds after the start, default 570): each step's
