@@ -15,24 +15,13 @@ declare -A BENCH=(
   [base]="python3 -m bench.permute_fwd"  # trees.sh BASE=REV: an older main
   [permute-grouped-all]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_ALL=1
   [glu-fwd-occupancy]="python3 -m bench.bench_swiglu --activations swiglu"
-  [scatter-256]="python3 -m bench.permute_fwd"
-  [scatter-256-8]="python3 -m bench.permute_fwd"
-  [grouped-unscanned]="python3 -m bench.permute_fwd"
-  [grouped-unscanned-all]="python3 -m bench.permute_fwd"  # A/B only: no TESTS entry
-  [tail-cap]="python3 -m bench.permute_fwd"
-  [grouped-unscanned-tail]="python3 -m bench.permute_fwd"  # grouped-unscanned + tail-cap, as they would merge
-  [grouped-unscanned-gated]="python3 -m bench.permute_fwd"  # grouped-unscanned-tail up to 16 tiles
+  [grouped-unscanned-gated]="python3 -m bench.permute_fwd"
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
 # (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in
 # bench/results/2026-12-05-h100-pending-ab3)
 declare -A TESTS=(
   [glu-fwd-occupancy]="tests/test_glu_kernels.py tests/test_activations.py tests/test_activations_api.py"
-  [scatter-256]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
-  [scatter-256-8]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
-  [grouped-unscanned]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
-  [tail-cap]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
-  [grouped-unscanned-tail]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
   [grouped-unscanned-gated]="tests/test_permute.py tests/test_padding.py tests/test_topk.py tests/test_launch_gpu.py"
 )
 # AB_TESTS=0: the A/B and the probe only (the caller runs the tests).
