@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for grouped-unscanned-gated (fourteenth session), carrying .trees (trees.sh grouped-unscanned-gated):
-# its permute A/B beside the checkout (two rounds), then the GPU tests in its tree (SUITE: the test paths, default the
+# its permute A/B beside the checkout (ROUNDS, default two), then the GPU tests in its tree (SUITE: the test paths, default the
 # whole suite; on an H200: main's record first, the tests in the time left). Logs under $OUT: gpu.txt, ab.log,
 # suite.log.gz, record.log, record.tgz.
 set -u
@@ -12,7 +12,7 @@ if [[ $gpu == *H200* && -z ${NO_RECORD:-} ]]; then
   MOE_RAW_GIT_SHA=${SHA:-unknown} OUT=$OUT/r timeout 260 bash bench/run_device.sh full cold probe > "$OUT/record.log" 2>&1
   echo "record rc=$? (+${SECONDS}s)" >> "$OUT/ab.log"; tar czf "$OUT/record.tgz" -C "$OUT" r && rm -rf "$OUT/r"
 fi
-for round in 1 2; do
+for round in $(seq "${ROUNDS:-2}"); do
   for d in "$R" "$T"; do
     echo "=== $(basename "$d") round $round (+${SECONDS}s)" >> "$OUT/ab.log"
     (cd "$d" && PYTHONPATH=$d timeout 60 python3 -m bench.permute_fwd) >> "$OUT/ab.log" 2>&1
