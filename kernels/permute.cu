@@ -8,7 +8,9 @@
 //                                (on sm_90 with 16-byte rows: staged in shared memory, written by bulk copies).
 //   permute_grouped              permute_scatter for up to 32 consecutive tokens a block (sm_90, 16-byte rows of
 //                                8-16 KiB, K >= 4: where it won), all their rows staged, looked up at once, then
-//                                bulk-copied.
+//                                bulk-copied. With the row count given and T <= 16 tiles it runs after routing_pack
+//                                alone: each block counts its experts' starts from the tile sums (tile_bases), no
+//                                routing_scan.
 //   permute_small                permute_scatter without the tables, for small maps with the row count given: each
 //                                block counts the whole map in shared memory (T * E reads a block), so a small
 //                                permute is one launch, not two.
@@ -45,7 +47,8 @@
 //   where E * NB <= 1024: one entry a thread).
 //   Row kernels: block = 128 threads striding over the row in VB-byte packs; grid = T token blocks (gather_warp:
 //   ceil(T / 4), a warp a token; permute_grouped: 256 threads, ceil(T / group) blocks of `group` tokens and
-//   group * row bytes of stage), then tail blocks that zero spare rows and, in the aligned layout, P blocks per
+//   group * row bytes of stage), then tail blocks that zero spare rows (permute without the aligned layout: at most
+//   256, striding over 32-row chunks; else one a chunk) and, in the aligned layout, P blocks per
 //   expert that zero its padding rows. Dynamic shared memory holds the token's row list (gather_warp: one a warp;
 //   permute_scatter's Hopper path: also a 16 KiB stage of the row; permute_small: (3 * E + 2) & ~1 ints of counts
 //   in front).
@@ -106,9 +109,13 @@ struct Tables {
   }
   // Routed pairs that precede (t, e) in expert-major order, counting every expert before e.
   __device__ __forceinline__ int flat_prefix(int e, int64_t t) const {
+    return tile_base[e * n_tiles + (t >> 8)] + in_tile(e, t);
+  }
+  // Routed pairs of expert e among the tokens of t's 256-token tile before t (what routing_pack alone gives).
+  __device__ __forceinline__ int in_tile(int e, int64_t t) const {
     const int64_t w = t >> 5;
     const uint32_t below = (1u << (t & 31)) - 1u;
-    return tile_base[e * n_tiles + (t >> 8)] + word_prefix[e * n_words + w] + __popc(words[e * n_words + w] & below);
+    return word_prefix[e * n_words + w] + __popc(words[e * n_words + w] & below);
   }
   // Routed pairs of experts before e; start(E) = all routed pairs.
   __device__ __forceinline__ int start(int e) const { return expert_start[e]; }
@@ -345,21 +352,31 @@ __device__ void zero_rows(uint8_t* dst, int64_t row_bytes, int64_t r0, int64_t r
   }
 }
 
-// Blocks past the T token blocks of a row kernel (`block` counts from the first of them; the grid ends with them):
-// the first ceil(n_rows / 32) zero the spare rows [kept, n_rows), then (aligned layout only) P blocks per expert
-// zero its padding rows, P = (the blocks left) / E, chosen by the host: block j of expert e takes rows j * 32 ..
-// j * 32 + 31 of the range, then every P * 32 rows after. One block per expert (P = 1) left an expert's whole
-// padding (up to align - 1 rows) to one block, the grid's last ones: a long tail at align 128.
+// Blocks past the T token blocks of a row kernel (`block` counts from the first of them; the grid ends with them).
+// Without the aligned layout they zero the spare rows [kept, n_rows) in 32-row chunks, chunk i by tail block i mod
+// (the tail blocks): the host may launch fewer than the ceil(n_rows / 32) chunks (permute launches at most 256:
+// one a chunk was thousands of blocks that, with no spare row, only read the routed count, each holding a row
+// kernel's shared memory while it did). In the aligned layout the first ceil(n_rows / 32) take a chunk each, then P
+// blocks per expert zero its padding rows, P = (the blocks left) / E, chosen by the host: block j of expert e takes
+// rows j * 32 .. j * 32 + 31 of the range, then every P * 32 rows after. One block per expert (P = 1) left an
+// expert's whole padding (up to align - 1 rows) to one block, the grid's last ones: a long tail at align 128.
 // Aligned layout: expert e's padding rows are [pad_ranges[e], pad_ranges[E + e]) (fewer than align rows).
 template <int VB>
 __device__ void zero_unowned_rows(uint8_t* dst, int64_t row_bytes, int64_t kept, int64_t n_rows, int64_t block,
                                   const int* pad_ranges, int num_experts, int64_t* sorted_indices,
                                   void* permuted_probs, int probs_code) {
   const int64_t n_tail = (n_rows + kTailRows - 1) / kTailRows;
+  if (!pad_ranges) {
+    const int64_t tail_grid = gridDim.x - (static_cast<int64_t>(blockIdx.x) - block);
+    for (int64_t i = block; i < n_tail; i += tail_grid)
+      zero_rows<VB>(dst, row_bytes, max(kept, i * kTailRows), min(n_rows, (i + 1) * kTailRows), sorted_indices,
+                    permuted_probs, probs_code);
+    return;
+  }
   if (block < n_tail) {  // tail block i takes rows [32 i, 32 i + 32) past kept
     zero_rows<VB>(dst, row_bytes, max(kept, block * kTailRows), min(n_rows, (block + 1) * kTailRows), sorted_indices,
                   permuted_probs, probs_code);
-  } else if (pad_ranges) {
+  } else {
     const int64_t grid = gridDim.x, first = static_cast<int64_t>(blockIdx.x) - block;  // the first non-token block
     const int64_t per_expert = (grid - first - n_tail) / num_experts;                   // P
     const int64_t i = block - n_tail;
@@ -559,6 +576,43 @@ constexpr int kGroupThreads = 256;
 constexpr int kGroupExperts = 4;  // experts a thread owns at most: E <= 1024
 static_assert(kGroupThreads * kGroupExperts == 1024, "moe_raw/_kernels/dispatch.py _GROUP_MAX_EXPERTS");
 
+// What routing_scan writes, for one block's experts, counted from routing_pack's tile sums in the block itself (the
+// host skips routing_scan for permute_grouped with the row count given and at most 16 tiles, so that no row waits for a
+// one-block kernel's launch and latency, 4-6 us under ncu on an H100, whatever the scan's size): expert e_k =
+// threadIdx.x + k * blockDim.x sums its row of tile sums (n_tiles ints, L2 hits: routing_pack has just written them)
+// whole and up to `tile`, and one block scan per round of blockDim.x experts, in expert order, gives each expert's
+// start. base[k] = tile_base[e_k, tile]: the routed pairs before the first token of `tile` in expert-major order.
+// Returns all routed pairs (expert_start[E]). Contains __syncthreads: call from every thread.
+__device__ __forceinline__ int64_t tile_bases(const Tables& tab, int num_experts, int64_t tile,
+                                              int (&base)[kGroupExperts]) {
+  int carry = 0;
+#pragma unroll
+  for (int k = 0; k < kGroupExperts; ++k) {
+    base[k] = 0;
+    if (k * static_cast<int>(blockDim.x) >= num_experts) continue;  // the same k for every thread: barriers agree
+    const int e = threadIdx.x + k * blockDim.x;
+    int sum = 0, before = 0;
+    if (e < num_experts) {
+      const int* row = tab.tile_sums + static_cast<int64_t>(e) * tab.n_tiles;
+      constexpr int kLoads = 16;  // loads in flight a thread
+      for (int64_t i0 = 0; i0 < tab.n_tiles; i0 += kLoads) {
+        int c[kLoads];
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) c[u] = i0 + u < tab.n_tiles ? row[i0 + u] : 0;
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          sum += c[u];
+          if (i0 + u < tile) before += c[u];
+        }
+      }
+    }
+    int round_total;
+    base[k] = carry + block_exclusive_scan(sum, &round_total) + before;
+    carry += round_total;
+  }
+  return carry;
+}
+
 template <int VB>
 __global__ void __launch_bounds__(kGroupThreads)
     permute_grouped(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
@@ -566,7 +620,7 @@ __global__ void __launch_bounds__(kGroupThreads)
                     const void* __restrict__ routing_map, int map_bytes, int64_t map_st, int64_t map_se,
                     const int* ws, int* __restrict__ row_map, int64_t* __restrict__ sorted_indices,
                     const void* __restrict__ probs, int probs_code, int64_t probs_st, int64_t probs_se,
-                    void* __restrict__ permuted_probs, int64_t n_keep, const int* pad_ranges, int group) {
+                    void* __restrict__ permuted_probs, int64_t n_keep, const int* pad_ranges, int group, int scanned) {
   // ws and pad_ranges without __restrict__: the kernel ahead writes them (common.cuh pdl_wait)
   static_assert(VB == 16, "16-byte rows only");
 #ifdef MOE_RAW_BULK_COPY
@@ -584,7 +638,8 @@ __global__ void __launch_bounds__(kGroupThreads)
     }
     pdl_wait();
     const Tables tab(ws, num_tokens, num_experts);
-    const int64_t total = tab.start(num_experts);
+    int base[kGroupExperts] = {};  // scanned == 0: tile_base[e_k, t0's tile], counted here
+    const int64_t total = scanned ? tab.start(num_experts) : tile_bases(tab, num_experts, t0 >> 8, base);
     const int64_t kept = pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows);
     if (blockIdx.x >= token_blocks) {
       zero_unowned_rows<VB>(dst, row_bytes, kept, n_rows, blockIdx.x - token_blocks, pad_ranges, num_experts,
@@ -609,7 +664,7 @@ __global__ void __launch_bounds__(kGroupThreads)
       before[k] = offset[k] = 0;
       if (e < num_experts) {
         bits[k] = (tab.words[e * tab.n_words + w] >> shift) & group_mask;
-        before[k] = tab.flat_prefix(e, t0);
+        before[k] = (scanned ? tab.tile_base[e * tab.n_tiles + (t0 >> 8)] : base[k]) + tab.in_tile(e, t0);
         offset[k] = aligned_offset(tab, pad_ranges, num_experts, e);
       }
     }
@@ -1135,7 +1190,7 @@ MOE_RAW_ROW_KERNELS(double, 8)
 template __global__ void permute_grouped<16>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t, int,
                                              int64_t, const void*, int, int64_t, int64_t, const int*, int*,
                                              int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,
-                                             const int*, int);
+                                             const int*, int, int);
 #define MOE_RAW_SCATTER_ROWS(VB)                                                                                \
   template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
                                             const int*, const int*);

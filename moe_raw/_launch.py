@@ -97,7 +97,7 @@ SIGNATURES = {
         "routing_scan": "Pqi",
         "permute_scatter": "PqPqqiqiqPiqqPPPPiqqPqP",
         "permute_small": "PqPqqiqiqPiqqPPPPiqqPqP",
-        "permute_grouped": "PqPqqiqiqPiqqPPPPiqqPqPi",
+        "permute_grouped": "PqPqqiqiqPiqqPPPPiqqPqPii",
         "gather_reduce": "PqqPqqqiPPPPiqqPiPi",
         "gather_warp": "PqqPqqqiPPPPiqqPiPi",
         "unpermute_bwd": "PqPqPqqqiPPiqqPiP",

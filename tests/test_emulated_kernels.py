@@ -153,6 +153,25 @@ def test_routing_tables(emulated, T, E):
     assert ("routing_scan" in launched()) == (n_tiles > 1)
 
 
+@pytest.mark.parametrize("tail_blocks", [1, 2, 256])
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[7]], ids=case_id)
+def test_permute_tail_blocks_stride(emulated, monkeypatch, case, tail_blocks):
+    """permute's tail blocks, at most _TAIL_BLOCKS, stride over the spare rows' 32-row chunks (70 spare rows: 3
+    chunks, past a partial one): rows, probs, row map and indices equal the CPU path's with spare, exact and short
+    row counts, in permute_small (T 37) and permute_scatter; the grid has T + min(_TAIL_BLOCKS, chunks) blocks."""
+    x, routing_map, probs = make_case(case)
+    monkeypatch.setattr(D, "_TAIL_BLOCKS", tail_blocks)
+    routed = int(routing_map.sum())
+    for n_out in (routed + 70, routed, max(routed - 9, 0)):
+        cuda_emu.launches.clear()
+        got = D._permute_cuda(x, routing_map, probs, n_out, False)
+        want = _cpu.permute(x, routing_map, probs, n_out, False)
+        for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+            assert_same(g, w, f"{name} (num_out_tokens={n_out})")
+        (grid,) = [g[0] for name, g, *_ in cuda_emu.launches if "permute_" in _launch.base_name(name)]
+        assert grid == routing_map.shape[0] + min(tail_blocks, -(-n_out // 32)), grid
+
+
 def grouped_everywhere(monkeypatch):
     """permute_grouped for every row size and pair count (by default only where it won: 8-16 KiB rows, >= 4 pairs a
     token), so the small test shapes run it."""
@@ -184,6 +203,71 @@ def test_permute_grouped_group_sizes(emulated, monkeypatch, case, group):
     grids = {grid[0] for name, grid, *_ in cuda_emu.launches if _launch.base_name(name) == "permute_grouped"}
     T = routing_map.shape[0]
     assert min(grids) >= -(-T // group), grids  # ceil(T / group) token blocks (+ tail blocks)
+
+
+@pytest.mark.parametrize("tail_blocks", [1, 3, 256])
+@pytest.mark.parametrize("case", [CASES[6], CASES[7]], ids=case_id)
+def test_permute_grouped_unscanned(emulated, monkeypatch, case, tail_blocks):
+    """permute with the row count given and permute_grouped taking the rows: routing_scan is skipped and each block
+    counts its experts' starts from routing_pack's tile sums (T 300: two tiles, so the tile bases differ from the
+    expert starts); the tail blocks, at most _TAIL_BLOCKS, stride over the spare rows' 32-row chunks (70 spare
+    rows: 3 chunks). Rows, probs, row map and indices equal the CPU path's, with spare rows, exact and short counts."""
+    x, routing_map, probs = make_case(case)
+    grouped_everywhere(monkeypatch)
+    monkeypatch.setattr(D, "_TAIL_BLOCKS", tail_blocks)
+    routed = int(routing_map.sum())
+    for n_out in (routed + 70, routed, routed - 9):
+        cuda_emu.launches.clear()
+        got = D._permute_cuda(x, routing_map, probs, n_out, False)
+        want = _cpu.permute(x, routing_map, probs, n_out, False)
+        for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+            assert_same(g, w, f"{name} (num_out_tokens={n_out})")
+        assert "permute_grouped" in launched() and "routing_scan" not in launched(), launched()
+        (grid,) = [g[0] for name, g, *_ in cuda_emu.launches if _launch.base_name(name) == "permute_grouped"]
+        token_blocks = -(-routing_map.shape[0] // D._group(x.shape[1] * x.element_size()))
+        assert grid == token_blocks + min(tail_blocks, -(-n_out // 32)), grid
+
+
+def test_permute_grouped_scanned_past_tiles(emulated, monkeypatch):
+    """Past _UNSCANNED_MAX_TILES tiles permute_grouped takes the rows after routing_scan (each block would sum
+    E x tiles tile sums otherwise); same results as the CPU path."""
+    x, routing_map, probs = make_case(CASES[6])  # T 300: two tiles
+    grouped_everywhere(monkeypatch)
+    monkeypatch.setattr(D, "_UNSCANNED_MAX_TILES", 1)
+    routed = int(routing_map.sum())
+    cuda_emu.launches.clear()
+    got = D._permute_cuda(x, routing_map, probs, routed, False)
+    want = _cpu.permute(x, routing_map, probs, routed, False)
+    for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+        assert_same(g, w, name)
+    assert "permute_grouped" in launched() and "routing_scan" in launched(), launched()
+
+
+def test_permute_unscanned_fallback(emulated, monkeypatch):
+    """Should the output's address leave permute_grouped after routing_scan was skipped for it (torch's CUDA
+    allocations are 512-byte aligned, so only forced here: 8-byte rows from the real output address, whose layout
+    _scatter then computes itself, as for a misaligned output), the row kernel that takes the rows gets routing_scan
+    launched first and the results are the CPU path's."""
+    x, routing_map, probs = make_case(CASES[6])
+    grouped_everywhere(monkeypatch)
+    row_layout, scatter = D._row_layout, D._scatter
+
+    def misaligned_output(tokens, out_ptr):
+        layout = row_layout(tokens, out_ptr)
+        return layout if out_ptr == D._ALIGNED_PTR else (*layout[:3], 8)
+
+    monkeypatch.setattr(D, "_row_layout", misaligned_output)
+    monkeypatch.setattr(D, "_scatter", lambda *args: scatter(*args[:-1], None))  # the caller's layout not reused
+    n_out = int(routing_map.sum()) + 3
+    got = D._permute_cuda(x, routing_map, probs, n_out, False)
+    want = _cpu.permute(x, routing_map, probs, n_out, False)
+    for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+        assert_same(g, w, name)
+    assert [_launch.base_name(name) for name, *_ in cuda_emu.launches] == [
+        "routing_pack",
+        "routing_scan",
+        "permute_scatter",
+    ]
 
 
 @pytest.mark.parametrize("kernel", ["permute_grouped", "permute_scatter"])

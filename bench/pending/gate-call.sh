@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One device call for grouped-unscanned-gated (fourteenth session), carrying .trees (trees.sh grouped-unscanned-gated):
-# its permute A/B beside the checkout (ROUNDS, default two), then the GPU tests in its tree (SUITE: the test paths, default the
-# whole suite; on an H200: main's record first, the tests in the time left). Logs under $OUT: gpu.txt, ab.log,
-# suite.log.gz, record.log, record.tgz.
+# One short device call for one pending tree (written for grouped-unscanned-gated, fourteenth session), carrying
+# .trees (`trees.sh NAME`; TREE=NAME, default the first tree there): its permute A/B beside the checkout (ROUNDS,
+# default two), then the GPU tests in its tree (SUITE: the test paths, default the whole suite; on an H200 unless
+# NO_RECORD: main's record first, the tests in the time left). Logs under $OUT: gpu.txt, ab.log, suite.log.gz,
+# record.log, record.tgz.
 set -u
 export PYTHONUNBUFFERED=1
-R=$PWD T=$R/.trees/grouped-unscanned-gated END=${CALL_END:-585}
+R=$PWD END=${CALL_END:-585}
+T=$R/.trees/${TREE:-$(cd "$R/.trees" && ls -d */ | head -1 | tr -d /)}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$gpu" > "$OUT/gpu.txt"
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /dev/null 2>&1
 if [[ $gpu == *H200* && -z ${NO_RECORD:-} ]]; then

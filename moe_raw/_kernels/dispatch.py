@@ -25,6 +25,7 @@ _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
 _SMALL_MAP = 4096
 _ROW_THREADS = 128  # kRowThreads
 _TAIL_ROWS = 32  # kTailRows
+_TAIL_BLOCKS = 256  # permute's tail blocks at most without the aligned layout (one a 32-row chunk before)
 # Blocks per expert zeroing its padding rows in the aligned layout where align is unknown (a row map carries each
 # expert's padding range, not align): 4 cover 128 rows at once, and more are strided.
 _PAD_BLOCKS = 4
@@ -44,6 +45,12 @@ _GROUP_EXPERTS = 4  # kGroupExperts: experts a thread owns
 _GROUP_MAX_EXPERTS = _GROUP_THREADS * _GROUP_EXPERTS
 _GROUP_BYTES = 112 * 1024
 _GROUP_BYTES_MAX = 227 * 1024  # the dynamic shared memory a block may have on sm_90
+# permute_grouped counts its experts' starts itself (no routing_scan) only up to this many 256-token tiles: each block
+# then reads E x tiles tile sums (H100 A/Bs, bench/results/2026-12-06-h100-fourteenth: DeepSeek-V3's 16 tiles 1.0-1.7%
+# faster in three rounds, T16k-E128-K6's 64 tiles 5% slower ungated: there the blocks' sums read 4.4% of the bytes the
+# rows move, 1.6% at DeepSeek-V3).
+_UNSCANNED_MAX_TILES = 16
+_ALIGNED_PTR = 256  # an address standing for an output not yet allocated (torch's CUDA allocations are 512-aligned)
 # permute_scatter is launched with overlap (a programmatic dependent launch: its blocks load their token rows while
 # the map kernels before it finish) where it stages rows (sm_90, 16-byte rows) and the rows total at least this
 # many bytes; below it the plain launch's lower host cost matters more than a few microseconds of GPU time.
@@ -119,8 +126,10 @@ def _workspace_ints(num_tokens: int, num_experts: int) -> int:
     return 2 * num_experts * (n_words + n_tiles) + num_experts + 1
 
 
-def _tables(routing_map: torch.Tensor, ws: int) -> None:
-    """Launch routing_pack (+ routing_scan) filling the int32 workspace at device address ``ws``. No host sync."""
+def _tables(routing_map: torch.Tensor, ws: int, scan: bool = True) -> None:
+    """Launch routing_pack (+ routing_scan) filling the int32 workspace at device address ``ws``. No host sync.
+    scan=False leaves tile_base / expert_start unwritten: only for permute_grouped's scanned=0 launch, which counts
+    them from the tile sums itself."""
     num_tokens, num_experts = routing_map.shape
     n_tiles = cdiv(num_tokens, _TILE_TOKENS)
     # One block does everything for T <= 256 (one launch); otherwise tiles x 32-expert groups, then the scan.
@@ -131,8 +140,13 @@ def _tables(routing_map: torch.Tensor, ws: int) -> None:
         (routing_map.data_ptr(), routing_map.element_size(), routing_map.stride(0), routing_map.stride(1),
          num_tokens, num_experts, ws),
     )  # fmt: skip
-    if n_tiles > 1:
-        launch("permute", "moe_raw::routing_scan<1024>", dev, 1, 1024, (ws, num_tokens, num_experts))
+    if n_tiles > 1 and scan:
+        _scan(routing_map, ws)
+
+
+def _scan(routing_map: torch.Tensor, ws: int) -> None:
+    num_tokens, num_experts = routing_map.shape
+    launch("permute", "moe_raw::routing_scan<1024>", routing_map.device, 1, 1024, (ws, num_tokens, num_experts))
 
 
 def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
@@ -167,9 +181,28 @@ def _on_warps(list_bytes: int) -> bool:
 _SCATTER_NAMES = {(way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in (16, 8, 4, 2, 1)}
 
 
+def _row_layout(tokens: torch.Tensor, out_ptr: int) -> tuple:
+    """(row bytes, row stride in bytes, address, vector width) of the token rows permute's row kernel reads, for an
+    output at out_ptr."""
+    src = row_view(tokens)
+    esize = src.element_size()
+    row_bytes, src_stride, src_ptr = src.shape[1] * esize, src.stride()[0] * esize, src.data_ptr()
+    return row_bytes, src_stride, src_ptr, _scatter_vec_bytes(_vec_bytes(1, row_bytes, src_stride, src_ptr, out_ptr))
+
+
+def _grouped(row_bytes: int, num_tokens: int, num_experts: int, n_rows: int, capacity) -> bool:
+    """Whether permute_grouped takes the rows where the bulk-copy path runs (sm_90, 16-byte rows, the tables): rows
+    of _GROUP_MIN_ROW_BYTES to _STAGE_BYTES, at least _GROUP_MIN_PAIRS rows a token, no drop_and_pad, E <=
+    _GROUP_MAX_EXPERTS."""
+    return (
+        _GROUP_MIN_ROW_BYTES <= row_bytes <= _STAGE_BYTES and n_rows >= _GROUP_MIN_PAIRS * num_tokens
+        and capacity is None and num_experts <= _GROUP_MAX_EXPERTS
+    )  # fmt: skip
+
+
 def _scatter(
     tokens, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, extra_blocks, n_keep, capacity, pads,
-    map_pending,
+    map_pending, scanned=True, layout=None,
 ):  # fmt: skip
     """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
     padding rows. With ``ws`` (the routing tables' address) permute_scatter; ``ws`` 0 (no tables: a map of at most
@@ -177,20 +210,25 @@ def _scatter(
     ``capacity``: rows per expert of drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges
     (row map line T + 1). ``map_pending``: no host read since the map kernels were queued, so they may still run
     and the row kernel's overlapped launch has something to hide; after a read (N unknown) they have finished, and
-    the plain launch's lower host cost is exposed instead (H100 A/B: unknown N 0.5-1.3% slower overlapped)."""
+    the plain launch's lower host cost is exposed instead (H100 A/B: unknown N 0.5-1.3% slower overlapped).
+    ``scanned`` False: _tables ran without routing_scan because the caller chose permute_grouped (which counts its
+    part of the scan itself); should the row layout take another kernel after all (the output's address is not
+    16-byte aligned), routing_scan is launched here first. ``layout``: the caller's _row_layout of tokens for a
+    16-byte aligned output, not computed again where out is one."""
     num_tokens, num_experts = routing_map.shape
     way = "scatter" if ws else "small"
     src_ptr = src_stride = row_bytes = stage = 0
     vb = 16
     if tokens is not None:
-        src = row_view(tokens)
-        esize = src.element_size()
-        row_bytes, src_stride, src_ptr = src.shape[1] * esize, src.stride()[0] * esize, src.data_ptr()
-        vb = _scatter_vec_bytes(_vec_bytes(1, row_bytes, src_stride, src_ptr, out.data_ptr()))
+        if layout is None or out.data_ptr() & 15:  # the width depends on out only through its 16-byte alignment
+            layout = _row_layout(tokens, out.data_ptr())
+        row_bytes, src_stride, src_ptr, vb = layout
         if vb == 16:  # the kernel's 128-aligned stage of up to 16 KiB of the row (bulk copies)
             stage = 128 + min(row_bytes, _STAGE_BYTES)
     # permute_small's counts in front, the row list and scratch, then the stage
     counts = 0 if ws else 4 * ((3 * num_experts + 2) & ~1)
+    if pads is None:  # the tail blocks stride over the spare rows' 32-row chunks (kernels/permute.cu zero_unowned_rows)
+        extra_blocks = min(extra_blocks, _TAIL_BLOCKS)
     blocks, shared = num_tokens + extra_blocks, counts + 8 * num_experts + stage
     map_st, map_se = routing_map.stride()
     args = (src_ptr, src_stride, ptr(out), row_bytes, num_tokens, num_experts, n_rows, int(capacity is not None),
@@ -199,15 +237,13 @@ def _scatter(
     device = routing_map.device
     staged = bool(ws and stage) and _launch.has_bulk_copy(device)
     overlap = map_pending and staged and num_tokens * row_bytes >= _OVERLAP_MIN_BYTES
-    grouped = (
-        staged and _GROUP_MIN_ROW_BYTES <= row_bytes <= _STAGE_BYTES and n_rows >= _GROUP_MIN_PAIRS * num_tokens
-        and capacity is None and num_experts <= _GROUP_MAX_EXPERTS
-    )  # fmt: skip
-    if grouped:
+    if staged and (not scanned or _grouped(row_bytes, num_tokens, num_experts, n_rows, capacity)):
         group = _group(row_bytes)
         launch("permute", "moe_raw::permute_grouped<16>", device, cdiv(num_tokens, group) + extra_blocks,
-               _GROUP_THREADS, (*args, group), shared_mem=group * row_bytes, overlap=overlap)  # fmt: skip
+               _GROUP_THREADS, (*args, group, int(scanned)), shared_mem=group * row_bytes, overlap=overlap)  # fmt: skip
         return
+    if not scanned:
+        _scan(routing_map, ws)
     launch("permute", _SCATTER_NAMES[way, vb], device, blocks, _ROW_THREADS, args, shared_mem=shared, overlap=overlap)
 
 
@@ -217,11 +253,19 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     num_experts = routing_map.shape[1]
     # outputs by new_empty: dtype and device come from the tensor, not parsed from keywords (0.3 us an allocation,
     # which a small call pays four times a permute + unpermute pair)
+    scan, layout = True, None
     if num_out_tokens is not None and num_tokens * num_experts <= _SMALL_MAP:  # permute_small: no tables
         row_map, ws = routing_map.new_empty((num_tokens + 1, num_experts), dtype=torch.int32), 0
     else:
         row_map, ws, buf = _map_and_workspace(routing_map)
-        _tables(routing_map, ws)
+        if num_out_tokens is not None and not drop_and_pad and want_rows and _launch.has_bulk_copy(tokens.device):
+            # permute_grouped with the row count given counts the scan's results itself: no routing_scan to wait for
+            layout = _row_layout(tokens, _ALIGNED_PTR)
+            scan = not (
+                layout[3] == 16 and cdiv(num_tokens, _TILE_TOKENS) <= _UNSCANNED_MAX_TILES
+                and _grouped(layout[0], num_tokens, num_experts, num_out_tokens, None)
+            )  # fmt: skip
+        _tables(routing_map, ws, scan)
     n_rows = num_out_tokens
     if n_rows is None:
         # the routed count (expert_start[E], the workspace's last word): the one device-to-host read
@@ -238,7 +282,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     pprobs = probs.new_empty(n_rows) if probs is not None else None
     src = tokens if want_rows else None
     _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, tail_blocks, n_rows,
-             capacity if drop_and_pad else None, None, num_out_tokens is not None)  # fmt: skip
+             capacity if drop_and_pad else None, None, num_out_tokens is not None, scan, layout)  # fmt: skip
     return out, pprobs, row_map, indices
 
 
