@@ -561,17 +561,18 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
                     probs_st, probs_se, permuted_probs, n_keep, pad_ranges);
 }
 
-// permute_grouped: permute_scatter's work for `group` consecutive tokens a block (group divides 32, so they are
-// bits [t0 % 32, t0 % 32 + group) of one bit word of the tables), on sm_90 with 16-byte rows of at most kStageBytes,
-// E <= kGroupThreads * kGroupExperts, and no drop_and_pad (the host checks all of it; permute_scatter serves the
-// rest). Why: staging several whole rows a block is what lifted a lookup-free mover to 91-97% of copy
-// (bench.probe_permute --phased, H100), and fused per-token lookups took that gain away when they grew with the
-// batch. Here the lookups do not grow with it: each thread reads three words per expert it owns (the bit word, its
-// word prefix, its tile base), and every (token, expert) row of the group follows in registers from them (the
-// Tables formula: tile_base + word_prefix + popc of the word's bits below the token). Order: start the cp.async fill
-// of the group's rows; look up; write the group's row-map lines (coalesced), sorted_indices and permuted_probs; wait
-// for the fill; bulk-store every routed row from the stage. Blocks after ceil(T / group) zero spare and padding rows
-// as permute_scatter's tail blocks do. Shared memory: group * row_bytes (the stage, 128-aligned).
+// permute_grouped: permute_scatter's work for `group` consecutive tokens a block (group divides 32, so they are bits
+// [t0 % 32, t0 % 32 + group) of one bit word of the tables), on sm_90 with 16-byte rows of at most kStageBytes, E <=
+// kGroupThreads * kGroupExperts, and no drop_and_pad (the host checks all of it; permute_scatter serves the rest). Why:
+// staging several whole rows a block is what lifted a lookup-free mover to 91-97% of copy (bench.probe_permute
+// --phased, H100), and fused per-token lookups took that gain away when they grew with the batch. Here the lookups do
+// not grow with it: each thread reads three words per expert it owns (the bit word, its word prefix, its tile base;
+// launched unscanned it sums the expert's tile sums instead, tile_bases), and every (token, expert) row of the group
+// follows in registers from them (the Tables formula: tile_base + word_prefix + popc of the word's bits below the
+// token). Order: start the cp.async fill of the group's rows; look up; write the group's row-map lines (coalesced),
+// sorted_indices and permuted_probs; wait for the fill; bulk-store every routed row from the stage. Blocks after ceil(T
+// / group) zero spare and padding rows as permute_scatter's tail blocks do. Shared memory: group * row_bytes (the
+// stage, 128-aligned).
 constexpr int kGroupThreads = 256;
 constexpr int kGroupExperts = 4;  // experts a thread owns at most: E <= 1024
 static_assert(kGroupThreads * kGroupExperts == 1024, "moe_raw/_kernels/dispatch.py _GROUP_MAX_EXPERTS");

@@ -209,9 +209,10 @@ def test_permute_grouped_group_sizes(emulated, monkeypatch, case, group):
 @pytest.mark.parametrize("case", [CASES[6], CASES[7]], ids=case_id)
 def test_permute_grouped_unscanned(emulated, monkeypatch, case, tail_blocks):
     """permute with the row count given and permute_grouped taking the rows: routing_scan is skipped and each block
-    counts its experts' starts from routing_pack's tile sums (T 300: two tiles, so the tile bases differ from the
-    expert starts); the tail blocks, at most _TAIL_BLOCKS, stride over the spare rows' 32-row chunks (70 spare
-    rows: 3 chunks). Rows, probs, row map and indices equal the CPU path's, with spare rows, exact and short counts."""
+    counts its experts' starts from routing_pack's tile sums (T 300: two tiles, so the tile bases differ from the expert
+    starts; T 40: one tile, whose starts routing_pack writes, so no scan either); the tail blocks, at most _TAIL_BLOCKS,
+    stride over the spare rows' 32-row chunks (70 spare rows: 3 chunks). Rows, probs, row map and indices equal the CPU
+    path's, with spare rows, exact and short counts."""
     x, routing_map, probs = make_case(case)
     grouped_everywhere(monkeypatch)
     monkeypatch.setattr(D, "_TAIL_BLOCKS", tail_blocks)
@@ -245,19 +246,20 @@ def test_permute_grouped_scanned_past_tiles(emulated, monkeypatch):
 
 def test_permute_unscanned_fallback(emulated, monkeypatch):
     """Should the output's address leave permute_grouped after routing_scan was skipped for it (torch's CUDA
-    allocations are 512-byte aligned, so only forced here: 8-byte rows from the real output address, whose layout
-    _scatter then computes itself, as for a misaligned output), the row kernel that takes the rows gets routing_scan
-    launched first and the results are the CPU path's."""
-    x, routing_map, probs = make_case(CASES[6])
+    allocations are 512-byte aligned, so forced here: _scatter gets an output 8 bytes past a 16-byte boundary with
+    the caller's layout, computed for an aligned one), _scatter computes the layout again (8-byte packs: the
+    per-token kernel), launches routing_scan first, and the results are the CPU path's."""
+    x, routing_map, probs = make_case(CASES[6])  # bf16, 48-byte rows
     grouped_everywhere(monkeypatch)
-    row_layout, scatter = D._row_layout, D._scatter
+    scatter = D._scatter
 
-    def misaligned_output(tokens, out_ptr):
-        layout = row_layout(tokens, out_ptr)
-        return layout if out_ptr == D._ALIGNED_PTR else (*layout[:3], 8)
+    def misaligned_output(src, out, *rest):
+        shifted = out.new_empty(out.numel() + 8)[4 : 4 + out.numel()].view(out.shape)  # 8 bytes past the start
+        assert shifted.data_ptr() & 15 == 8
+        scatter(src, shifted, *rest)
+        out.copy_(shifted)
 
-    monkeypatch.setattr(D, "_row_layout", misaligned_output)
-    monkeypatch.setattr(D, "_scatter", lambda *args: scatter(*args[:-1], None))  # the caller's layout not reused
+    monkeypatch.setattr(D, "_scatter", misaligned_output)
     n_out = int(routing_map.sum()) + 3
     got = D._permute_cuda(x, routing_map, probs, n_out, False)
     want = _cpu.permute(x, routing_map, probs, n_out, False)

@@ -128,8 +128,8 @@ def _workspace_ints(num_tokens: int, num_experts: int) -> int:
 
 def _tables(routing_map: torch.Tensor, ws: int, scan: bool = True) -> None:
     """Launch routing_pack (+ routing_scan) filling the int32 workspace at device address ``ws``. No host sync.
-    scan=False leaves tile_base / expert_start unwritten: only for permute_grouped's scanned=0 launch, which counts
-    them from the tile sums itself."""
+    scan=False leaves tile_base / expert_start unwritten where T spans more than one tile (one tile: routing_pack
+    writes them): only for permute_grouped's scanned=0 launch, which counts them from the tile sums itself."""
     num_tokens, num_experts = routing_map.shape
     n_tiles = cdiv(num_tokens, _TILE_TOKENS)
     # One block does everything for T <= 256 (one launch); otherwise tiles x 32-expert groups, then the scan.
@@ -205,8 +205,9 @@ def _scatter(
     map_pending, scanned=True, layout=None,
 ):  # fmt: skip
     """Launch the row kernel (kernels/permute.cu): the token rows, then ``extra_blocks`` blocks that zero spare and
-    padding rows. With ``ws`` (the routing tables' address) permute_scatter; ``ws`` 0 (no tables: a map of at most
-    _SMALL_MAP entries) permute_small. ``tokens`` None writes only the row map / indices / probs (no rows).
+    padding rows (without ``pads`` at most _TAIL_BLOCKS of them, striding over the spare rows). With ``ws`` (the
+    routing tables' address) permute_scatter; ``ws`` 0 (no tables: a map of at most _SMALL_MAP entries)
+    permute_small. ``tokens`` None writes only the row map / indices / probs (no rows).
     ``capacity``: rows per expert of drop_and_pad, None otherwise; ``pads``: the aligned layout's padding ranges
     (row map line T + 1). ``map_pending``: no host read since the map kernels were queued, so they may still run
     and the row kernel's overlapped launch has something to hide; after a read (N unknown) they have finished, and
@@ -262,7 +263,7 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
             # permute_grouped with the row count given counts the scan's results itself: no routing_scan to wait for
             layout = _row_layout(tokens, _ALIGNED_PTR)
             scan = not (
-                layout[3] == 16 and cdiv(num_tokens, _TILE_TOKENS) <= _UNSCANNED_MAX_TILES
+                layout[3] == 16 and 1 < cdiv(num_tokens, _TILE_TOKENS) <= _UNSCANNED_MAX_TILES  # one tile: no scan
                 and _grouped(layout[0], num_tokens, num_experts, num_out_tokens, None)
             )  # fmt: skip
         _tables(routing_map, ws, scan)
