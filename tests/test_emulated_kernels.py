@@ -244,23 +244,16 @@ def test_permute_grouped_scanned_past_tiles(emulated, monkeypatch):
     assert "permute_grouped" in launched() and "routing_scan" in launched(), launched()
 
 
-def test_permute_unscanned_fallback(emulated, monkeypatch):
-    """Should the output's address leave permute_grouped after routing_scan was skipped for it (torch's CUDA
-    allocations are 512-byte aligned, so forced here: _scatter gets an output 8 bytes past a 16-byte boundary with
-    the caller's layout, computed for an aligned one), _scatter computes the layout again (8-byte packs: the
-    per-token kernel), launches routing_scan first, and the results are the CPU path's."""
-    x, routing_map, probs = make_case(CASES[6])  # bf16, 48-byte rows
+def test_permute_unscanned_needs_16_byte_rows(emulated, monkeypatch):
+    """The scan is skipped only where the output's row layout gives permute_grouped its 16-byte packs: with 8-byte
+    ones (an output 8 bytes off a 16-byte boundary, as _row_layout would find it; torch's allocations never are, so
+    forced here) routing_scan runs and the per-token kernel takes the rows; the results are the CPU path's."""
+    x, routing_map, probs = make_case(CASES[6])  # T 300: two tiles
     grouped_everywhere(monkeypatch)
-    scatter = D._scatter
-
-    def misaligned_output(src, out, *rest):
-        shifted = out.new_empty(out.numel() + 8)[4 : 4 + out.numel()].view(out.shape)  # 8 bytes past the start
-        assert shifted.data_ptr() & 15 == 8
-        scatter(src, shifted, *rest)
-        out.copy_(shifted)
-
-    monkeypatch.setattr(D, "_scatter", misaligned_output)
+    row_layout = D._row_layout
+    monkeypatch.setattr(D, "_row_layout", lambda tokens, out_ptr: (*row_layout(tokens, out_ptr)[:3], 8))
     n_out = int(routing_map.sum()) + 3
+    cuda_emu.launches.clear()
     got = D._permute_cuda(x, routing_map, probs, n_out, False)
     want = _cpu.permute(x, routing_map, probs, n_out, False)
     for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):

@@ -50,7 +50,6 @@ _GROUP_BYTES_MAX = 227 * 1024  # the dynamic shared memory a block may have on s
 # faster in three rounds, T16k-E128-K6's 64 tiles 5% slower ungated: there the blocks' sums read 4.4% of the bytes the
 # rows move, 1.6% at DeepSeek-V3).
 _UNSCANNED_MAX_TILES = 16
-_ALIGNED_PTR = 256  # an address standing for an output not yet allocated (torch's CUDA allocations are 512-aligned)
 # permute_scatter is launched with overlap (a programmatic dependent launch: its blocks load their token rows while
 # the map kernels before it finish) where it stages rows (sm_90, 16-byte rows) and the rows total at least this
 # many bytes; below it the plain launch's lower host cost matters more than a few microseconds of GPU time.
@@ -141,12 +140,7 @@ def _tables(routing_map: torch.Tensor, ws: int, scan: bool = True) -> None:
          num_tokens, num_experts, ws),
     )  # fmt: skip
     if n_tiles > 1 and scan:
-        _scan(routing_map, ws)
-
-
-def _scan(routing_map: torch.Tensor, ws: int) -> None:
-    num_tokens, num_experts = routing_map.shape
-    launch("permute", "moe_raw::routing_scan<1024>", routing_map.device, 1, 1024, (ws, num_tokens, num_experts))
+        launch("permute", "moe_raw::routing_scan<1024>", dev, 1, 1024, (ws, num_tokens, num_experts))
 
 
 def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
@@ -212,16 +206,14 @@ def _scatter(
     (row map line T + 1). ``map_pending``: no host read since the map kernels were queued, so they may still run
     and the row kernel's overlapped launch has something to hide; after a read (N unknown) they have finished, and
     the plain launch's lower host cost is exposed instead (H100 A/B: unknown N 0.5-1.3% slower overlapped).
-    ``scanned`` False: _tables ran without routing_scan because the caller chose permute_grouped (which counts its
-    part of the scan itself); should the row layout take another kernel after all (the output's address is not
-    16-byte aligned), routing_scan is launched here first. ``layout``: the caller's _row_layout of tokens for a
-    16-byte aligned output, not computed again where out is one."""
+    ``scanned`` False: _tables ran without routing_scan because the caller chose permute_grouped from ``layout``
+    (its _row_layout of tokens for this out, not computed again), which counts its part of the scan itself."""
     num_tokens, num_experts = routing_map.shape
     way = "scatter" if ws else "small"
     src_ptr = src_stride = row_bytes = stage = 0
     vb = 16
     if tokens is not None:
-        if layout is None or out.data_ptr() & 15:  # the width depends on out only through its 16-byte alignment
+        if layout is None:
             layout = _row_layout(tokens, out.data_ptr())
         row_bytes, src_stride, src_ptr, vb = layout
         if vb == 16:  # the kernel's 128-aligned stage of up to 16 KiB of the row (bulk copies)
@@ -243,8 +235,6 @@ def _scatter(
         launch("permute", "moe_raw::permute_grouped<16>", device, cdiv(num_tokens, group) + extra_blocks,
                _GROUP_THREADS, (*args, group, int(scanned)), shared_mem=group * row_bytes, overlap=overlap)  # fmt: skip
         return
-    if not scanned:
-        _scan(routing_map, ws)
     launch("permute", _SCATTER_NAMES[way, vb], device, blocks, _ROW_THREADS, args, shared_mem=shared, overlap=overlap)
 
 
@@ -254,21 +244,13 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     num_experts = routing_map.shape[1]
     # outputs by new_empty: dtype and device come from the tensor, not parsed from keywords (0.3 us an allocation,
     # which a small call pays four times a permute + unpermute pair)
-    scan, layout = True, None
     if num_out_tokens is not None and num_tokens * num_experts <= _SMALL_MAP:  # permute_small: no tables
         row_map, ws = routing_map.new_empty((num_tokens + 1, num_experts), dtype=torch.int32), 0
     else:
         row_map, ws, buf = _map_and_workspace(routing_map)
-        if num_out_tokens is not None and not drop_and_pad and want_rows and _launch.has_bulk_copy(tokens.device):
-            # permute_grouped with the row count given counts the scan's results itself: no routing_scan to wait for
-            layout = _row_layout(tokens, _ALIGNED_PTR)
-            scan = not (
-                layout[3] == 16 and 1 < cdiv(num_tokens, _TILE_TOKENS) <= _UNSCANNED_MAX_TILES  # one tile: no scan
-                and _grouped(layout[0], num_tokens, num_experts, num_out_tokens, None)
-            )  # fmt: skip
-        _tables(routing_map, ws, scan)
     n_rows = num_out_tokens
     if n_rows is None:
+        _tables(routing_map, ws)
         # the routed count (expert_start[E], the workspace's last word): the one device-to-host read
         n_rows = int(buf.view(-1)[(num_tokens + 1) * num_experts + _workspace_ints(num_tokens, num_experts) - 1].item())
         if n_rows > V.MAX_ROWS:
@@ -281,6 +263,16 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     out = tokens.new_empty((n_rows, hidden)) if want_rows else None
     indices = routing_map.new_empty(n_rows, dtype=torch.int64) if want_indices else None
     pprobs = probs.new_empty(n_rows) if probs is not None else None
+    scan, layout = True, None
+    if num_out_tokens is not None and ws:  # the tables after the outputs: the row layout is known before them
+        if not drop_and_pad and want_rows and _launch.has_bulk_copy(tokens.device):
+            # permute_grouped with the row count given counts the scan's results itself: no routing_scan to wait for
+            layout = _row_layout(tokens, out.data_ptr())
+            scan = not (
+                layout[3] == 16 and 1 < cdiv(num_tokens, _TILE_TOKENS) <= _UNSCANNED_MAX_TILES  # one tile: no scan
+                and _grouped(layout[0], num_tokens, num_experts, num_out_tokens, None)
+            )  # fmt: skip
+        _tables(routing_map, ws, scan)
     src = tokens if want_rows else None
     _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, tail_blocks, n_rows,
              capacity if drop_and_pad else None, None, num_out_tokens is not None, scan, layout)  # fmt: skip
