@@ -1,5 +1,8 @@
 """permute's CUDA path step by step, host time of each after an idle GPU (an experiment):
-PYTHONPATH=. python3 bench/pending/cold_steps.py"""
+PYTHONPATH=. python3 bench/pending/cold_steps.py
+
+The steps in the order of main before 2992423 (tables, then outputs; the scan always launched): since then
+dispatch._permute_cuda allocates the outputs first and may skip the scan (permute_grouped, 2-16 tiles)."""
 
 from __future__ import annotations
 
