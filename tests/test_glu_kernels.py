@@ -109,9 +109,10 @@ def test_vector_and_element_paths_agree(kernels):
 @pytest.mark.parametrize("units", [33, 97])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_vector_kernels_two_units_a_step_and_a_last_one(kernels, dtype, units):
-    """The 16-byte kernels load a lane's units two at a time (c, c + 32), then a last single one. 33 units a row:
-    lane 0 one pair, lanes 1-31 a single unit; 97: backward lane 0 two pairs, lanes 1-31 a pair and a single unit,
-    forward (segments of 64 units) a full segment of pairs, then 33 units as above."""
+    """The 16-byte backward loads a lane's units two at a time (c, c + 32), then a last single one. 33 units a row:
+    lane 0 one pair, lanes 1-31 a single unit; 97: lane 0 two pairs, lanes 1-31 a pair and a single unit. The
+    forward (segments of 32 units, one a lane): 33 units are a full segment and a segment of one unit, 97 three full
+    segments and one of one unit."""
     f = units * 16 // torch.tensor([], dtype=dtype).element_size()  # F elements per half row: `units` vectors
     y, g, w = _inputs(3, f, dtype)
     dw, dw_r, dw_t, terms = _check_swiglu_ops(y, g, w, dtype)

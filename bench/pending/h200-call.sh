@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call for an H200 (carry [".trees"] after `GROUPED_ALL=1 bash bench/pending/trees.sh glu-fwd-occupancy`):
-# the record and the gather kinds (next-call.sh's H200 steps), then ab.sh in the time left (glu-fwd-occupancy's A/B
-# and tests, permute_grouped on every shape, the probe). On any other card it stops at once: the H100 has run all of
-# it (SHA=<rev> passes the git revision; the device gets no .git).
+# One device call for an H200 (carry [".trees"] after `GROUPED_ALL=1 bash bench/pending/trees.sh [NAME ...]`, with
+# each pending patch named, if any): the record and the gather kinds (next-call.sh's H200 steps), then ab.sh in the
+# time left (each tree's A/B and tests, main with permute_grouped on every shape, the probe). On any other card it
+# stops at once: the H100 has run all of it (SHA=<rev> passes the git revision; the device gets no .git).
 set -u
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "$gpu" > "$OUT/gpu.txt"

@@ -10,7 +10,7 @@ cd "$(git rev-parse --show-toplevel)"
 names=("$@")
 shopt -s nullglob
 if [ ${#names[@]} -eq 0 ]; then for p in bench/pending/*.patch; do names+=("$(basename "$p" .patch)"); done; fi
-[ ${#names[@]} -gt 0 ] || { echo "trees.sh: no patch in bench/pending/" >&2; exit 1; }
+[ ${#names[@]} -gt 0 ] || [ -n "${GROUPED_ALL:-}${BASE:-}" ] || { echo "trees.sh: no patch in bench/pending/" >&2; exit 1; }
 rm -rf .trees  # only the trees named here: ab.sh A/Bs every tree it finds
 for name in "${names[@]}"; do
   dir=.trees/$name

@@ -1,18 +1,18 @@
 """Code generation of the gated-activation kernels (Numba CUDA): device functions, the activation's math, the kernel
 template, the kernel's parameter list, compile (Numba / NVVM) and PTX.
 
-Kernels (one file, built lazily so ``import moe_raw`` needs no Numba). Launch: block = 256 threads = 8 warps,
-**one warp per row** (backward) or **per row segment of at most 64 units** (forward), grid.x = cdiv(warps, 8)
-(``warp_items``). Segments keep a long row's work spread over many short-lived warps: on an H200 the forward
-at F = 2048 went from 88% to 93-94% of copy (64 units; 32: 92-94%, 128: 91%, 16: 50-54%;
-bench/results/2026-12-04-h200-issue16). Lanes stride over the row's F columns (the segment's) in *units*: a
-16-byte vector (``ld.global.v4.u32`` / ``st.global.v4.u32``, 8 bf16/fp16 or 4 fp32 values) when every row start, the
-gate/up split and every stride are 16-byte aligned and y, g and the output share one dtype; else one element
-(any F, any dtype mix). A lane's units are c, c + 32, ...; 16-byte units are loaded two at a time before either
-is stored in the PTX, but ptxas (sm_90) issues the second unit's loads after the first unit's math (SASS:
-docs/performance.md, ninth session). All math in fp32. The weighted
-backward writes ``dy`` and reduces the per-row dot ``sum(swiglu(y) * g)`` for ``dweights`` in the same pass: each
-lane sums its columns in order, then a fixed pairwise tree over the 32 lanes in shared memory: no atomics.
+Kernels (one file, built lazily so ``import moe_raw`` needs no Numba). Launch: block = 256 threads = 8 warps, **one
+warp per row** (backward) or **per row segment of at most 32 units, one a lane** (forward), grid.x = cdiv(warps, 8)
+(``warp_items``). Segments keep a long row's work spread over many short-lived warps: on an H200 the forward at F =
+2048 went from 88% to 93-94% of copy (64 units; 32: 92-94%, 128: 91%, 16: 50-54%, all with two units a lane at 40
+registers; bench/results/2026-12-04-h200-issue16). One unit a lane: 32 registers (8 blocks a SM). Lanes stride over
+the row's F columns (the segment's) in *units*: a 16-byte vector (``ld.global.v4.u32`` / ``st.global.v4.u32``, 8
+bf16/fp16 or 4 fp32 values) when every row start, the gate/up split and every stride are 16-byte aligned and y, g and
+the output share one dtype; else one element (any F, any dtype mix). A lane's units are c, c + 32, ...; the backward
+loads 16-byte units two at a time before either is stored in the PTX, but ptxas (sm_90) issues the second unit's
+loads after the first unit's math (SASS: docs/performance.md, ninth session). All math in fp32. The weighted backward
+writes ``dy`` and reduces the per-row dot ``sum(swiglu(y) * g)`` for ``dweights`` in the same pass: each lane sums
+its columns in order, then a fixed pairwise tree over the 32 lanes in shared memory: no atomics.
 bf16 and fp16 are handled as uint16 bit patterns (Numba has no reliable bf16 type): bf16 widens by a 16-bit
 shift and narrows with round-to-nearest-even in integer code (NaN -> 0x7FC0, as torch's scalar conversion);
 fp16 converts with the hardware cvt on the GPU and with exact integer code under the simulator (both checked
@@ -38,9 +38,9 @@ import numpy as np
 
 _BLOCK = 256  # threads per block: 8 warps, one row (forward: one row segment) each
 _WARPS_PER_BLOCK = _BLOCK // 32
-# The forward's warp takes at most this many units of a row (a backward warp takes its whole row: the weight
-# gradient is one row's reduction), so a long row spreads over several warps.
-_FWD_SEGMENT_UNITS = 64
+# The forward's warp takes at most this many units of a row, one a lane (a backward warp takes its whole row: the
+# weight gradient is one row's reduction), so a long row spreads over several warps.
+_FWD_SEGMENT_UNITS = 32
 
 
 def warp_items(kind: str, n_rows: int, n_cols: int) -> int:
@@ -524,16 +524,11 @@ def _pyfunc(spec):
 
             @d["dev"]
             def fwd_lane(y, out, yg, yu, ob, c, end, scale):
-                # Two units a step, both loaded before either is stored: the compiler cannot move a load above a
-                # store to `out` (it may alias y), so this is what puts 4 loads, not 2, in flight per lane.
-                while c + 32 < end:
-                    near = fwd_load(y, yg, yu, c)
-                    far = fwd_load(y, yg, yu, c + 32)
-                    fwd_store(out, ob, c, near, scale)
-                    fwd_store(out, ob, c + 32, far, scale)
-                    c += 64
-                if c < end:  # a last single unit
+                # One unit a lane (a segment is 32 units): 32 registers. Two units a step, both loaded before either
+                # was stored, took 40, and ptxas still issued the second unit's loads after the first unit's math.
+                while c < end:
                     fwd_store(out, ob, c, fwd_load(y, yg, yu, c), scale)
+                    c += 32
 
         else:
 
