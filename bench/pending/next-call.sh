@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device call (main after the fourteenth session, 2026-12-06), carrying nothing:
+# The next device call (main after the fifteenth session, 2026-12-06), carrying nothing:
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
 # seconds (default 570; lower it when little device time is left), most important first:
 # - on an H200: the record (python -m bench in full, cold calls, probe; about 190 s on an H100), then the gathers'
@@ -7,13 +7,17 @@
 #   rounds, about 50 s: the H100 chose the block one), then the whole GPU suite in the time left (301-437 s on H100s);
 # - on an H100: the whole GPU suite first (the record when time is left: on the H100 hosts so far the suite
 #   took 383-437 s and the record 240-273 s: a second call, or CALL_END=590 and the record cut).
+# H200_ONLY=1: stop at once on any other card. THEN=ab: on an H200, bench/pending/ab.sh in the time left instead of
+# the suite (carry [".trees"] after `GROUPED_ALL=1 bash bench/pending/trees.sh [NAME ...]`). RECORD_PARTS /
+# RECORD_S: a shorter record when little device time is left (e.g. RECORD_PARTS=full RECORD_S=170).
 # Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz,
-# kinds.log (H200).
+# kinds.log (H200), ab.log and the rest of ab.sh's logs (THEN=ab).
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "$gpu" > "$OUT/gpu.txt"
+[[ -z ${H200_ONLY:-} || $gpu == *H200* ]] || { echo "not an H200: $gpu"; exit 0; }
 sha=${SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # the device gets no .git: pass SHA=<rev>
 step() { echo "$1 rc=$2 (+${SECONDS}s)" >> "$OUT/steps.log"; }
 suite() {
@@ -28,17 +32,23 @@ suite() {
 record() {
   local left=$((END - SECONDS))
   [ "$left" -ge 150 ] || { step "record skipped" -; return; }
-  MOE_RAW_GIT_SHA=$sha OUT=$OUT/r timeout $((left < 260 ? left : 260)) bash bench/run_device.sh full cold probe \
-    > "$OUT/record.log" 2>&1
+  local cap=${RECORD_S:-260}
+  MOE_RAW_GIT_SHA=$sha OUT=$OUT/r timeout $((left < cap ? left : cap)) bash bench/run_device.sh \
+    ${RECORD_PARTS:-full cold probe} > "$OUT/record.log" 2>&1
   step record $?
   tar czf "$OUT/record.tgz" -C "$OUT" r && rm -rf "$OUT/r"
 }
 kinds() {
+  [ $((END - SECONDS)) -ge 90 ] || { step "kinds skipped" -; return; }
   for k in "" 0 "" 0; do
     echo "=== MOE_RAW_BLOCK_KERNELS=$k (+${SECONDS}s)"; MOE_RAW_BLOCK_KERNELS=$k timeout 60 python3 -m bench.gather_ab
   done > "$OUT/kinds.log" 2>&1
   step kinds $?
 }
+ab() {
+  AB_DEADLINE=$((END - SECONDS)) bash bench/pending/ab.sh
+  step ab $?
+}
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-if [[ $gpu == *H200* ]]; then record; kinds; suite; else suite; record; fi
+if [[ $gpu == *H200* ]]; then record; kinds; if [ "${THEN:-suite}" = ab ]; then ab; else suite; fi; else suite; record; fi
 cat "$OUT/steps.log"
