@@ -9,7 +9,8 @@
 #   took 383-437 s and the record 240-273 s: a second call, or CALL_END=590 and the record cut).
 # H200_ONLY=1: stop at once on any other card. THEN=ab: on an H200, bench/pending/ab.sh in the time left instead of
 # the suite (carry [".trees"] after `GROUPED_ALL=1 bash bench/pending/trees.sh [NAME ...]`). RECORD_PARTS /
-# RECORD_S: a shorter record when little device time is left (e.g. RECORD_PARTS=full RECORD_S=170).
+# RECORD_S: a shorter record when little device time is left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps
+# on any other card, in order (default "suite record"; e.g. ON_H100=record once the suite has passed on that main).
 # Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz,
 # kinds.log (H200), ab.log and the rest of ab.sh's logs (THEN=ab).
 set -u
@@ -50,5 +51,5 @@ ab() {
   step ab $?
 }
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-if [[ $gpu == *H200* ]]; then record; kinds; if [ "${THEN:-suite}" = ab ]; then ab; else suite; fi; else suite; record; fi
+if [[ $gpu == *H200* ]]; then record; kinds; if [ "${THEN:-suite}" = ab ]; then ab; else suite; fi; else for s in ${ON_H100:-suite record}; do "$s"; done; fi
 cat "$OUT/steps.log"
