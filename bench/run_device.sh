@@ -13,8 +13,9 @@
 #   sanitize  bench/sanitize.sh              compute-sanitizer memcheck / racecheck / initcheck / synccheck
 #   probe   python -m bench.probe_permute    permute fwd beside copy / write-only / broadcast-copy ceilings; also with
 #           MOE_RAW_NO_BULK_COPY=1 and, where .probe/old holds other kernels/*.cu, with those (A/B)
-#   ncu     Nsight Compute on permute_scatter and its no-lookup twin scatter_rows (DeepSeek-V3, Qwen3 shapes),
-#           the SwiGLU forward (moe_raw and torch.compile's kernel) and torch's fill and copy kernels
+#   ncu     Nsight Compute on what bounds each H100 miss: permute's row kernel (permute_scatter, or permute_grouped
+#           where it is taken) and its no-lookup twin scatter_rows at every bench shape but T16k-E4-K1, unpermute_bwd at
+#           DeepSeek-V3, the SwiGLU forward (moe_raw and torch.compile's kernel), torch's fill and copy kernels
 #   ncu_gather  Nsight Compute on the gathers: gather_reduce / gather_warp (unpermute forward; the one
 #           MOE_RAW_BLOCK_KERNELS picks, the default gather_reduce) at every bench shape and
 #           unpermute_bwd at DeepSeek-V3 and T16k-E128-H4096-K6 (DRAM and L2 against their peaks, occupancy, stalls)
@@ -51,18 +52,21 @@ for step in "$@"; do
         if [ -d .probe/old ]; then echo "--- kernels from .probe/old"; python3 -m bench.probe_permute --kernels .probe/old; fi
       } 2>&1 | tee "$OUT/probe.md" || status=1 ;;
     ncu)
-      metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum.per_second,dram__bytes_write.sum.per_second,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
-      { for shape in DeepSeek-V3 Qwen3-30B-A3B; do
-          echo "--- permute_scatter $shape"
-          ncu --clock-control none -k regex:permute_scatter -c 1 --section SpeedOfLight --section Occupancy \
-            --section WarpStateStats --section MemoryWorkloadAnalysis --metrics $metrics python3 -m bench.ncu_permute $shape
+      metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum.per_second,dram__bytes_write.sum.per_second,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
+      sections="--section SpeedOfLight --section Occupancy --section WarpStateStats"
+      { for shape in T16k-E128-H4096-K6 Qwen3-30B-A3B Mixtral-8x7B DeepSeek-V3; do
+          echo "--- permute's row kernel $shape (the third call)"
+          ncu --clock-control none -k regex:"permute_(scatter|grouped)" -s 2 -c 1 $sections --metrics $metrics \
+            python3 -m bench.ncu_permute $shape
           echo "--- scatter_rows $shape (the same rows from a finished row map: no lookups)"
-          ncu --clock-control none -k regex:scatter_rows -c 1 --section SpeedOfLight --section Occupancy \
-            --metrics $metrics python3 -m bench.ncu_permute $shape copy_only
+          ncu --clock-control none -k regex:scatter_rows -s 2 -c 1 $sections --metrics $metrics \
+            python3 -m bench.ncu_permute $shape copy_only
         done
+        echo "--- unpermute_bwd DeepSeek-V3"
+        ncu --clock-control none -k regex:unpermute_bwd -s 2 -c 1 $sections --metrics $metrics \
+          python3 -m bench.ncu_permute DeepSeek-V3 unpermute_bwd
         echo "--- swiglu fwd N 32768 F 2048: moe_raw, then torch.compile's triton kernel"
-        ncu --clock-control none -k regex:"swiglu|triton" -c 4 --section SpeedOfLight --section Occupancy \
-          --metrics $metrics python3 -m bench.ncu_swiglu
+        ncu --clock-control none -k regex:"swiglu|triton" -c 4 $sections --metrics $metrics python3 -m bench.ncu_swiglu
         echo "--- torch fill_ (write-only) and copy_"
         ncu --clock-control none -k regex:"[Ff]ill|[Cc]opy" -c 3 --metrics $metrics \
           python3 -c "import torch; d=torch.empty(2<<30,dtype=torch.uint8,device='cuda'); s=torch.empty_like(d); s.fill_(2); d.fill_(1); d.copy_(s); torch.cuda.synchronize()"
