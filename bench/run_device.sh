@@ -67,9 +67,10 @@ for step in "$@"; do
           python3 -m bench.ncu_permute DeepSeek-V3 unpermute_bwd
         echo "--- swiglu fwd N 32768 F 2048: moe_raw, then torch.compile's triton kernel"
         ncu --clock-control none -k regex:"swiglu|triton" -c 4 $sections --metrics $metrics python3 -m bench.ncu_swiglu
-        echo "--- torch fill_ (write-only) and copy_"
-        ncu --clock-control none -k regex:"[Ff]ill|[Cc]opy" -c 3 --metrics $metrics \
-          python3 -c "import torch; d=torch.empty(2<<30,dtype=torch.uint8,device='cuda'); s=torch.empty_like(d); s.fill_(2); d.fill_(1); d.copy_(s); torch.cuda.synchronize()"
+        # copy_ of one contiguous tensor is a cudaMemcpy, which ncu does not profile: neg reads and writes the same bytes
+        echo "--- torch fill_ (write-only, twice), then neg(out=) (read + write, the bytes of a copy), 2 GiB bf16"
+        ncu --clock-control none -k regex:elementwise -c 3 $sections --metrics $metrics \
+          python3 -c "import torch; d=torch.empty(1<<30,dtype=torch.bfloat16,device='cuda'); s=torch.empty_like(d); s.fill_(2); d.fill_(1); torch.neg(s, out=d); torch.cuda.synchronize()"
       } 2>&1 | tee "$OUT/ncu.txt" || status=1 ;;
     ncu_gather)
       metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
