@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device call (main after the fifteenth session, 2026-12-06), carrying nothing:
+# The next device call (main after the sixteenth session, 2026-12-06), carrying nothing (.trees with THEN=ab):
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
 # seconds (default 570; lower it when little device time is left), most important first:
 # - on an H200: the record (python -m bench in full, cold calls, probe; about 190 s on an H100), then the gathers'
