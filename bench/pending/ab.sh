@@ -14,6 +14,7 @@ timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e "$R" > /d
 declare -A BENCH=(
   [base]="python3 -m bench.permute_fwd"  # trees.sh BASE=REV: an older main
   [permute-grouped-all]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_ALL=1
+  [permute-grouped-small]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_SMALL=1
   [scan-overlap-small]="python3 -m bench.permute_fwd"
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
