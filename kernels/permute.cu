@@ -55,7 +55,9 @@
 //   Overlap: on sm_90, with 16-byte rows totalling >= 4 MiB and no host read since the map kernels (N given), the
 //   host launches permute_scatter as a programmatic dependent launch. Its blocks start their row's stage fill and
 //   read their token's routing-map entries (an input the map kernels only read), then pdl_wait() before reading
-//   the tables; routing_pack / routing_scan / pad_offsets call pdl_trigger() first.
+//   the tables; routing_pack / routing_scan / pad_offsets call pdl_trigger() first. Where the scan is one load a
+//   thread (E * tiles <= 1024 tile sums), routing_scan is launched with overlap too, after routing_pack (pdl_wait()
+//   before the tile sums): its launch is then under routing_pack, and the row kernel's blocks start during it.
 // Preconditions (checked in moe_raw/permutation.py and moe_raw/_kernels/dispatch.py): rows contiguous in their
 //   last dim, VB divides the row bytes, the row stride and both base addresses; T * E < 2^31; E <= 4096;
 //   N < 2^31 - 2.
@@ -295,9 +297,11 @@ __global__ void __launch_bounds__(kThreads) routing_pack(const void* __restrict_
   if (gridDim.x == 1 && gridDim.y == 1) scan_tiles<kThreads>(ws, num_tokens, num_experts);
 }
 
+// ws without __restrict__: launched with overlap, routing_pack (the kernel ahead) writes its tile sums (common.cuh).
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads) routing_scan(int* __restrict__ ws, int64_t num_tokens, int num_experts) {
+__global__ void __launch_bounds__(kThreads) routing_scan(int* ws, int64_t num_tokens, int num_experts) {
   pdl_trigger();  // the row kernel, launched with overlap after it, loads its first rows while this block scans
+  pdl_wait();     // launched with overlap after routing_pack: the tile sums are complete from here on
   scan_tiles<kThreads>(ws, num_tokens, num_experts);
 }
 

@@ -14,6 +14,7 @@ GPU's own rounding of library math. The GPU suite (-m gpu) remains the judge on 
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import cuda_emu
@@ -271,8 +272,10 @@ def test_permute_overlapped_launch(emulated, monkeypatch, case, kernel):
     """Where the row kernel stages rows (16-byte rows, a device with programmatic dependent launch), they total
     _OVERLAP_MIN_BYTES and no host read came between (num_out_tokens given), it is launched with overlap after the
     map kernels (its blocks start loading rows before routing_scan ends; kernels/common.cuh pdl_wait), with the CPU
-    path's outputs; below the size, or after the read of N, a plain launch. Both row kernels: permute_grouped where
-    it applies, permute_scatter (forced by a zero expert limit)."""
+    path's outputs; below the size, or after the read of N, a plain launch. routing_scan, where it runs (permute_scatter
+    past one tile), is overlapped with the row kernel up to _SCAN_OVERLAP_MAX_SUMS tile sums, plain above. Both row
+    kernels: permute_grouped where it applies (with at most 16 tiles it skips the scan), permute_scatter (forced by a
+    zero expert limit)."""
     x, routing_map, probs = make_case(case)
     n = int(routing_map.sum())
     monkeypatch.setattr(D, "_SMALL_MAP", 0)  # the row kernels with tables for a known N too
@@ -280,17 +283,21 @@ def test_permute_overlapped_launch(emulated, monkeypatch, case, kernel):
         monkeypatch.setattr(D, "_GROUP_MAX_EXPERTS", 0)
     else:
         grouped_everywhere(monkeypatch)
-    for num_out_tokens in (n, None):
+    scanned = kernel == "permute_scatter" and x.shape[0] > D._TILE_TOKENS
+    tile_sums = routing_map.shape[1] * D.cdiv(x.shape[0], D._TILE_TOKENS)
+    sizes = (0, x.numel() * x.element_size() + 1)  # _OVERLAP_MIN_BYTES: overlapped, plain
+    for num_out_tokens, min_bytes, max_sums in itertools.product((n, None), sizes, (tile_sums - 1, tile_sums)):
         want = _cpu.permute(x, routing_map, probs, num_out_tokens, False)
-        for min_bytes in (0, x.numel() * x.element_size() + 1):
-            monkeypatch.setattr(D, "_OVERLAP_MIN_BYTES", min_bytes)
-            cuda_emu.overlapped.clear()
-            got = D._permute_cuda(x, routing_map, probs, num_out_tokens, False)
-            for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
-                assert_same(g, w, name)
-            overlapped = min_bytes == 0 and num_out_tokens is not None
-            want_launch = [f"moe_raw::{kernel}<16>"] if overlapped else []
-            assert cuda_emu.overlapped == want_launch, (num_out_tokens, min_bytes, cuda_emu.overlapped)
+        monkeypatch.setattr(D, "_OVERLAP_MIN_BYTES", min_bytes)
+        monkeypatch.setattr(D, "_SCAN_OVERLAP_MAX_SUMS", max_sums)
+        cuda_emu.overlapped.clear()
+        got = D._permute_cuda(x, routing_map, probs, num_out_tokens, False)
+        for name, g, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+            assert_same(g, w, name)
+        overlapped = min_bytes == 0 and num_out_tokens is not None
+        scan = ["moe_raw::routing_scan<1024>"] if overlapped and scanned and tile_sums <= max_sums else []
+        want_launch = scan + [f"moe_raw::{kernel}<16>"] if overlapped else []
+        assert cuda_emu.overlapped == want_launch, (num_out_tokens, min_bytes, max_sums, cuda_emu.overlapped)
 
 
 @pytest.mark.parametrize("case", CASES[1:6] + CASES[7:], ids=case_id)

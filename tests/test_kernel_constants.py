@@ -95,12 +95,12 @@ def test_overlapped_launch_falls_back_without_the_driver_entry(monkeypatch):
 
 
 def test_overlapped_kernels_read_the_tables_through_plain_pointers():
-    """permute_scatter and permute_grouped, the kernels launched with overlap (kernels/common.cuh pdl_wait), take
-    what the kernel ahead writes (the tables ws, and pad_ranges) without ``const __restrict__``: read-only loads of
-    them may be scheduled above griddepcontrol.wait (nvcc 13.0 did so for sm_90 in permute_grouped:
-    bench/results/2026-12-06-h100-main). So do the helpers that pass pad_ranges on after the wait."""
+    """permute_scatter, permute_grouped and routing_scan, the kernels launched with overlap (kernels/common.cuh
+    pdl_wait), take what the kernel ahead writes (the tables ws, and pad_ranges) without ``const __restrict__``:
+    read-only loads of them may be scheduled above griddepcontrol.wait (nvcc 13.0 did so for sm_90 in
+    permute_grouped: bench/results/2026-12-06-h100-main). So do the helpers that pass pad_ranges on after the wait."""
     source = (KERNELS / "permute.cu").read_text()
-    for fn in ("permute_scatter", "permute_grouped", "scatter_token", "place_pair"):
+    for fn in ("permute_scatter", "permute_grouped", "scatter_token", "place_pair", "routing_scan"):
         heads = re.findall(rf"\b{fn}\s*\(([^{{;]*)\)\s*{{", source)
         assert len(heads) == 1, f"permute.cu: expected one definition of {fn}, found {len(heads)}"
         for param in ("ws", "pad_ranges"):

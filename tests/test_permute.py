@@ -1047,17 +1047,19 @@ def _graph_step(path, T, H, n_out, x, rm, p, g):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("T", [256, 600])
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
 @pytest.mark.parametrize("path", _GRAPH_PATHS)
-def test_cuda_graph_capture_and_replay(path, overlap, monkeypatch):
+def test_cuda_graph_capture_and_replay(path, overlap, T, monkeypatch):
     """Capture permute -> unpermute and their backward with num_out_tokens given; replay on new data (more and
     fewer routed pairs than num_out_tokens) == eager. Any host sync during capture raises. overlapped: permute's
-    row kernel captured as a programmatic dependent launch (on sm_90; the size threshold lowered to 0)."""
+    row kernel captured as a programmatic dependent launch (on sm_90; the size threshold lowered to 0), and at T 600
+    (three 256-token tiles, 48 tile sums) routing_scan too."""
     if overlap:
         from moe_raw._kernels import dispatch
 
         monkeypatch.setattr(dispatch, "_OVERLAP_MIN_BYTES", 0)
-    T, H, E, K = 256, 1024, 16, 4
+    H, E, K = 1024, 16, 4
     n_out = T * K - 40  # topk maps overflow it (dropped tail), sparse maps underflow it (spare rows)
     with_probs = path != "csr"
     sx = torch.zeros((T, H), dtype=BF16, device=DEV, requires_grad=True)

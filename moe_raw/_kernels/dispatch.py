@@ -54,6 +54,11 @@ _UNSCANNED_MAX_TILES = 16
 # the map kernels before it finish) where it stages rows (sm_90, 16-byte rows) and the rows total at least this
 # many bytes; below it the plain launch's lower host cost matters more than a few microseconds of GPU time.
 _OVERLAP_MIN_BYTES = 1 << 22
+# routing_scan is launched with overlap after routing_pack (where the row kernel after it is) up to this many tile
+# sums: one a thread of its block, one load and a block scan, so its launch was a large part of the map build. On an
+# H100 overlapping it lost 0.3% at 8192 tile sums (Qwen3-30B-A3B, T16k-E128-K6) and won 0.7-0.9% at 256-512
+# (T16k-E4-K1, Mixtral: bench/results/2026-12-06-h100-scan-overlap).
+_SCAN_OVERLAP_MAX_SUMS = 1024
 # Bytes past the row lists of gather_reduce / unpermute_bwd: nvcc loads the lists up to 4 entries ahead of the loop
 # bound (two float weights as one 8-byte load, past a 1-expert list: compute-sanitizer memcheck on an H100), so the
 # allocation covers 4 more fp64 entries.
@@ -125,10 +130,11 @@ def _workspace_ints(num_tokens: int, num_experts: int) -> int:
     return 2 * num_experts * (n_words + n_tiles) + num_experts + 1
 
 
-def _tables(routing_map: torch.Tensor, ws: int, scan: bool = True) -> None:
+def _tables(routing_map: torch.Tensor, ws: int, scan: bool = True, overlap: bool = False) -> None:
     """Launch routing_pack (+ routing_scan) filling the int32 workspace at device address ``ws``. No host sync.
     scan=False leaves tile_base / expert_start unwritten where T spans more than one tile (one tile: routing_pack
-    writes them): only for permute_grouped's scanned=0 launch, which counts them from the tile sums itself."""
+    writes them): only for permute_grouped's scanned=0 launch, which counts them from the tile sums itself.
+    overlap: routing_scan as a programmatic dependent launch after routing_pack (kernels/permute.cu "Overlap")."""
     num_tokens, num_experts = routing_map.shape
     n_tiles = cdiv(num_tokens, _TILE_TOKENS)
     # One block does everything for T <= 256 (one launch); otherwise tiles x 32-expert groups, then the scan.
@@ -140,7 +146,7 @@ def _tables(routing_map: torch.Tensor, ws: int, scan: bool = True) -> None:
          num_tokens, num_experts, ws),
     )  # fmt: skip
     if n_tiles > 1 and scan:
-        launch("permute", "moe_raw::routing_scan<1024>", dev, 1, 1024, (ws, num_tokens, num_experts))
+        launch("permute", "moe_raw::routing_scan<1024>", dev, 1, 1024, (ws, num_tokens, num_experts), overlap=overlap)
 
 
 def _map_and_workspace(routing_map: torch.Tensor, lines: int = 1):
@@ -263,16 +269,22 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
     out = tokens.new_empty((n_rows, hidden)) if want_rows else None
     indices = routing_map.new_empty(n_rows, dtype=torch.int64) if want_indices else None
     pprobs = probs.new_empty(n_rows) if probs is not None else None
-    scan, layout = True, None
+    scan, scan_overlap, layout = True, False, None
     if num_out_tokens is not None and ws:  # the tables after the outputs: the row layout is known before them
         if not drop_and_pad and want_rows and _launch.has_bulk_copy(tokens.device):
             # permute_grouped with the row count given counts the scan's results itself: no routing_scan to wait for
             layout = _row_layout(tokens, out.data_ptr())
+            n_tiles = cdiv(num_tokens, _TILE_TOKENS)
             scan = not (
-                layout[3] == 16 and 1 < cdiv(num_tokens, _TILE_TOKENS) <= _UNSCANNED_MAX_TILES  # one tile: no scan
+                layout[3] == 16 and 1 < n_tiles <= _UNSCANNED_MAX_TILES  # one tile: no scan
                 and _grouped(layout[0], num_tokens, num_experts, num_out_tokens, None)
             )  # fmt: skip
-        _tables(routing_map, ws, scan)
+            # the scan of a few tile sums overlapped too, where the row kernel after it is (_scatter's rule)
+            scan_overlap = (
+                layout[3] == 16 and num_experts * n_tiles <= _SCAN_OVERLAP_MAX_SUMS
+                and num_tokens * layout[0] >= _OVERLAP_MIN_BYTES
+            )  # fmt: skip
+        _tables(routing_map, ws, scan, scan_overlap)
     src = tokens if want_rows else None
     _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, tail_blocks, n_rows,
              capacity if drop_and_pad else None, None, num_out_tokens is not None, scan, layout)  # fmt: skip
