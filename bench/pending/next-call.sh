@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device call (main after the sixteenth session, 2026-12-06), carrying nothing (.trees with THEN=ab):
+# The next device call (main after the seventeenth session, 2026-12-06), carrying nothing (.trees with THEN=ab):
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
 # seconds (default 570; lower it when little device time is left), most important first:
 # - on an H200: the record (python -m bench in full, cold calls, probe; about 190 s on an H100), then the gathers'
@@ -10,7 +10,8 @@
 # H200_ONLY=1: stop at once on any other card. THEN=ab: on an H200, bench/pending/ab.sh in the time left instead of
 # the suite (carry [".trees"] after `GROUPED_ALL=1 bash bench/pending/trees.sh [NAME ...]`). RECORD_PARTS /
 # RECORD_S: a shorter record when little device time is left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps
-# on any other card, in order (default "suite record"; e.g. ON_H100=record once the suite has passed on that main).
+# on any other card, in order (default "suite record"; e.g. ON_H100=record once the suite has passed on that main,
+# ON_H100=ab for ab.sh on the trees carried).
 # Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz,
 # kinds.log (H200), ab.log and the rest of ab.sh's logs (THEN=ab).
 set -u
