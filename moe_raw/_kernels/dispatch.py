@@ -190,6 +190,13 @@ def _row_layout(tokens: torch.Tensor, out_ptr: int) -> tuple:
     return row_bytes, src_stride, src_ptr, _scatter_vec_bytes(_vec_bytes(1, row_bytes, src_stride, src_ptr, out_ptr))
 
 
+def _rows_overlapped(layout, num_tokens: int) -> bool:
+    """Whether the row kernel, where the map kernels may still run, is launched with overlap after them: it stages
+    16-byte rows (``layout``: _row_layout's (row bytes, stride, address, vector bytes)) totalling at least
+    _OVERLAP_MIN_BYTES. The caller checks the bulk-copy path (sm_90)."""
+    return layout[3] == 16 and num_tokens * layout[0] >= _OVERLAP_MIN_BYTES
+
+
 def _grouped(row_bytes: int, num_tokens: int, num_experts: int, n_rows: int, capacity) -> bool:
     """Whether permute_grouped takes the rows where the bulk-copy path runs (sm_90, 16-byte rows, the tables): rows
     of _GROUP_MIN_ROW_BYTES to _STAGE_BYTES, at least _GROUP_MIN_PAIRS rows a token, no drop_and_pad, E <=
@@ -235,7 +242,7 @@ def _scatter(
             ptr(indices), *_scalar_args(probs), ptr(pprobs), n_keep, ptr(pads))  # fmt: skip
     device = routing_map.device
     staged = bool(ws and stage) and _launch.has_bulk_copy(device)
-    overlap = map_pending and staged and num_tokens * row_bytes >= _OVERLAP_MIN_BYTES
+    overlap = map_pending and staged and _rows_overlapped(layout, num_tokens)
     if staged and (not scanned or _grouped(row_bytes, num_tokens, num_experts, n_rows, capacity)):
         group = _group(row_bytes)
         launch("permute", "moe_raw::permute_grouped<16>", device, cdiv(num_tokens, group) + extra_blocks,
@@ -279,11 +286,8 @@ def _permute_cuda(tokens, routing_map, probs, num_out_tokens, drop_and_pad, want
                 layout[3] == 16 and 1 < n_tiles <= _UNSCANNED_MAX_TILES  # one tile: no scan
                 and _grouped(layout[0], num_tokens, num_experts, num_out_tokens, None)
             )  # fmt: skip
-            # the scan of a few tile sums overlapped too, where the row kernel after it is (_scatter's rule)
-            scan_overlap = (
-                layout[3] == 16 and num_experts * n_tiles <= _SCAN_OVERLAP_MAX_SUMS
-                and num_tokens * layout[0] >= _OVERLAP_MIN_BYTES
-            )  # fmt: skip
+            # the scan of a few tile sums overlapped too, where the row kernel after it is
+            scan_overlap = num_experts * n_tiles <= _SCAN_OVERLAP_MAX_SUMS and _rows_overlapped(layout, num_tokens)
         _tables(routing_map, ws, scan, scan_overlap)
     src = tokens if want_rows else None
     _scatter(src, out, routing_map, ws, row_map, indices, probs, pprobs, n_rows, tail_blocks, n_rows,
