@@ -577,6 +577,10 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
 // sorted_indices and permuted_probs; wait for the fill; bulk-store every routed row from the stage. Blocks after ceil(T
 // / group) zero spare and padding rows as permute_scatter's tail blocks do. Shared memory: group * row_bytes (the
 // stage, 128-aligned).
+// KE: the experts a thread owns (1 where E <= kGroupThreads, else kGroupExperts). At KE 1 the kernel takes 40
+// registers (6 blocks of 256 a SM), at KE 4 60; before KE every E took 62 (4 blocks), and under ncu at Qwen3-30B-A3B
+// (H100) the kernel sat at 23% achieved occupancy, limited by registers and its stage, where a lookup-free mover with
+// the same stage per token reached 50% and 12% more DRAM throughput (bench/results/2026-12-06-h100-seventeenth).
 constexpr int kGroupThreads = 256;
 constexpr int kGroupExperts = 4;  // experts a thread owns at most: E <= 1024
 static_assert(kGroupThreads * kGroupExperts == 1024, "moe_raw/_kernels/dispatch.py _GROUP_MAX_EXPERTS");
@@ -588,18 +592,18 @@ static_assert(kGroupThreads * kGroupExperts == 1024, "moe_raw/_kernels/dispatch.
 // whole and up to `tile`, and one block scan per round of blockDim.x experts, in expert order, gives each expert's
 // start. base[k] = tile_base[e_k, tile]: the routed pairs before the first token of `tile` in expert-major order.
 // Returns all routed pairs (expert_start[E]). Contains __syncthreads: call from every thread.
-__device__ __forceinline__ int64_t tile_bases(const Tables& tab, int num_experts, int64_t tile,
-                                              int (&base)[kGroupExperts]) {
+template <int KE>
+__device__ __forceinline__ int64_t tile_bases(const Tables& tab, int num_experts, int64_t tile, int (&base)[KE]) {
   int carry = 0;
 #pragma unroll
-  for (int k = 0; k < kGroupExperts; ++k) {
+  for (int k = 0; k < KE; ++k) {
     base[k] = 0;
     if (k * static_cast<int>(blockDim.x) >= num_experts) continue;  // the same k for every thread: barriers agree
     const int e = threadIdx.x + k * blockDim.x;
     int sum = 0, before = 0;
     if (e < num_experts) {
       const int* row = tab.tile_sums + static_cast<int64_t>(e) * tab.n_tiles;
-      constexpr int kLoads = 16;  // loads in flight a thread
+      constexpr int kLoads = 8;  // loads in flight a thread (16 took 8 more registers at KE 1)
       for (int64_t i0 = 0; i0 < tab.n_tiles; i0 += kLoads) {
         int c[kLoads];
 #pragma unroll
@@ -618,7 +622,7 @@ __device__ __forceinline__ int64_t tile_bases(const Tables& tab, int num_experts
   return carry;
 }
 
-template <int VB>
+template <int VB, int KE>
 __global__ void __launch_bounds__(kGroupThreads)
     permute_grouped(const uint8_t* __restrict__ src, int64_t src_stride, uint8_t* __restrict__ dst, int64_t row_bytes,
                     int64_t num_tokens, int num_experts, int64_t n_rows, int drop_and_pad, int64_t capacity,
@@ -628,6 +632,7 @@ __global__ void __launch_bounds__(kGroupThreads)
                     void* __restrict__ permuted_probs, int64_t n_keep, const int* pad_ranges, int group, int scanned) {
   // ws and pad_ranges without __restrict__: the kernel ahead writes them (common.cuh pdl_wait)
   static_assert(VB == 16, "16-byte rows only");
+  static_assert(KE == 1 || KE == kGroupExperts, "KE: 1 or kGroupExperts");
 #ifdef MOE_RAW_BULK_COPY
   {
     extern __shared__ __align__(128) uint8_t group_stage[];
@@ -643,8 +648,8 @@ __global__ void __launch_bounds__(kGroupThreads)
     }
     pdl_wait();
     const Tables tab(ws, num_tokens, num_experts);
-    int base[kGroupExperts] = {};  // scanned == 0: tile_base[e_k, t0's tile], counted here
-    const int64_t total = scanned ? tab.start(num_experts) : tile_bases(tab, num_experts, t0 >> 8, base);
+    int base[KE] = {};  // scanned == 0: tile_base[e_k, t0's tile], counted here
+    const int64_t total = scanned ? tab.start(num_experts) : tile_bases<KE>(tab, num_experts, t0 >> 8, base);
     const int64_t kept = pad_ranges ? pad_ranges[2 * num_experts - 1] : min(total, n_rows);
     if (blockIdx.x >= token_blocks) {
       zero_unowned_rows<VB>(dst, row_bytes, kept, n_rows, blockIdx.x - token_blocks, pad_ranges, num_experts,
@@ -660,10 +665,10 @@ __global__ void __launch_bounds__(kGroupThreads)
     const int64_t w = t0 >> 5;
     const int shift = static_cast<int>(t0 & 31);
     const uint32_t group_mask = n == 32 ? 0xffffffffu : (1u << n) - 1u;
-    uint32_t bits[kGroupExperts];
-    int before[kGroupExperts], offset[kGroupExperts];
+    uint32_t bits[KE];
+    int before[KE], offset[KE];
 #pragma unroll
-    for (int k = 0; k < kGroupExperts; ++k) {
+    for (int k = 0; k < KE; ++k) {
       const int e = threadIdx.x + k * blockDim.x;
       bits[k] = 0u;
       before[k] = offset[k] = 0;
@@ -682,9 +687,9 @@ __global__ void __launch_bounds__(kGroupThreads)
     // kLookupBatch tokens at a time: their probs loads are issued together, then their stores, so a thread waits
     // one load latency a batch rather than one a token (a group of 16-32 tokens was a chain of 16-32 dependent
     // load -> store steps).
-    constexpr int kLookupBatch = 8;
+    constexpr int kLookupBatch = 4;  // 8 took 8 more registers at KE 1
 #pragma unroll
-    for (int k = 0; k < kGroupExperts; ++k) {
+    for (int k = 0; k < KE; ++k) {
       const int e = threadIdx.x + k * blockDim.x;
       if (e >= num_experts) continue;
       for (int j0 = 0; j0 < n; j0 += kLookupBatch) {
@@ -714,7 +719,7 @@ __global__ void __launch_bounds__(kGroupThreads)
     bool issued = false;
     for (int j = 0; j < n; ++j) {
 #pragma unroll
-      for (int k = 0; k < kGroupExperts; ++k) {
+      for (int k = 0; k < KE; ++k) {
         const int row = row_of(k, j);
         if (row >= 0) {
           bulk_store(dst + static_cast<int64_t>(row) * row_bytes, group_stage + static_cast<int64_t>(j) * row_bytes,
@@ -1192,10 +1197,13 @@ MOE_RAW_ROW_KERNELS(double, 8)
                                              int, int64_t, const void*, int, int64_t, int64_t, const int*, int*, \
                                              int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,       \
                                              const int*);
-template __global__ void permute_grouped<16>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t, int,
-                                             int64_t, const void*, int, int64_t, int64_t, const int*, int*,
-                                             int64_t*, const void*, int, int64_t, int64_t, void*, int64_t,
-                                             const int*, int, int);
+#define MOE_RAW_PERMUTE_GROUPED(KE)                                                                             \
+  template __global__ void permute_grouped<16, KE>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int,     \
+                                                   int64_t, int, int64_t, const void*, int, int64_t, int64_t,    \
+                                                   const int*, int*, int64_t*, const void*, int, int64_t,        \
+                                                   int64_t, void*, int64_t, const int*, int, int);
+MOE_RAW_PERMUTE_GROUPED(1)
+MOE_RAW_PERMUTE_GROUPED(4)
 #define MOE_RAW_SCATTER_ROWS(VB)                                                                                \
   template __global__ void scatter_rows<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int, int64_t,  \
                                             const int*, const int*);

@@ -60,7 +60,7 @@ ROUTER_SHAPES = ((16, 1), (16, 2), (16, 4), (16, 8), (16, 16), (16, 32), (32, 32
 def _permute_instances() -> tuple[str, ...]:
     names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>", "moe_raw::pad_offsets<1024>"]
     names += [f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in _VEC_BYTES]
-    names.append("moe_raw::permute_grouped<16>")
+    names += [f"moe_raw::permute_grouped<16, {ke}>" for ke in (1, 4)]  # kernels/permute.cu KE
     names += [f"moe_raw::scatter_rows<{vb}>" for vb in _VEC_BYTES]
     for dtype, ctype in CTYPES.items():
         size = torch.empty((), dtype=dtype).element_size()

@@ -180,6 +180,34 @@ def grouped_everywhere(monkeypatch):
     monkeypatch.setattr(D, "_GROUP_MIN_PAIRS", 0)
 
 
+def grouped_instance(num_experts: int) -> str:
+    """permute_grouped's instance for E experts: each thread owns one expert up to 256 (the block's threads), four
+    above (kernels/permute.cu KE)."""
+    return f"moe_raw::permute_grouped<16, {1 if num_experts <= 256 else 4}>"
+
+
+@pytest.mark.parametrize("num_experts", [256, 257])
+def test_permute_grouped_experts_a_thread(emulated, monkeypatch, num_experts):
+    """At E = 256 permute_grouped's threads own one expert each (the KE 1 instance), at 257 four (KE 4): both give
+    the CPU path's rows, probs, row map and indices, with the scan and without it (row count given)."""
+    g = torch.Generator().manual_seed(num_experts)
+    T, H, K = 40, 16, 4
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    top = torch.rand(T, num_experts, generator=g).topk(K, dim=1).indices
+    routing_map = torch.zeros(T, num_experts, dtype=torch.bool).scatter_(1, top, True)
+    routing_map[:, -1] = True  # the last expert, owned by thread 0's fourth slot at 257
+    probs = torch.rand(T, num_experts, generator=g)
+    grouped_everywhere(monkeypatch)
+    for n_out in (None, int(routing_map.sum())):
+        cuda_emu.launches.clear()
+        got = D._permute_cuda(x, routing_map, probs, n_out, False)
+        want = _cpu.permute(x, routing_map, probs, n_out, False)
+        for name, gv, w in zip(("rows", "probs", "row_map", "indices"), got, want, strict=True):
+            assert_same(gv, w, f"{name} (num_out_tokens={n_out})")
+        grouped = [name for name, *_ in cuda_emu.launches if _launch.base_name(name) == "permute_grouped"]
+        assert grouped == [grouped_instance(num_experts)], grouped
+
+
 @pytest.mark.parametrize("group", [1, 2, 8, 32])
 @pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[7]], ids=case_id)
 def test_permute_grouped_group_sizes(emulated, monkeypatch, case, group):
@@ -202,6 +230,8 @@ def test_permute_grouped_group_sizes(emulated, monkeypatch, case, group):
         for name, g, w in zip(("rows", "probs", "row_map", "tokens_per_expert", "padded"), got, want, strict=True):
             assert_same(g, w, f"permute_and_pad {name} (num_out_tokens={n_out})")
     grids = {grid[0] for name, grid, *_ in cuda_emu.launches if _launch.base_name(name) == "permute_grouped"}
+    names = {name for name, *_ in cuda_emu.launches if _launch.base_name(name) == "permute_grouped"}
+    assert names == {grouped_instance(routing_map.shape[1])}, names
     T = routing_map.shape[0]
     assert min(grids) >= -(-T // group), grids  # ceil(T / group) token blocks (+ tail blocks)
 
@@ -296,7 +326,8 @@ def test_permute_overlapped_launch(emulated, monkeypatch, case, kernel):
             assert_same(g, w, name)
         overlapped = min_bytes == 0 and num_out_tokens is not None
         scan = ["moe_raw::routing_scan<1024>"] if overlapped and scanned and tile_sums <= max_sums else []
-        want_launch = scan + [f"moe_raw::{kernel}<16>"] if overlapped else []
+        name = f"moe_raw::{kernel}<16>" if kernel == "permute_scatter" else grouped_instance(routing_map.shape[1])
+        want_launch = scan + [name] if overlapped else []
         assert cuda_emu.overlapped == want_launch, (num_out_tokens, min_bytes, max_sums, cuda_emu.overlapped)
 
 

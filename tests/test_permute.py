@@ -1109,7 +1109,9 @@ def test_cuda_graph_capture_and_replay(path, overlap, T, monkeypatch):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("group", [1, 8, 32, None])
-@pytest.mark.parametrize("T, E, H, K", [(300, 16, 1024, 4), (4096, 256, 7168, 8), (2048, 64, 2048, 6), (999, 8, 64, 2)])
+@pytest.mark.parametrize(
+    "T, E, H, K", [(300, 16, 1024, 4), (4096, 256, 7168, 8), (2048, 64, 2048, 6), (999, 8, 64, 2), (1500, 384, 4096, 8)]
+)  # E 384: permute_grouped<16, 4>, four experts a thread (kernels/permute.cu KE)
 def test_grouped_row_kernel_matches_scatter(T, E, H, K, group, monkeypatch):
     """permute_grouped (sm_90, 16-byte rows: several tokens a block; group None: as the host sizes it) against
     permute_scatter (forced by a zero expert limit): bit-identical rows, probs, row maps and indices for permute

@@ -245,7 +245,8 @@ def _scatter(
     overlap = map_pending and staged and _rows_overlapped(layout, num_tokens)
     if staged and (not scanned or _grouped(row_bytes, num_tokens, num_experts, n_rows, capacity)):
         group = _group(row_bytes)
-        launch("permute", "moe_raw::permute_grouped<16>", device, cdiv(num_tokens, group) + extra_blocks,
+        experts = 1 if num_experts <= _GROUP_THREADS else _GROUP_EXPERTS  # KE: 40 registers at 1, 60 at 4
+        launch("permute", f"moe_raw::permute_grouped<16, {experts}>", device, cdiv(num_tokens, group) + extra_blocks,
                _GROUP_THREADS, (*args, group, int(scanned)), shared_mem=group * row_bytes, overlap=overlap)  # fmt: skip
         return
     launch("permute", _SCATTER_NAMES[way, vb], device, blocks, _ROW_THREADS, args, shared_mem=shared, overlap=overlap)
