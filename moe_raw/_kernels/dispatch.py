@@ -179,6 +179,9 @@ def _on_warps(list_bytes: int) -> bool:
 
 
 _SCATTER_NAMES = {(way, vb): f"moe_raw::permute_{way}<{vb}>" for way in ("scatter", "small") for vb in (16, 8, 4, 2, 1)}
+# permute_grouped's instance by KE, the experts a thread owns (kernels/permute.cu): 1 where E <= the block's threads
+# (40 registers on sm_90), else _GROUP_EXPERTS (60)
+_GROUPED_NAMES = {ke: f"moe_raw::permute_grouped<16, {ke}>" for ke in (1, _GROUP_EXPERTS)}
 
 
 def _row_layout(tokens: torch.Tensor, out_ptr: int) -> tuple:
@@ -245,8 +248,8 @@ def _scatter(
     overlap = map_pending and staged and _rows_overlapped(layout, num_tokens)
     if staged and (not scanned or _grouped(row_bytes, num_tokens, num_experts, n_rows, capacity)):
         group = _group(row_bytes)
-        experts = 1 if num_experts <= _GROUP_THREADS else _GROUP_EXPERTS  # KE: 40 registers at 1, 60 at 4
-        launch("permute", f"moe_raw::permute_grouped<16, {experts}>", device, cdiv(num_tokens, group) + extra_blocks,
+        name = _GROUPED_NAMES[1 if num_experts <= _GROUP_THREADS else _GROUP_EXPERTS]
+        launch("permute", name, device, cdiv(num_tokens, group) + extra_blocks,
                _GROUP_THREADS, (*args, group, int(scanned)), shared_mem=group * row_bytes, overlap=overlap)  # fmt: skip
         return
     launch("permute", _SCATTER_NAMES[way, vb], device, blocks, _ROW_THREADS, args, shared_mem=shared, overlap=overlap)
