@@ -577,10 +577,10 @@ __global__ void __launch_bounds__(kRowThreads, 12)  // <= 40 registers: 12 block
 // sorted_indices and permuted_probs; wait for the fill; bulk-store every routed row from the stage. Blocks after ceil(T
 // / group) zero spare and padding rows as permute_scatter's tail blocks do. Shared memory: group * row_bytes (the
 // stage, 128-aligned).
-// KE: the experts a thread owns (1 where E <= kGroupThreads, else kGroupExperts). At KE 1 the kernel takes 40
-// registers (6 blocks of 256 a SM), at KE 4 60; before KE every E took 62 (4 blocks), and under ncu at Qwen3-30B-A3B
-// (H100) the kernel sat at 23% achieved occupancy, limited by registers and its stage, where a lookup-free mover with
-// the same stage per token reached 50% and 12% more DRAM throughput (bench/results/2026-12-06-h100-seventeenth).
+// KE: the experts a thread owns (1 where E <= kGroupThreads, else kGroupExperts). At KE 1 the kernel takes 38-40
+// registers, at KE 4 60 (before KE every E took 62). Registers would allow 6 blocks of 256 a SM at KE 1, but where the
+// host takes this kernel the stage sets it: 2 blocks at DeepSeek-V3's 112 KiB, 3 at T16k-E128-K6's 64 KiB, 21.5-21.9%
+// achieved occupancy and 82.6-82.9% of the DRAM peak under ncu on an H100 (bench/results/2026-12-06-h100-nineteenth).
 constexpr int kGroupThreads = 256;
 constexpr int kGroupExperts = 4;  // experts a thread owns at most: E <= 1024
 static_assert(kGroupThreads * kGroupExperts == 1024, "moe_raw/_kernels/dispatch.py _GROUP_MAX_EXPERTS");
