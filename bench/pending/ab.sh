@@ -17,6 +17,8 @@ declare -A BENCH=(
   [permute-grouped-small]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_SMALL=1
   [glu-hw-cvt]="python3 -m bench.bench_swiglu --activations swiglu"
   [unpermute-bwd-lone-row]="python3 -m bench.gather_ab"
+  [chunks-rows8]="python3 -m bench.bench_dispatch"
+  [chunks-rows16]="python3 -m bench.bench_dispatch"
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
 # (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in
@@ -24,6 +26,8 @@ declare -A BENCH=(
 declare -A TESTS=(
   [glu-hw-cvt]="tests/test_glu_kernels.py tests/test_activations.py tests/test_activations_api.py"
   [unpermute-bwd-lone-row]="tests/test_permute.py"
+  [chunks-rows8]="tests/test_chunks.py"
+  [chunks-rows16]="tests/test_chunks.py"
 )
 # AB_TESTS=0: the A/B and the probe only (the caller runs the tests).
 # Everything ends before the device's 10-minute limit (AB_DEADLINE seconds after the start, default 570): each step's
