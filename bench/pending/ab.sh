@@ -17,8 +17,8 @@ declare -A BENCH=(
   [permute-grouped-small]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_SMALL=1
   [glu-hw-cvt]="python3 -m bench.bench_swiglu --activations swiglu"
   [unpermute-bwd-lone-row]="python3 -m bench.gather_ab"
-  [chunks-rows8]="python3 -m bench.bench_dispatch"
-  [chunks-rows16]="python3 -m bench.bench_dispatch"
+  [chunks-rows8]="python3 bench/pending/chunks_ab.py"
+  [chunks-rows16]="python3 bench/pending/chunks_ab.py"
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
 # (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in
@@ -59,5 +59,5 @@ done
 # Last, on the checkout: permute beside its ceilings at every bench shape. Its "copy only" column (rows moved from a
 # finished row map, no lookups) says whether permute's forward on this card is held by the routing lookups (copy only
 # well above permute) or by the scattered writes themselves (the two level): measured so far on the H100 only.
-# AB_PHASED=1: with the phased movers (--phased: a second table, about 10 s a shape).
-run checkout "python3 -m bench.probe_permute${AB_PHASED:+ --phased}" "$R" > "$OUT/probe.log"
+# AB_PHASED=1: with the phased movers (--phased: a second table, about 10 s a shape). AB_PROBE=0: not run.
+[ "${AB_PROBE:-1}" = 0 ] || run checkout "python3 -m bench.probe_permute${AB_PHASED:+ --phased}" "$R" > "$OUT/probe.log"

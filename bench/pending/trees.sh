@@ -9,6 +9,8 @@
 #   GROUPED_SMALL: and main with permute_grouped on every shape in groups of at most 32 KiB (8 tokens of 4 KiB at
 #     Qwen3-30B-A3B, where the 16-token groups lost)
 #   GROUPED_PATCH: the GROUPED_* trees start from main + bench/pending/NAME.patch (e.g. grouped-lean)
+#   ALL="NAME ...": also export main with all those patches applied as .trees/all (ab.sh has no benchmark for it and
+#     skips it; bench/pending/one-call.sh runs the whole GPU suite there, so one call tests every patch at once)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 names=("$@")
@@ -42,5 +44,10 @@ grouped_tree() {
 if [ -n "${BASE:-}" ]; then
   mkdir -p .trees/base && git archive "$BASE" | tar -x -C .trees/base --exclude=bench/results
   echo ".trees/base: $(git rev-parse --short "$BASE")" | tee .trees/base/TREE
+fi
+if [ -n "${ALL:-}" ]; then
+  mkdir -p .trees/all && git archive HEAD | tar -x -C .trees/all --exclude=bench/results
+  for name in $ALL; do git apply --directory=.trees/all "bench/pending/$name.patch"; done
+  echo ".trees/all: main $(git rev-parse --short HEAD) + $ALL" | tee .trees/all/TREE
 fi
 git rev-parse --short HEAD > .trees/MAIN_SHA
