@@ -39,6 +39,16 @@ def megatron_sort_chunks(x, split_sizes, sorted_idxs, probs=None):
     return regroup(x), (regroup(probs) if probs is not None else None)
 
 
+def chunk_inputs(n_rows, num_experts, hidden, dtype):
+    """sort_chunks_by_idxs' inputs after an expert-parallel all-to-all: rows [N, H] and probs [N] as EP ranks x E / EP
+    local experts, multinomial chunk sizes [E], and the order that regroups them local-expert-major."""
+    rows = torch.randn(n_rows, hidden, device="cuda").to(dtype)
+    probs = torch.rand(n_rows, device="cuda")
+    sizes = torch.distributions.Multinomial(n_rows, torch.ones(num_experts)).sample().to(torch.int64).cuda()
+    order = torch.arange(num_experts).view(EP, num_experts // EP).t().reshape(-1).cuda()  # rank- -> expert-major
+    return rows, probs, sizes, order
+
+
 def dense_then_seed_permute(x, topk_idx, topk_probs, num_experts):
     """Without moe_raw: scatter the top-k indices into a dense map and probs, then the seed's permute."""
     T = x.shape[0]
@@ -60,11 +70,7 @@ def bench_rows(copy_gbs, dtype=torch.bfloat16, shape=SHAPE):
                      "pct_copy": 100 * gbs / copy_gbs if nbytes else float("nan"), "note": note})  # fmt: skip
 
     # sort_chunks_by_idxs: the rows after the all-to-all, EP ranks x E / EP local experts, regrouped expert-major
-    perm = torch.randn(N, H, device="cuda").to(dtype)
-    pperm = torch.rand(N, device="cuda")
-    sizes = torch.distributions.Multinomial(N, torch.ones(E)).sample().to(torch.int64).cuda()
-    local = E // EP
-    order = torch.arange(E).view(EP, local).t().reshape(-1).cuda()  # rank-major -> local-expert-major
+    perm, pperm, sizes, order = chunk_inputs(N, E, H, dtype)
     nbytes = 2 * N * H * s + 2 * N * 4
     ms = common.do_bench(lambda: moe_raw.sort_chunks_by_idxs(perm, sizes, order, pperm))
     row("sort_chunks_by_idxs", "moe_raw", ms, nbytes, f"{E} chunks")

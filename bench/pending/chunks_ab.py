@@ -23,10 +23,7 @@ def main() -> int:
     print("| shape | kernel | ms | GB/s | % of copy |\n| --- | --- | --- | --- | --- |")
     for name, T, E, H, K in SHAPES:
         n = T * K
-        x = torch.randn(n, H, device="cuda").to(torch.bfloat16)
-        probs = torch.rand(n, device="cuda")
-        sizes = torch.distributions.Multinomial(n, torch.ones(E)).sample().to(torch.int64).cuda()
-        order = torch.arange(E).view(bench_dispatch.EP, E // bench_dispatch.EP).t().reshape(-1).cuda()
+        x, probs, sizes, order = bench_dispatch.chunk_inputs(n, E, H, torch.bfloat16)
         nbytes = 2 * n * H * x.element_size() + 2 * n * 4
         for gather in (False, True):
             ms = common.do_bench(functools.partial(D._chunk_sort_cuda, x, probs, sizes, order, gather))
