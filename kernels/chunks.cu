@@ -26,7 +26,11 @@
 namespace moe_raw {
 
 constexpr int kChunkThreads = 256;
-constexpr int kChunkRows = 32;      // rows per block: 4 per warp
+// Rows per block: one a warp. With 32 (four a warp) DeepSeek-V3's 32768 rows made 1024 blocks, 1.3 waves at 6 blocks
+// a SM on 132 SMs, so a quarter of the kernel ran with two blocks a SM; 8 makes 4096 blocks, and each block's table
+// rebuild (S <= 4096 entries, L2 hits) hides behind the other blocks' copies. H100, same run: 0.343 -> 0.335 ms
+// (DeepSeek-V3), 0.103 -> 0.100 (Qwen3-30B-A3B), both directions (bench/results/2026-12-07-h100-twentysecond-ab).
+constexpr int kChunkRows = 8;
 // At most kMaxSplits chunks (mirrored by moe_raw/_kernels/dispatch.py MAX_SPLITS, tests/test_kernel_constants.py):
 // the two int32 tables of S entries then fill 32 KiB of shared memory.
 constexpr int kMaxSplits = 4096;

@@ -70,7 +70,7 @@ _BULK_COPY = not _env.NO_BULK_COPY
 
 
 MAX_SPLITS = 4096  # kernels/chunks.cu: two int32 tables of S entries in shared memory
-_CHUNK_ROWS = 32  # kChunkRows
+_CHUNK_ROWS = 8  # kChunkRows
 _CHUNK_THREADS = 256  # kChunkThreads
 _WORDS = {2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
 _TOKENS_PER_BLOCK = 8  # kernels/topk.cu kTokensPerBlock
