@@ -22,6 +22,8 @@
 //                                memory; gather_reduce is the default: faster on the H100).
 //   unpermute_bwd                one block per token: d_row = g[t] * w for each of its rows, and
 //                                dprobs[t, e] = dot(g[t], row) (fixed-order block reduction) for routed pairs.
+//                                Rows two a step; the LONE instance (16-byte packs, N < 2 T: K 1) takes a lone
+//                                row two packs a step.
 //   scatter_rows                 one block per token: copies row t of any [T, ...] tensor (e.g. FP8 scales) to every
 //                                row its row-map line names, zeroing spare and padding rows: permute's layout
 //                                applied to more per-token data, with no routing tables.
@@ -1031,12 +1033,29 @@ __global__ void __launch_bounds__(kRowThreads, 12)
   }
 }
 
+// One pack of a d_rows row: T(gx[i] * w), the product rounded once to T; w == 0 (a padding row's gradient with probs)
+// gives zeros, also where g holds inf or NaN.
+template <typename T, int VB>
+__device__ __forceinline__ typename Vec<VB>::type scaled_pack(const typename Acc<T>::type (&gx)[Pack<T, VB>::N],
+                                                             typename Acc<T>::type w) {
+  using A = typename Acc<T>::type;
+  Pack<T, VB> d;
+#pragma unroll
+  for (int i = 0; i < Pack<T, VB>::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
+  return d.raw;
+}
+
 // Unpermute backward, one block per token t (blocks >= T zero spare rows):
 //   d_rows[row] = g[t] * w  (w = probs[t, e] for routed rows, or 1 without probs; padding rows get g[t] without
 //   probs and 0 with them), and with dprobs: dprobs[t, e] = dot(g[t], rows[row]) for routed pairs, 0 elsewhere.
+// A token's rows go two a step. LONE: a lone row (a token's only row, or the last of an odd group) goes two of its
+// packs a step, g's and the row's four loads issued before either pack is used (a pack a step leaves a lane two loads
+// in flight, too few for K 1 on the H200: 86.3% of copy). Only where N < 2 T (K 1): with it on every launch the
+// two-rows-a-step instances lost 1.5-2.9% at K 2-8 on an H100 (bench/results/2026-12-07-h100-twentysecond-ab).
+// The same dot terms in the same order either way: the same bits.
 // 12 blocks a SM (<= 40 registers; left to itself ptxas gave the two-rows-a-step bf16 16-byte instance 48, 10
 // blocks), fp64 8 (at 12 it spilled 44-124 bytes; sm_90).
-template <typename T, int VB>
+template <typename T, int VB, bool LONE = false>
 __global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : 12)
     unpermute_bwd(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ rows, int64_t rows_stride,
                   T* __restrict__ d_rows,
@@ -1095,17 +1114,46 @@ __global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : 12)
     A dot[kGroup];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) dot[k] = A(0);
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    if (LONE && m == 1) {
+      const int64_t r0 = list_rows[j0];
+      const A w0 = list_w[j0];
+      const bool dot0 = dprobs && list_e[j0] >= 0;
+      const V* y = reinterpret_cast<const V*>(rows + r0 * rows_stride);
+      V* d = reinterpret_cast<V*>(d_rows + r0 * hidden);
+      for (int64_t v = threadIdx.x; v < nvec; v += 2 * static_cast<int64_t>(blockDim.x)) {
+        const int64_t v1 = v + blockDim.x;
+        const bool has1 = v1 < nvec;
+        P x0, x1, y0, y1;
+        x1.raw = y0.raw = y1.raw = V{};
+        x0.raw = gv[v];
+        if (has1) x1.raw = gv[v1];
+        if (dot0) {
+          y0.raw = y[v];
+          if (has1) y1.raw = y[v1];
+        }
+        // one pack at a time from here: both packs' widened values at once spilled at the 40-register cap
+        const auto finish = [&](const P& x, const P& yy, int64_t vv) {
+          A gx[P::N];
+#pragma unroll
+          for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
+          d[vv] = scaled_pack<T, VB>(gx, w0);
+          if (dot0) {
+#pragma unroll
+            for (int i = 0; i < P::N; ++i) dot[0] += gx[i] * to_acc(yy.v[i]);
+          }
+        };
+        finish(x0, y0, v);
+        if (has1) finish(x1, y1, v1);
+      }
+    }
+    for (int64_t v = threadIdx.x; (!LONE || m > 1) && v < nvec; v += blockDim.x) {
       P x;
       x.raw = gv[v];
       A gx[P::N];
 #pragma unroll
       for (int i = 0; i < P::N; ++i) gx[i] = to_acc(x.v[i]);
       const auto store_scaled = [&](int64_t r, A w) {
-        P d;
-#pragma unroll
-        for (int i = 0; i < P::N; ++i) d.v[i] = from_acc<T, A>(w == A(0) ? A(0) : gx[i] * w);
-        reinterpret_cast<V*>(d_rows + r * hidden)[v] = d.raw;
+        reinterpret_cast<V*>(d_rows + r * hidden)[v] = scaled_pack<T, VB>(gx, w);
       };
       // Two rows a step, both row loads issued before either is used: a row at a time left a lane one load in
       // flight (its first use followed it). Each row's dot sums the same terms in the same order: the same bits.
@@ -1188,6 +1236,15 @@ MOE_RAW_ROW_KERNELS(__nv_bfloat16, 4)
 MOE_RAW_ROW_KERNELS(__nv_bfloat16, 2)
 MOE_RAW_ROW_KERNELS(double, 16)
 MOE_RAW_ROW_KERNELS(double, 8)
+// unpermute_bwd's LONE instances (launched where N < 2 T): 16-byte packs only
+#define MOE_RAW_LONE_BWD(T)                                                                                     \
+  template __global__ void unpermute_bwd<T, 16, true>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, \
+                                                      int64_t, int, const int*, const void*, int, int64_t,      \
+                                                      int64_t, void*, int, const int*);
+MOE_RAW_LONE_BWD(float)
+MOE_RAW_LONE_BWD(__half)
+MOE_RAW_LONE_BWD(__nv_bfloat16)
+MOE_RAW_LONE_BWD(double)
 #define MOE_RAW_SCATTER(VB)                                                                                     \
   template __global__ void permute_scatter<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int,       \
                                                int64_t, int, int64_t, const void*, int, int64_t, int64_t,      \

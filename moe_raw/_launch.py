@@ -68,6 +68,7 @@ def _permute_instances() -> tuple[str, ...]:
             if vb >= size:
                 names += [f"moe_raw::gather_{way}<{ctype}, {vb}>" for way in ("reduce", "warp")]
                 names.append(f"moe_raw::unpermute_bwd<{ctype}, {vb}>")
+        names.append(f"moe_raw::unpermute_bwd<{ctype}, 16, true>")  # kernels/permute.cu LONE: where N < 2 T
     return tuple(names)
 
 

@@ -1029,6 +1029,43 @@ def test_side_stream(side_stream):
         assert_exact(a, b, "side stream: fused vs map")
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("K", [1, 2, 3, 9])
+@pytest.mark.parametrize("dtype,H", [(BF16, 7168), (BF16, 2056), (F16, 520), (F32, 1032)], ids=str)
+def test_unpermute_backward_lone_instance_same_bits(monkeypatch, dtype, H, K):
+    """unpermute_bwd's LONE instance (kernels/permute.cu: a token's lone row two packs a step; the launcher picks it
+    where N < 2 T) gives the two-rows-a-step instance's d_rows and dprobs bit for bit at any K (forced here), odd
+    pack counts (H 2056 bf16, 520 fp16) and spare rows included; and the launcher picks it at K 1 only."""
+    from moe_raw import _cpu
+    from moe_raw._kernels import dispatch as D
+
+    T, E = 515, 16
+    rm = make_routing(T, E, K, DEV, "topk")
+    p = make_probs(rm, F32)
+    n_rows = T * K + 5  # five spare rows: zeroed, in no token's list
+    rows = _randn((n_rows, H), dtype, DEV)
+    g = _randn((T, H), dtype, DEV)
+    row_map = _cpu.row_map(rm.cpu(), n_rows, False).to(DEV)
+    names = []
+    pick = D._unpermute_bwd_name
+    monkeypatch.setattr(D, "_unpermute_bwd_name", lambda *a: names.append(pick(*a)) or names[-1])
+    auto = D._unpermute_bwd_cuda(g, rows, row_map, n_rows, p, True)
+    assert names[-1].endswith(", true>") == (K == 1), names
+    got = {}
+    for lone in (False, True):
+        name = f"moe_raw::unpermute_bwd<{D.CTYPES[dtype]}, 16{', true' if lone else ''}>"
+        monkeypatch.setattr(D, "_unpermute_bwd_name", lambda *a, name=name: name)
+        got[lone] = D._unpermute_bwd_cuda(g, rows, row_map, n_rows, p, True)
+    for a, b, c, what in zip(got[False], got[True], auto, ("d_rows", "dprobs"), strict=True):
+        assert_exact(b, a, f"LONE {what} against the two-rows-a-step instance")
+        assert_exact(c, a, f"launcher's pick {what}")
+    assert (got[True][0][T * K :] == 0).all(), "spare rows' gradient must be 0"
+    ref = _cpu.unpermute_bwd(g.cpu(), rows.cpu(), row_map.cpu(), n_rows, p.cpu(), True)
+    assert_exact(got[True][0].cpu(), ref[0], "d_rows against the CPU twin (g * w rounded once)")
+    torch.testing.assert_close(got[True][1].cpu(), ref[1], rtol=1e-5, atol=1e-5 * H)
+
+
 _GRAPH_PATHS = ["fused", "map", "csr"]
 
 

@@ -16,8 +16,6 @@ declare -A BENCH=(
   [permute-grouped-all]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_ALL=1
   [permute-grouped-small]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_SMALL=1
   [glu-hw-cvt]="python3 -m bench.bench_swiglu --activations swiglu"
-  [unpermute-bwd-lone-row]="python3 -m bench.gather_ab"
-  [chunks-rows8]="python3 bench/pending/chunks_ab.py"
   [chunks-rows16]="python3 bench/pending/chunks_ab.py"
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
@@ -25,8 +23,6 @@ declare -A BENCH=(
 # bench/results/2026-12-05-h100-pending-ab3)
 declare -A TESTS=(
   [glu-hw-cvt]="tests/test_glu_kernels.py tests/test_activations.py tests/test_activations_api.py"
-  [unpermute-bwd-lone-row]="tests/test_permute.py"
-  [chunks-rows8]="tests/test_chunks.py"
   [chunks-rows16]="tests/test_chunks.py"
 )
 # AB_TESTS=0: the A/B and the probe only (the caller runs the tests).

@@ -365,6 +365,15 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
     return out, dprobs
 
 
+def _unpermute_bwd_name(ctype: str, vb: int, n_rows: int, num_tokens: int) -> str:
+    """unpermute_bwd's instance: the LONE one (a token's lone row two packs a step; kernels/permute.cu) for 16-byte
+    packs where there are fewer than two rows a token (K 1, spare or padding rows included), the two-rows-a-step one
+    otherwise (LONE lost 1.5-2.9% at K 2-8 on an H100). The same bits either way."""
+    if vb == 16 and n_rows < 2 * num_tokens:
+        return f"moe_raw::unpermute_bwd<{ctype}, 16, true>"
+    return f"moe_raw::unpermute_bwd<{ctype}, {vb}>"
+
+
 def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, need_drows=True):
     """Returns (d_rows [N, H], dprobs [T, E] | None); spare rows (and the aligned layout's padding rows) of d_rows are
     zero."""
@@ -385,7 +394,7 @@ def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, nee
     smem = 8 * (num_experts + (num_experts & 1)) + num_experts * _acc_size(dtype)  # the row, expert, weight lists
     blocks = num_tokens + cdiv(n_rows, _TAIL_ROWS) + (_pad_blocks(num_experts) if aligned else 0)
     launch(
-        "permute", f"moe_raw::unpermute_bwd<{CTYPES[dtype]}, {vb}>", dev, blocks, _ROW_THREADS,
+        "permute", _unpermute_bwd_name(CTYPES[dtype], vb, n_rows, num_tokens), dev, blocks, _ROW_THREADS,
         (ptr(g), (g.stride(0)), ptr(rows), (rows.stride(0) if rows is not None else 0), ptr(d_rows),
          (n_rows), (hidden), (num_tokens), (num_experts), ptr(row_map), *_scalar_args(probs),
          ptr(dprobs), (SCALAR_CODE[probs.dtype] if need_dprobs else 0),
