@@ -290,6 +290,22 @@ def test_nan_patterns_are_torchs_scalar_ones():
     assert int(enc_f16(nan)) == 0x7E00 == _bits_u16(torch.tensor(nan).half().reshape(1))[0]
 
 
+@needs_sim
+def test_nan_fix_sets_every_bf16_nan_half_and_nothing_else():
+    """The forward's NaN fix-up (the GPU's cvt writes NaN as 0x7FFF): every bf16 NaN half, of any sign and payload,
+    becomes 0x7FC0, in either half of the word; every other half (inf, the largest finite, zeros) is left as it is."""
+    fix = GC._defs()["nan_fix_bf16"]
+    halves = list(range(0x7F70, 0x8000)) + list(range(0xFF70, 0x10000)) + [0x0000, 0x8000, 0x3F80, 0x7F7F, 0xFF7F]
+    nan = {h: (h & 0x7FFF) > 0x7F80 for h in halves}  # exponent all ones, mantissa not zero
+    assert nan[0x7FFF] and nan[0xFFC0] and nan[0x7F81] and not nan[0x7F80] and not nan[0xFF80]
+    for h in halves:
+        want = 0x7FC0 if nan[h] else h
+        for other in (0x3F80, 0x7FFF):  # beside a number and beside a NaN
+            want_other = 0x7FC0 if nan[other] else other
+            assert int(fix(h | (other << 16))) == want | (want_other << 16), hex(h)
+            assert int(fix(other | (h << 16))) == want_other | (want << 16), hex(h)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd: WeightedSwiGLUFunction / weighted_bias_swiglu_impl
 
@@ -589,6 +605,9 @@ def _codec_kernels(code):
     # fails in any test worker where no moe_raw kernel compiled before (order-dependent under xdist).
     GC._numba_numpy_compat()
     dec, enc = GC._defs()["codecs"][code]
+    pack = GC._defs()["pack2"][code]
+    fix = GC._defs()["nan_fix_bf16"]
+    bf16 = code == "bf16"
 
     @cuda.jit
     def widen(src, dst):
@@ -602,7 +621,14 @@ def _codec_kernels(code):
         if i < src.shape[0]:
             dst[i] = enc(src[i])
 
-    return widen, narrow
+    @cuda.jit
+    def narrow_pairs(src, dst):  # dst[i] = the word of (src[2 i], src[2 i + 1]), the first in the low half
+        i = cuda.grid(1)
+        if i < dst.shape[0]:
+            w = pack(src[2 * i], src[2 * i + 1])
+            dst[i] = fix(w) if bf16 else w  # bf16: the forward's fix-up of a unit holding a NaN (a no-op otherwise)
+
+    return widen, narrow, narrow_pairs
 
 
 def _numba_view(t: torch.Tensor, typestr: str):
@@ -615,10 +641,41 @@ def _numba_view(t: torch.Tensor, typestr: str):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_kernels_write_one_bf16_nan_pattern():
+    """The compiled kernels' bf16 NaN outputs are 0x7FC0, as the simulator's (the forward fixes them once a 16-byte
+    unit, the backward once a word), and the other values of a unit holding a NaN are the bits they have without it:
+    NaN gates at every lane position of a unit, a lone NaN, inf * 0; all four kernels."""
+    n, f = 4, 64  # 128-byte half rows: 16-byte units
+    gate, up = torch.randn(n, f), torch.randn(n, f)
+    gate[0, ::3] = float("nan")
+    gate[1, 5] = float("nan")
+    gate[2, :8], up[2, :8:2] = float("inf"), 0.0  # silu(inf) * 0
+    y = torch.cat([gate, up], 1).to(device=DEV, dtype=torch.bfloat16)
+    clean = torch.nan_to_num(y, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    w = torch.rand(n, 1, device=DEV)
+    g = torch.randn(n, f, device=DEV).to(torch.bfloat16)
+    ops = {
+        "swiglu": lambda t: S.swiglu(t),
+        "weighted_swiglu": lambda t: S.weighted_swiglu(t, w),
+        "swiglu_back": lambda t: S.swiglu_back(g, t),
+        "weighted_swiglu_back": lambda t: S.weighted_swiglu_back(g, t, w)[0],
+    }
+    for name, op in ops.items():
+        out, ref = op(y), op(clean)
+        nan = out.float().isnan()
+        assert bool(nan[0].any() and nan[1].any() and nan[2].any() and not nan[3].any()), name
+        assert bool((out.view(torch.int16)[nan] == 0x7FC0).all()), name
+        assert torch.equal(out.view(torch.int16)[~nan], ref.view(torch.int16)[~nan]), name
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("code,dtype", [("bf16", torch.bfloat16), ("f16", torch.float16)])
 def test_conversions_on_every_bit_pattern(code, dtype):
-    """The device conversions as compiled for the GPU (bf16: integer code; fp16: the hardware cvt) vs torch's."""
-    widen, narrow = _codec_kernels(code)
+    """The device conversions as compiled for the GPU (the hardware cvt), one value and two to a word (with the
+    forward's NaN fix-up), vs torch's;
+    a NaN narrows to bf16 as 0x7FC0 (the simulator's integer code and torch's scalar conversion)."""
+    widen, narrow, narrow_pairs = _codec_kernels(code)
     patterns = torch.arange(65536, device=DEV, dtype=torch.int32).to(torch.int16)  # every 16-bit pattern
     wide = torch.empty(65536, device=DEV, dtype=torch.float32)
     widen[256, 256](_numba_view(patterns, "<u2"), _numba_view(wide, "<f4"))
@@ -636,6 +693,20 @@ def test_conversions_on_every_bit_pattern(code, dtype):
     v_nan = values.isnan()
     assert torch.equal(narrowed[~v_nan], torch_bits[~v_nan])
     assert bool(narrowed[v_nan].view(dtype).isnan().all())
+    if code == "bf16":
+        assert bool((narrowed[v_nan] == 0x7FC0).all())
+    # two to a word: every (NaN, not NaN) combination in both halves, then the values above in pairs
+    nan = float("nan")
+    mixed = torch.tensor([nan, 1.5, 1.5, nan, nan, -nan, -2.0, 3.0], device=DEV)
+    pairs = torch.cat([mixed, values])
+    words = torch.empty(pairs.numel() // 2, device=DEV, dtype=torch.int32)
+    narrow_pairs[(words.numel() + 255) // 256, 256](_numba_view(pairs, "<f4"), _numba_view(words, "<u4"))
+    torch.cuda.synchronize()
+    halves = words.view(torch.int16)  # little-endian: the low half first
+    single = torch.empty(pairs.numel(), device=DEV, dtype=torch.int16)
+    narrow[(pairs.numel() + 255) // 256, 256](_numba_view(pairs, "<f4"), _numba_view(single, "<u2"))
+    torch.cuda.synchronize()
+    assert torch.equal(halves, single)  # the same bits as one at a time, NaN patterns included
 
 
 @pytest.mark.gpu

@@ -26,7 +26,12 @@ from bench import common
 from moe_raw import _cupy_cache
 
 SRC = r"""
-#include <cstdint>
+#ifdef __CUDACC_RTC__  // NVRTC ships no libc headers (as kernels/common.cuh)
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
+#include <stdint.h>
+#endif
 template <int MODE>
 __global__ void __launch_bounds__(128) write_rows(uint4* __restrict__ dst, const int* __restrict__ perm, int row_vec) {
   const int64_t row = perm ? perm[blockIdx.x] : blockIdx.x;

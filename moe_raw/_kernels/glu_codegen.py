@@ -14,11 +14,12 @@ loads after the first unit's math (SASS: docs/performance.md, ninth session). Al
 writes ``dy`` and reduces the per-row dot ``sum(swiglu(y) * g)`` for ``dweights`` in the same pass: each lane sums
 its columns in order, then a fixed pairwise tree over the 32 lanes in shared memory: no atomics.
 bf16 and fp16 are handled as uint16 bit patterns (Numba has no reliable bf16 type): bf16 widens by a 16-bit
-shift and narrows with round-to-nearest-even in integer code (NaN -> 0x7FC0, as torch's scalar conversion);
-fp16 converts with the hardware cvt on the GPU and with exact integer code under the simulator (both checked
-against torch on every bit pattern). silu uses torch's accurate expf / division for fp32 data and
-``__expf`` / ``__fdividef`` for bf16 / fp16 data (their few-ulp fp32 error is far below a 16-bit rounding, and
-the cheaper math keeps the backward under the H100's issue rate at full bandwidth).
+shift; both narrow with round to nearest even, on the GPU by the hardware cvt (two values to a word in one, NaN ->
+0x7FC0 for bf16, as torch's scalar conversion, set on a rare branch: once a 16-byte unit in the forward, once a word
+in the backward), under the simulator by exact integer code (both checked against torch on every bit pattern).
+silu uses torch's accurate expf / division for fp32 data and ``ex2.approx.ftz`` / ``__fdividef`` for bf16 / fp16
+data (their few-ulp fp32 error is far below a 16-bit rounding, and the cheaper math keeps the kernels under the issue
+rate at full bandwidth: sm_90 SASS of the bf16 forward 384 -> 304 instructions, backward 864 -> 744).
 Bytes (bench/bench_swiglu.py): forward reads 2F and writes F elements per row (+ one weight); the weighted
 backward reads g (F) and y (2F) and writes dy (2F) per row, plus a weight read and a dweight write.
 Measured: the README's performance table (records in bench/results/).
@@ -168,13 +169,17 @@ def _defs() -> dict:
                 return uint32(libdevice.float_as_int(f))
 
             expf = math.exp  # float32 in -> __nv_expf (accurate, as torch's fp32 silu / sigmoid)
-            fast_expf = libdevice.fast_expf  # __expf: ex2.approx; error far below a bf16 / fp16 rounding
+            ld4, st4, add32, hw_dec_f16, hw_enc_f16, ex2_ftz, cvt_bf16, cvt_bf16x2, cvt_f16x2 = _vector_intrinsics()
+
+            @dev
+            def fast_expf(x):
+                # __expf's ex2.approx(x log2 e) with flush to zero: non-ftz ex2 costs three more instructions a
+                # value to scale denormal results, which only ever meet 1 + e^-x (= 1 either way)
+                return ex2_ftz(x * float32(1.4426950408889634))
 
             @dev
             def fast_rcp(x):
                 return libdevice.fast_fdividef(float32(1.0), x)  # MUFU.RCP; 1/inf = 0, NaN stays NaN
-
-            ld4, st4, add32, hw_dec_f16, hw_enc_f16 = _vector_intrinsics()
 
         @dev
         def dec_bf16(h):
@@ -187,6 +192,14 @@ def _defs() -> dict:
                 return uint16(0x7FC0)
             b = f32_bits(f)
             return uint16(add32(add32(b, uint32(0x7FFF)), (b >> uint32(16)) & uint32(1)) >> uint32(16))
+
+        if not sim:
+            # On the GPU bf16 narrows in hardware (cvt.rn: round to nearest even, as the integer code), with the
+            # NaN pattern set to 0x7FC0 after it (cvt gives 0x7FFF): one conversion and two fix-ups a value
+            # against ~7 integer instructions, which left the forward issue-bound on an H200.
+            @dev
+            def enc_bf16(f):
+                return uint16(0x7FC0) if f != f else cvt_bf16(f)
 
         @dev
         def dec_f16(h):
@@ -241,8 +254,44 @@ def _defs() -> dict:
             # ~20 instructions with branches per value and made the fp16 backward issue-bound.
             dec_f16, enc_f16 = hw_dec_f16, hw_enc_f16
         codecs = {"f32": (dec_f32, enc_f32), "f16": (dec_f16, enc_f16), "bf16": (dec_bf16, enc_bf16)}
+
+        # pack2[code](lo, hi): two fp32 values narrowed into one 32-bit word of a 16-bit code, lo in the low half.
+        # On the GPU one cvt for both (cvt.rn.bf16x2 / f16x2), which leaves a NaN as the hardware writes it (bf16
+        # 0x7FFF): the unit stores below test the unit's values for NaN once (one branch a 16-byte unit, not one a
+        # word) and on that rare branch set each bf16 NaN half to enc_bf16's 0x7FC0 (nan_fix). The simulator's
+        # integer packers write 0x7FC0 themselves; nan_fix leaves their words as they are.
+        if sim:
+
+            def packer(enc):
+                def pack(lo, hi):
+                    return uint32(enc(lo)) | (uint32(enc(hi)) << uint32(16))
+
+                return pack
+
+            pack2 = {code: packer(codecs[code][1]) for code in ("f16", "bf16")}
+        else:
+            pack2 = {"f16": cvt_f16x2, "bf16": cvt_bf16x2}
+
+        @dev
+        def nan_fix_bf16(w):
+            # a bf16 half is NaN when its exponent is all ones and its mantissa is not zero: |h| > 0x7F80
+            if (w & uint32(0x7FFF)) > uint32(0x7F80):
+                w = (w & uint32(0xFFFF0000)) | uint32(0x7FC0)
+            if ((w >> uint32(16)) & uint32(0x7FFF)) > uint32(0x7F80):
+                w = (w & uint32(0xFFFF)) | uint32(0x7FC00000)
+            return w
+
         _DEFS.update(
-            sim=sim, dev=dev, ld4=ld4, st4=st4, codecs=codecs, sigmoids=sigmoids, bits_f32=bits_f32, f32_bits=f32_bits
+            sim=sim,
+            dev=dev,
+            ld4=ld4,
+            st4=st4,
+            codecs=codecs,
+            pack2=pack2,
+            nan_fix_bf16=nan_fix_bf16,
+            sigmoids=sigmoids,
+            bits_f32=bits_f32,
+            f32_bits=f32_bits,
         )
         return _DEFS
 
@@ -316,7 +365,33 @@ def _vector_intrinsics():
 
         return sig, codegen
 
-    return ld4, st4, add32, f16_to_f32, f32_to_f16
+    def asm(ptx, constraints, ret, args):
+        # one PTX instruction as an intrinsic (pure: no side effects, so it schedules and folds freely)
+        def codegen(context, builder, sig, llargs):
+            ftype = ir.FunctionType(context.get_value_type(ret), [context.get_value_type(a) for a in args])
+            return builder.call(ir.InlineAsm(ftype, ptx, constraints), llargs)
+
+        if len(args) == 1:
+
+            def unary(typingctx, x):
+                return ret(*args), codegen
+
+            return intrinsic(unary)
+
+        def binary(typingctx, x, y):
+            return ret(*args), codegen
+
+        return intrinsic(binary)
+
+    f32 = types.float32
+    # 2^x with flush to zero (MUFU.EX2 alone)
+    ex2_ftz = asm("ex2.approx.ftz.f32 $0, $1;", "=f,f", f32, [f32])
+    # fp32 -> bf16 bits, round to nearest even (sm_80+)
+    cvt_bf16 = asm("cvt.rn.bf16.f32 $0, $1;", "=h,f", types.uint16, [f32])
+    # (lo, hi) -> one word, hi in the upper half: cvt.rn.{bf16x2,f16x2}.f32 d, a, b puts a in the upper half
+    cvt_bf16x2 = asm("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", types.uint32, [f32, f32])
+    cvt_f16x2 = asm("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", types.uint32, [f32, f32])
+    return ld4, st4, add32, f16_to_f32, f32_to_f16, ex2_ftz, cvt_bf16, cvt_bf16x2, cvt_f16x2
 
 
 # Gated activations. act = (alpha, linear_offset, limit, cubic) names the elementwise function of a kernel:
@@ -411,11 +486,15 @@ def _act_ops(code: str, act: tuple) -> tuple:
                 dlin = dlin if pass_b else float32(0.0)
             return dgate, dlin, q * b * gg
 
+        # fwd_word returns the unit store's NaN test with its word: bf16 narrowed on the GPU needs its NaN halves set
+        # afterwards (see pack2), which the forward does once a unit; fp32 words and fp16 halves are stored as they
+        # come (False). bwd_word sets them a word at a time: a unit-wide test there took ptxas from 48 to 54
+        # registers (sm_90), one block a SM fewer.
         if code == "f32":
 
             @dev
             def fwd_word(gw, uw, scale):
-                return f32_bits(gate(bits_f32(gw)) * linear(bits_f32(uw)) * scale)
+                return f32_bits(gate(bits_f32(gw)) * linear(bits_f32(uw)) * scale), False
 
             @dev
             def bwd_word(ggw, gw, uw, scale):
@@ -423,24 +502,34 @@ def _act_ops(code: str, act: tuple) -> tuple:
                 return f32_bits(dg), f32_bits(du), p
 
         else:
-            dec, enc = d["codecs"][code]
+            dec = d["codecs"][code][0]
+            pack = d["pack2"][code]
             m16 = uint32(0xFFFF)
+            bf16 = code == "bf16"
 
             @dev
             def fwd_word(gw, uw, scale):
                 a0 = dec(gw & m16)
                 a1 = dec(gw >> uint32(16))
-                o0 = enc(gate(a0) * linear(dec(uw & m16)) * scale)
-                o1 = enc(gate(a1) * linear(dec(uw >> uint32(16))) * scale)
-                return uint32(o0) | (uint32(o1) << uint32(16))
+                o0 = gate(a0) * linear(dec(uw & m16)) * scale
+                o1 = gate(a1) * linear(dec(uw >> uint32(16))) * scale
+                return pack(o0, o1), bf16 and ((o0 != o0) | (o1 != o1))
+
+            @dev
+            def pack_fixed(lo, hi):
+                w = pack(lo, hi)
+                if bf16 and ((lo != lo) | (hi != hi)):  # rare: one branch a word
+                    if lo != lo:
+                        w = (w & uint32(0xFFFF0000)) | uint32(0x7FC0)
+                    if hi != hi:
+                        w = (w & uint32(0xFFFF)) | uint32(0x7FC00000)
+                return w
 
             @dev
             def bwd_word(ggw, gw, uw, scale):
                 dg0, du0, p0 = bwd(dec(ggw & m16), dec(gw & m16), dec(uw & m16), scale)
                 dg1, du1, p1 = bwd(dec(ggw >> uint32(16)), dec(gw >> uint32(16)), dec(uw >> uint32(16)), scale)
-                dgw = uint32(enc(dg0)) | (uint32(enc(dg1)) << uint32(16))
-                duw = uint32(enc(du0)) | (uint32(enc(du1)) << uint32(16))
-                return dgw, duw, p0 + p1
+                return pack_fixed(dg0, dg1), pack_fixed(du0, du1), p0 + p1
 
         ops = _acts[key] = (gate, linear, bwd, fwd_word, bwd_word)
         return ops
@@ -498,10 +587,11 @@ def _pyfunc(spec):
     """The Python source of a spec's kernel (compiled by Numba, or run by the CUDA simulator)."""
     d = _defs()
     kind, weighted, vec, yc, gc, oc, wc = spec[:7]
-    from numba import float32, int64
+    from numba import float32, int64, uint64
 
     ld4, st4 = d["ld4"], d["st4"]
     gate, linear, bwd, fwd_word, bwd_word = _act_ops(yc, _spec_act(spec))
+    nan_fix = d["nan_fix_bf16"]  # only reached where fwd_word found a bf16 NaN
     wdec, wenc = d["codecs"][wc]
     ydec = d["codecs"][yc][0]
     oenc = d["codecs"][oc][1]
@@ -517,10 +607,13 @@ def _pyfunc(spec):
             @d["dev"]
             def fwd_store(out, ob, c, words, scale):
                 (g0, g1, g2, g3), (u0, u1, u2, u3) = words
-                st4(
-                    out, ob + 4 * c,
-                    fwd_word(g0, u0, scale), fwd_word(g1, u1, scale), fwd_word(g2, u2, scale), fwd_word(g3, u3, scale),
-                )  # fmt: skip
+                o0, n0 = fwd_word(g0, u0, scale)
+                o1, n1 = fwd_word(g1, u1, scale)
+                o2, n2 = fwd_word(g2, u2, scale)
+                o3, n3 = fwd_word(g3, u3, scale)
+                if (n0 | n1) | (n2 | n3):  # rare: a NaN among the unit's bf16 values (fwd_word)
+                    o0, o1, o2, o3 = nan_fix(o0), nan_fix(o1), nan_fix(o2), nan_fix(o3)
+                st4(out, ob + 4 * c, o0, o1, o2, o3)
 
             @d["dev"]
             def fwd_lane(y, out, yg, yu, ob, c, end, scale):
@@ -543,12 +636,14 @@ def _pyfunc(spec):
         def swiglu_fwd(y, out, w, n_rows, n_cols, y_stride, half, out_stride, w_stride):
             # One warp per (row, segment of `seg` units): long rows are split so the grid stays fine-grained.
             tid = cuda.threadIdx.x
-            n_seg = (n_cols + seg - 1) // seg
-            item = int64(cuda.blockIdx.x) * (block // 32) + (tid >> 5)
-            row = item // n_seg
-            if row >= n_rows:
+            # unsigned: one udiv (32-bit when both fit) without floor division's sign fix-ups
+            n_seg = (uint64(n_cols) + uint64(seg - 1)) // uint64(seg)
+            item = uint64(cuda.blockIdx.x) * uint64(block // 32) + uint64(tid >> 5)
+            row_u = item // n_seg
+            if row_u >= uint64(n_rows):
                 return
-            c0 = (item - row * n_seg) * seg
+            row = int64(row_u)
+            c0 = int64((item - row_u * n_seg) * uint64(seg))
             scale = wdec(w[row * w_stride]) if weighted else float32(1.0)
             yg = row * y_stride
             ob = row * out_stride
