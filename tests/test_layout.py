@@ -21,6 +21,7 @@ LAYERS = {
     "moe_raw._launch": 1,
     "moe_raw._cpu": 1,
     "moe_raw._kernels": 1,
+    "moe_raw._kernels.glu_intrinsics": 0,
     "moe_raw._kernels.glu_codegen": 1,
     "moe_raw._kernels.glu_launch": 2,
     "moe_raw._kernels.dispatch": 2,
