@@ -1053,7 +1053,8 @@ __device__ __forceinline__ typename Vec<VB>::type scaled_pack(const typename Acc
 // in flight, too few for K 1 on the H200: 86.3% of copy). Only where N < 2 T (K 1): with it on every launch the
 // two-rows-a-step instances lost 1.5-2.9% at K 2-8 on an H100 (bench/results/2026-12-07-h100-twentysecond-ab).
 // The same dot terms in the same order either way: the same bits. LONE's bf16 / fp16 instances spill 12 bytes (sm_90,
-// CUDA 13.0), stored and reloaded around the row loops, none inside one.
+// CUDA 13.0): stored before the row loops, reloaded once a step of the lone-row loop and twice a step of the pairs
+// loop (L1 hits; the A/B above measured this code).
 // 12 blocks a SM (<= 40 registers; left to itself ptxas gave the two-rows-a-step bf16 16-byte instance 48, 10
 // blocks), fp64 8 (at 12 it spilled 44-124 bytes; sm_90).
 template <typename T, int VB, bool LONE = false>
