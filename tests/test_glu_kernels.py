@@ -673,8 +673,8 @@ def test_kernels_write_one_bf16_nan_pattern():
 @pytest.mark.parametrize("code,dtype", [("bf16", torch.bfloat16), ("f16", torch.float16)])
 def test_conversions_on_every_bit_pattern(code, dtype):
     """The device conversions as compiled for the GPU (the hardware cvt), one value and two to a word (with the
-    forward's NaN fix-up), vs torch's;
-    a NaN narrows to bf16 as 0x7FC0 (the simulator's integer code and torch's scalar conversion)."""
+    forward's NaN fix-up), vs torch's; a NaN narrows to bf16 as 0x7FC0 (the simulator's integer code and torch's
+    scalar conversion)."""
     widen, narrow, narrow_pairs = _codec_kernels(code)
     patterns = torch.arange(65536, device=DEV, dtype=torch.int32).to(torch.int16)  # every 16-bit pattern
     wide = torch.empty(65536, device=DEV, dtype=torch.float32)

@@ -423,6 +423,7 @@ def _act_ops(code: str, act: tuple) -> tuple:
             def pack_fixed(lo, hi):
                 w = pack(lo, hi)
                 if bf16 and ((lo != lo) | (hi != hi)):  # rare: one branch a word
+                    # by the values, not nan_fix's bit test: that took the bf16 backward from 48 to 52 registers
                     if lo != lo:
                         w = (w & uint32(0xFFFF0000)) | uint32(0x7FC0)
                     if hi != hi:
