@@ -13,7 +13,7 @@
 # on any other card, in order (default "suite record"; e.g. ON_H100=record once the suite has passed on that main,
 # ON_H100=ab for ab.sh on the trees carried).
 # Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz,
-# kinds.log (H200), ab.log and the rest of ab.sh's logs (THEN=ab).
+# kinds.log and write_probe.md (H200), ab.log and the rest of ab.sh's logs (THEN=ab).
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
@@ -47,10 +47,15 @@ kinds() {
   done > "$OUT/kinds.log" 2>&1
   step kinds $?
 }
+writes() {  # write_probe.py: is permute's forward held by the store flavour on the H200 (fill_ 79% of copy there)?
+  [ $((END - SECONDS)) -ge 120 ] || { step "write_probe skipped" -; return; }
+  PYTHONPATH=. timeout 90 python3 bench/pending/write_probe.py > "$OUT/write_probe.md" 2>&1
+  step write_probe $?
+}
 ab() {
   AB_DEADLINE=$((END - SECONDS)) bash bench/pending/ab.sh
   step ab $?
 }
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-if [[ $gpu == *H200* ]]; then record; kinds; if [ "${THEN:-suite}" = ab ]; then ab; else suite; fi; else for s in ${ON_H100:-suite record}; do "$s"; done; fi
+if [[ $gpu == *H200* ]]; then record; writes; kinds; if [ "${THEN:-suite}" = ab ]; then ab; else suite; fi; else for s in ${ON_H100:-suite record}; do "$s"; done; fi
 cat "$OUT/steps.log"
