@@ -13,7 +13,7 @@
 # on any other card, in order (default "suite record"; e.g. ON_H100=record once the suite has passed on that main,
 # ON_H100=ab for ab.sh on the trees carried).
 # Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz,
-# kinds.log and write_probe.md (H200), ab.log and the rest of ab.sh's logs (THEN=ab).
+# kinds.log, write_probe.md and ncu-swiglu.txt (H200), ab.log and the rest of ab.sh's logs (THEN=ab).
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
@@ -52,10 +52,20 @@ writes() {  # write_probe.py: is permute's forward held by the store flavour on 
   PYTHONPATH=. timeout 90 python3 bench/pending/write_probe.py > "$OUT/write_probe.md" 2>&1
   step write_probe $?
 }
+glu_ncu() {  # SwiGLU fwd / weighted fwd at F 2048 under ncu beside torch.compile's kernel (the H200's gap to it)
+  [ $((END - SECONDS)) -ge 150 ] || { step "glu_ncu skipped" -; return; }
+  for op in fwd weighted_fwd; do
+    echo "--- $op N 32768 F 2048: moe_raw, then torch.compile's triton kernel"
+    timeout 80 ncu --clock-control none -k regex:"glu|triton" -c 4 --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum \
+      python3 -m bench.ncu_swiglu $op
+  done > "$OUT/ncu-swiglu.txt" 2>&1
+  step glu_ncu $?
+}
 ab() {
   AB_DEADLINE=$((END - SECONDS)) bash bench/pending/ab.sh
   step ab $?
 }
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-if [[ $gpu == *H200* ]]; then record; writes; kinds; if [ "${THEN:-suite}" = ab ]; then ab; else suite; fi; else for s in ${ON_H100:-suite record}; do "$s"; done; fi
+if [[ $gpu == *H200* ]]; then record; writes; kinds; glu_ncu; if [ "${THEN:-suite}" = ab ]; then ab; else suite; fi; else for s in ${ON_H100:-suite record}; do "$s"; done; fi
 cat "$OUT/steps.log"
