@@ -48,8 +48,9 @@ kinds() {
   step kinds $?
 }
 writes() {  # write_probe.py: is permute's forward held by the store flavour on the H200 (fill_ 79% of copy there)?
-  [ $((END - SECONDS)) -ge 120 ] || { step "write_probe skipped" -; return; }
-  PYTHONPATH=. timeout 90 python3 bench/pending/write_probe.py > "$OUT/write_probe.md" 2>&1
+  local left=$((END - SECONDS))
+  [ "$left" -ge 45 ] || { step "write_probe skipped" -; return; }
+  PYTHONPATH=. timeout $((left < 90 ? left : 90)) python3 bench/pending/write_probe.py > "$OUT/write_probe.md" 2>&1
   step write_probe $?
 }
 glu_ncu() {  # SwiGLU fwd / weighted fwd at F 2048 under ncu beside torch.compile's kernel (the H200's gap to it)
