@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The next device call (main after the seventeenth session, 2026-12-06), carrying nothing (.trees with THEN=ab):
+# The next device call (main after the twenty-third session, 2026-12-07), carrying nothing (.trees with THEN=ab):
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
 # seconds (default 570; lower it when little device time is left), most important first:
-# - on an H200: the record (python -m bench in full, cold calls, probe; about 190 s on an H100), then the gathers'
-#   block-a-token default against the warp-a-token kernel (bench.gather_ab, MOE_RAW_BLOCK_KERNELS unset / 0, two
-#   rounds, about 50 s: the H100 chose the block one), then the whole GPU suite in the time left (301-437 s on H100s);
+# - on an H200 (ON_H200 names other steps, in order): the record (python -m bench in full, cold calls, probe; about
+#   190 s on an H100), with THEN=ab bench/pending/ab.sh on the trees carried (carry [".trees"] after
+#   `bash bench/pending/trees.sh NAME`), the phased movers (probe_permute --phased: never run on an H200), the write
+#   probe, SwiGLU and chunk_sort under ncu, then the whole GPU suite in the time left (cut: a second call with
+#   ON_H200=suite for the rest);
 # - on an H100: the whole GPU suite first (the record when time is left: on the H100 hosts so far the suite
-#   took 383-437 s and the record 240-273 s: a second call, or CALL_END=590 and the record cut).
-# H200_ONLY=1: stop at once on any other card. THEN=ab: on an H200, bench/pending/ab.sh in the time left instead of
-# the suite (carry [".trees"] after `GROUPED_ALL=1 bash bench/pending/trees.sh [NAME ...]`). RECORD_PARTS /
-# RECORD_S: a shorter record when little device time is left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps
-# on any other card, in order (default "suite record"; e.g. ON_H100=record once the suite has passed on that main,
-# ON_H100=ab for ab.sh on the trees carried).
-# Back in $OUT: gpu.txt, steps.log (each step's exit status and end time), tests.log.gz, record.log, record.tgz,
-# kinds.log, write_probe.md and ncu-swiglu.txt (H200), ab.log and the rest of ab.sh's logs (THEN=ab).
+#   took 355-437 s and the record 240-273 s: a second call, or CALL_END=590 and the record cut).
+# H200_ONLY=1: stop at once on any other card. RECORD_PARTS / RECORD_S: a shorter record when little device time is
+# left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "suite record";
+# e.g. ON_H100=record once the suite has passed on that main, ON_H100=ab for ab.sh on the trees carried).
+# Steps: record suite ab phased writes kinds glu_ncu chunk_ncu. Back in $OUT: gpu.txt, steps.log (each step's exit
+# status and end time), record.log, record.tgz, tests.log.gz, ab.log and ab.sh's test logs, probe-phased.md,
+# write_probe.md, kinds.log, ncu-swiglu.txt, ncu-chunks.txt.
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
@@ -64,9 +65,25 @@ glu_ncu() {  # SwiGLU fwd / weighted fwd at F 2048 under ncu beside torch.compil
   step glu_ncu $?
 }
 ab() {
-  AB_DEADLINE=$((END - SECONDS)) bash bench/pending/ab.sh
+  AB_DEADLINE=$((END - SECONDS)) AB_PROBE=0 bash bench/pending/ab.sh
   step ab $?
 }
+phased() {  # the lookup-free phased movers (batches of whole rows staged a block), never run on an H200 before
+  local left=$((END - SECONDS))
+  [ "$left" -ge 60 ] || { step "phased skipped" -; return; }
+  timeout $((left < 150 ? left : 150)) python3 -m bench.probe_permute --phased > "$OUT/probe-phased.md" 2>&1
+  step phased $?
+}
+chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07-h100-twentysecond-merged)
+  [ $((END - SECONDS)) -ge 60 ] || { step "chunk_ncu skipped" -; return; }
+  PYTHONPATH=. timeout 60 ncu --clock-control none -k regex:chunk_sort -c 2 --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section LaunchStats python3 bench/pending/chunks_ab.py > "$OUT/ncu-chunks.txt" 2>&1
+  step chunk_ncu $?
+}
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
-if [[ $gpu == *H200* ]]; then record; writes; kinds; glu_ncu; if [ "${THEN:-suite}" = ab ]; then ab; else suite; fi; else for s in ${ON_H100:-suite record}; do "$s"; done; fi
+if [[ $gpu == *H200* ]]; then
+  for s in ${ON_H200:-record $([ "${THEN:-suite}" = ab ] && echo ab) phased writes glu_ncu chunk_ncu suite}; do "$s"; done
+else
+  for s in ${ON_H100:-suite record}; do "$s"; done
+fi
 cat "$OUT/steps.log"
