@@ -16,6 +16,8 @@ declare -A BENCH=(
   [permute-grouped-all]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_ALL=1
   [permute-grouped-small]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_SMALL=1
   [unpermute-bwd-quad]="python3 -m bench.gather_ab"
+  [bulk-evict-first]="python3 -m bench.permute_fwd"  # cache hints only: no test file changes; the suite if it wins
+  [fill-evict-first]="python3 -m bench.permute_fwd"
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
 # (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in
