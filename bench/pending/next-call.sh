@@ -12,9 +12,9 @@
 # H200_ONLY=1: stop at once on any other card. RECORD_PARTS / RECORD_S: a shorter record when little device time is
 # left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "suite record";
 # e.g. ON_H100=record once the suite has passed on that main, ON_H100=ab for ab.sh on the trees carried).
-# Steps: record suite ab phased writes kinds glu_ncu chunk_ncu. Back in $OUT: gpu.txt, steps.log (each step's exit
+# Steps: record suite ab phased writes kinds glu_ncu chunk_ncu ncu_misses. Back in $OUT: gpu.txt, steps.log (each step's exit
 # status and end time), record.log, record.tgz, tests.log.gz, ab.log and ab.sh's test logs, probe-phased.md,
-# write_probe.md, kinds.log, ncu-swiglu.txt, ncu-chunks.txt.
+# write_probe.md, kinds.log, ncu-swiglu.txt, ncu-chunks.txt, ncu-misses.txt.
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
@@ -73,6 +73,13 @@ phased() {  # the lookup-free phased movers (batches of whole rows staged a bloc
   [ "$left" -ge 60 ] || { step "phased skipped" -; return; }
   timeout $((left < 150 ? left : 150)) python3 -m bench.probe_permute --phased > "$OUT/probe-phased.md" 2>&1
   step phased $?
+}
+ncu_misses() {  # bench/run_device.sh ncu: each permute row kernel beside scatter_rows, unpermute_bwd, SwiGLU, fill / neg
+  local left=$((END - SECONDS))
+  [ "$left" -ge 120 ] || { step "ncu_misses skipped" -; return; }
+  OUT=$OUT/ncu timeout "$left" bash bench/run_device.sh ncu > /dev/null 2>&1
+  step ncu_misses $?
+  mv "$OUT/ncu/ncu.txt" "$OUT/ncu-misses.txt" 2>/dev/null; rm -rf "$OUT/ncu"
 }
 chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07-h100-twentysecond-merged)
   [ $((END - SECONDS)) -ge 60 ] || { step "chunk_ncu skipped" -; return; }
