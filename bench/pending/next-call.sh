@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device call (main after the twenty-third session, 2026-12-07), carrying nothing (.trees with THEN=ab):
+# The next device call (main after the twenty-fourth session, 2026-12-07), carrying nothing (.trees with THEN=ab):
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
 # seconds (default 570; lower it when little device time is left), most important first:
 # - on an H200 (ON_H200 names other steps, in order): the record (python -m bench in full, cold calls, probe; about
@@ -12,9 +12,9 @@
 # H200_ONLY=1: stop at once on any other card. RECORD_PARTS / RECORD_S: a shorter record when little device time is
 # left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "suite record";
 # e.g. ON_H100=record once the suite has passed on that main, ON_H100=ab for ab.sh on the trees carried).
-# Steps: record suite ab phased writes kinds glu_ncu chunk_ncu ncu_misses. Back in $OUT: gpu.txt, steps.log (each step's exit
-# status and end time), record.log, record.tgz, tests.log.gz, ab.log and ab.sh's test logs, probe-phased.md,
-# write_probe.md, kinds.log, ncu-swiglu.txt, ncu-chunks.txt, ncu-misses.txt.
+# Steps: record suite ab phased writes kinds glu_ncu chunk_ncu ncu_misses. Back in $OUT: gpu.txt, steps.log (each
+# step's exit status and end time), record.log, record.tgz, tests.log.gz, ab.log and ab.sh's test logs,
+# probe-phased.md, write_probe.md, kinds.log, ncu-swiglu.txt, ncu-chunks.txt, ncu-misses.txt.
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
