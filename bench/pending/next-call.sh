@@ -71,7 +71,8 @@ ab() {
 phased() {  # the lookup-free phased movers (batches of whole rows staged a block), never run on an H200 before
   local left=$((END - SECONDS))
   [ "$left" -ge 60 ] || { step "phased skipped" -; return; }
-  timeout $((left < 150 ? left : 150)) python3 -m bench.probe_permute --phased > "$OUT/probe-phased.md" 2>&1
+  timeout $((left < 150 ? left : 150)) python3 -m bench.probe_permute --phased --json "$OUT/probe-phased.json" \
+    > "$OUT/probe-phased.md" 2>&1
   step phased $?
 }
 ncu_misses() {  # bench/run_device.sh ncu: each permute row kernel beside scatter_rows, unpermute_bwd, SwiGLU, fill / neg
@@ -89,7 +90,10 @@ chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07
 }
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
 if [[ $gpu == *H200* ]]; then
-  for s in ${ON_H200:-record $([ "${THEN:-suite}" = ab ] && echo ab) phased writes glu_ncu chunk_ncu suite}; do "$s"; done
+  steps=${ON_H200:-record $([ "${THEN:-suite}" = ab ] && echo ab) phased writes glu_ncu chunk_ncu suite}
+  # phased prints the probe's table too: with it in the steps the record leaves its probe out (not run twice)
+  [[ " $steps " == *" phased "* ]] && RECORD_PARTS=${RECORD_PARTS:-full cold}
+  for s in $steps; do "$s"; done
 else
   for s in ${ON_H100:-suite record}; do "$s"; done
 fi
