@@ -12,9 +12,9 @@
 # H200_ONLY=1: stop at once on any other card. RECORD_PARTS / RECORD_S: a shorter record when little device time is
 # left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "suite record";
 # e.g. ON_H100=record once the suite has passed on that main, ON_H100=ab for ab.sh on the trees carried).
-# Steps: record suite ab phased writes kinds glu_ncu chunk_ncu ncu_misses. Back in $OUT: gpu.txt, steps.log (each
+# Steps: record suite ab phased writes sizes kinds glu_ncu chunk_ncu ncu_misses. Back in $OUT: gpu.txt, steps.log (each
 # step's exit status and end time), record.log, record.tgz, tests.log.gz, ab.log and ab.sh's test logs,
-# probe-phased.md, write_probe.md, kinds.log, ncu-swiglu.txt, ncu-chunks.txt, ncu-misses.txt.
+# probe-phased.md, write_probe.md, size_copy.md, kinds.log, ncu-swiglu.txt, ncu-chunks.txt, ncu-misses.txt.
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
@@ -54,6 +54,11 @@ writes() {  # write_probe.py: is permute's forward held by the store flavour on 
   PYTHONPATH=. timeout $((left < 90 ? left : 90)) python3 bench/pending/write_probe.py > "$OUT/write_probe.md" 2>&1
   step write_probe $?
 }
+sizes() {  # size_copy.py: a copy of each op's own bytes against the 2 GiB copy (the short ops' ceiling)
+  [ $((END - SECONDS)) -ge 40 ] || { step "sizes skipped" -; return; }
+  PYTHONPATH=. timeout 60 python3 bench/pending/size_copy.py > "$OUT/size_copy.md" 2>&1
+  step sizes $?
+}
 glu_ncu() {  # SwiGLU fwd / weighted fwd at F 2048 under ncu beside torch.compile's kernel (the H200's gap to it)
   [ $((END - SECONDS)) -ge 150 ] || { step "glu_ncu skipped" -; return; }
   for op in fwd weighted_fwd; do
@@ -90,7 +95,7 @@ chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07
 }
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
 if [[ $gpu == *H200* ]]; then
-  steps=${ON_H200:-record $([ "${THEN:-suite}" = ab ] && echo ab) phased writes glu_ncu chunk_ncu suite}
+  steps=${ON_H200:-record $([ "${THEN:-suite}" = ab ] && echo ab) phased writes sizes glu_ncu chunk_ncu suite}
   # phased prints the probe's table too: with it in the steps the record leaves its probe out (not run twice)
   [[ " $steps " == *" phased "* ]] && RECORD_PARTS=${RECORD_PARTS:-full cold}
   for s in $steps; do "$s"; done
