@@ -23,7 +23,7 @@
 //   unpermute_bwd                one block per token: d_row = g[t] * w for each of its rows, and
 //                                dprobs[t, e] = dot(g[t], row) (fixed-order block reduction) for routed pairs.
 //                                Rows two a step; the LONE instance (16-byte packs, N < 2 T: K 1) takes a lone
-//                                row two packs a step.
+//                                row two packs a step, the QUAD one (bf16 / fp16 16-byte packs, N >= 4 T) four rows.
 //   scatter_rows                 one block per token: copies row t of any [T, ...] tensor (e.g. FP8 scales) to every
 //                                row its row-map line names, zeroing spare and padding rows: permute's layout
 //                                applied to more per-token data, with no routing tables.
@@ -1055,10 +1055,16 @@ __device__ __forceinline__ typename Vec<VB>::type scaled_pack(const typename Acc
 // The same dot terms in the same order either way: the same bits. LONE's bf16 / fp16 instances spill 12 bytes (sm_90,
 // CUDA 13.0): stored before the row loops, reloaded once a step of the lone-row loop and twice a step of the pairs
 // loop (L1 hits; the A/B above measured this code).
+// ROWS 4 (the QUAD instances, launched where N >= 4 T): a token's rows four a step, four row loads in flight a lane
+// instead of two, at 9 blocks a SM (<= 56 registers) instead of 12: 36 row loads in flight a SM against 24, for the
+// H200, which needs about 1.4x the H100's bytes in flight (DeepSeek-V3 there: 79.5% of the DRAM peak at 12 blocks).
+// Measured (same-run A/Bs, 2026-12-07): on an H200 0.3-0.4% faster at T16k-E128-K6 in three rounds (0.4479-0.4485
+// against 0.4492-0.4500 ms), level at DeepSeek-V3 and Qwen3; level on an H100. Four rows a step on every launch
+// (55 registers) had lost 6% at K 1 and won under 1% at K 6-8 on an H100.
 // 12 blocks a SM (<= 40 registers; left to itself ptxas gave the two-rows-a-step bf16 16-byte instance 48, 10
 // blocks), fp64 8 (at 12 it spilled 44-124 bytes; sm_90).
-template <typename T, int VB, bool LONE = false>
-__global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : 12)
+template <typename T, int VB, bool LONE = false, int ROWS = 2>
+__global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : (ROWS == 4 ? 9 : 12))
     unpermute_bwd(const T* __restrict__ g, int64_t g_stride, const T* __restrict__ rows, int64_t rows_stride,
                   T* __restrict__ d_rows,
                   int64_t n_rows, int64_t hidden, int64_t num_tokens, int num_experts, const int* __restrict__ row_map,
@@ -1068,7 +1074,7 @@ __global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : 12)
   using P = Pack<T, VB>;
   using V = typename Vec<VB>::type;
   constexpr int kGroup = 8;  // dot products reduced per pass
-  static_assert(kGroup % 2 == 0, "rows are taken two a step");
+  static_assert(kGroup % ROWS == 0, "rows are taken ROWS a step");
   extern __shared__ int smem[];
   int* list_rows = smem;
   int* list_e = smem + num_experts;
@@ -1159,25 +1165,57 @@ __global__ void __launch_bounds__(kRowThreads, sizeof(T) == 8 ? 8 : 12)
       };
       // Two rows a step, both row loads issued before either is used: a row at a time left a lane one load in
       // flight (its first use followed it). Each row's dot sums the same terms in the same order: the same bits.
+      if constexpr (ROWS == 2) {
 #pragma unroll
-      for (int k = 0; k < kGroup; k += 2) {
-        if (k < m) {
-          const bool two = k + 1 < m;
-          const int64_t r0 = list_rows[j0 + k], r1 = two ? list_rows[j0 + k + 1] : r0;
-          const bool dot0 = dprobs && list_e[j0 + k] >= 0, dot1 = two && dprobs && list_e[j0 + k + 1] >= 0;
-          P y0, y1;
-          y0.raw = y1.raw = V{};
-          if (dot0) y0.raw = reinterpret_cast<const V*>(rows + r0 * rows_stride)[v];
-          if (dot1) y1.raw = reinterpret_cast<const V*>(rows + r1 * rows_stride)[v];
-          store_scaled(r0, list_w[j0 + k]);
-          if (two) store_scaled(r1, list_w[j0 + k + 1]);
-          if (dot0) {
+        for (int k = 0; k < kGroup; k += 2) {
+          if (k < m) {
+            const bool two = k + 1 < m;
+            const int64_t r0 = list_rows[j0 + k], r1 = two ? list_rows[j0 + k + 1] : r0;
+            const bool dot0 = dprobs && list_e[j0 + k] >= 0, dot1 = two && dprobs && list_e[j0 + k + 1] >= 0;
+            P y0, y1;
+            y0.raw = y1.raw = V{};
+            if (dot0) y0.raw = reinterpret_cast<const V*>(rows + r0 * rows_stride)[v];
+            if (dot1) y1.raw = reinterpret_cast<const V*>(rows + r1 * rows_stride)[v];
+            store_scaled(r0, list_w[j0 + k]);
+            if (two) store_scaled(r1, list_w[j0 + k + 1]);
+            if (dot0) {
 #pragma unroll
-            for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y0.v[i]);
+              for (int i = 0; i < P::N; ++i) dot[k] += gx[i] * to_acc(y0.v[i]);
+            }
+            if (dot1) {
+#pragma unroll
+              for (int i = 0; i < P::N; ++i) dot[k + 1] += gx[i] * to_acc(y1.v[i]);
+            }
           }
-          if (dot1) {
+        }
+      } else {
+        // QUAD: the same with four rows (written apart: the loop below at ROWS 2 made ptxas spill 16 bytes in the
+        // bf16 / fp16 16-byte instances, which the code above does not)
 #pragma unroll
-            for (int i = 0; i < P::N; ++i) dot[k + 1] += gx[i] * to_acc(y1.v[i]);
+        for (int k = 0; k < kGroup; k += ROWS) {
+          if (k < m) {
+            int64_t r[ROWS];
+            bool has_dot[ROWS];
+            P y[ROWS];
+#pragma unroll
+            for (int b = 0; b < ROWS; ++b) {
+              const bool in = k + b < m;  // b 0 always is
+              r[b] = in ? list_rows[j0 + k + b] : r[0];
+              has_dot[b] = in && dprobs && list_e[j0 + k + b] >= 0;
+              y[b].raw = V{};
+              if (has_dot[b]) y[b].raw = reinterpret_cast<const V*>(rows + r[b] * rows_stride)[v];
+            }
+#pragma unroll
+            for (int b = 0; b < ROWS; ++b) {
+              if (k + b < m) store_scaled(r[b], list_w[j0 + k + b]);
+            }
+#pragma unroll
+            for (int b = 0; b < ROWS; ++b) {
+              if (has_dot[b]) {
+#pragma unroll
+                for (int i = 0; i < P::N; ++i) dot[k + b] += gx[i] * to_acc(y[b].v[i]);
+              }
+            }
           }
         }
       }
@@ -1247,6 +1285,13 @@ MOE_RAW_LONE_BWD(float)
 MOE_RAW_LONE_BWD(__half)
 MOE_RAW_LONE_BWD(__nv_bfloat16)
 MOE_RAW_LONE_BWD(double)
+// and its QUAD instances (launched where N >= 4 T): 16-byte packs of bf16 / fp16 (fp32's spilled 8 bytes at 56)
+#define MOE_RAW_QUAD_BWD(T)                                                                                     \
+  template __global__ void unpermute_bwd<T, 16, false, 4>(const T*, int64_t, const T*, int64_t, T*, int64_t,    \
+                                                          int64_t, int64_t, int, const int*, const void*, int,  \
+                                                          int64_t, int64_t, void*, int, const int*);
+MOE_RAW_QUAD_BWD(__half)
+MOE_RAW_QUAD_BWD(__nv_bfloat16)
 #define MOE_RAW_SCATTER(VB)                                                                                     \
   template __global__ void permute_scatter<VB>(const uint8_t*, int64_t, uint8_t*, int64_t, int64_t, int,       \
                                                int64_t, int, int64_t, const void*, int, int64_t, int64_t,      \

@@ -69,6 +69,8 @@ def _permute_instances() -> tuple[str, ...]:
                 names += [f"moe_raw::gather_{way}<{ctype}, {vb}>" for way in ("reduce", "warp")]
                 names.append(f"moe_raw::unpermute_bwd<{ctype}, {vb}>")
         names.append(f"moe_raw::unpermute_bwd<{ctype}, 16, true>")  # kernels/permute.cu LONE: where N < 2 T
+        if size == 2:
+            names.append(f"moe_raw::unpermute_bwd<{ctype}, 16, false, 4>")  # kernels/permute.cu QUAD: where N >= 4 T
     return tuple(names)
 
 

@@ -395,31 +395,42 @@ def test_unpermute_backward(emulated, case):
             tol = 1e-12 if x.dtype == torch.float64 else 1e-5
             torch.testing.assert_close(got[1], want[1], rtol=tol, atol=tol)
     assert "unpermute_bwd" in launched(), launched()
+    wide = H * x.element_size() % 16 == 0
     lone = any(name.endswith(", true>") for name, *_ in cuda_emu.launches)  # kernels/permute.cu LONE
-    assert lone == (H * x.element_size() % 16 == 0 and n_rows < 2 * T), cuda_emu.launches
+    assert lone == (wide and n_rows < 2 * T), cuda_emu.launches
+    quad = any(name.endswith(", false, 4>") for name, *_ in cuda_emu.launches)  # kernels/permute.cu QUAD
+    assert quad == (wide and n_rows >= 4 * T and x.element_size() == 2), cuda_emu.launches
 
 
-# unpermute_bwd's LONE instance takes a token's lone row two packs a step; the launcher picks it where N < 2 T (K 1:
-# mostly one-row groups). Forced here at K 2 (pairs only), 3 (a pair, then a lone row) and 9 (a group of 8, then a
-# lone row), with an odd pack count at H 2056 bf16 (257 packs: one step of two and a tail a block) and H 520 fp16
-# (65), it must give the two-rows-a-step instance's bits.
-@pytest.mark.parametrize("case", [(7, 16, 2056, 9, torch.bfloat16, "topk"), (9, 6, 1032, 3, torch.float32, "topk"),
-                                  (5, 4, 520, 2, torch.float16, "topk")], ids=case_id)  # fmt: skip
-def test_unpermute_backward_lone_rows_forced(emulated, monkeypatch, case):
+# unpermute_bwd's LONE instance takes a token's lone row two packs a step (the launcher picks it where N < 2 T: K 1,
+# mostly one-row groups), its QUAD instance four rows a step (where N >= 4 T, bf16 / fp16). Forced here at K 2
+# (pairs only; QUAD: one step of two rows), 3 (a pair, then a lone row; QUAD: one step of three) and 9 (a group of 8,
+# then a lone row; QUAD: two full steps, then one of one), with an odd pack count at H 2056 bf16 (257 packs: one step
+# of two and a tail a block) and H 520 fp16 (65), each must give the two-rows-a-step instance's bits.
+@pytest.mark.parametrize("case,instance", [
+    ((7, 16, 2056, 9, torch.bfloat16, "topk"), "true"), ((9, 6, 1032, 3, torch.float32, "topk"), "true"),
+    ((5, 4, 520, 2, torch.float16, "topk"), "true"), ((7, 16, 2056, 9, torch.bfloat16, "topk"), "false, 4"),
+    ((9, 6, 1032, 3, torch.bfloat16, "topk"), "false, 4"), ((5, 4, 520, 2, torch.float16, "topk"), "false, 4"),
+], ids=lambda v: case_id(v) if isinstance(v, tuple) else ("QUAD" if "4" in v else "LONE"))  # fmt: skip
+def test_unpermute_backward_instances_forced(emulated, monkeypatch, case, instance):
     x, routing_map, probs = make_case(case)
     T, H = x.shape
     n_rows = int(routing_map.sum()) + 3
     rows, row_map, _ = permuted(x, routing_map, probs, n_rows)
     rows = torch.randn(rows.shape).to(x.dtype)
     grad = torch.randn(T, H).to(x.dtype)
+    name = f"moe_raw::unpermute_bwd<{D.CTYPES[x.dtype]}, 16, {instance}>"
+    assert name in _launch.KERNELS["permute"]
+    plain_name = f"moe_raw::unpermute_bwd<{D.CTYPES[x.dtype]}, 16>"
+    monkeypatch.setattr(D, "_unpermute_bwd_name", lambda ctype, vb, n, t: plain_name)
     plain = D._unpermute_bwd_cuda(grad, rows, row_map, n_rows, probs, True)
-    monkeypatch.setattr(D, "_unpermute_bwd_name", lambda ctype, vb, n, t: f"moe_raw::unpermute_bwd<{ctype}, 16, true>")
+    monkeypatch.setattr(D, "_unpermute_bwd_name", lambda ctype, vb, n, t: name)
     cuda_emu.launches.clear()
-    lone = D._unpermute_bwd_cuda(grad, rows, row_map, n_rows, probs, True)
-    assert [name for name, *_ in cuda_emu.launches if "unpermute_bwd" in name][0].endswith(", true>")
-    assert_same(lone[0], plain[0], "d_rows")
-    assert_same(lone[1], plain[1], "dprobs")  # the same terms in the same order
-    assert_same(lone[0], _cpu.unpermute_bwd(grad, rows, row_map, n_rows, probs, True)[0], "d_rows against the twin")
+    forced = D._unpermute_bwd_cuda(grad, rows, row_map, n_rows, probs, True)
+    assert [launch for launch, *_ in cuda_emu.launches if "unpermute_bwd" in launch] == [name]
+    assert_same(forced[0], plain[0], "d_rows")
+    assert_same(forced[1], plain[1], "dprobs")  # the same terms in the same order
+    assert_same(forced[0], _cpu.unpermute_bwd(grad, rows, row_map, n_rows, probs, True)[0], "d_rows against the twin")
 
 
 # align 300: more padding rows an expert than scatter_rows' and unpermute_bwd's 4 padding blocks take at once

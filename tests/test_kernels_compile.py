@@ -123,7 +123,7 @@ def test_compile_groups_split_each_family(family):
     if family == "permute":
         g = _launch._compile_group(family, "moe_raw::gather_warp<__nv_bfloat16, 16>")
         assert {_launch.base_name(n) for n in g} == {"gather_reduce", "gather_warp", "unpermute_bwd"}
-        assert all("<__nv_bfloat16, " in n for n in g) and len(g) == 13  # 3 kernels x widths 16 ... 2, and LONE
+        assert all("<__nv_bfloat16, " in n for n in g) and len(g) == 14  # 3 kernels x widths 16 ... 2, LONE and QUAD
         assert "moe_raw::permute_scatter<16>" in _launch._compile_group(family, "moe_raw::routing_pack<256>")
 
 

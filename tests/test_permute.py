@@ -1033,10 +1033,11 @@ def test_side_stream(side_stream):
 @needs_cuda
 @pytest.mark.parametrize("K", [1, 2, 3, 9])
 @pytest.mark.parametrize("dtype,H", [(BF16, 7168), (BF16, 2056), (F16, 520), (F32, 1032)], ids=str)
-def test_unpermute_backward_lone_instance_same_bits(monkeypatch, dtype, H, K):
+def test_unpermute_backward_instances_same_bits(monkeypatch, dtype, H, K):
     """unpermute_bwd's LONE instance (kernels/permute.cu: a token's lone row two packs a step; the launcher picks it
-    where N < 2 T) gives the two-rows-a-step instance's d_rows and dprobs bit for bit at any K (forced here), odd
-    pack counts (H 2056 bf16, 520 fp16) and spare rows included; and the launcher picks it at K 1 only."""
+    where N < 2 T) and QUAD instance (four rows a step, bf16 / fp16; picked where N >= 4 T) give the two-rows-a-step
+    instance's d_rows and dprobs bit for bit at any K (forced here), odd pack counts (H 2056 bf16, 520 fp16) and
+    spare rows included; and the launcher picks LONE at K 1 only, QUAD at K 9 only."""
     from moe_raw import _cpu
     from moe_raw._kernels import dispatch as D
 
@@ -1051,19 +1052,23 @@ def test_unpermute_backward_lone_instance_same_bits(monkeypatch, dtype, H, K):
     pick = D._unpermute_bwd_name
     monkeypatch.setattr(D, "_unpermute_bwd_name", lambda *a: names.append(pick(*a)) or names[-1])
     auto = D._unpermute_bwd_cuda(g, rows, row_map, n_rows, p, True)
+    two_byte = dtype in (BF16, F16)
     assert names[-1].endswith(", true>") == (K == 1), names
+    assert names[-1].endswith(", false, 4>") == (K == 9 and two_byte), names
     got = {}
-    for lone in (False, True):
-        name = f"moe_raw::unpermute_bwd<{D.CTYPES[dtype]}, 16{', true' if lone else ''}>"
+    for suffix in ("", ", true") + ((", false, 4",) if two_byte else ()):
+        name = f"moe_raw::unpermute_bwd<{D.CTYPES[dtype]}, 16{suffix}>"
         monkeypatch.setattr(D, "_unpermute_bwd_name", lambda *a, name=name: name)
-        got[lone] = D._unpermute_bwd_cuda(g, rows, row_map, n_rows, p, True)
-    for a, b, c, what in zip(got[False], got[True], auto, ("d_rows", "dprobs"), strict=True):
-        assert_exact(b, a, f"LONE {what} against the two-rows-a-step instance")
+        got[suffix] = D._unpermute_bwd_cuda(g, rows, row_map, n_rows, p, True)
+    for suffix, out in got.items():
+        for a, b, what in zip(got[""], out, ("d_rows", "dprobs"), strict=True):
+            assert_exact(b, a, f"instance '{suffix}' {what} against the two-rows-a-step instance")
+    for a, c, what in zip(got[""], auto, ("d_rows", "dprobs"), strict=True):
         assert_exact(c, a, f"launcher's pick {what}")
-    assert (got[True][0][T * K :] == 0).all(), "spare rows' gradient must be 0"
+    assert (got[", true"][0][T * K :] == 0).all(), "spare rows' gradient must be 0"
     ref = _cpu.unpermute_bwd(g.cpu(), rows.cpu(), row_map.cpu(), n_rows, p.cpu(), True)
-    assert_exact(got[True][0].cpu(), ref[0], "d_rows against the CPU twin (g * w rounded once)")
-    torch.testing.assert_close(got[True][1].cpu(), ref[1], rtol=1e-5, atol=1e-5 * H)
+    assert_exact(got[""][0].cpu(), ref[0], "d_rows against the CPU twin (g * w rounded once)")
+    torch.testing.assert_close(got[""][1].cpu(), ref[1], rtol=1e-5, atol=1e-5 * H)
 
 
 _GRAPH_PATHS = ["fused", "map", "csr"]

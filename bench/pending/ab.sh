@@ -15,17 +15,11 @@ declare -A BENCH=(
   [base]="python3 -m bench.permute_fwd"  # trees.sh BASE=REV: an older main
   [permute-grouped-all]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_ALL=1
   [permute-grouped-small]="python3 -m bench.permute_fwd"  # trees.sh GROUPED_SMALL=1
-  [unpermute-bwd-quad]="python3 -m bench.gather_ab"
-  [bulk-evict-first]="python3 -m bench.permute_fwd"  # cache hints only: no test file changes; the suite if it wins
-  [fill-evict-first]="python3 -m bench.permute_fwd"
-  [scatter-64]="python3 -m bench.permute_fwd"
 )
 # the GPU test files each patch touches, run with -v so a run cut by the deadline still names each failure
 # (test_fuzz waits for the whole suite after a merge: with it, a tree's tests outran their 240 s in
 # bench/results/2026-12-05-h100-pending-ab3)
 declare -A TESTS=(
-  [unpermute-bwd-quad]="tests/test_permute.py tests/test_kernels_compile.py tests/test_support_matrix.py"
-  [scatter-64]="tests/test_permute.py tests/test_kernels_compile.py tests/test_support_matrix.py tests/test_padding.py"
 )
 # AB_TESTS=0: the A/B and the probe only (the caller runs the tests).
 # Everything ends before the device's 10-minute limit (AB_DEADLINE seconds after the start, default 570): each step's

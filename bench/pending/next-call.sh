@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# The next device call (main after the twenty-fourth session, 2026-12-07), carrying nothing (.trees with THEN=ab):
+# The next device call (main after the twenty-fifth session, 2026-12-07), carrying nothing (.trees with THEN=ab):
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
 # seconds (default 570; lower it when little device time is left), most important first:
-# - on an H200 (ON_H200 names other steps, in order): the record (python -m bench in full, cold calls, probe; about
-#   190 s on an H100), with THEN=ab bench/pending/ab.sh on the trees carried (carry [".trees"] after
-#   `bash bench/pending/trees.sh NAME`), the phased movers (probe_permute --phased: never run on an H200), the write
-#   probe, SwiGLU and chunk_sort under ncu, then the whole GPU suite in the time left (cut: a second call with
-#   ON_H200=suite for the rest);
+# - on an H200 (ON_H200 names other steps, in order): with THEN=ab bench/pending/ab.sh on the trees carried (carry
+#   [".trees"] after `bash bench/pending/trees.sh NAME`), the whole GPU suite (main's kernels changed since it last
+#   passed: the quad), then the gathers and the weighted SwiGLU backward under ncu, the two H200 misses the
+#   twenty-fifth session's call did not profile;
 # - on an H100: the whole GPU suite first (the record when time is left: on the H100 hosts so far the suite
 #   took 355-437 s and the record 240-273 s: a second call, or CALL_END=590 and the record cut).
 # H200_ONLY=1: stop at once on any other card. RECORD_PARTS / RECORD_S: a shorter record when little device time is
 # left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "suite record";
 # e.g. ON_H100=record once the suite has passed on that main, ON_H100=ab for ab.sh on the trees carried).
-# Steps: record suite ab phased writes sizes kinds glu_ncu chunk_ncu ncu_misses. Back in $OUT: gpu.txt, steps.log (each
-# step's exit status and end time), record.log, record.tgz, tests.log.gz, ab.log and ab.sh's test logs,
-# probe-phased.md, write_probe.md, size_copy.md, kinds.log, ncu-swiglu.txt, ncu-chunks.txt, ncu-misses.txt.
+# Steps: record suite ab phased writes sizes kinds glu_ncu glu_bwd_ncu chunk_ncu ncu_misses gather_ncu. Back in
+# $OUT: gpu.txt, steps.log (each step's exit status and end time), record.log, record.tgz, tests.log.gz, ab.log and
+# ab.sh's test logs, probe-phased.md, write_probe.md, size_copy.md, kinds.log, ncu-swiglu.txt, ncu-swiglu-bwd.txt,
+# ncu-chunks.txt, ncu-misses.txt, ncu-gather.txt.
 set -u
 export PYTHONUNBUFFERED=1
 END=${CALL_END:-570}
@@ -35,7 +35,7 @@ suite() {
 record() {
   local left=$((END - SECONDS))
   [ "$left" -ge 150 ] || { step "record skipped" -; return; }
-  local cap=${RECORD_S:-260}
+  local cap=${RECORD_S:-330}  # the H200 of 2026-12-07: 135 s of self-check compiles, cut at 260
   MOE_RAW_GIT_SHA=$sha OUT=$OUT/r timeout $((left < cap ? left : cap)) bash bench/run_device.sh \
     ${RECORD_PARTS:-full cold probe} > "$OUT/record.log" 2>&1
   step record $?
@@ -87,6 +87,20 @@ ncu_misses() {  # bench/run_device.sh ncu: each permute row kernel beside scatte
   step ncu_misses $?
   mv "$OUT/ncu/ncu.txt" "$OUT/ncu-misses.txt" 2>/dev/null; rm -rf "$OUT/ncu"
 }
+gather_ncu() {  # bench/run_device.sh ncu_gather: the gathers at every shape, unpermute_bwd at DeepSeek-V3 and K 6
+  local left=$((END - SECONDS))
+  [ "$left" -ge 90 ] || { step "gather_ncu skipped" -; return; }
+  OUT=$OUT/ncug timeout $((left < 200 ? left : 200)) bash bench/run_device.sh ncu_gather > /dev/null 2>&1
+  step gather_ncu $?
+  mv "$OUT/ncug/ncu_gather.txt" "$OUT/ncu-gather.txt" 2>/dev/null; rm -rf "$OUT/ncug"
+}
+glu_bwd_ncu() {  # the weighted SwiGLU backward at F 2048 under ncu beside torch.compile's kernels
+  [ $((END - SECONDS)) -ge 60 ] || { step "glu_bwd_ncu skipped" -; return; }
+  timeout 80 ncu --clock-control none -k regex:"glu|triton" -c 4 --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum \
+    python3 -m bench.ncu_swiglu weighted_bwd > "$OUT/ncu-swiglu-bwd.txt" 2>&1
+  step glu_bwd_ncu $?
+}
 chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07-h100-twentysecond-merged)
   [ $((END - SECONDS)) -ge 60 ] || { step "chunk_ncu skipped" -; return; }
   PYTHONPATH=. timeout 60 ncu --clock-control none -k regex:chunk_sort -c 2 --section SpeedOfLight --section Occupancy \
@@ -95,7 +109,7 @@ chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07
 }
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
 if [[ $gpu == *H200* ]]; then
-  steps=${ON_H200:-record $([ "${THEN:-suite}" = ab ] && echo ab) phased writes sizes glu_ncu chunk_ncu suite}
+  steps=${ON_H200:-$([ "${THEN:-}" = ab ] && echo ab) suite gather_ncu glu_bwd_ncu}
   # phased prints the probe's table too: with it in the steps the record leaves its probe out (not run twice)
   [[ " $steps " == *" phased "* ]] && RECORD_PARTS=${RECORD_PARTS:-full cold}
   for s in $steps; do "$s"; done

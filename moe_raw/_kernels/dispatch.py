@@ -366,12 +366,19 @@ def _gather_cuda(rows, row_map, num_tokens, probs=None, csr=None, g_pprobs=None,
 
 
 def _unpermute_bwd_name(ctype: str, vb: int, n_rows: int, num_tokens: int) -> str:
-    """unpermute_bwd's instance: the LONE one (a token's lone row two packs a step; kernels/permute.cu) for 16-byte
-    packs where there are fewer than two rows a token (K 1, spare or padding rows included), the two-rows-a-step one
-    otherwise (LONE lost 1.5-2.9% at K 2-8 on an H100). The same bits either way."""
+    """unpermute_bwd's instance (kernels/permute.cu), for 16-byte packs: LONE (a token's lone row two packs a step)
+    where there are fewer than two rows a token (K 1, spare or padding rows included), QUAD (four rows a step, bf16 /
+    fp16) where there are at least four (0.3-0.4% faster at K 6 on an H200, level at K 8 and on an H100); the
+    two-rows-a-step one otherwise and for narrower packs (LONE lost 1.5-2.9% at K 2-8 on an H100). The same bits
+    whichever runs."""
     if vb == 16 and n_rows < 2 * num_tokens:
         return f"moe_raw::unpermute_bwd<{ctype}, 16, true>"
+    if vb == 16 and n_rows >= 4 * num_tokens and ctype in _QUAD_CTYPES:
+        return f"moe_raw::unpermute_bwd<{ctype}, 16, false, 4>"
     return f"moe_raw::unpermute_bwd<{ctype}, {vb}>"
+
+
+_QUAD_CTYPES = ("__nv_bfloat16", "__half")  # fp32's QUAD spilled 8 bytes at its 56-register cap (sm_90)
 
 
 def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, need_drows=True):
