@@ -56,6 +56,10 @@ def cdiv(a: int, b: int) -> int:
 # E = 512; V = 32, L = 32 up to E = 1024.
 ROUTER_SHAPES = ((16, 1), (16, 2), (16, 4), (16, 8), (16, 16), (16, 32), (32, 32))
 
+# kernels/permute.cu unpermute_bwd's QUAD instances (four rows a step, 16-byte packs) exist for these element types
+# only: fp32's spilled 8 bytes at its 56-register cap (sm_90).
+QUAD_CTYPES = ("__half", "__nv_bfloat16")
+
 
 def _permute_instances() -> tuple[str, ...]:
     names = ["moe_raw::routing_pack<256>", "moe_raw::routing_scan<1024>", "moe_raw::pad_offsets<1024>"]
@@ -69,7 +73,7 @@ def _permute_instances() -> tuple[str, ...]:
                 names += [f"moe_raw::gather_{way}<{ctype}, {vb}>" for way in ("reduce", "warp")]
                 names.append(f"moe_raw::unpermute_bwd<{ctype}, {vb}>")
         names.append(f"moe_raw::unpermute_bwd<{ctype}, 16, true>")  # kernels/permute.cu LONE: where N < 2 T
-        if size == 2:
+        if ctype in QUAD_CTYPES:
             names.append(f"moe_raw::unpermute_bwd<{ctype}, 16, false, 4>")  # kernels/permute.cu QUAD: where N >= 4 T
     return tuple(names)
 

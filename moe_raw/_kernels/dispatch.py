@@ -17,7 +17,7 @@ import torch
 
 from moe_raw import _cpu, _env, _launch, reference
 from moe_raw import _validate as V
-from moe_raw._launch import _SHARED_NO_OPT_IN, CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
+from moe_raw._launch import _SHARED_NO_OPT_IN, CTYPES, QUAD_CTYPES, SCALAR_CODE, cdiv, launch, ptr, row_view
 
 _TILE_TOKENS = 256  # kernels/permute.cu kTileTokens
 # permute_small (no routing tables: each block counts the whole map) serves maps of at most this many entries when
@@ -373,12 +373,9 @@ def _unpermute_bwd_name(ctype: str, vb: int, n_rows: int, num_tokens: int) -> st
     whichever runs."""
     if vb == 16 and n_rows < 2 * num_tokens:
         return f"moe_raw::unpermute_bwd<{ctype}, 16, true>"
-    if vb == 16 and n_rows >= 4 * num_tokens and ctype in _QUAD_CTYPES:
+    if vb == 16 and n_rows >= 4 * num_tokens and ctype in QUAD_CTYPES:
         return f"moe_raw::unpermute_bwd<{ctype}, 16, false, 4>"
     return f"moe_raw::unpermute_bwd<{ctype}, {vb}>"
-
-
-_QUAD_CTYPES = ("__nv_bfloat16", "__half")  # fp32's QUAD spilled 8 bytes at its 56-register cap (sm_90)
 
 
 def _unpermute_bwd_cuda(grad_out, rows, row_map, n_rows, probs, need_dprobs, need_drows=True):
