@@ -6,8 +6,8 @@
 # them through name_expressions at run time; tests/test_support_matrix.py checks the two lists agree), so this
 # compiles all of them down to SASS for each architecture: front end, the __CUDA_ARCH__ branches (permute_scatter's
 # sm_90 bulk-copy path) and ptxas. One line per (file, arch); any failure fails the script after all have run.
-# The same architectures are checked through NVRTC (tests/test_kernels_compile.py) and, for the Numba SwiGLU
-# kernels, through NVVM + ptxas (tests/test_support_matrix.py).
+# This is CI's ptxas check of the CUDA C kernels; NVRTC's front end is checked for one architecture of each branch
+# set (tests/test_kernels_compile.py), the Numba SwiGLU kernels through NVVM + ptxas (tests/test_support_matrix.py).
 #
 # ARCHS must equal moe_raw/_launch.py CHECKED_ARCHS, whose minimum is MIN_COMPUTE_CAPABILITY, and the README's
 # "Supported GPUs:" line (tests/test_support_matrix.py). Every entry is compute capability x 10.

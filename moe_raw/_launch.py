@@ -157,7 +157,8 @@ _PARAMS_CAPACITY = 448
 
 # Support matrix. moe_raw runs on compute capability >= MIN_COMPUTE_CAPABILITY; CI compiles every kernel instance
 # for each of CHECKED_ARCHS (compute capability x 10) with nvcc (.ci/compile_kernels.sh, whose ARCHS must equal
-# this), NVRTC (tests/test_kernels_compile.py) and, for the Numba kernels, NVVM + ptxas (tests/test_support_matrix.py).
+# this), NVRTC's front end for one architecture of each __CUDA_ARCH__ branch set (tests/test_kernels_compile.py) and,
+# for the Numba kernels, NVVM + ptxas (tests/test_support_matrix.py).
 # 7.x is refused: permute_scatter's __launch_bounds__(128, 12) asks for 1536 resident threads per SM, a Turing SM
 # holds 1024 (ptxas: "Value of threads per SM ... is out of range"), and nothing is tested there.
 MIN_COMPUTE_CAPABILITY = (8, 0)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import pathlib
@@ -235,17 +236,46 @@ except Exception as e:  # noqa
     raise
 cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 ptxas = shutil.which("ptxas") or (cuda_home + "/bin/ptxas" if os.path.exists(cuda_home + "/bin/ptxas") else None)
-print("PTXAS", ptxas)
+try:  # nvJitLink's ptxas comes with the GPU extras (the same CUDA release as their NVVM); a toolkit's ptxas can be
+    # older than the PTX NVVM writes ("Unsupported .version")
+    from cuda.bindings import nvjitlink
+    nvjitlink.version()
+except Exception as e:  # noqa
+    nvjitlink = None
+    print("NO_NVJITLINK", type(e).__name__, e)
+
+
+def link(ptx, arch):  # nvJitLink's ptxas on ptx for sm_<arch>, warnings as errors: "" or the error log
+    opts = [f"-arch=sm_{arch}", "-Xptxas=--warning-as-error"]
+    handle = nvjitlink.create(len(opts), opts)
+    try:
+        data = ptx.encode()
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
+        nvjitlink.complete(handle)
+        return ""
+    except nvjitlink.nvJitLinkError as e:
+        log = bytearray(nvjitlink.get_error_log_size(handle))
+        nvjitlink.get_error_log(handle, log)
+        return f"{e}: {bytes(log).decode(errors='replace')}"
+    finally:
+        nvjitlink.destroy(handle)
+
+
+print("ASSEMBLER", "nvJitLink" if nvjitlink else ptxas)
 tmpdir = tempfile.TemporaryDirectory()
 tmp = tmpdir.name
 for arch in archs:
     t = time.perf_counter()
     procs = []
+    assembled = bool(nvjitlink or ptxas)
     for i, spec in enumerate(specs):
         ptx = GC._ptx(spec, (arch // 10, arch % 10))
         assert re.search(rf"^\.target sm_{arch}\b", ptx, flags=re.M), (arch, spec, ptx[:300])
         assert ".entry" in ptx, spec
-        if ptxas:  # assembled while NVVM compiles the next one
+        if nvjitlink:
+            error = link(ptx, arch)
+            assert not error, (arch, spec, error)
+        elif ptxas:  # assembled while NVVM compiles the next one
             path = os.path.join(tmp, f"{arch}_{i}.ptx")
             with open(path, "w") as f:
                 f.write(ptx)
@@ -255,17 +285,17 @@ for arch in archs:
     for spec, p in procs:
         out = p.communicate()[0]
         if p.returncode != 0 and "Unsupported .version" in out:  # NVVM newer than this ptxas: PTX only
-            print("PTXAS_TOO_OLD", out.strip()); ptxas = None; break
+            print("PTXAS_TOO_OLD", out.strip()); ptxas = None; assembled = False; break
         assert p.returncode == 0, (arch, spec, out)
-    print("OK", arch, len(specs), "assembled" if procs and ptxas else "ptx-only", f"{nvvm_s:.1f}s",
+    print("OK", arch, len(specs), "assembled" if assembled else "ptx-only", f"{nvvm_s:.1f}s",
           f"{time.perf_counter() - t:.1f}s")
 """
 
 
-@pytest.fixture(scope="module")
-def numba_ptx_per_arch():
+@functools.cache  # once a process: a module-scoped fixture is set up again after another module's test (xdist)
+def _numba_ptx_per_arch():
     """One subprocess (no simulator) for all archs: each line "OK <arch> ..." or the reason nothing compiled."""
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_PTX_ARCHS), *map(str, _launch.CHECKED_ARCHS)],
         env=_ENV,
         capture_output=True,
@@ -273,15 +303,17 @@ def numba_ptx_per_arch():
         timeout=300,
         cwd=ROOT,
     )
-    return proc
 
 
+# One worker runs all archs under pytest-xdist's --dist loadgroup (the README's test commands): the subprocess takes
+# 1-2 minutes on CI's 2 cores, and each worker that ran one of these tests would run it.
+@pytest.mark.xdist_group("numba_ptx_per_arch")
 @pytest.mark.parametrize("arch", _launch.CHECKED_ARCHS)
-def test_numba_kernels_compile_for_every_claimed_arch(numba_ptx_per_arch, arch):
+def test_numba_kernels_compile_for_every_claimed_arch(arch):
     """35 gated-activation kernels (fwd / bwd x weighted or not x vector or element x SwiGLU / Quick-GEGLU / clamped
     / GEGLU, fp32 / fp16 / bf16 and dtype mixes) to PTX targeting sm_<arch>, each assembled by ptxas for sm_<arch> with
-    warnings as errors. About 3 s an arch on 2 cores."""
-    proc = numba_ptx_per_arch
+    warnings as errors (nvJitLink's ptxas, from the GPU extras; else the toolkit's). 13-20 s an arch on CI's 2 cores."""
+    proc = _numba_ptx_per_arch()
     if "NO_NUMBA" in proc.stdout:
         pytest.skip(f"Numba CUDA not installed: cannot compile PTX here ({proc.stdout.strip()})")
     if "NO_NVVM" in proc.stdout:
