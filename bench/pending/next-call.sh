@@ -11,7 +11,7 @@
 # H200_ONLY=1: stop at once on any other card. RECORD_PARTS / RECORD_S: a shorter record when little device time is
 # left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "suite record";
 # e.g. ON_H100=record once the suite has passed on that main, ON_H100=ab for ab.sh on the trees carried).
-# Steps: record suite ab phased writes sizes kinds glu_ncu glu_bwd_ncu chunk_ncu ncu_misses gather_ncu. Back in
+# Steps: record suite ab phased writes sizes kinds glu_ncu glu_bwd_ncu chunk_ncu ncu_misses gather_ncu misses_ncu. In
 # $OUT: gpu.txt, steps.log (each step's exit status and end time), record.log, record.tgz, tests.log.gz, ab.log and
 # ab.sh's test logs, probe-phased.md, write_probe.md, size_copy.md, kinds.log, ncu-swiglu.txt, ncu-swiglu-bwd.txt,
 # ncu-chunks.txt, ncu-misses.txt, ncu-gather.txt.
@@ -100,6 +100,18 @@ glu_bwd_ncu() {  # the weighted SwiGLU backward at F 2048 under ncu beside torch
     --section WarpStateStats --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum \
     python3 -m bench.ncu_swiglu weighted_bwd > "$OUT/ncu-swiglu-bwd.txt" 2>&1
   step glu_bwd_ncu $?
+}
+misses_ncu() {  # the short form for little device time: the gather at DeepSeek-V3 and K 1, the weighted SwiGLU bwd
+  local m=dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed
+  m=$m,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
+  for shape in DeepSeek-V3 T16k-E4-H7168-K1; do
+    [ $((END - SECONDS)) -ge 30 ] || { step "misses_ncu $shape skipped" -; continue; }
+    echo "--- gather (unpermute fwd) $shape"
+    timeout 60 ncu --clock-control none -k regex:"gather_(reduce|warp)" -c 1 --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats --metrics $m python3 -m bench.ncu_permute $shape unpermute
+  done > "$OUT/ncu-gather.txt" 2>&1
+  step "misses_ncu gathers" $?
+  glu_bwd_ncu
 }
 chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07-h100-twentysecond-merged)
   [ $((END - SECONDS)) -ge 60 ] || { step "chunk_ncu skipped" -; return; }
