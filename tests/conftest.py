@@ -22,6 +22,13 @@ from unittest import mock
 import pytest
 import torch
 
+# Under pytest-xdist (the README's `-n auto`: a worker a core) torch's own intra-op threads would oversubscribe the
+# cores: on CI's 2 cores test_permute + test_reference + test_quantize took 90 s with torch's default threads a worker
+# and 40 s with one (2026-12-07). A worker's results do not depend on it: every CPU check is bit-exact for moves and
+# within tolerance for arithmetic, whatever the thread count.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 ROUTING_KINDS = ("topk", "empty_expert", "one_expert", "sparse", "balanced")
 
 # The one CUDA skip marker of the suite (GPU tests also carry the ``gpu`` marker, registered in setup.cfg).

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The next device call (main after the twenty-fifth session, 2026-12-07), carrying nothing (.trees with THEN=ab):
-#   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there. All by CALL_END
-# seconds (default 570; lower it when little device time is left), most important first:
+# The next device call (main after the twenty-sixth session, 2026-12-07), carrying nothing (.trees with THEN=ab):
+#   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there, with kind
+#   "nvidia-h200" named (a call without a kind keeps the last call's kind, an H100 once one came). All by CALL_END
+#   seconds (default 570; lower it when little device time is left), most important first:
 # - on an H200 (ON_H200 names other steps, in order): with THEN=ab bench/pending/ab.sh on the trees carried (carry
-#   [".trees"] after `bash bench/pending/trees.sh NAME`), the whole GPU suite (main's kernels changed since it last
-#   passed: the quad), then the gathers and the weighted SwiGLU backward under ncu, the two H200 misses the
-#   twenty-fifth session's call did not profile;
-# - on an H100: the whole GPU suite first (the record when time is left: on the H100 hosts so far the suite
-#   took 355-437 s and the record 240-273 s: a second call, or CALL_END=590 and the record cut).
+#   [".trees"] after `bash bench/pending/trees.sh NAME`), then the gathers and the weighted SwiGLU backward under ncu,
+#   the two H200 misses no call has profiled on these kernels, then the record. The whole GPU suite passed on these
+#   kernels on an H100 (bench/results/2026-12-07-h100-twentysixth-suite): add `suite` once kernels change. With little
+#   time: ON_H200=misses_ncu (the gathers at DeepSeek-V3 and K 1, then the SwiGLU backward; about 3 minutes);
+# - on an H100: the record (add `suite` first once kernels change: on the H100 hosts so far the suite took
+#   355-453 s and the record 240-273 s).
 # H200_ONLY=1: stop at once on any other card. RECORD_PARTS / RECORD_S: a shorter record when little device time is
-# left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "suite record";
-# e.g. ON_H100=record once the suite has passed on that main, ON_H100=ab for ab.sh on the trees carried).
+# left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "record";
+# e.g. ON_H100="suite record" once kernels change, ON_H100=ab for ab.sh on the trees carried).
 # Steps: record suite ab phased writes sizes kinds glu_ncu glu_bwd_ncu chunk_ncu ncu_misses gather_ncu misses_ncu. In
 # $OUT: gpu.txt, steps.log (each step's exit status and end time), record.log, record.tgz, tests.log.gz, ab.log and
 # ab.sh's test logs, probe-phased.md, write_probe.md, size_copy.md, kinds.log, ncu-swiglu.txt, ncu-swiglu-bwd.txt,
@@ -121,11 +123,11 @@ chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07
 }
 timeout 90 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1
 if [[ $gpu == *H200* ]]; then
-  steps=${ON_H200:-$([ "${THEN:-}" = ab ] && echo ab) suite gather_ncu glu_bwd_ncu}
+  steps=${ON_H200:-$([ "${THEN:-}" = ab ] && echo ab) gather_ncu glu_bwd_ncu record}
   # phased prints the probe's table too: with it in the steps the record leaves its probe out (not run twice)
   [[ " $steps " == *" phased "* ]] && RECORD_PARTS=${RECORD_PARTS:-full cold}
   for s in $steps; do "$s"; done
 else
-  for s in ${ON_H100:-suite record}; do "$s"; done
+  for s in ${ON_H100:-record}; do "$s"; done
 fi
 cat "$OUT/steps.log"
