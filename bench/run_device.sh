@@ -19,6 +19,7 @@
 #   ncu_gather  Nsight Compute on the gathers: gather_reduce / gather_warp (unpermute forward; the one
 #           MOE_RAW_BLOCK_KERNELS picks, the default gather_reduce) at every bench shape and
 #           unpermute_bwd at DeepSeek-V3 and T16k-E128-H4096-K6 (DRAM and L2 against their peaks, occupancy, stalls)
+#           (NCU_GATHER_SHAPES / NCU_BWD_SHAPES: other shape lists, empty for none)
 #   cold    host and cold-call latency: bench.cold_call (cold against back to back, the README's table),
 #           bench.cold_trace (where a cold call's extra goes: host time, launches, gaps), bench.host_times
 # Example: MOE_RAW_GIT_SHA=$(git rev-parse HEAD) bash bench/run_device.sh smoke tests bench swiglu
@@ -74,12 +75,12 @@ for step in "$@"; do
       } 2>&1 | tee "$OUT/ncu.txt" || status=1 ;;
     ncu_gather)
       metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
-      { for shape in DeepSeek-V3 T16k-E128-H4096-K6 T16k-E4-H7168-K1 Mixtral-8x7B Qwen3-30B-A3B; do
+      { for shape in ${NCU_GATHER_SHAPES-DeepSeek-V3 T16k-E128-H4096-K6 T16k-E4-H7168-K1 Mixtral-8x7B Qwen3-30B-A3B}; do
           echo "--- gather (unpermute fwd) $shape"
           ncu --clock-control none -k regex:"gather_(reduce|warp)" -c 1 --section SpeedOfLight --section Occupancy \
             --section WarpStateStats --metrics $metrics python3 -m bench.ncu_permute $shape unpermute
         done
-        for shape in DeepSeek-V3 T16k-E128-H4096-K6; do
+        for shape in ${NCU_BWD_SHAPES-DeepSeek-V3 T16k-E128-H4096-K6}; do
           echo "--- unpermute_bwd $shape"
           ncu --clock-control none -k regex:unpermute_bwd -c 1 --section SpeedOfLight --section Occupancy \
             --section WarpStateStats --metrics $metrics python3 -m bench.ncu_permute $shape unpermute_bwd

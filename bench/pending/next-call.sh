@@ -104,15 +104,7 @@ glu_bwd_ncu() {  # the weighted SwiGLU backward at F 2048 under ncu beside torch
   step glu_bwd_ncu $?
 }
 misses_ncu() {  # the short form for little device time: the gather at DeepSeek-V3 and K 1, the weighted SwiGLU bwd
-  local m=dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed
-  m=$m,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum
-  for shape in DeepSeek-V3 T16k-E4-H7168-K1; do
-    [ $((END - SECONDS)) -ge 30 ] || { step "misses_ncu $shape skipped" -; continue; }
-    echo "--- gather (unpermute fwd) $shape"
-    timeout 60 ncu --clock-control none -k regex:"gather_(reduce|warp)" -c 1 --section SpeedOfLight --section Occupancy \
-      --section WarpStateStats --metrics $m python3 -m bench.ncu_permute $shape unpermute
-  done > "$OUT/ncu-gather.txt" 2>&1
-  step "misses_ncu gathers" $?
+  NCU_GATHER_SHAPES="DeepSeek-V3 T16k-E4-H7168-K1" NCU_BWD_SHAPES="" gather_ncu
   glu_bwd_ncu
 }
 chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07-h100-twentysecond-merged)
