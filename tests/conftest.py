@@ -8,13 +8,17 @@
 * ``make_routing`` / ``make_probs``: random routing maps and router probabilities. They are drawn on the CPU from
   the seeded global generator and then moved, so a case has the same data on every device.
 
-The markers ``gpu`` and ``slow`` are registered in setup.cfg ([tool:pytest]).
+The markers ``gpu``, ``slow`` and ``extras`` are registered in setup.cfg ([tool:pytest]). ``extras`` marks a check
+that the GPU extras (CuPy, Numba) or Numba's CUDA simulator change: the README's simulator command (``-m extras``)
+runs only those, since every other test has run in the CPU command already. A test that asks for the ``kernels``
+fixture is marked here; a test that skips without the extras and carries neither ``extras`` nor ``gpu`` fails (below).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import threading
 from unittest import mock
@@ -71,6 +75,35 @@ def emulated_kernels():
         raise RuntimeError(f"MOE_RAW_EMULATE_KERNELS=1: {cuda_emu.unavailable()}")
     with cuda_emu.emulated(), mock.patch.object(_launch, "runs_kernels", lambda x: True):
         yield
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "kernels" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.extras)
+
+
+# A skip reason that names the extras or the simulator: the test checks something only they bring.
+_EXTRAS_SKIP = re.compile(r"numba|cupy|cudasim", re.IGNORECASE)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fail a test that skips for want of the extras but is not marked ``extras`` (nor ``gpu``): the simulator
+    command deselects it, so no CI job would ever run it."""
+    report = (yield).get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    if item.get_closest_marker("extras") or item.get_closest_marker("gpu"):
+        return
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if _EXTRAS_SKIP.search(reason):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} skips without the GPU extras ({reason}) but is not marked `extras`: the README's "
+            "simulator command (-m extras) would deselect it, so no CI job would run it. Mark it "
+            "@pytest.mark.extras (or pytestmark in its module)."
+        )
 
 
 def pytest_terminal_summary(terminalreporter):

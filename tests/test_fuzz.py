@@ -781,6 +781,7 @@ def check_swiglu(c: SwigluCase, device: torch.device) -> None:
         assert launches, "no SwiGLU kernel ran"
 
 
+@pytest.mark.extras
 @needs_sim
 @_examples(1.0)  # ~0.1 s an example under the simulator
 @given(case=swiglu_cases(CPU_LIMITS))

@@ -35,6 +35,8 @@ from conftest import (
 from bench.common import host_us
 from moe_raw import reference as R
 
+pytestmark = pytest.mark.extras  # the README's simulator command runs these (conftest)
+
 S = importlib.import_module("moe_raw.activations")
 GC = importlib.import_module("moe_raw._kernels.glu_codegen")
 GL = importlib.import_module("moe_raw._kernels.glu_launch")

@@ -17,6 +17,8 @@ import pytest
 
 from moe_raw import _launch
 
+pytestmark = pytest.mark.extras  # the README's simulator command runs these (conftest)
+
 
 def _nvrtc():
     """cupy.cuda.compiler and the loaded libnvrtc, or skip."""

@@ -123,6 +123,7 @@ def test_installed_package_finds_kernels():
         assert resource.read_text(), f"moe_raw.kernels/{name} is empty"
 
 
+@pytest.mark.extras  # with the extras installed, the check that `import moe_raw` leaves them unimported bites
 def test_import_is_light_without_gpu(tmp_path):
     # From an empty directory, so the installed package is imported, not the checkout on sys.path[0].
     code = (

@@ -38,6 +38,8 @@ from conftest import needs_cuda
 
 from moe_raw import _cupy_cache, _launch
 
+pytestmark = pytest.mark.extras  # the README's simulator command runs these (conftest)
+
 REPO = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64

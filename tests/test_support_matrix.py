@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import pathlib
@@ -26,6 +25,8 @@ import pytest
 import torch
 
 from moe_raw import _cupy_cache, _launch
+
+pytestmark = pytest.mark.extras  # the README's simulator command runs these (conftest)
 
 S = importlib.import_module("moe_raw.activations")
 GC = importlib.import_module("moe_raw._kernels.glu_codegen")
@@ -292,11 +293,14 @@ for arch in archs:
 """
 
 
-@functools.cache  # once a process: a module-scoped fixture is set up again after another module's test (xdist)
-def _numba_ptx_per_arch():
-    """One subprocess (no simulator) for all archs: each line "OK <arch> ..." or the reason nothing compiled."""
+def _numba_ptx(arch: int):
+    """A subprocess (no simulator) for one arch: its line "OK <arch> ..." or the reason nothing compiled.
+
+    One subprocess an arch, so that pytest-xdist's workers share the six (each about 7 s of start-up and 20-40 s of
+    NVVM and ptxas on CI's 2 cores). Until 2026-12-07 one subprocess took them all in turn on one worker: 241 s that
+    the simulator command waited on."""
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_PTX_ARCHS), *map(str, _launch.CHECKED_ARCHS)],
+        [sys.executable, "-c", textwrap.dedent(_PTX_ARCHS), str(arch)],
         env=_ENV,
         capture_output=True,
         text=True,
@@ -305,15 +309,12 @@ def _numba_ptx_per_arch():
     )
 
 
-# One worker runs all archs under pytest-xdist's --dist loadgroup (the README's test commands): the subprocess takes
-# 1-2 minutes on CI's 2 cores, and each worker that ran one of these tests would run it.
-@pytest.mark.xdist_group("numba_ptx_per_arch")
 @pytest.mark.parametrize("arch", _launch.CHECKED_ARCHS)
 def test_numba_kernels_compile_for_every_claimed_arch(arch):
     """35 gated-activation kernels (fwd / bwd x weighted or not x vector or element x SwiGLU / Quick-GEGLU / clamped
     / GEGLU, fp32 / fp16 / bf16 and dtype mixes) to PTX targeting sm_<arch>, each assembled by ptxas for sm_<arch> with
     warnings as errors (nvJitLink's ptxas, from the GPU extras; else the toolkit's). 13-20 s an arch on CI's 2 cores."""
-    proc = _numba_ptx_per_arch()
+    proc = _numba_ptx(arch)
     if "NO_NUMBA" in proc.stdout:
         pytest.skip(f"Numba CUDA not installed: cannot compile PTX here ({proc.stdout.strip()})")
     if "NO_NVVM" in proc.stdout:
