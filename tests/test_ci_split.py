@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 pytest_plugins = ("pytester",)
 
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 CASES = """
-import pytest
 
 @pytest.mark.skipif(True, reason="runs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1")
 def test_unmarked_simulator_skip():
