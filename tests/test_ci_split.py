@@ -10,6 +10,7 @@ pytest_plugins = ("pytester",)
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 CASES = """
+import pytest
 
 @pytest.mark.skipif(True, reason="runs Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM=1")
 def test_unmarked_simulator_skip():
