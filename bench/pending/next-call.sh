@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The next device call (main after the twenty-sixth session, 2026-12-07), carrying nothing (.trees with THEN=ab):
+# The next device call (main after the twenty-seventh session, 2026-12-07), carrying nothing (.trees with THEN=ab):
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there, with kind
-#   "nvidia-h200" named (a call without a kind keeps the last call's kind, an H100 once one came). All by CALL_END
+#   "nvidia-h200" named (a call without a kind keeps the last call's kind; one that names nvidia-h200 without
+#   needs_h200 may still get an H100, as in the twenty-seventh session, and needs_h200 is only for work that cannot
+#   fit an H100, never to match a card: so ON_H100 says what an H100 does with the call). All by CALL_END
 #   seconds (default 570; lower it when little device time is left), most important first:
 # - on an H200 (ON_H200 names other steps, in order): with THEN=ab bench/pending/ab.sh on the trees carried (carry
 #   [".trees"] after `bash bench/pending/trees.sh NAME`), then the gathers and the weighted SwiGLU backward under ncu,
@@ -9,7 +11,8 @@
 #   kernels on an H100 (bench/results/2026-12-07-h100-twentysixth-suite): add `suite` once kernels change. With little
 #   time: ON_H200=misses_ncu (the gathers at DeepSeek-V3 and K 1, then the SwiGLU backward; about 3 minutes);
 # - on an H100: the record (add `suite` first once kernels change: on the H100 hosts so far the suite took
-#   355-453 s and the record 240-273 s).
+#   355-453 s and the record 240-273 s). The twenty-seventh session's H100 ran `gather_ncu glu_bwd_ncu record` on main
+#   305fc16 (bench/results/2026-12-07-h100-twentyseventh), so while kernels stay as they are an H100 adds little.
 # H200_ONLY=1: stop at once on any other card. RECORD_PARTS / RECORD_S: a shorter record when little device time is
 # left (e.g. RECORD_PARTS=full RECORD_S=170). ON_H100: the steps on any other card, in order (default "record";
 # e.g. ON_H100="suite record" once kernels change, ON_H100=ab for ab.sh on the trees carried).
