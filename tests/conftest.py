@@ -106,6 +106,21 @@ def pytest_runtest_makereport(item, call):
         )
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """Fail a module that skips as a whole for want of the extras: its ``extras`` mark cannot be read from a module that
+    did not import, so the simulator command would deselect its tests. Import the extras in its tests or fixtures."""
+    report = (yield).get_result()
+    if report.skipped and isinstance(collector, pytest.Module):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if _EXTRAS_SKIP.search(reason):
+            report.outcome = "failed"
+            report.longrepr = (
+                f"{collector.nodeid} skips as a whole without the GPU extras ({reason}): the README's simulator "
+                "command (-m extras) could not see its tests' mark. Import the extras inside its tests or fixtures."
+            )
+
+
 def pytest_terminal_summary(terminalreporter):
     emulator = sys.modules.get("cuda_emu")
     if emulator is not None and emulator.launches:

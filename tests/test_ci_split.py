@@ -61,3 +61,17 @@ def test_unmarked_extras_skips_fail_and_the_kernels_fixture_marks(pytester, monk
     selected = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-m", "extras", "--co", "-q")
     names = {line.split("::")[-1] for line in selected.stdout.lines if "::" in line}
     assert names == {"test_marked_skip", "test_kernels_fixture_is_marked"}, selected.stdout.str()
+
+
+def test_a_module_that_skips_whole_for_want_of_the_extras_fails(pytester, monkeypatch):
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    pytester.makeconftest(CONFTEST.read_text())
+    pytester.makeini("[pytest]\nmarkers =\n    gpu: g\n    slow: s\n    extras: e\n")
+    pytester.makepyfile(
+        test_whole="import pytest\npytest.skip('numba-cuda is not installed', allow_module_level=True)\n",
+        test_other="import pytest\npytest.skip('megatron-core is not installed', allow_module_level=True)\n",
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    failed = [r.nodeid for r in result.reprec.getreports("pytest_collectreport") if r.failed]
+    assert failed == ["test_whole.py"], result.stdout.str()
+    assert "skips as a whole without the GPU extras" in result.stdout.str()
