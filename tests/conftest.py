@@ -87,6 +87,14 @@ def pytest_collection_modifyitems(items):
 _EXTRAS_SKIP = re.compile(r"numba|cupy|cudasim", re.IGNORECASE)
 
 
+def _fail_a_skip_for_the_extras(report, why: str) -> None:
+    """Turn a skip whose reason names the extras into a failure that says ``why`` (the reason appended)."""
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if _EXTRAS_SKIP.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"{why} (its skip: {reason})"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Fail a test that skips for want of the extras but is not marked ``extras`` (nor ``gpu``): the simulator
@@ -96,14 +104,12 @@ def pytest_runtest_makereport(item, call):
         return
     if item.get_closest_marker("extras") or item.get_closest_marker("gpu"):
         return
-    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    if _EXTRAS_SKIP.search(reason):
-        report.outcome = "failed"
-        report.longrepr = (
-            f"{item.nodeid} skips without the GPU extras ({reason}) but is not marked `extras`: the README's "
-            "simulator command (-m extras) would deselect it, so no CI job would run it. Mark it "
-            "@pytest.mark.extras (or pytestmark in its module)."
-        )
+    _fail_a_skip_for_the_extras(
+        report,
+        f"{item.nodeid} skips without the GPU extras but is not marked `extras`: the README's simulator command "
+        "(-m extras) would deselect it, so no CI job would run it. Mark it @pytest.mark.extras (or pytestmark in "
+        "its module).",
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -112,13 +118,11 @@ def pytest_make_collect_report(collector):
     did not import, so the simulator command would deselect its tests. Import the extras in its tests or fixtures."""
     report = (yield).get_result()
     if report.skipped and isinstance(collector, pytest.Module):
-        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if _EXTRAS_SKIP.search(reason):
-            report.outcome = "failed"
-            report.longrepr = (
-                f"{collector.nodeid} skips as a whole without the GPU extras ({reason}): the README's simulator "
-                "command (-m extras) could not see its tests' mark. Import the extras inside its tests or fixtures."
-            )
+        _fail_a_skip_for_the_extras(
+            report,
+            f"{collector.nodeid} skips as a whole without the GPU extras: the README's simulator command (-m extras) "
+            "could not see its tests' mark. Import the extras inside its tests or fixtures.",
+        )
 
 
 def pytest_terminal_summary(terminalreporter):
