@@ -314,7 +314,8 @@ def _numba_ptx(arch: int):
 def test_numba_kernels_compile_for_every_claimed_arch(arch):
     """35 gated-activation kernels (fwd / bwd x weighted or not x vector or element x SwiGLU / Quick-GEGLU / clamped
     / GEGLU, fp32 / fp16 / bf16 and dtype mixes) to PTX targeting sm_<arch>, each assembled by ptxas for sm_<arch> with
-    warnings as errors (nvJitLink's ptxas, from the GPU extras; else the toolkit's). 13-20 s an arch on CI's 2 cores."""
+    warnings as errors (nvJitLink's ptxas, from the GPU extras; else the toolkit's). About 28 s an arch on CI's 2
+    cores."""
     if importlib.util.find_spec("numba") is None:  # the job without the extras: no subprocess start for nothing
         pytest.skip("Numba CUDA not installed: cannot compile PTX here (pip install '.[cuda13]')")
     proc = _numba_ptx(arch)
