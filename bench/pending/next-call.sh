@@ -9,7 +9,8 @@
 #   [".trees"] after `bash bench/pending/trees.sh NAME`), then the gathers and the weighted SwiGLU backward under ncu,
 #   the two H200 misses no call has profiled on these kernels, then the record. The whole GPU suite passed on these
 #   kernels on an H100 (bench/results/2026-12-07-h100-twentysixth-suite): add `suite` once kernels change. With little
-#   time: ON_H200=misses_ncu (the gathers at DeepSeek-V3 and K 1, then the SwiGLU backward; about 3 minutes);
+#   time: ON_H200=misses_ncu (the gathers at DeepSeek-V3 and K 1, unpermute_bwd where it missed, then the SwiGLU
+#   backward; about 4 minutes);
 # - on an H100: the record (add `suite` first once kernels change: on the H100 hosts so far the suite took
 #   355-453 s and the record 240-273 s). The twenty-seventh session's H100 ran `gather_ncu glu_bwd_ncu record` on main
 #   305fc16 (bench/results/2026-12-07-h100-twentyseventh), so while kernels stay as they are an H100 adds little.
@@ -108,8 +109,9 @@ glu_bwd_ncu() {  # the weighted SwiGLU backward at F 2048 under ncu beside torch
     python3 -m bench.ncu_swiglu weighted_bwd > "$OUT/ncu-swiglu-bwd.txt" 2>&1
   step glu_bwd_ncu $?
 }
-misses_ncu() {  # the short form for little device time: the gather at DeepSeek-V3 and K 1, the weighted SwiGLU bwd
-  NCU_GATHER_SHAPES="DeepSeek-V3 T16k-E4-H7168-K1" NCU_BWD_SHAPES="" gather_ncu
+misses_ncu() {  # the short form for little device time: the gather at DeepSeek-V3 and K 1, unpermute_bwd where it
+  # missed, the weighted SwiGLU bwd (about 4 minutes)
+  NCU_GATHER_SHAPES="DeepSeek-V3 T16k-E4-H7168-K1" NCU_BWD_SHAPES="DeepSeek-V3 Mixtral-8x7B Qwen3-30B-A3B" gather_ncu
   glu_bwd_ncu
 }
 chunk_ncu() {  # chunk_sort under ncu (the H100's is in bench/results/2026-12-07-h100-twentysecond-merged)
