@@ -9,8 +9,8 @@
 #   [".trees"] after `bash bench/pending/trees.sh NAME`), then the gathers, unpermute_bwd and the weighted SwiGLU
 #   backward under ncu, the H200 misses no call has profiled on these kernels, then the record. The whole GPU suite
 #   passed on these kernels on an H100 (bench/results/2026-12-07-h100-twentysixth-suite): add `suite` once kernels
-#   change. With little time: ON_H200=misses_ncu (the gathers at DeepSeek-V3 and K 1, unpermute_bwd where it missed, then the SwiGLU
-#   backward; about 4 minutes);
+#   change. With little time: ON_H200=misses_ncu (the gathers at DeepSeek-V3 and K 1, unpermute_bwd where it missed,
+#   then the SwiGLU backward; about 4 minutes);
 # - on an H100: the record (add `suite` first once kernels change: on the H100 hosts so far the suite took
 #   355-453 s and the record 240-273 s). The twenty-seventh session's H100 ran `gather_ncu glu_bwd_ncu record` on main
 #   305fc16 (bench/results/2026-12-07-h100-twentyseventh), so while kernels stay as they are an H100 adds little.
