@@ -1,11 +1,12 @@
-"""The Python share of the dispatch ops' host time, on any machine (no GPU needed): python -m bench.host_python
+"""The Python share of the dispatch ops' and SwiGLU's host time, on any machine (no GPU): python -m bench.host_python
 
-The CUDA launchers of permute / unpermute run here on CPU tensors with the driver left out: ``cuLaunchKernel``,
-the current-device and current-stream queries are no-ops, each kernel handle a stand-in, and torch allocates on the
-CPU. What remains is every line of Python the CUDA path runs (validation, sizing, allocation calls, argument
-packing), so two commits can be compared on a CPU-only machine; the driver's launch cost (~2-6 us a launch) and the
-CUDA caching allocator's extra over a CPU allocation are not in these figures: bench.host_times on a GPU gives the
-whole host time. Each figure: the best of 5 loops of 20000 calls, microseconds per call.
+The CUDA launchers of permute / unpermute and of the SwiGLU kernels run here on CPU tensors with the driver left
+out: ``cuLaunchKernel``, the current-device and current-stream queries are no-ops, each kernel handle a stand-in,
+and torch allocates on the CPU. What remains is every line of Python the CUDA path runs (validation, sizing,
+allocation calls, argument packing), so two commits can be compared on a CPU-only machine; the driver's launch cost
+(~2-6 us a launch) and the CUDA caching allocator's extra over a CPU allocation are not in these figures:
+bench.host_times on a GPU gives the whole host time. Each figure: the best of 5 loops of 20000 calls, microseconds
+per call.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import torch
 import moe_raw
 from moe_raw import _launch
 from moe_raw._kernels import dispatch as D
+from moe_raw._kernels import glu_launch as G
+from moe_raw._kernels.glu_codegen import _abi
 
 T, E, H, K = 16, 8, 1024, 2  # bench.host_times' launch-bound shape
+N, F = 16, 2048  # bench.bench_swiglu's host-time shape
 
 
 def stub_driver() -> None:
@@ -49,6 +53,17 @@ def stub_driver() -> None:
 
     D._permute_forward, D._gather = permute_forward, gather
 
+    # the SwiGLU kernels: CPU tensors take the fast launch on "device 0" with a stand-in handle in Numba's ABI
+    G._on_kernels = lambda *tensors: True
+    launch_kernel = G._launch_kernel
+
+    def glu_launch(spec, tensors, spans, scalars, n_rows, index):
+        if (spec, 0) not in G._compiled:
+            G._compiled[spec, 0] = _launch.compiled_kernel(1, _abi(spec))
+        return launch_kernel(spec, tensors, spans, scalars, n_rows, 0)
+
+    G._launch_kernel = glu_launch
+
 
 def cases() -> dict:
     x = torch.randn(T, H, dtype=torch.bfloat16)
@@ -56,6 +71,7 @@ def cases() -> dict:
     routing_map = torch.zeros(T, E, dtype=torch.bool).scatter_(1, scores.topk(K, 1).indices, True)
     probs = torch.softmax(scores, 1) * routing_map
     n = T * K
+    y, w = torch.randn(N, 2 * F).to(torch.bfloat16), torch.rand(N, 1)
     permuted, _, row_map = moe_raw.permute(x, routing_map, probs, num_out_tokens=n, fused=True)
 
     def pair():
@@ -74,6 +90,9 @@ def cases() -> dict:
             "permute", "moe_raw::routing_pack<256>", x.device, 1, 256, (0, 1, E, 1, T, E, 0)
         ),
         "  torch.empty (CPU)": lambda: torch.empty((n, H), dtype=torch.bfloat16),
+        f"swiglu (N={N} F={F}, bf16)": lambda: moe_raw.swiglu(y),
+        "weighted_swiglu (fp32 weights)": lambda: moe_raw.weighted_swiglu(y, w),
+        "  _swiglu_fwd (no validation)": lambda: G._swiglu_fwd(y, None, G._SWIGLU),
     }
 
 
