@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device call (main after the twenty-ninth session, 2026-12-08; kernels as in the twenty-eighth), carrying
+# The next device call (main after the thirtieth session, 2026-12-08; kernels as in the twenty-eighth), carrying
 # nothing (.trees with THEN=ab):
 #   SHA=$(git rev-parse --short HEAD) here, then `SHA=<that> bash bench/pending/next-call.sh` there, with kind
 #   "nvidia-h200" named (a call without a kind keeps the last call's kind; one that names nvidia-h200 without
