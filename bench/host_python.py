@@ -53,16 +53,14 @@ def stub_driver() -> None:
 
     D._permute_forward, D._gather = permute_forward, gather
 
-    # the SwiGLU kernels: CPU tensors take the fast launch on "device 0" with a stand-in handle in Numba's ABI
+    # the SwiGLU kernels: CPU tensors (device index -1) take the fast launch on "device 0", whose first use of a spec
+    # caches a stand-in handle in Numba's ABI where Numba would compile
     G._on_kernels = lambda *tensors: True
+    G._fast_kernel = lambda spec, index: G._compiled.setdefault((spec, index), _launch.compiled_kernel(1, _abi(spec)))
     launch_kernel = G._launch_kernel
-
-    def glu_launch(spec, tensors, spans, scalars, n_rows, index):
-        if (spec, 0) not in G._compiled:
-            G._compiled[spec, 0] = _launch.compiled_kernel(1, _abi(spec))
-        return launch_kernel(spec, tensors, spans, scalars, n_rows, 0)
-
-    G._launch_kernel = glu_launch
+    G._launch_kernel = lambda spec, tensors, spans, scalars, n_rows, index: launch_kernel(
+        spec, tensors, spans, scalars, n_rows, 0
+    )
 
 
 def cases() -> dict:
